@@ -1,0 +1,383 @@
+//! Hugging Face checkpoints: `config.json` + `model.safetensors` (or a sharded
+//! `model.safetensors.index.json`), f32/f16/bf16 on disk, memory-mapped and loaded tensor by
+//! tensor into the backend's compute dtype; and saving in the same layout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Linear, RmsNorm};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::layer::{Attention, DecoderLayer, Mlp};
+use crate::model::LlamaModel;
+
+/// The memory-mapped safetensors files of one checkpoint, indexed by tensor name.
+pub struct SafetensorsFiles {
+    shards: Vec<(PathBuf, Mmap)>,
+    index: HashMap<String, usize>,
+    origin: PathBuf,
+}
+
+impl SafetensorsFiles {
+    /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`, in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.is_file() {
+            vec![single.clone()]
+        } else if index_path.is_file() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::parse(&index_path, e.to_string()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::parse(&index_path, "no \"weight_map\" object"))?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            return Err(ModelError::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "neither model.safetensors nor model.safetensors.index.json found",
+                ),
+            ));
+        };
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: the file is only read; a checkpoint modified while loading is the user's error.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let names = SafeTensors::deserialize(&mmap)
+                .map_err(|e| ModelError::parse(&path, format!("not a safetensors file: {e}")))?
+                .names()
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>();
+            for name in names {
+                index.insert(name, shards.len());
+            }
+            shards.push((path, mmap));
+        }
+        let origin = if index_path.is_file() && !single.is_file() {
+            index_path
+        } else {
+            single
+        };
+        Ok(Self {
+            shards,
+            index,
+            origin,
+        })
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Reads tensor `name`, checks its shape, and converts it to f32.
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let &shard = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.origin.clone(),
+                name: name.into(),
+            })?;
+        let (path, mmap) = &self.shards[shard];
+        let tensors =
+            SafeTensors::deserialize(mmap).map_err(|e| ModelError::parse(path, e.to_string()))?;
+        let view = tensors
+            .tensor(name)
+            .map_err(|e| ModelError::parse(path, e.to_string()))?;
+        if view.shape() != expected {
+            return Err(ModelError::WrongShape {
+                path: path.clone(),
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let bytes = view.data();
+        let values = match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    path: path.clone(),
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(values)
+    }
+
+    fn tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let values = self.read_f32(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// A Hugging Face `[out, in]` weight as a Burn linear layer (`[in, out]`).
+    fn linear<B: Backend>(
+        &self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> Result<Linear<B>> {
+        let weight: Tensor<B, 2> = self.tensor(name, [d_out, d_in], device)?;
+        Ok(Linear {
+            weight: Param::from_tensor(weight.transpose()),
+            bias: None,
+        })
+    }
+
+    fn rms_norm<B: Backend>(
+        &self,
+        name: &str,
+        config: &LlamaConfig,
+        device: &B::Device,
+    ) -> Result<RmsNorm<B>> {
+        let gamma = self.tensor(name, [config.hidden_size], device)?;
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(gamma),
+            epsilon: config.rms_norm_eps,
+        })
+    }
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Loads a Hugging Face Llama checkpoint directory (`config.json` + safetensors).
+    pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
+        }
+        let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+        let files = SafetensorsFiles::open(dir)?;
+        Self::from_safetensors(&config, &files, device)
+    }
+
+    /// Builds the model from already opened safetensors files.
+    pub fn from_safetensors(
+        config: &LlamaConfig,
+        files: &SafetensorsFiles,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let embed = files.tensor("model.embed_tokens.weight", [v, h], device)?;
+        let layers = (0..config.num_layers)
+            .map(|l| load_layer(files, config, l, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = files.rms_norm("model.norm.weight", config, device)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(files.linear("lm_head.weight", h, v, device)?)
+        };
+        Ok(Self::from_parts(
+            Param::from_tensor(embed),
+            layers,
+            norm,
+            lm_head,
+            config.clone(),
+        ))
+    }
+
+    /// Writes `config.json` and `model.safetensors` in the Hugging Face layout (loadable by
+    /// `transformers`' `LlamaForCausalLM.from_pretrained`). Each file is written to a temporary
+    /// name and renamed, so a crash never leaves a half-written checkpoint.
+    pub fn save_pretrained(&self, dir: &Path, dtype: SaveDtype) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let mut tensors: BTreeMap<String, Flat> = BTreeMap::new();
+        tensors.insert(
+            "model.embed_tokens.weight".into(),
+            flat(self.embed_tokens.val()),
+        );
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (name, weight) in layer_weights(layer) {
+                tensors.insert(format!("model.layers.{l}.{name}"), weight);
+            }
+        }
+        tensors.insert("model.norm.weight".into(), flat(self.norm.gamma.val()));
+        if let Some(head) = &self.lm_head {
+            tensors.insert("lm_head.weight".into(), flat(head.weight.val().transpose()));
+        }
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .into_iter()
+            .map(|(name, (shape, values))| (name, shape, dtype.encode(&values)))
+            .collect();
+        let views = encoded
+            .iter()
+            .map(|(name, shape, bytes)| {
+                let view =
+                    safetensors::tensor::TensorView::new(dtype.safetensors(), shape.clone(), bytes)
+                        .expect("consistent tensor view");
+                (name.clone(), view)
+            })
+            .collect::<Vec<_>>();
+        let mut metadata = HashMap::new();
+        metadata.insert("format".to_string(), "pt".to_string());
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| ModelError::parse(&dir.join("model.safetensors"), e.to_string()))?;
+        write_atomic(&dir.join("model.safetensors"), &bytes)?;
+        let config = serde_json::to_string_pretty(&self.config().to_hf(dtype.torch_name()))
+            .expect("serialisable config");
+        write_atomic(&dir.join("config.json"), config.as_bytes())
+    }
+}
+
+fn load_layer<B: Backend>(
+    files: &SafetensorsFiles,
+    c: &LlamaConfig,
+    l: usize,
+    device: &B::Device,
+) -> Result<DecoderLayer<B>> {
+    let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let self_attn = Attention {
+        q_proj: files.linear(&p("self_attn.q_proj"), h, c.num_heads * hd, device)?,
+        k_proj: files.linear(&p("self_attn.k_proj"), h, c.num_kv_heads * hd, device)?,
+        v_proj: files.linear(&p("self_attn.v_proj"), h, c.num_kv_heads * hd, device)?,
+        o_proj: files.linear(&p("self_attn.o_proj"), c.num_heads * hd, h, device)?,
+        num_heads: c.num_heads,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: hd,
+    };
+    let mlp = Mlp {
+        gate_proj: files.linear(&p("mlp.gate_proj"), h, c.intermediate_size, device)?,
+        up_proj: files.linear(&p("mlp.up_proj"), h, c.intermediate_size, device)?,
+        down_proj: files.linear(&p("mlp.down_proj"), c.intermediate_size, h, device)?,
+    };
+    Ok(DecoderLayer {
+        self_attn,
+        mlp,
+        input_layernorm: files.rms_norm(&p("input_layernorm"), c, device)?,
+        post_attention_layernorm: files.rms_norm(&p("post_attention_layernorm"), c, device)?,
+    })
+}
+
+/// A tensor's shape and values, as written to disk.
+type Flat = (Vec<usize>, Vec<f32>);
+
+fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Flat {
+    let shape = t.dims().to_vec();
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("float tensor data");
+    (shape, values)
+}
+
+/// A layer's weights under their Hugging Face names, in the `[out, in]` layout.
+fn layer_weights<B: Backend>(layer: &DecoderLayer<B>) -> Vec<(&'static str, Flat)> {
+    let lin = |l: &Linear<B>| flat(l.weight.val().transpose());
+    let a = &layer.self_attn;
+    vec![
+        ("self_attn.q_proj.weight", lin(&a.q_proj)),
+        ("self_attn.k_proj.weight", lin(&a.k_proj)),
+        ("self_attn.v_proj.weight", lin(&a.v_proj)),
+        ("self_attn.o_proj.weight", lin(&a.o_proj)),
+        ("mlp.gate_proj.weight", lin(&layer.mlp.gate_proj)),
+        ("mlp.up_proj.weight", lin(&layer.mlp.up_proj)),
+        ("mlp.down_proj.weight", lin(&layer.mlp.down_proj)),
+        (
+            "input_layernorm.weight",
+            flat(layer.input_layernorm.gamma.val()),
+        ),
+        (
+            "post_attention_layernorm.weight",
+            flat(layer.post_attention_layernorm.gamma.val()),
+        ),
+    ]
+}
+
+/// The dtype a checkpoint is saved in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDtype {
+    /// 32-bit float.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl SaveDtype {
+    fn safetensors(self) -> Dtype {
+        match self {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::F16 => Dtype::F16,
+            SaveDtype::Bf16 => Dtype::BF16,
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "float32",
+            SaveDtype::F16 => "float16",
+            SaveDtype::Bf16 => "bfloat16",
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            SaveDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            SaveDtype::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            SaveDtype::Bf16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}

@@ -1,0 +1,190 @@
+//! One pre-norm Llama decoder layer: RMSNorm, grouped-query self-attention with rotary
+//! embeddings, RMSNorm, SwiGLU MLP, each behind a residual connection.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Distribution, Tensor, backend::Backend};
+
+use crate::cache::LayerKvCache;
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::rope::RopeTables;
+
+/// A bias-free linear layer with weights drawn from N(0, std²), Hugging Face's Llama init.
+pub(crate) fn init_linear<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    std: f64,
+    device: &B::Device,
+) -> Linear<B> {
+    let weight = Tensor::random([d_in, d_out], Distribution::Normal(0.0, std), device);
+    Linear {
+        weight: Param::from_tensor(weight),
+        bias: None,
+    }
+}
+
+/// An RMSNorm with unit gain.
+pub(crate) fn init_rms_norm<B: Backend>(config: &LlamaConfig, device: &B::Device) -> RmsNorm<B> {
+    RmsNorm {
+        gamma: Param::from_tensor(Tensor::ones([config.hidden_size], device)),
+        epsilon: config.rms_norm_eps,
+    }
+}
+
+/// Grouped-query self-attention. Linear weights use Burn's `[d_in, d_out]` layout.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, num_heads * head_dim]`
+    pub q_proj: Linear<B>,
+    /// `[hidden, num_kv_heads * head_dim]`
+    pub k_proj: Linear<B>,
+    /// `[hidden, num_kv_heads * head_dim]`
+    pub v_proj: Linear<B>,
+    /// `[num_heads * head_dim, hidden]`
+    pub o_proj: Linear<B>,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn init(config: &LlamaConfig, std: f64, device: &B::Device) -> Self {
+        let (h, hd) = (config.hidden_size, config.head_dim);
+        Self {
+            q_proj: init_linear(h, config.num_heads * hd, std, device),
+            k_proj: init_linear(h, config.num_kv_heads * hd, std, device),
+            v_proj: init_linear(h, config.num_kv_heads * hd, std, device),
+            o_proj: init_linear(config.num_heads * hd, h, std, device),
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: hd,
+        }
+    }
+
+    /// Attends causally over the cached positions plus the new ones.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` (already normalised); `rope` covers the `seq` new positions
+    /// - returns `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        cache: Option<&mut LayerKvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        let [b, s, _] = x.dims();
+        let heads = |proj: &Linear<B>, n: usize| {
+            proj.forward(x.clone())
+                .reshape([b, s, n, self.head_dim])
+                .swap_dims(1, 2)
+        };
+        let q = rope.apply(heads(&self.q_proj, self.num_heads));
+        let k = rope.apply(heads(&self.k_proj, self.num_kv_heads));
+        let v = heads(&self.v_proj, self.num_kv_heads);
+        // [batch, kv_heads, total, head_dim]: the causal mask is aligned bottom-right, so the new
+        // positions see every cached position and the earlier new ones.
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?,
+            None => (k, v),
+        };
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let out = attention(q, k, v, None, None, options);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([b, s, self.num_heads * self.head_dim]);
+        Ok(self.o_proj.forward(out))
+    }
+
+    /// `[b, kv_heads, t, d]` -> `[b, heads, t, d]`, each kv head shared by `heads / kv_heads` queries.
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [b, kv, t, d] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, groups, t, d])
+            .reshape([b, kv * groups, t, d])
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden, intermediate]`
+    pub gate_proj: Linear<B>,
+    /// `[hidden, intermediate]`
+    pub up_proj: Linear<B>,
+    /// `[intermediate, hidden]`
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn init(config: &LlamaConfig, std: f64, device: &B::Device) -> Self {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        Self {
+            gate_proj: init_linear(h, i, std, device),
+            up_proj: init_linear(h, i, std, device),
+            down_proj: init_linear(i, h, std, device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One decoder layer `f_l`: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Self-attention.
+    pub self_attn: Attention<B>,
+    /// SwiGLU MLP.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// A layer with Hugging Face's default initialisation (`initializer_range` = `std`).
+    pub fn init(config: &LlamaConfig, std: f64, device: &B::Device) -> Self {
+        Self {
+            self_attn: Attention::init(config, std, device),
+            mlp: Mlp::init(config, std, device),
+            input_layernorm: init_rms_norm(config, device),
+            post_attention_layernorm: init_rms_norm(config, device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        cache: Option<&mut LayerKvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, cache)?;
+        let h = x + attn;
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(h.clone()));
+        Ok(h + mlp)
+    }
+}

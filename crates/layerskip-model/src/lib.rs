@@ -1,0 +1,52 @@
+//! # layerskip-model
+//!
+//! A backend-generic Llama decoder with the surface LayerSkip needs (arXiv 2404.16710):
+//!
+//! - [`LlamaModel::forward_layers`] runs any contiguous range of layers over all positions, from
+//!   any start position, appending to a per-layer [`KvCache`];
+//! - [`LlamaModel::exit_head`] is the shared exit (final RMSNorm + LM head), callable on the
+//!   output of any layer;
+//! - [`LlamaModel::forward_train`] returns the hidden states of chosen exit layers and the final
+//!   logits, and takes a per-layer, per-sequence [`SkipMask`] (layer dropout as a mechanism);
+//! - [`KvCache`] and [`ExitHiddenCache`] are preallocated, so rollback is a change of length;
+//! - [`LlamaModel::from_pretrained`] / [`LlamaModel::save_pretrained`] read and write the Hugging
+//!   Face layout (`config.json`, safetensors in f32/f16/bf16, memory-mapped).
+//!
+//! The same code runs on every Burn backend; [`backend`] names the ones compiled in.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use layerskip_model::{KvCache, LlamaConfig, LlamaModel, RopeConfig};
+//!
+//! let config = LlamaConfig {
+//!     vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_layers: 4,
+//!     num_heads: 4, num_kv_heads: 2, head_dim: 8, max_position_embeddings: 128,
+//!     rms_norm_eps: 1e-5, rope: RopeConfig { theta: 10_000.0, llama3_scaling: None },
+//!     tie_word_embeddings: true, bos_token_id: None, eos_token_ids: vec![],
+//! };
+//! let device = Default::default();
+//! let model = LlamaModel::<Flex>::init(&config, &device).unwrap();
+//! let mut cache = KvCache::new(&config, 1, 128, &device);
+//! // Early exit after 2 of the 4 layers.
+//! let x = model.forward_layers(model.embed_ids(&[1, 2, 3]), 0..2, 0, Some(&mut cache)).unwrap();
+//! let logits = model.exit_head(x);
+//! assert_eq!(logits.dims(), [1, 3, 64]);
+//! ```
+
+pub mod backend;
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+
+pub mod layer;
+pub mod model;
+pub mod rope;
+pub mod tokenizer;
+
+pub use cache::{ExitHiddenCache, KvCache, LayerKvCache};
+pub use checkpoint::{SafetensorsFiles, SaveDtype};
+pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
+pub use error::{ModelError, Result};
+pub use model::{LlamaModel, SkipMask, TrainOutput};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,278 @@
+//! The Llama decoder with the LayerSkip surface: run any contiguous range of layers, apply the
+//! shared exit head to any layer's output, and train with per-sequence layer skipping.
+
+use std::ops::Range;
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, RmsNorm};
+use burn::tensor::IndexingUpdateOp;
+use burn::tensor::module::embedding;
+use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::layer::{DecoderLayer, init_linear, init_rms_norm};
+use crate::rope::{Rope, RopeTables};
+
+/// A Llama causal language model. It holds parameters only: caches and positions are passed in,
+/// and generation and losses live in the `layerskip-infer` and `layerskip-train` crates.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// The decoder layers `0..L`.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// The final RMSNorm, the first half of the shared exit head.
+    pub norm: RmsNorm<B>,
+    /// The LM head `[hidden, vocab]`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    config: LlamaConfig,
+    #[module(skip)]
+    rope: Rope,
+}
+
+/// Which sequences of a batch skip which layers (layer dropout as a mechanism; the policy that
+/// draws the mask lives in `layerskip-train`).
+///
+/// `skip[l][b]` is true when sequence `b` passes through layer `l` unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkipMask {
+    /// One row per layer, one entry per sequence.
+    pub skip: Vec<Vec<bool>>,
+}
+
+/// What the training forward returns.
+#[derive(Debug, Clone)]
+pub struct TrainOutput<B: Backend> {
+    /// `(l, x_{l+1})` for each requested exit layer `l`, in increasing order: the residual stream
+    /// after layer `l`, `[batch, seq, hidden]`, ready for [`LlamaModel::exit_head`].
+    pub exit_hidden: Vec<(usize, Tensor<B, 3>)>,
+    /// Logits of the full model `[batch, seq, vocab]`.
+    pub logits: Tensor<B, 3>,
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// A randomly initialised model (weights ~ N(0, 0.02²), as Hugging Face initialises Llama).
+    /// Seed the backend (`B::seed`) first for a reproducible model.
+    pub fn init(config: &LlamaConfig, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        let std = 0.02;
+        let embed = Tensor::random(
+            [config.vocab_size, config.hidden_size],
+            Distribution::Normal(0.0, std),
+            device,
+        );
+        let layers = (0..config.num_layers)
+            .map(|_| DecoderLayer::init(config, std, device))
+            .collect();
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| init_linear(config.hidden_size, config.vocab_size, std, device));
+        Ok(Self::from_parts(
+            Param::from_tensor(embed),
+            layers,
+            init_rms_norm(config, device),
+            lm_head,
+            config.clone(),
+        ))
+    }
+
+    pub(crate) fn from_parts(
+        embed_tokens: Param<Tensor<B, 2>>,
+        layers: Vec<DecoderLayer<B>>,
+        norm: RmsNorm<B>,
+        lm_head: Option<Linear<B>>,
+        config: LlamaConfig,
+    ) -> Self {
+        let rope = Rope::new(&config.rope, config.head_dim);
+        Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config,
+            rope,
+        }
+    }
+
+    /// The configuration this model was built from.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Number of decoder layers `L`.
+    pub fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+
+    /// Token ids to the residual stream `x_0`.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.embed_tokens.val(), tokens)
+    }
+
+    /// Token ids (as a slice) to `x_0` for a batch of one.
+    pub fn embed_ids(&self, ids: &[u32]) -> Tensor<B, 3> {
+        let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        let device = self.embed_tokens.device();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &device);
+        self.embed(tokens)
+    }
+
+    /// The shared exit head, final RMSNorm then LM head, applied to any layer's output.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    pub fn exit_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let normed = self.norm.forward(hidden);
+        match &self.lm_head {
+            Some(head) => head.forward(normed),
+            None => normed.matmul(self.embed_tokens.val().transpose().unsqueeze_dim(0)),
+        }
+    }
+
+    /// The rotary tables for positions `start..start + len`.
+    pub fn rope_tables(&self, start: usize, len: usize) -> RopeTables<B> {
+        self.rope.tables(start, len, &self.embed_tokens.device())
+    }
+
+    /// Runs layers `range` over all positions of `hidden`, whose first position is `start_pos`.
+    /// With a cache, each layer's new keys/values are appended to its own cache, whose length
+    /// must equal `start_pos`. Returns every position (verification needs them all).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward_layers(
+        &self,
+        hidden: Tensor<B, 3>,
+        range: Range<usize>,
+        start_pos: usize,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        self.check_range(&range)?;
+        let seq = hidden.dims()[1];
+        let end = start_pos + seq;
+        if end > self.config.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                requested: end,
+                capacity: self.config.max_position_embeddings,
+            });
+        }
+        let rope = self.rope_tables(start_pos, seq);
+        let mut x = hidden;
+        for l in range {
+            let layer_cache = cache.as_deref_mut().map(|c| {
+                assert_eq!(
+                    c.len(l),
+                    start_pos,
+                    "layer {l} cache length != start position"
+                );
+                c.layer_mut(l)
+            });
+            x = self.layers[l].forward(x, &rope, layer_cache)?;
+        }
+        Ok(x)
+    }
+
+    /// The full model: embedding, all layers, exit head.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> logits `[batch, seq, vocab]`
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        start_pos: usize,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        let x = self.forward_layers(self.embed(tokens), 0..self.num_layers(), start_pos, cache)?;
+        Ok(self.exit_head(x))
+    }
+
+    /// The training forward (no cache): returns `x_{l+1}` for each layer `l` in `exit_layers` and
+    /// the final logits. With `skip`, a sequence marked for layer `l` passes through it unchanged
+    /// (no rescaling) and its row is not computed: only the kept rows go through the layer.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`; `skip.skip`: `[num_layers][batch]`
+    pub fn forward_train(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        exit_layers: &[usize],
+        skip: Option<&SkipMask>,
+    ) -> Result<TrainOutput<B>> {
+        let [batch, seq] = tokens.dims();
+        if let Some(&bad) = exit_layers.iter().find(|&&l| l >= self.num_layers()) {
+            return Err(ModelError::LayerRange {
+                start: bad,
+                end: bad + 1,
+                num_layers: self.num_layers(),
+            });
+        }
+        if let Some(mask) = skip {
+            let ok = mask.skip.len() == self.num_layers()
+                && mask.skip.iter().all(|row| row.len() == batch);
+            if !ok {
+                return Err(ModelError::InvalidConfig(format!(
+                    "skip mask must be [{} layers][{batch} sequences]",
+                    self.num_layers()
+                )));
+            }
+        }
+        let rope = self.rope_tables(0, seq);
+        let mut x = self.embed(tokens);
+        let mut exit_hidden = Vec::with_capacity(exit_layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let row_skip = skip.map(|m| m.skip[l].as_slice());
+            x = self.skippable_layer(layer, x, &rope, row_skip)?;
+            if exit_layers.contains(&l) {
+                exit_hidden.push((l, x.clone()));
+            }
+        }
+        let logits = self.exit_head(x);
+        Ok(TrainOutput {
+            exit_hidden,
+            logits,
+        })
+    }
+
+    /// Applies `layer` to the rows not marked in `skip`; the others pass through unchanged.
+    fn skippable_layer(
+        &self,
+        layer: &DecoderLayer<B>,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        skip: Option<&[bool]>,
+    ) -> Result<Tensor<B, 3>> {
+        let keep: Vec<i64> = match skip {
+            None => return layer.forward(x, rope, None),
+            Some(skip) => (0..skip.len() as i64)
+                .filter(|&b| !skip[b as usize])
+                .collect(),
+        };
+        if keep.len() == x.dims()[0] {
+            return layer.forward(x, rope, None);
+        }
+        if keep.is_empty() {
+            return Ok(x);
+        }
+        let device = x.device();
+        let idx =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(keep.clone(), [keep.len()]), &device);
+        let kept = layer.forward(x.clone().select(0, idx.clone()), rope, None)?;
+        Ok(x.select_assign(0, idx, kept, IndexingUpdateOp::Assign))
+    }
+
+    fn check_range(&self, range: &Range<usize>) -> Result<()> {
+        if range.start > range.end || range.end > self.num_layers() {
+            return Err(ModelError::LayerRange {
+                start: range.start,
+                end: range.end,
+                num_layers: self.num_layers(),
+            });
+        }
+        Ok(())
+    }
+}
