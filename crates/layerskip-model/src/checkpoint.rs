@@ -236,24 +236,11 @@ impl<B: Backend> LlamaModel<B> {
         if let Some(head) = &self.lm_head {
             tensors.insert("lm_head.weight".into(), flat(head.weight.val().transpose()));
         }
-        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        let encoded = tensors
             .into_iter()
-            .map(|(name, (shape, values))| (name, shape, dtype.encode(&values)))
+            .map(|(name, (shape, values))| TensorBytes::new(name, shape, &values, dtype))
             .collect();
-        let views = encoded
-            .iter()
-            .map(|(name, shape, bytes)| {
-                let view =
-                    safetensors::tensor::TensorView::new(dtype.safetensors(), shape.clone(), bytes)
-                        .expect("consistent tensor view");
-                (name.clone(), view)
-            })
-            .collect::<Vec<_>>();
-        let mut metadata = HashMap::new();
-        metadata.insert("format".to_string(), "pt".to_string());
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| ModelError::parse(&dir.join("model.safetensors"), e.to_string()))?;
-        write_atomic(&dir.join("model.safetensors"), &bytes)?;
+        write_safetensors_atomic(&dir.join("model.safetensors"), encoded)?;
         let config = serde_json::to_string_pretty(&self.config().to_hf(dtype.torch_name()))
             .expect("serialisable config");
         write_atomic(&dir.join("config.json"), config.as_bytes())
@@ -346,7 +333,7 @@ impl SaveDtype {
         }
     }
 
-    fn torch_name(self) -> &'static str {
+    pub(crate) fn torch_name(self) -> &'static str {
         match self {
             SaveDtype::F32 => "float32",
             SaveDtype::F16 => "float16",
@@ -369,12 +356,65 @@ impl SaveDtype {
     }
 }
 
+/// One tensor ready to be written: its name, row-major shape and encoded bytes.
+pub struct TensorBytes {
+    name: String,
+    shape: Vec<usize>,
+    dtype: SaveDtype,
+    bytes: Vec<u8>,
+}
+
+impl TensorBytes {
+    /// Encodes f32 `values` of `shape` in `dtype`.
+    pub fn new(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        values: &[f32],
+        dtype: SaveDtype,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            shape,
+            dtype,
+            bytes: dtype.encode(values),
+        }
+    }
+}
+
+/// Streams `tensors` into a safetensors file at `path` (temporary name, then rename).
+pub fn write_safetensors_atomic(path: &Path, tensors: Vec<TensorBytes>) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            let view = safetensors::tensor::TensorView::new(
+                t.dtype.safetensors(),
+                t.shape.clone(),
+                &t.bytes,
+            )
+            .expect("tensor bytes match their shape");
+            (t.name.clone(), view)
+        })
+        .collect::<Vec<_>>();
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    let tmp = tmp_path(path);
+    safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| ModelError::parse(&tmp, e.to_string()))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = tmp_path(path);
     std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
     File::open(&tmp)
         .and_then(|f| f.sync_all())

@@ -37,7 +37,9 @@ pub mod backend;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod error;
+pub mod gguf;
 
 pub mod layer;
 pub mod model;
@@ -47,6 +49,7 @@ pub mod tokenizer;
 pub use cache::{ExitHiddenCache, KvCache, LayerKvCache};
 pub use checkpoint::{SafetensorsFiles, SaveDtype};
 pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
+pub use convert::convert_gguf;
 pub use error::{ModelError, Result};
 pub use model::{LlamaModel, SkipMask, TrainOutput};
 pub use tokenizer::Tokenizer;

@@ -261,8 +261,11 @@ impl<B: Backend> LlamaModel<B> {
         let device = x.device();
         let idx =
             Tensor::<B, 1, Int>::from_data(TensorData::new(keep.clone(), [keep.len()]), &device);
-        let kept = layer.forward(x.clone().select(0, idx.clone()), rope, None)?;
-        Ok(x.select_assign(0, idx, kept, IndexingUpdateOp::Assign))
+        let rows = x.clone().select(0, idx.clone());
+        let delta = layer.forward(rows.clone(), rope, None)? - rows;
+        // Add the layer's update to the kept rows (backends implement the additive scatter;
+        // skipped rows receive nothing and stay bit-identical).
+        Ok(x.select_assign(0, idx, delta, IndexingUpdateOp::Add))
     }
 
     fn check_range(&self, range: &Range<usize>) -> Result<()> {

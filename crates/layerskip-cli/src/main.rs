@@ -1,0 +1,81 @@
+//! `layerskip`: the command-line front end. Every command is a thin call into the libraries.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use layerskip_model::{SaveDtype, convert_gguf};
+
+#[derive(Parser)]
+#[command(
+    name = "layerskip",
+    version,
+    about = "Train and serve LLMs with LayerSkip (early exit + self-speculative decoding)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a GGUF (llama.cpp) Llama checkpoint into a Hugging Face checkpoint directory.
+    Convert {
+        /// The .gguf file (F32, F16, BF16, Q4_0, Q4_1 and Q8_0 tensors are dequantised).
+        #[arg(long)]
+        gguf: PathBuf,
+        /// Output directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Dtype of the written weights.
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for SaveDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => SaveDtype::F32,
+            Dtype::F16 => SaveDtype::F16,
+            Dtype::Bf16 => SaveDtype::Bf16,
+        }
+    }
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert { gguf, out, dtype } => {
+            let report = convert_gguf(&gguf, &out, dtype.into())
+                .with_context(|| format!("converting {}", gguf.display()))?;
+            let c = &report.config;
+            println!(
+                "wrote {}: {} tensors, {} layers, hidden {}, heads {}/{}, vocab {}, tied head: {}, tokenizer: {}",
+                out.display(),
+                report.tensors,
+                c.num_layers,
+                c.hidden_size,
+                c.num_heads,
+                c.num_kv_heads,
+                c.vocab_size,
+                c.tie_word_embeddings,
+                report.tokenizer
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Invariants of the LayerSkip surface on a tiny random model (fixed seed, Flex CPU backend):
+//! cached == full forward, layer ranges compose, truncation is exact, the skip mask is the
+//! identity when empty and skips rows exactly when set, save/load round-trips.
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use layerskip_model::{
+    ExitHiddenCache, KvCache, LlamaConfig, LlamaModel, ModelError, RopeConfig, SaveDtype, SkipMask,
+};
+
+type B = Flex;
+
+fn config(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 50,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_layers: 5,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope: RopeConfig {
+            theta: 10_000.0,
+            llama3_scaling: None,
+        },
+        tie_word_embeddings: tied,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+fn model(tied: bool) -> LlamaModel<B> {
+    let device = Default::default();
+    B::seed(&device, 7);
+    LlamaModel::init(&config(tied), &device).unwrap()
+}
+
+fn tokens(ids: &[i64], batch: usize) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = (0..batch)
+        .flat_map(|b| ids.iter().map(move |t| (t + b as i64) % 50))
+        .collect();
+    Tensor::from_data(
+        TensorData::new(data, [batch, ids.len()]),
+        &Default::default(),
+    )
+}
+
+fn max_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).abs().max().into_scalar()
+}
+
+const IDS: [i64; 9] = [1, 5, 9, 3, 44, 17, 2, 8, 30];
+
+#[test]
+fn cached_token_by_token_equals_full_forward() {
+    let m = model(false);
+    let full = m.forward(tokens(&IDS, 1), 0, None).unwrap();
+    let mut cache = KvCache::new(m.config(), 1, 16, &Default::default());
+    // A prefill of 4 then one token at a time.
+    let mut parts = vec![
+        m.forward(tokens(&IDS[..4], 1), 0, Some(&mut cache))
+            .unwrap(),
+    ];
+    for pos in 4..IDS.len() {
+        parts.push(
+            m.forward(tokens(&IDS[pos..pos + 1], 1), pos, Some(&mut cache))
+                .unwrap(),
+        );
+    }
+    assert!(max_diff(Tensor::cat(parts, 1), full) < 1e-5);
+    assert_eq!(cache.len(0), IDS.len());
+}
+
+#[test]
+fn layer_ranges_compose_for_every_exit() {
+    let m = model(true);
+    let x0 = m.embed(tokens(&IDS, 2));
+    let all = m.forward_layers(x0.clone(), 0..5, 0, None).unwrap();
+    for e in 0..=5 {
+        let early = m.forward_layers(x0.clone(), 0..e, 0, None).unwrap();
+        let rest = m.forward_layers(early, e..5, 0, None).unwrap();
+        assert!(max_diff(rest, all.clone()) < 1e-6, "split at {e}");
+    }
+}
+
+#[test]
+fn early_layers_can_run_ahead_of_deep_layers_in_one_cache() {
+    // Self-speculation's access pattern: layers < E take positions one by one, then the deep
+    // layers catch up over all of them in one pass from the exit hidden states.
+    let m = model(false);
+    let device = Default::default();
+    let full = m.forward(tokens(&IDS, 1), 0, None).unwrap();
+    let mut cache = KvCache::new(m.config(), 1, 16, &device);
+    let mut exits = ExitHiddenCache::new(1, 16, 32, &device);
+    for pos in 0..IDS.len() {
+        let h = m
+            .forward_layers(
+                m.embed(tokens(&IDS[pos..pos + 1], 1)),
+                0..2,
+                pos,
+                Some(&mut cache),
+            )
+            .unwrap();
+        exits.append(h).unwrap();
+    }
+    assert_eq!((cache.len(1), cache.len(2)), (IDS.len(), 0));
+    let deep = m
+        .forward_layers(exits.since(0), 2..5, 0, Some(&mut cache))
+        .unwrap();
+    assert!(max_diff(m.exit_head(deep), full) < 1e-5);
+}
+
+#[test]
+fn truncate_then_redecode_reproduces_logits() {
+    let m = model(false);
+    let mut cache = KvCache::new(m.config(), 1, 16, &Default::default());
+    let first = m.forward(tokens(&IDS, 1), 0, Some(&mut cache)).unwrap();
+    cache.truncate(5);
+    assert_eq!(cache.len(4), 5);
+    // Overwrite positions 5.. with other tokens, then roll back and decode the originals.
+    m.forward(tokens(&[11, 12, 13], 1), 5, Some(&mut cache))
+        .unwrap();
+    cache.truncate(5);
+    let again = m
+        .forward(tokens(&IDS[5..], 1), 5, Some(&mut cache))
+        .unwrap();
+    assert!(max_diff(again, first.slice([0..1, 5..9, 0..50])) < 1e-5);
+}
+
+#[test]
+fn cache_overflow_and_bad_ranges_are_errors() {
+    let m = model(false);
+    let mut cache = KvCache::new(m.config(), 1, 4, &Default::default());
+    let err = m.forward(tokens(&IDS, 1), 0, Some(&mut cache)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::ContextOverflow {
+                requested: 9,
+                capacity: 4
+            }
+        ),
+        "{err}"
+    );
+    let err = m
+        .forward_layers(m.embed(tokens(&IDS, 1)), 2..6, 0, None)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::LayerRange {
+                end: 6,
+                num_layers: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let long: Vec<i64> = (0..65).map(|i| i % 50).collect();
+    let err = m.forward(tokens(&long, 1), 0, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::ContextOverflow {
+                requested: 65,
+                capacity: 64
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn skip_mask_all_false_equals_plain_forward() {
+    let m = model(false);
+    let plain = m.forward(tokens(&IDS, 3), 0, None).unwrap();
+    let mask = SkipMask {
+        skip: vec![vec![false; 3]; 5],
+    };
+    let out = m
+        .forward_train(tokens(&IDS, 3), &[1, 3], Some(&mask))
+        .unwrap();
+    assert_eq!(max_diff(out.logits.clone(), plain.clone()), 0.0);
+    let none = m.forward_train(tokens(&IDS, 3), &[1, 3], None).unwrap();
+    assert_eq!(max_diff(none.logits, plain), 0.0);
+    // The exit hidden states are the residual stream after those layers.
+    let x1 = m
+        .forward_layers(m.embed(tokens(&IDS, 3)), 0..2, 0, None)
+        .unwrap();
+    assert_eq!(out.exit_hidden[0].0, 1);
+    assert_eq!(max_diff(out.exit_hidden[0].1.clone(), x1), 0.0);
+}
+
+#[test]
+fn skipped_sequences_pass_through_unchanged() {
+    let m = model(false);
+    // Sequence 1 skips layers 1 and 3; sequences 0 and 2 run every layer.
+    let mut skip = vec![vec![false; 3]; 5];
+    skip[1][1] = true;
+    skip[3][1] = true;
+    let out = m
+        .forward_train(tokens(&IDS, 3), &[0, 1, 2, 3], Some(&SkipMask { skip }))
+        .unwrap();
+    let h: Vec<Tensor<B, 3>> = out.exit_hidden.iter().map(|(_, h)| h.clone()).collect();
+    let row = |t: &Tensor<B, 3>, b: usize| t.clone().slice([b..b + 1]);
+    // Skipped: x_2 == x_1 and x_4 == x_3 for sequence 1, bit for bit.
+    assert_eq!(max_diff(row(&h[1], 1), row(&h[0], 1)), 0.0);
+    assert_eq!(max_diff(row(&h[3], 1), row(&h[2], 1)), 0.0);
+    // Not skipped: the other sequences equal the plain forward of their own.
+    let plain = m.forward(tokens(&IDS, 3), 0, None).unwrap();
+    for b in [0, 2] {
+        assert!(max_diff(row(&out.logits, b), row(&plain, b)) < 1e-5);
+    }
+    // Sequence 1 equals running layers 0, 2, 4 only.
+    let x = m.embed(tokens(&IDS, 3)).slice([1..2, 0..9, 0..32]);
+    let mut x = m.forward_layers(x, 0..1, 0, None).unwrap();
+    for l in [2, 4] {
+        x = m.forward_layers(x, l..l + 1, 0, None).unwrap();
+    }
+    assert!(max_diff(m.exit_head(x), row(&out.logits, 1)) < 1e-5);
+}
+
+#[test]
+fn skip_mask_of_wrong_shape_is_an_error() {
+    let m = model(false);
+    let mask = SkipMask {
+        skip: vec![vec![false; 2]; 5],
+    };
+    assert!(m.forward_train(tokens(&IDS, 3), &[], Some(&mask)).is_err());
+    assert!(m.forward_train(tokens(&IDS, 3), &[5], None).is_err());
+}
+
+#[test]
+fn save_and_load_round_trip() {
+    let dir = std::env::temp_dir().join(format!("layerskip-roundtrip-{}", std::process::id()));
+    for tied in [false, true] {
+        let m = model(tied);
+        m.save_pretrained(&dir, SaveDtype::F32).unwrap();
+        let loaded = LlamaModel::<B>::from_pretrained(&dir, &Default::default()).unwrap();
+        assert_eq!(loaded.config(), m.config());
+        let (a, b) = (
+            m.forward(tokens(&IDS, 1), 0, None).unwrap(),
+            loaded.forward(tokens(&IDS, 1), 0, None).unwrap(),
+        );
+        assert_eq!(max_diff(a.clone(), b), 0.0);
+        // bf16 keeps 8 bits of mantissa: logits move, but only a little.
+        m.save_pretrained(&dir, SaveDtype::Bf16).unwrap();
+        let half = LlamaModel::<B>::from_pretrained(&dir, &Default::default()).unwrap();
+        let d = max_diff(half.forward(tokens(&IDS, 1), 0, None).unwrap(), a);
+        assert!(d > 0.0 && d < 0.05, "bf16 round trip moved logits by {d}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
