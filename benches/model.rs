@@ -1,1 +1,78 @@
-fn main() {}
+//! Criterion benches of the model on SmolLM2-135M-shaped layers (30 layers, hidden 576, GQA 9/3,
+//! vocab 49152; random weights, so nothing is downloaded): one prefill of 128 tokens, and one
+//! decode step at a context of 128 through the full model and through an early exit at layer 8.
+//!
+//! `cargo bench --bench model` prints the figures; `cargo test --benches` runs each once.
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use criterion::{Criterion, criterion_group, criterion_main};
+use layerskip_model::{KvCache, LlamaConfig, LlamaModel, RopeConfig};
+
+type B = Flex;
+
+fn smollm2_shaped() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: 30,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        max_position_embeddings: 8192,
+        rms_norm_eps: 1e-5,
+        rope: RopeConfig {
+            theta: 100_000.0,
+            llama3_scaling: None,
+        },
+        tie_word_embeddings: true,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    }
+}
+
+fn bench_model(c: &mut Criterion) {
+    let device = Default::default();
+    B::seed(&device, 0);
+    let config = smollm2_shaped();
+    let model = LlamaModel::<B>::init(&config, &device).unwrap();
+    let prompt: Vec<u32> = (0..128).map(|i| (i * 7919 % 49152) as u32).collect();
+    let mut cache = KvCache::new(&config, 1, 512, &device);
+
+    let mut group = c.benchmark_group("smollm2-shaped");
+    group.sample_size(10);
+    group.bench_function("prefill_128", |b| {
+        b.iter(|| {
+            cache.clear();
+            let x = model
+                .forward_layers(model.embed_ids(&prompt), 0..30, 0, Some(&mut cache))
+                .unwrap();
+            // Only the last position's logits are needed to start decoding.
+            let last = x.slice([0..1, 127..128]);
+            model.exit_head(last).into_data()
+        })
+    });
+    cache.clear();
+    model
+        .forward_layers(model.embed_ids(&prompt), 0..30, 0, Some(&mut cache))
+        .unwrap();
+    for (name, exit) in [
+        ("decode_step_full_30_layers", 30),
+        ("decode_step_exit_8", 8),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                cache.truncate(128);
+                let x = model
+                    .forward_layers(model.embed_ids(&[42]), 0..exit, 128, Some(&mut cache))
+                    .unwrap();
+                model.exit_head(x).argmax(2).into_data()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_model);
+criterion_main!(benches);
