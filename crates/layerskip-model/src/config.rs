@@ -79,19 +79,20 @@ impl LlamaConfig {
                 return Err(ModelError::InvalidConfig(format!("{name} must be > 0")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::InvalidConfig(format!(
                 "head_dim ({}) must be even for rotary embeddings",
                 self.head_dim
             )));
         }
-        if !(self.rope.theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.rope.theta) || !positive(self.rms_norm_eps) {
             return Err(ModelError::InvalidConfig(
                 "rope_theta and rms_norm_eps must be positive".into(),
             ));

@@ -6,7 +6,7 @@ use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Distribution, Tensor, backend::Backend};
+use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
 
 use crate::cache::LayerKvCache;
 use crate::config::LlamaConfig;
@@ -104,16 +104,18 @@ impl<B: Backend> Attention<B> {
         Ok(self.o_proj.forward(out))
     }
 
-    /// `[b, kv_heads, t, d]` -> `[b, heads, t, d]`, each kv head shared by `heads / kv_heads` queries.
+    /// `[b, kv_heads, t, d]` -> `[b, heads, t, d]`, query head `h` reading kv head `h / groups`.
+    /// A `select` along the head axis: on Flex it is ~8x faster than expand + reshape, which
+    /// takes a strided copy path.
     fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let groups = self.num_heads / self.num_kv_heads;
         if groups == 1 {
             return x;
         }
-        let [b, kv, t, d] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kv, groups, t, d])
-            .reshape([b, kv * groups, t, d])
+        let index: Vec<i64> = (0..self.num_heads).map(|h| (h / groups) as i64).collect();
+        let index =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(index, [self.num_heads]), &x.device());
+        x.select(1, index)
     }
 }
 

@@ -57,8 +57,12 @@ impl<B: Backend> LlamaModel<B> {
     /// A randomly initialised model (weights ~ N(0, 0.02²), as Hugging Face initialises Llama).
     /// Seed the backend (`B::seed`) first for a reproducible model.
     pub fn init(config: &LlamaConfig, device: &B::Device) -> Result<Self> {
+        Self::init_with_std(config, 0.02, device)
+    }
+
+    /// A randomly initialised model with weights ~ N(0, std²) (norm gains 1).
+    pub fn init_with_std(config: &LlamaConfig, std: f64, device: &B::Device) -> Result<Self> {
         config.validate()?;
-        let std = 0.02;
         let embed = Tensor::random(
             [config.vocab_size, config.hidden_size],
             Distribution::Normal(0.0, std),
@@ -130,7 +134,15 @@ impl<B: Backend> LlamaModel<B> {
         let normed = self.norm.forward(hidden);
         match &self.lm_head {
             Some(head) => head.forward(normed),
-            None => normed.matmul(self.embed_tokens.val().transpose().unsqueeze_dim(0)),
+            None => {
+                // Tied head: E · xᵀ keeps the [vocab, hidden] embedding in its stored layout
+                // (multiplying by a transposed view of it would copy the whole matrix).
+                let [b, s, h] = normed.dims();
+                let x = normed.reshape([b * s, h]).transpose();
+                let logits = self.embed_tokens.val().matmul(x); // [vocab, b * s]
+                let vocab = logits.dims()[0];
+                logits.transpose().reshape([b, s, vocab])
+            }
         }
     }
 

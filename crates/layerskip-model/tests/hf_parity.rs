@@ -43,8 +43,7 @@ impl Reference {
         SafeTensors::deserialize(&self.bytes)
             .unwrap()
             .names()
-            .iter()
-            .any(|n| *n == name)
+            .contains(&name)
     }
 
     fn ids(&self, i: usize) -> Vec<i64> {

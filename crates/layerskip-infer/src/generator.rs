@@ -1,0 +1,333 @@
+//! The [`Generator`]: prefill, the decode loop, stop conditions, streaming and timing. Strategies
+//! only say how the next tokens are produced.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use burn::tensor::{Tensor, backend::Backend};
+use layerskip_model::{ExitHiddenCache, KvCache, LlamaModel};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InferError, Result};
+use crate::sampling::{SamplingConfig, apply_history_penalties, argmax, probabilities, sample};
+use crate::stats::GenerationStats;
+
+/// How the next tokens are produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// The full model, one token per step.
+    Autoregressive,
+    /// Layers `0..exit_layer`, then the shared exit head, one token per step.
+    EarlyExit {
+        /// Number of layers run (`E`).
+        exit_layer: usize,
+    },
+    /// Draft `speculations` tokens with layers `0..exit_layer`, verify them with layers
+    /// `exit_layer..L` in one pass that reuses the drafts' hidden states and early K/V.
+    SelfSpeculative {
+        /// Number of draft layers (`E`).
+        exit_layer: usize,
+        /// Drafts per step (`d`).
+        speculations: usize,
+    },
+}
+
+/// Options of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Stop after this many new tokens.
+    pub max_new_tokens: usize,
+    /// Token choice.
+    pub sampling: SamplingConfig,
+    /// Tokens that end the generation (emitted, then stop). Usually the checkpoint's EOS ids.
+    pub stop_tokens: Vec<u32>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// A stop token was generated.
+    StopToken,
+    /// `max_new_tokens` reached.
+    MaxNewTokens,
+    /// The context is full.
+    ContextFull,
+    /// The caller's callback asked to stop (e.g. a stop string appeared).
+    Callback,
+}
+
+/// What the streaming callback receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvent<'a> {
+    /// Tokens accepted into the output, in order.
+    Accepted(&'a [u32]),
+    /// Drafted tokens that the verifier rejected (for display only).
+    Rejected(&'a [u32]),
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// The generated tokens (a stop token, if one ended the generation, included).
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub stop: StopReason,
+    /// Statistics.
+    pub stats: GenerationStats,
+}
+
+/// Runs generations on one model with one preallocated KV cache (reused across calls).
+pub struct Generator<'m, B: Backend> {
+    pub(crate) model: &'m LlamaModel<B>,
+    pub(crate) cache: KvCache<B>,
+    pub(crate) exits: ExitHiddenCache<B>,
+    pub(crate) stats: GenerationStats,
+}
+
+/// Per-call state shared by the strategies.
+pub(crate) struct Run<'a> {
+    pub(crate) options: &'a GenerateOptions,
+    /// Prompt and generated tokens.
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) prompt_len: usize,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) stop: Option<StopReason>,
+    pub(crate) start: Instant,
+}
+
+impl Run<'_> {
+    /// New tokens still allowed.
+    pub(crate) fn budget(&self) -> usize {
+        self.options.max_new_tokens - (self.tokens.len() - self.prompt_len)
+    }
+
+    /// Chooses a token from a logit row given the tokens before it; returns it and the
+    /// distribution it was drawn from.
+    pub(crate) fn choose(&mut self, mut row: Vec<f32>, history: &[u32]) -> (u32, Vec<f32>) {
+        let sampling = &self.options.sampling;
+        apply_history_penalties(&mut row, history, sampling);
+        if sampling.is_greedy() {
+            return (argmax(&row), row);
+        }
+        let probs = probabilities(&row, sampling);
+        (sample(&probs, &mut self.rng), probs)
+    }
+
+    /// The processed (penalised) distribution of a verifier row, without drawing.
+    pub(crate) fn distribution(&self, mut row: Vec<f32>, history: &[u32]) -> Vec<f32> {
+        apply_history_penalties(&mut row, history, &self.options.sampling);
+        if self.options.sampling.is_greedy() {
+            row
+        } else {
+            probabilities(&row, &self.options.sampling)
+        }
+    }
+}
+
+impl<'m, B: Backend> Generator<'m, B> {
+    /// A generator whose context holds `capacity` positions (prompt + generation).
+    pub fn new(model: &'m LlamaModel<B>, capacity: usize) -> Result<Self> {
+        let config = model.config();
+        if capacity == 0 || capacity > config.max_position_embeddings {
+            return Err(InferError::InvalidArgument(format!(
+                "context capacity {capacity} must be in 1..={}",
+                config.max_position_embeddings
+            )));
+        }
+        let device = model.embed_tokens.device();
+        Ok(Self {
+            model,
+            cache: KvCache::new(config, 1, capacity, &device),
+            exits: ExitHiddenCache::new(1, capacity, config.hidden_size, &device),
+            stats: GenerationStats::default(),
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &LlamaModel<B> {
+        self.model
+    }
+
+    /// The KV cache as the last generation left it.
+    pub fn cache(&self) -> &KvCache<B> {
+        &self.cache
+    }
+
+    /// Positions the context holds.
+    pub fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    fn validate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
+        let layers = self.model.num_layers();
+        let bad = |m: String| Err(InferError::InvalidArgument(m));
+        options.sampling.validate()?;
+        if prompt.is_empty() {
+            return bad("the prompt is empty".into());
+        }
+        if let Some(t) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.config().vocab_size)
+        {
+            return bad(format!("prompt token {t} is outside the vocabulary"));
+        }
+        if prompt.len() >= self.capacity() {
+            return Err(InferError::PromptTooLong {
+                prompt: prompt.len(),
+                capacity: self.capacity(),
+            });
+        }
+        match options.strategy {
+            Strategy::EarlyExit { exit_layer: e }
+            | Strategy::SelfSpeculative { exit_layer: e, .. }
+                if e == 0
+                    || e > layers
+                    || (e == layers
+                        && matches!(options.strategy, Strategy::SelfSpeculative { .. })) =>
+            {
+                bad(format!(
+                    "exit layer {e} is out of range: the model has {layers} layers (early exit: 1..={layers}, self-speculation: 1..{layers})"
+                ))
+            }
+            Strategy::SelfSpeculative {
+                speculations: 0, ..
+            } => bad("speculations must be >= 1".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Generates from `prompt`. `on_event` sees tokens as soon as they are accepted and returns
+    /// `false` to stop.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        mut on_event: impl FnMut(StreamEvent<'_>) -> bool,
+    ) -> Result<Generation> {
+        self.validate(prompt, options)?;
+        self.cache.clear();
+        self.exits.truncate(0);
+        let layers = self.model.num_layers();
+        self.stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            layer_positions: vec![0; layers],
+            kv_allocated_bytes: self.cache.allocated_bytes(),
+            ..Default::default()
+        };
+        let mut run = Run {
+            options,
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            rng: ChaCha8Rng::seed_from_u64(options.sampling.seed),
+            stop: None,
+            start: Instant::now(),
+        };
+        if options.max_new_tokens > 0 {
+            match options.strategy {
+                Strategy::Autoregressive => self.decode_loop(&mut run, layers, &mut on_event)?,
+                Strategy::EarlyExit { exit_layer } => {
+                    self.decode_loop(&mut run, exit_layer, &mut on_event)?
+                }
+                Strategy::SelfSpeculative {
+                    exit_layer,
+                    speculations,
+                } => self.self_speculate(&mut run, exit_layer, speculations, &mut on_event)?,
+            }
+        }
+        let mut stats = std::mem::take(&mut self.stats);
+        stats.new_tokens = run.tokens.len() - run.prompt_len;
+        stats.total_ms = run.start.elapsed().as_secs_f64() * 1e3;
+        let per_position = self.cache.allocated_bytes() / self.capacity();
+        stats.kv_peak_used_bytes = per_position * run.tokens.len().min(self.capacity());
+        Ok(Generation {
+            tokens: run.tokens[run.prompt_len..].to_vec(),
+            stop: run.stop.unwrap_or(StopReason::MaxNewTokens),
+            stats,
+        })
+    }
+
+    /// Runs layers `range` over `x` from `start_pos`, with the cache, counting positions.
+    pub(crate) fn layers(
+        &mut self,
+        x: Tensor<B, 3>,
+        range: Range<usize>,
+        start_pos: usize,
+    ) -> Result<Tensor<B, 3>> {
+        let seq = x.dims()[1];
+        for l in range.clone() {
+            self.stats.layer_positions[l] += seq;
+        }
+        Ok(self
+            .model
+            .forward_layers(x, range, start_pos, Some(&mut self.cache))?)
+    }
+
+    /// Logit rows of the exit head applied to `hidden` `[1, seq, hidden]`.
+    pub(crate) fn logit_rows(&self, hidden: Tensor<B, 3>) -> Vec<Vec<f32>> {
+        let vocab = self.model.config().vocab_size;
+        let values = self
+            .model
+            .exit_head(hidden)
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 logits");
+        values.chunks(vocab).map(<[f32]>::to_vec).collect()
+    }
+
+    /// Appends accepted tokens, applying the stop conditions, and streams them.
+    pub(crate) fn emit(
+        &mut self,
+        run: &mut Run<'_>,
+        new: &[u32],
+        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+    ) {
+        if run.tokens.len() == run.prompt_len {
+            self.stats.time_to_first_token_ms = run.start.elapsed().as_secs_f64() * 1e3;
+        }
+        let mut kept = 0;
+        for &t in new {
+            if run.stop.is_some() {
+                break;
+            }
+            run.tokens.push(t);
+            kept += 1;
+            if run.options.stop_tokens.contains(&t) {
+                run.stop = Some(StopReason::StopToken);
+            } else if run.budget() == 0 {
+                run.stop = Some(StopReason::MaxNewTokens);
+            } else if run.tokens.len() >= self.capacity() {
+                run.stop = Some(StopReason::ContextFull);
+            }
+        }
+        if !on_event(StreamEvent::Accepted(&new[..kept])) && run.stop.is_none() {
+            run.stop = Some(StopReason::Callback);
+        }
+    }
+
+    /// Autoregressive decoding through layers `0..exit` (the full model when `exit == L`).
+    fn decode_loop(
+        &mut self,
+        run: &mut Run<'_>,
+        exit: usize,
+        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+    ) -> Result<()> {
+        let mut input = run.tokens.clone();
+        let mut pos = 0;
+        while run.stop.is_none() {
+            let h = self.layers(self.model.embed_ids(&input), 0..exit, pos)?;
+            let seq = h.dims()[1];
+            let last = self.logit_rows(h.slice([0..1, seq - 1..seq])).remove(0);
+            let (token, _) = run.choose(last, &run.tokens.clone());
+            self.stats.steps += 1;
+            pos += input.len();
+            input = vec![token];
+            self.emit(run, &[token], on_event);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! Self-speculative decoding (LayerSkip §5): draft with layers `0..E`, verify with `E..L` in one
+//! batched pass over the exit hidden states, accept, roll the single KV cache back by length.
+//!
+//! Invariant at the start of each step: every layer's cache and the exit-hidden cache hold
+//! positions `0..c`, where `c` is the position of the newest token `tokens[c]`, which no layer
+//! has seen yet. No layer ever computes the same position twice.
+
+use burn::tensor::backend::Backend;
+
+use crate::accept::{Acceptance, accept_greedy, accept_sampled};
+use crate::error::Result;
+use crate::generator::{Generator, Run, StreamEvent};
+
+impl<B: Backend> Generator<'_, B> {
+    pub(crate) fn self_speculate(
+        &mut self,
+        run: &mut Run<'_>,
+        exit: usize,
+        speculations: usize,
+        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+    ) -> Result<()> {
+        let layers = self.model.num_layers();
+        // Prefill: the prompt through the early layers, then the deep layers over its exit
+        // hidden states (the "verification" of the prompt); the last row gives the first token.
+        let prompt = run.tokens.clone();
+        let h = self.layers(self.model.embed_ids(&prompt), 0..exit, 0)?;
+        self.exits.append(h)?;
+        let deep = self.layers(self.exits.since(0), exit..layers, 0)?;
+        let n = prompt.len();
+        let last = self.logit_rows(deep.slice([0..1, n - 1..n])).remove(0);
+        let (first, _) = run.choose(last, &prompt);
+        self.emit(run, &[first], on_event);
+        while run.stop.is_none() {
+            self.speculative_step(run, exit, speculations, on_event)?;
+        }
+        Ok(())
+    }
+
+    fn speculative_step(
+        &mut self,
+        run: &mut Run<'_>,
+        exit: usize,
+        speculations: usize,
+        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+    ) -> Result<()> {
+        let layers = self.model.num_layers();
+        let c = run.tokens.len() - 1;
+        // Each step emits accepted + 1 tokens and needs positions c..=c+d in the cache.
+        let d = speculations
+            .min(run.budget() - 1)
+            .min(self.capacity() - 1 - c);
+        // Draft: inputs[i] = tokens[c], drafts[0], ...; input i goes through layers < E at c + i.
+        let mut drafts: Vec<u32> = Vec::with_capacity(d);
+        let mut q: Vec<Vec<f32>> = Vec::with_capacity(d);
+        let mut history = run.tokens.clone();
+        let mut input = run.tokens[c];
+        for i in 0..d {
+            let h = self.layers(self.model.embed_ids(&[input]), 0..exit, c + i)?;
+            self.exits.append(h.clone())?;
+            let row = self.logit_rows(h).remove(0);
+            let (token, dist) = run.choose(row, &history);
+            drafts.push(token);
+            q.push(dist);
+            history.push(token);
+            input = token;
+            if run.options.stop_tokens.contains(&token) {
+                break;
+            }
+        }
+        // Verify: the last input through layers < E, then layers >= E once over the exit hidden
+        // states of positions c..=c+n (causal, offset c), appending the deep layers' K/V.
+        let n = drafts.len();
+        let h = self.layers(self.model.embed_ids(&[input]), 0..exit, c + n)?;
+        self.exits.append(h)?;
+        let deep = self.layers(self.exits.since(c), exit..layers, c)?;
+        let rows = self.logit_rows(deep);
+        let p: Vec<Vec<f32>> = rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| run.distribution(row, &history[..c + 1 + i]))
+            .collect();
+        let Acceptance { accepted, next } = if run.options.sampling.is_greedy() {
+            accept_greedy(&drafts, &p)
+        } else {
+            accept_sampled(&drafts, &q, &p, &mut run.rng)
+        };
+        // Roll back: positions c..=c+accepted hold tokens[c] and the accepted drafts.
+        self.cache.truncate(c + accepted + 1);
+        self.exits.truncate(c + accepted + 1);
+        self.stats.steps += 1;
+        self.stats.drafted += n;
+        self.stats.accepted += accepted;
+        if self.stats.accepted_histogram.len() <= speculations {
+            self.stats.accepted_histogram.resize(speculations + 1, 0);
+        }
+        self.stats.accepted_histogram[accepted] += 1;
+        if accepted < n {
+            on_event(StreamEvent::Rejected(&drafts[accepted..]));
+        }
+        let mut new = drafts[..accepted].to_vec();
+        new.push(next);
+        self.emit(run, &new, on_event);
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! Statistics of one generation, as one serialisable struct.
+
+use serde::{Deserialize, Serialize};
+
+/// What one generation did and how fast.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStats {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub new_tokens: usize,
+    /// Draft tokens proposed (self-speculation only).
+    pub drafted: usize,
+    /// Draft tokens accepted by the verifier.
+    pub accepted: usize,
+    /// `accepted_histogram[k]`: verification steps that accepted exactly `k` drafts.
+    pub accepted_histogram: Vec<usize>,
+    /// Verification steps (self-speculation) or decode steps (other strategies).
+    pub steps: usize,
+    /// Token-positions computed by each layer (layer `l` at index `l`): the cost model.
+    pub layer_positions: Vec<usize>,
+    /// Milliseconds from the call to the first generated token.
+    pub time_to_first_token_ms: f64,
+    /// Milliseconds of the whole generation.
+    pub total_ms: f64,
+    /// Bytes preallocated for the KV cache.
+    pub kv_allocated_bytes: usize,
+    /// Bytes of KV cache holding live positions at the peak.
+    pub kv_peak_used_bytes: usize,
+}
+
+impl GenerationStats {
+    /// Accepted drafts / drafted tokens (0 when nothing was drafted).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+
+    /// Mean drafts accepted per verification step.
+    pub fn mean_accepted_length(&self) -> f64 {
+        if self.steps == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.steps as f64
+        }
+    }
+
+    /// Milliseconds per generated token after the first (the decode rate).
+    pub fn time_per_token_ms(&self) -> f64 {
+        if self.new_tokens <= 1 {
+            return self.total_ms;
+        }
+        (self.total_ms - self.time_to_first_token_ms) / (self.new_tokens - 1) as f64
+    }
+
+    /// Generated tokens per second over the whole call.
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.total_ms == 0.0 {
+            0.0
+        } else {
+            self.new_tokens as f64 / (self.total_ms / 1000.0)
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! Self-speculative decoding against the full model: greedy outputs equal token for token for
+//! every exit layer and speculation count (f32), early exit at E = L is the full model, the
+//! sampled output follows the full model's distribution (exact marginals, chi-square), and each
+//! layer computes exactly the positions the algorithm needs.
+
+use std::path::PathBuf;
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use layerskip_infer::{
+    GenerateOptions, Generation, Generator, InferError, SamplingConfig, StopReason, Strategy,
+};
+use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
+
+type B = Flex;
+
+fn config(layers: usize, vocab: usize, kv_heads: usize, tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_layers: layers,
+        num_heads: 4,
+        num_kv_heads: kv_heads,
+        head_dim: 8,
+        max_position_embeddings: 96,
+        rms_norm_eps: 1e-5,
+        rope: RopeConfig {
+            theta: 10_000.0,
+            llama3_scaling: None,
+        },
+        tie_word_embeddings: tied,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+/// Weights wide enough (std 0.15) that logits are far from ties and the layers matter.
+fn random_model(seed: u64, config: &LlamaConfig) -> LlamaModel<B> {
+    let device = Default::default();
+    B::seed(&device, seed);
+    LlamaModel::init_with_std(config, 0.15, &device).unwrap()
+}
+
+fn options(strategy: Strategy, max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        strategy,
+        max_new_tokens,
+        sampling: SamplingConfig::default(),
+        stop_tokens: vec![],
+    }
+}
+
+fn run(model: &LlamaModel<B>, prompt: &[u32], options: &GenerateOptions) -> Generation {
+    Generator::new(model, 96)
+        .unwrap()
+        .generate(prompt, options, |_| true)
+        .unwrap()
+}
+
+#[test]
+fn greedy_self_speculation_equals_autoregressive_for_every_exit_and_d() {
+    let models = [
+        (random_model(1, &config(6, 40, 2, false)), 6),
+        (random_model(2, &config(4, 40, 4, true)), 4),
+    ];
+    for (model, layers) in &models {
+        for prompt in [vec![3u32], vec![5, 9, 1, 33, 7, 2, 18]] {
+            let ar = run(model, &prompt, &options(Strategy::Autoregressive, 30));
+            assert_eq!(ar.tokens.len(), 30);
+            for exit_layer in 1..*layers {
+                for speculations in [1, 2, 3, 5, 8] {
+                    let ss = run(
+                        model,
+                        &prompt,
+                        &options(
+                            Strategy::SelfSpeculative {
+                                exit_layer,
+                                speculations,
+                            },
+                            30,
+                        ),
+                    );
+                    assert_eq!(
+                        ss.tokens, ar.tokens,
+                        "E={exit_layer} d={speculations} prompt {prompt:?}"
+                    );
+                    assert_eq!(ss.stop, StopReason::MaxNewTokens);
+                }
+            }
+            let ee = run(
+                model,
+                &prompt,
+                &options(
+                    Strategy::EarlyExit {
+                        exit_layer: *layers,
+                    },
+                    30,
+                ),
+            );
+            assert_eq!(ee.tokens, ar.tokens, "early exit at E = L");
+        }
+    }
+}
+
+#[test]
+fn stop_token_inside_a_draft_ends_generation_at_the_same_place() {
+    let model = random_model(3, &config(6, 40, 2, false));
+    let prompt = [4u32, 8, 15];
+    let ar = run(&model, &prompt, &options(Strategy::Autoregressive, 40));
+    // Stop at the token the full model emits 9th (its first occurrence ends the generation).
+    let stop = ar.tokens[8];
+    let first = ar.tokens.iter().position(|&t| t == stop).unwrap();
+    for strategy in [
+        Strategy::Autoregressive,
+        Strategy::SelfSpeculative {
+            exit_layer: 2,
+            speculations: 6,
+        },
+        Strategy::SelfSpeculative {
+            exit_layer: 4,
+            speculations: 12,
+        },
+    ] {
+        let mut o = options(strategy, 40);
+        o.stop_tokens = vec![stop];
+        let g = run(&model, &prompt, &o);
+        assert_eq!(g.tokens, ar.tokens[..=first], "{strategy:?}");
+        assert_eq!(g.stop, StopReason::StopToken);
+    }
+}
+
+#[test]
+fn each_layer_computes_committed_positions_once_plus_rejected_drafts() {
+    let model = random_model(4, &config(6, 40, 2, false));
+    let prompt = [1u32, 2, 3, 4, 5];
+    let mut generator = Generator::new(&model, 96).unwrap();
+    let g = generator
+        .generate(
+            &prompt,
+            &options(
+                Strategy::SelfSpeculative {
+                    exit_layer: 2,
+                    speculations: 4,
+                },
+                25,
+            ),
+            |_| true,
+        )
+        .unwrap();
+    let s = &g.stats;
+    let committed = prompt.len() + g.tokens.len() - 1; // the last token is never fed back
+    let rejected = s.drafted - s.accepted;
+    assert!(s.drafted > 0 && s.steps > 0);
+    for (l, &positions) in s.layer_positions.iter().enumerate() {
+        assert_eq!(positions, committed + rejected, "layer {l}: {s:?}");
+        assert_eq!(
+            generator.cache().len(l),
+            committed,
+            "layer {l} cache length"
+        );
+    }
+    assert_eq!(s.accepted_histogram.iter().sum::<usize>(), s.steps);
+    let by_hist: usize = s
+        .accepted_histogram
+        .iter()
+        .enumerate()
+        .map(|(k, n)| k * n)
+        .sum();
+    assert_eq!(by_hist, s.accepted);
+    // The full model and early exit compute every committed position once per layer they run.
+    let ar = generator
+        .generate(&prompt, &options(Strategy::Autoregressive, 25), |_| true)
+        .unwrap();
+    assert!(ar.stats.layer_positions.iter().all(|&p| p == committed));
+    let ee = generator
+        .generate(
+            &prompt,
+            &options(Strategy::EarlyExit { exit_layer: 2 }, 25),
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!(
+        ee.stats.layer_positions,
+        vec![committed, committed, 0, 0, 0, 0]
+    );
+}
+
+/// Exact marginal distributions of the first `steps` sampled tokens of the full model at
+/// temperature 1, by enumerating every prefix (vocabulary 6).
+fn exact_marginals(model: &LlamaModel<B>, prompt: &[u32], steps: usize) -> Vec<Vec<f64>> {
+    let vocab = model.config().vocab_size;
+    let mut marginals = vec![vec![0.0; vocab]; steps];
+    let mut frontier: Vec<(Vec<u32>, f64)> = vec![(prompt.to_vec(), 1.0)];
+    for marginal in marginals.iter_mut() {
+        let mut next = Vec::new();
+        for (seq, mass) in frontier {
+            let logits = model.exit_head(
+                model
+                    .forward_layers(model.embed_ids(&seq), 0..model.num_layers(), 0, None)
+                    .unwrap(),
+            );
+            let all = logits.into_data().to_vec::<f32>().unwrap();
+            let last = &all[all.len() - vocab..];
+            let max = last.iter().cloned().fold(f32::MIN, f32::max);
+            let z: f64 = last.iter().map(|&l| ((l - max) as f64).exp()).sum();
+            for (t, &l) in last.iter().enumerate() {
+                let p = mass * ((l - max) as f64).exp() / z;
+                marginal[t] += p;
+                let mut s = seq.clone();
+                s.push(t as u32);
+                next.push((s, p));
+            }
+        }
+        frontier = next;
+    }
+    marginals
+}
+
+#[test]
+fn sampled_self_speculation_follows_the_full_model_distribution() {
+    let model = random_model(5, &config(4, 6, 2, false));
+    let prompt = [1u32, 4, 2];
+    let exact = exact_marginals(&model, &prompt, 3);
+    let mut generator = Generator::new(&model, 96).unwrap();
+    let runs = 3000;
+    let mut counts = vec![vec![0usize; 6]; 3];
+    for seed in 0..runs {
+        let o = GenerateOptions {
+            strategy: Strategy::SelfSpeculative {
+                exit_layer: 1,
+                speculations: 3,
+            },
+            max_new_tokens: 3,
+            sampling: SamplingConfig {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            },
+            stop_tokens: vec![],
+        };
+        let g = generator.generate(&prompt, &o, |_| true).unwrap();
+        for (i, &t) in g.tokens.iter().enumerate() {
+            counts[i][t as usize] += 1;
+        }
+    }
+    // Chi-square per position, 5 degrees of freedom: 20.5 is the 0.999 quantile.
+    for (i, (c, p)) in counts.iter().zip(&exact).enumerate() {
+        let chi2: f64 = c
+            .iter()
+            .zip(p)
+            .map(|(&o, &pi)| (o as f64 - runs as f64 * pi).powi(2) / (runs as f64 * pi))
+            .sum();
+        assert!(
+            chi2 < 20.5,
+            "token {i}: chi2 {chi2}, counts {c:?}, expected {p:?}"
+        );
+    }
+    // The early exit's own law is far from the full model's, so accepting every draft would fail.
+    let early = model.exit_head(
+        model
+            .forward_layers(model.embed_ids(&prompt), 0..1, 0, None)
+            .unwrap(),
+    );
+    let e = early.into_data().to_vec::<f32>().unwrap();
+    let q = &e[e.len() - 6..];
+    let max = q.iter().cloned().fold(f32::MIN, f32::max);
+    let z: f64 = q.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let tv: f64 = q
+        .iter()
+        .zip(&exact[0])
+        .map(|(&l, &p)| (((l - max) as f64).exp() / z - p).abs())
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        tv > 0.1,
+        "draft and target laws too close for the test to bite (tv {tv})"
+    );
+}
+
+#[test]
+fn invalid_arguments_are_clear_errors() {
+    let model = random_model(6, &config(4, 40, 2, false));
+    let mut generator = Generator::new(&model, 16).unwrap();
+    let mut err = |strategy, prompt: &[u32]| generator_err(&mut generator, strategy, prompt);
+    assert!(err(Strategy::EarlyExit { exit_layer: 0 }, &[1]).contains("exit layer 0"));
+    assert!(err(Strategy::EarlyExit { exit_layer: 5 }, &[1]).contains("exit layer 5"));
+    assert!(
+        err(
+            Strategy::SelfSpeculative {
+                exit_layer: 4,
+                speculations: 2
+            },
+            &[1]
+        )
+        .contains("exit layer 4")
+    );
+    assert!(
+        err(
+            Strategy::SelfSpeculative {
+                exit_layer: 2,
+                speculations: 0
+            },
+            &[1]
+        )
+        .contains("speculations")
+    );
+    assert!(err(Strategy::Autoregressive, &[]).contains("empty"));
+    assert!(err(Strategy::Autoregressive, &[99]).contains("vocabulary"));
+    assert!(err(Strategy::Autoregressive, &[1; 16]).contains("does not fit"));
+    assert!(Generator::new(&model, 97).is_err());
+    // A prompt that nearly fills the context generates until the context is full.
+    let g = generator
+        .generate(
+            &[1; 14],
+            &options(
+                Strategy::SelfSpeculative {
+                    exit_layer: 2,
+                    speculations: 5,
+                },
+                50,
+            ),
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!((g.tokens.len(), g.stop), (2, StopReason::ContextFull));
+}
+
+fn generator_err(generator: &mut Generator<'_, B>, strategy: Strategy, prompt: &[u32]) -> String {
+    match generator.generate(prompt, &options(strategy, 4), |_| true) {
+        Err(e @ (InferError::InvalidArgument(_) | InferError::PromptTooLong { .. })) => {
+            e.to_string()
+        }
+        other => panic!("expected an argument error, got {other:?}"),
+    }
+}
+
+#[test]
+fn smollm2_greedy_self_speculation_equals_autoregressive() {
+    let dir = std::env::var_os("LAYERSKIP_SMOLLM2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m")
+        });
+    if !dir.join("model.safetensors").is_file() {
+        eprintln!(
+            "SKIPPED: no converted SmolLM2 at {} (run `bash scripts/prepare_smollm2.sh`)",
+            dir.display()
+        );
+        return;
+    }
+    let model = LlamaModel::<B>::from_pretrained(&dir, &Default::default()).unwrap();
+    let tokenizer = layerskip_model::Tokenizer::from_file(&dir).unwrap();
+    let prompt = tokenizer
+        .encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+        .unwrap();
+    let mut generator = Generator::new(&model, 256).unwrap();
+    let mut o = options(Strategy::Autoregressive, 24);
+    o.stop_tokens = model.config().eos_token_ids.clone();
+    let ar = generator.generate(&prompt, &o, |_| true).unwrap();
+    for (exit_layer, speculations) in [(4, 3), (20, 8), (29, 2)] {
+        o.strategy = Strategy::SelfSpeculative {
+            exit_layer,
+            speculations,
+        };
+        let ss = generator.generate(&prompt, &o, |_| true).unwrap();
+        assert_eq!(ss.tokens, ar.tokens, "E={exit_layer} d={speculations}");
+        eprintln!(
+            "E={exit_layer} d={speculations}: acceptance {:.2}",
+            ss.stats.acceptance_rate()
+        );
+    }
+    o.strategy = Strategy::EarlyExit { exit_layer: 30 };
+    assert_eq!(
+        generator.generate(&prompt, &o, |_| true).unwrap().tokens,
+        ar.tokens
+    );
+}
