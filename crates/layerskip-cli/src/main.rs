@@ -2,8 +2,12 @@
 
 use std::path::PathBuf;
 
+mod backend;
+mod infer;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use layerskip_model::backend::DeviceSpec;
 use layerskip_model::{SaveDtype, convert_gguf};
 
 #[derive(Parser)]
@@ -19,6 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text: autoregressive, early exit, or self-speculative decoding.
+    Infer {
+        #[command(flatten)]
+        args: infer::InferArgs,
+        /// Compute device: cpu, cuda[:N], wgpu, vulkan, metal.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
     /// Convert a GGUF (llama.cpp) Llama checkpoint into a Hugging Face checkpoint directory.
     Convert {
         /// The .gguf file (F32, F16, BF16, Q4_0, Q4_1 and Q8_0 tensors are dequantised).
@@ -59,6 +71,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Infer { args, device } => backend::dispatch(device, args),
         Command::Convert { gguf, out, dtype } => {
             let report = convert_gguf(&gguf, &out, dtype.into())
                 .with_context(|| format!("converting {}", gguf.display()))?;

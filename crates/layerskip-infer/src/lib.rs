@@ -37,12 +37,14 @@
 //! ```
 
 pub mod accept;
+pub mod chat;
 pub mod error;
 pub mod generator;
 pub mod sampling;
 mod speculative;
 pub mod stats;
 
+pub use chat::ChatTemplate;
 pub use error::{InferError, Result};
 pub use generator::{GenerateOptions, Generation, Generator, StopReason, Strategy, StreamEvent};
 pub use sampling::SamplingConfig;

@@ -192,7 +192,7 @@ impl<B: Backend> LlamaModel<B> {
         if !dir.is_dir() {
             return Err(ModelError::io(
                 dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
             ));
         }
         let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;

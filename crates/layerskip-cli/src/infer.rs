@@ -1,0 +1,329 @@
+//! `layerskip infer`: generate text with a chosen strategy, streaming tokens as they are accepted.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use clap::{Args, ValueEnum};
+use layerskip_infer::{
+    ChatTemplate, GenerateOptions, Generation, Generator, SamplingConfig, Strategy, StreamEvent,
+};
+use layerskip_model::{LlamaModel, Tokenizer};
+
+use crate::backend::BackendTask;
+
+/// The model used when `--model` is not given, relative to the repository root.
+pub const DEFAULT_MODEL: &str = "models/default";
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StrategyName {
+    /// Full model, one token per step.
+    Ar,
+    /// Layers 0..E and the shared exit head.
+    EarlyExit,
+    /// Draft with layers 0..E, verify with E..L.
+    SelfSpec,
+}
+
+#[derive(Args, Debug)]
+pub struct InferArgs {
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The prompt; without it and --prompt-file, prompts are read line by line from stdin.
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// A file whose whole content is the prompt.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Generation strategy.
+    #[arg(long, value_enum, default_value_t = StrategyName::Ar)]
+    pub strategy: StrategyName,
+    /// Exit layer E (number of layers run by early exit or used to draft).
+    #[arg(long)]
+    pub exit_layer: Option<usize>,
+    /// Drafts per self-speculative step.
+    #[arg(long, default_value_t = 4)]
+    pub speculations: usize,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k filter (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Top-p (nucleus) filter.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Forbid repeating n-grams of this size (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub no_repeat_ngram: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Wrap the prompt in the checkpoint's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Context positions (prompt + generation); default min(max_position_embeddings, 4096).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Show drafted-then-rejected tokens (dim red on a terminal, ⟦…⟧ otherwise).
+    #[arg(long)]
+    pub show_drafts: bool,
+    /// Print one JSON object with the text and the statistics instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl InferArgs {
+    fn strategy(&self, layers: usize) -> Result<Strategy> {
+        let exit = || {
+            self.exit_layer.with_context(|| {
+                format!(
+                    "--exit-layer is required for this strategy (the model has {layers} layers)"
+                )
+            })
+        };
+        Ok(match self.strategy {
+            StrategyName::Ar => Strategy::Autoregressive,
+            StrategyName::EarlyExit => Strategy::EarlyExit {
+                exit_layer: exit()?,
+            },
+            StrategyName::SelfSpec => Strategy::SelfSpeculative {
+                exit_layer: exit()?,
+                speculations: self.speculations,
+            },
+        })
+    }
+}
+
+/// Resolves `--model`, or the default model shipped with the repository.
+pub fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = model {
+        return Ok(dir.clone());
+    }
+    let candidates = [
+        PathBuf::from(DEFAULT_MODEL),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(DEFAULT_MODEL),
+    ];
+    match candidates.iter().find(|d| d.join("config.json").is_file()) {
+        Some(dir) => Ok(dir.clone()),
+        None => bail!(
+            "no --model given and the default model ({DEFAULT_MODEL}) is not in this checkout yet; \
+             pass --model DIR, e.g. --model models/smollm2-135m after `bash scripts/prepare_smollm2.sh`"
+        ),
+    }
+}
+
+impl BackendTask for InferArgs {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let dir = model_dir(&self.model)?;
+        let model = LlamaModel::<B>::from_pretrained(&dir, &device)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let tokenizer = Tokenizer::from_file(&dir)?;
+        let config = model.config();
+        let capacity = self
+            .context
+            .unwrap_or(config.max_position_embeddings.min(4096));
+        let options = GenerateOptions {
+            strategy: self.strategy(config.num_layers)?,
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                repetition_penalty: self.repetition_penalty,
+                no_repeat_ngram: self.no_repeat_ngram,
+                seed: self.seed,
+            },
+            stop_tokens: config.eos_token_ids.clone(),
+        };
+        let chat = if self.chat {
+            Some(ChatTemplate::from_dir(&dir)?)
+        } else {
+            None
+        };
+        let mut generator = Generator::new(&model, capacity)?;
+        let prompts: Vec<String> = match (&self.prompt, &self.prompt_file) {
+            (Some(p), _) => vec![p.clone()],
+            (None, Some(f)) => vec![
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            ],
+            (None, None) => {
+                if std::io::stdin().is_terminal() {
+                    eprintln!("interactive: one prompt per line, Ctrl-D to quit");
+                }
+                return interactive(&self, &mut generator, &tokenizer, chat.as_ref(), &options);
+            }
+        };
+        for prompt in prompts {
+            run_one(
+                &self,
+                &mut generator,
+                &tokenizer,
+                chat.as_ref(),
+                &options,
+                &prompt,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn interactive<B: Backend>(
+    args: &InferArgs,
+    generator: &mut Generator<'_, B>,
+    tokenizer: &Tokenizer,
+    chat: Option<&ChatTemplate>,
+    options: &GenerateOptions,
+) -> Result<()> {
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            run_one(args, generator, tokenizer, chat, options, &line)?;
+        }
+    }
+    Ok(())
+}
+
+/// Streams decoded text: prints only what the growing token list adds to the decoded string.
+struct Printer<'t> {
+    tokenizer: &'t Tokenizer,
+    tokens: Vec<u32>,
+    printed: usize,
+    stops: &'t [String],
+    colour: bool,
+    show_drafts: bool,
+    quiet: bool,
+}
+
+impl Printer<'_> {
+    /// Handles one event; returns false once a stop string has appeared.
+    fn event(&mut self, event: StreamEvent<'_>) -> bool {
+        match event {
+            StreamEvent::Accepted(tokens) => {
+                self.tokens.extend_from_slice(tokens);
+                let text = self.tokenizer.decode(&self.tokens).unwrap_or_default();
+                let cut = self
+                    .stops
+                    .iter()
+                    .filter_map(|s| text.find(s.as_str()))
+                    .min();
+                let end = cut.unwrap_or(text.len());
+                if !self.quiet && end > self.printed && text.is_char_boundary(self.printed) {
+                    print!("{}", &text[self.printed..end]);
+                    self.printed = end;
+                }
+                let _ = std::io::stdout().flush();
+                cut.is_none()
+            }
+            StreamEvent::Rejected(tokens) => {
+                if self.show_drafts && !self.quiet {
+                    let text = self.tokenizer.decode(tokens).unwrap_or_default();
+                    if self.colour {
+                        print!("\x1b[2;31m{text}\x1b[0m")
+                    } else {
+                        print!("⟦{text}⟧")
+                    }
+                }
+                true
+            }
+        }
+    }
+}
+
+fn run_one<B: Backend>(
+    args: &InferArgs,
+    generator: &mut Generator<'_, B>,
+    tokenizer: &Tokenizer,
+    chat: Option<&ChatTemplate>,
+    options: &GenerateOptions,
+    prompt: &str,
+) -> Result<()> {
+    let text = match chat {
+        Some(t) => t.render_user(prompt)?,
+        None => prompt.to_string(),
+    };
+    let ids = tokenizer.encode(&text)?;
+    let mut printer = Printer {
+        tokenizer,
+        tokens: Vec::new(),
+        printed: 0,
+        stops: &args.stop,
+        colour: std::io::stdout().is_terminal(),
+        show_drafts: args.show_drafts,
+        quiet: args.json,
+    };
+    let generation = generator.generate(&ids, options, |e| printer.event(e))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json_report(
+                &generation,
+                tokenizer,
+                &args.stop,
+                options
+            )?)?
+        );
+    } else {
+        println!();
+        let s = &generation.stats;
+        eprintln!(
+            "[{} prompt + {} new tokens, stop: {:?}, {:.1} tokens/s, {:.1} ms/token, first token {:.0} ms{}]",
+            s.prompt_tokens,
+            s.new_tokens,
+            generation.stop,
+            s.tokens_per_second(),
+            s.time_per_token_ms(),
+            s.time_to_first_token_ms,
+            if s.drafted > 0 {
+                format!(
+                    ", acceptance {:.1}% ({}/{}), accepted per step {:?}",
+                    100.0 * s.acceptance_rate(),
+                    s.accepted,
+                    s.drafted,
+                    s.accepted_histogram
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+fn json_report(
+    g: &Generation,
+    tokenizer: &Tokenizer,
+    stops: &[String],
+    options: &GenerateOptions,
+) -> Result<serde_json::Value> {
+    let mut text = tokenizer.decode(&g.tokens)?;
+    if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(cut);
+    }
+    let s = &g.stats;
+    Ok(serde_json::json!({
+        "text": text,
+        "tokens": g.tokens,
+        "stop": g.stop,
+        "strategy": options.strategy,
+        "sampling": options.sampling,
+        "stats": s,
+        "acceptance_rate": s.acceptance_rate(),
+        "mean_accepted_length": s.mean_accepted_length(),
+        "tokens_per_second": s.tokens_per_second(),
+        "time_per_token_ms": s.time_per_token_ms(),
+    }))
+}
