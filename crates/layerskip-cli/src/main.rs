@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 mod backend;
 mod infer;
+mod train;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -27,7 +28,15 @@ enum Command {
     Infer {
         #[command(flatten)]
         args: infer::InferArgs,
-        /// Compute device: cpu, cuda[:N], wgpu, vulkan, metal.
+        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Train with layer dropout and early-exit loss (from scratch or from a checkpoint).
+    Train {
+        #[command(flatten)]
+        args: train::TrainArgs,
+        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -72,6 +81,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Infer { args, device } => backend::dispatch(device, args),
+        Command::Train { args, device } => backend::dispatch(device, args),
         Command::Convert { gguf, out, dtype } => {
             let report = convert_gguf(&gguf, &out, dtype.into())
                 .with_context(|| format!("converting {}", gguf.display()))?;

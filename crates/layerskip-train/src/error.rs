@@ -1,0 +1,30 @@
+//! The error type of the training crate.
+
+use std::path::PathBuf;
+
+use layerskip_model::ModelError;
+
+/// Errors of training: configs, data, checkpoints, and the model.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// An invalid configuration value (the message names the field).
+    #[error("invalid training config: {0}")]
+    Config(String),
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The data yield no training block.
+    #[error("data: {0}")]
+    Data(String),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,19 @@
+//! # layerskip-train
+//!
+//! The training half of LayerSkip (arXiv 2404.16710): layer dropout with per-layer and per-step
+//! rates, an early-exit loss through the model's one shared exit head with the paper's and
+//! torchtune's loss scales, and the rotational and gradual curricula. [`schedule`] holds them as
+//! pure functions of (step, layer).
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod loss;
+pub mod schedule;
+pub mod tokenizer;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use data::{Blocks, Document};
+pub use error::{Result, TrainError};
+pub use trainer::{EvalReport, StepReport, Trainer, latest_checkpoint};

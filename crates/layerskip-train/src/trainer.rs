@@ -1,0 +1,360 @@
+//! The training loop: layer dropout + early-exit loss, AdamW with warm-up and cosine decay,
+//! gradient clipping and accumulation, per-exit evaluation, and checkpoints that resume exactly.
+//!
+//! Every random choice (data order, dropout draws) is a pure function of (seed, step), and a
+//! checkpoint holds the model with its parameter ids and the optimizer state, so N steps straight
+//! and N/2 + resume + N/2 give the same weights bit for bit.
+
+use std::path::{Path, PathBuf};
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+use layerskip_model::{LlamaModel, SaveDtype, SkipMask};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::data::Blocks;
+use crate::error::{Result, TrainError};
+use crate::loss::{early_exit_loss, masked_cross_entropy};
+use crate::schedule::{loss_weights, parse_layers};
+
+type Adam<B> = OptimizerAdaptor<AdamW, LlamaModel<B>, B>;
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The step just taken (0-based).
+    pub step: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// The early-exit loss `J`, averaged over micro-batches.
+    pub loss: f64,
+    /// `(layer, weight, cross-entropy)` of each enabled exit (last micro-batch).
+    pub per_layer: Vec<(usize, f64, f64)>,
+    /// Fraction of (layer, sequence) pairs skipped by layer dropout.
+    pub skipped_fraction: f64,
+    /// Tokens processed.
+    pub tokens: usize,
+}
+
+/// Held-out loss at every exit layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Step at which it was measured.
+    pub step: usize,
+    /// Mean cross-entropy of exit `l` (the head on `x_{l+1}`), `l = 0..L`.
+    pub loss: Vec<f64>,
+}
+
+/// What a checkpoint directory's `trainer_state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    config: TrainConfig,
+    evals: Vec<EvalReport>,
+}
+
+/// A training run in progress.
+pub struct Trainer<B: AutodiffBackend> {
+    config: TrainConfig,
+    model: LlamaModel<B>,
+    optim: Adam<B>,
+    train: Blocks,
+    eval: Blocks,
+    step: usize,
+    evals: Vec<EvalReport>,
+    device: B::Device,
+}
+
+fn optimizer<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
+    let clip = (config.optim.grad_clip > 0.0)
+        .then_some(GradientClippingConfig::Norm(config.optim.grad_clip as f32));
+    AdamWConfig::new()
+        .with_weight_decay(config.optim.weight_decay as f32)
+        .with_grad_clipping(clip)
+        .init()
+}
+
+/// Per-sequence Bernoulli draws: `skip[l][b]` with probability `rates[l]`.
+pub fn draw_skip_mask(rates: &[f64], batch: usize, rng: &mut impl Rng) -> SkipMask {
+    SkipMask {
+        skip: rates
+            .iter()
+            .map(|&p| {
+                (0..batch)
+                    .map(|_| p > 0.0 && rng.random::<f64>() < p)
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Starts a run from `model` (fresh or pretrained).
+    pub fn new(
+        config: TrainConfig,
+        model: LlamaModel<B>,
+        train: Blocks,
+        eval: Blocks,
+        device: B::Device,
+    ) -> Result<Self> {
+        config.validate_basic()?;
+        config.validate_for(model.num_layers())?;
+        if train.is_empty() || eval.is_empty() {
+            return Err(TrainError::Data(format!(
+                "{} training and {} held-out blocks of {} tokens: need at least one of each",
+                train.len(),
+                eval.len(),
+                config.data.seq_len + 1
+            )));
+        }
+        let optim = optimizer::<B>(&config);
+        Ok(Self {
+            config,
+            model,
+            optim,
+            train,
+            eval,
+            step: 0,
+            evals: Vec::new(),
+            device,
+        })
+    }
+
+    /// Continues the run saved in checkpoint directory `dir` (model, optimizer, step).
+    pub fn resume(dir: &Path, train: Blocks, eval: Blocks, device: B::Device) -> Result<Self> {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::File {
+            path: state_path.clone(),
+            message: e.to_string(),
+        })?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::File {
+            path: state_path,
+            message: e.to_string(),
+        })?;
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let file_err = |path: PathBuf| {
+            move |e: burn::record::RecorderError| TrainError::File {
+                path,
+                message: e.to_string(),
+            }
+        };
+        // The HF files give the architecture; the Burn record restores weights and parameter ids,
+        // which the optimizer state is keyed by.
+        let skeleton = LlamaModel::<B>::from_pretrained(dir, &device)?;
+        let model = skeleton
+            .load_file(dir.join("model"), &recorder, &device)
+            .map_err(file_err(dir.join("model.mpk")))?;
+        let record = recorder
+            .load(dir.join("optimizer"), &device)
+            .map_err(file_err(dir.join("optimizer.mpk")))?;
+        let optim = optimizer::<B>(&state.config).load_record(record);
+        let mut trainer = Self::new(state.config, model, train, eval, device)?;
+        trainer.optim = optim;
+        trainer.step = state.step;
+        trainer.evals = state.evals;
+        Ok(trainer)
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &LlamaModel<B> {
+        &self.model
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Evaluations so far.
+    pub fn evals(&self) -> &[EvalReport] {
+        &self.evals
+    }
+
+    /// Changes the total number of steps (e.g. to extend a resumed run). The learning-rate and
+    /// dropout schedules are functions of `t / T`, so they change with it.
+    pub fn set_total_steps(&mut self, steps: usize) -> Result<()> {
+        if steps == 0 {
+            return Err(TrainError::Config("steps must be > 0".into()));
+        }
+        self.config.steps = steps;
+        Ok(())
+    }
+
+    /// Whether every step has been taken.
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let (c, step) = (&self.config, self.step);
+        let layers = self.model.num_layers();
+        let lr = c.learning_rate(step);
+        let rates = match &c.layer_dropout {
+            Some(d) => d.rates(step, c.steps, layers)?,
+            None => vec![0.0; layers],
+        };
+        let weights: Vec<(usize, f64)> = match &c.early_exit {
+            Some(e) => {
+                let enabled =
+                    e.curriculum
+                        .enabled(step, c.steps, &parse_layers(&e.layers, layers)?);
+                let w = loss_weights(e.scale, &enabled, layers, e.e_scale);
+                enabled.into_iter().zip(w).collect()
+            }
+            None => vec![(layers - 1, 1.0)],
+        };
+        let exits: Vec<usize> = weights
+            .iter()
+            .map(|(l, _)| *l)
+            .filter(|&l| l + 1 < layers)
+            .collect();
+        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
+        let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
+        let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
+        for micro in 0..accum {
+            let global = step * accum + micro;
+            let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ 0x5eed_0000_0000 ^ global as u64);
+            let mask = draw_skip_mask(&rates, batch, &mut rng);
+            skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
+            let indices = self.train.batch_indices(c.seed, global, batch);
+            let (inputs, targets, loss_mask) = self.train.tensors::<B>(&indices, &self.device);
+            let any_skip = mask.skip.iter().flatten().any(|&s| s);
+            let output = self
+                .model
+                .forward_train(inputs, &exits, any_skip.then_some(&mask))?;
+            let loss = early_exit_loss(&self.model, output, targets, loss_mask, &weights);
+            per_layer = loss
+                .per_layer
+                .iter()
+                .map(|(l, w, ce)| (*l, *w, ce.clone().into_scalar().elem::<f64>()))
+                .collect();
+            let total = loss.total / accum as f64;
+            loss_sum += total.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(total.backward(), &self.model);
+            accumulator.accumulate(&self.model, grads);
+        }
+        self.model = self.optim.step(lr, self.model.clone(), accumulator.grads());
+        self.step += 1;
+        Ok(StepReport {
+            step,
+            lr,
+            loss: loss_sum,
+            per_layer,
+            skipped_fraction: skipped as f64 / (layers * batch * accum) as f64,
+            tokens: accum * batch * c.data.seq_len,
+        })
+    }
+
+    /// Held-out cross-entropy at every exit layer (no dropout, no gradients).
+    pub fn evaluate(&mut self) -> Result<EvalReport> {
+        let model = self.model.valid();
+        let layers = model.num_layers();
+        let all: Vec<usize> = (0..layers - 1).collect();
+        let batch = self.config.optim.batch_size;
+        let n_batches = self.eval.len().div_ceil(batch);
+        let n_batches = if self.config.eval_batches == 0 {
+            n_batches
+        } else {
+            n_batches.min(self.config.eval_batches)
+        };
+        let mut sums = vec![0.0; layers];
+        let mut weight = 0.0;
+        let device = self.device.clone();
+        for b in 0..n_batches {
+            let indices: Vec<usize> = (b * batch..((b + 1) * batch).min(self.eval.len())).collect();
+            let (inputs, targets, mask) = self.eval.tensors::<B::InnerBackend>(&indices, &device);
+            let w = mask.clone().sum().into_scalar().elem::<f64>();
+            let out = model.forward_train(inputs, &all, None)?;
+            for (l, h) in out.exit_hidden {
+                sums[l] +=
+                    w * masked_cross_entropy(model.exit_head(h), targets.clone(), mask.clone())
+                        .into_scalar()
+                        .elem::<f64>();
+            }
+            sums[layers - 1] += w * masked_cross_entropy(out.logits, targets, mask)
+                .into_scalar()
+                .elem::<f64>();
+            weight += w;
+        }
+        let report = EvalReport {
+            step: self.step,
+            loss: sums.iter().map(|s| s / weight.max(1.0)).collect(),
+        };
+        self.evals.push(report.clone());
+        Ok(report)
+    }
+
+    /// Writes `out_dir/checkpoint-NNNNNN` (HF model files, Burn model and optimizer records,
+    /// trainer state, and `extra_files` such as the tokenizer) through a temporary directory and
+    /// a rename, and points `out_dir/latest` at it. Returns the checkpoint directory.
+    pub fn save_checkpoint(
+        &self,
+        out_dir: &Path,
+        extra_files: &[(&str, &[u8])],
+    ) -> Result<PathBuf> {
+        let name = format!("checkpoint-{:06}", self.step);
+        let final_dir = out_dir.join(&name);
+        let tmp = out_dir.join(format!(".{name}.tmp"));
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |e: std::io::Error| TrainError::File {
+                path: p,
+                message: e.to_string(),
+            }
+        };
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        self.model.save_pretrained(&tmp, SaveDtype::F32)?;
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let rec_err = |e: burn::record::RecorderError| TrainError::File {
+            path: tmp.clone(),
+            message: e.to_string(),
+        };
+        self.model
+            .clone()
+            .save_file(tmp.join("model"), &recorder)
+            .map_err(rec_err)?;
+        recorder
+            .record(self.optim.to_record(), tmp.join("optimizer"))
+            .map_err(rec_err)?;
+        let state = TrainerState {
+            step: self.step,
+            config: self.config.clone(),
+            evals: self.evals.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state).expect("serialisable state");
+        std::fs::write(tmp.join("trainer_state.json"), json).map_err(io(&tmp))?;
+        for (name, bytes) in extra_files {
+            std::fs::write(tmp.join(name), bytes).map_err(io(&tmp))?;
+        }
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+        layerskip_model::checkpoint::write_atomic(&out_dir.join("latest"), name.as_bytes())?;
+        Ok(final_dir)
+    }
+}
+
+/// The checkpoint that `out_dir/latest` points at, if any.
+pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(out_dir.join("latest")).ok()?;
+    let dir = out_dir.join(name.trim());
+    dir.join("trainer_state.json").is_file().then_some(dir)
+}

@@ -1,0 +1,257 @@
+//! Training end to end on real text (this repository's own Rust sources) with a BPE tokenizer
+//! trained here: the loss goes down at every exit, layer dropout at p = 0 is the identity bit for
+//! bit, dropout draws match their rates, and a resumed run equals an uninterrupted one bit for bit.
+
+use std::path::PathBuf;
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
+use layerskip_train::data::{list_files, read_documents, split};
+use layerskip_train::schedule::{Curriculum, LayerDropoutConfig, LossScale, Shape};
+use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
+use layerskip_train::trainer::draw_skip_mask;
+use layerskip_train::{Blocks, TrainConfig, Trainer};
+use rand::SeedableRng;
+
+type B = Autodiff<Flex>;
+
+fn corpus() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    [
+        "layerskip-model/src",
+        "layerskip-infer/src",
+        "layerskip-train/src",
+    ]
+    .iter()
+    .map(|d| root.join(d))
+    .collect()
+}
+
+struct Data {
+    train: Blocks,
+    eval: Blocks,
+    vocab: usize,
+}
+
+fn data(seq_len: usize) -> Data {
+    let exts = vec!["rs".to_string()];
+    let files = list_files(&corpus(), &exts).unwrap();
+    let tokenizer = train_bpe(&files, 384).unwrap();
+    let eos = tokenizer.token_id(END_OF_TEXT).unwrap();
+    let docs = read_documents(&corpus(), &exts).unwrap();
+    let (train, eval) = split(docs, 0.2, 0).unwrap();
+    Data {
+        train: Blocks::pack(&train, &tokenizer, eos, seq_len).unwrap(),
+        eval: Blocks::pack(&eval, &tokenizer, eos, seq_len).unwrap(),
+        vocab: tokenizer.vocab_size(),
+    }
+}
+
+fn model(vocab: usize, layers: usize) -> LlamaModel<B> {
+    let config = LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: layers,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        max_position_embeddings: 128,
+        rms_norm_eps: 1e-5,
+        rope: RopeConfig {
+            theta: 10_000.0,
+            llama3_scaling: None,
+        },
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_ids: vec![0],
+    };
+    let device = Default::default();
+    B::seed(&device, 11);
+    LlamaModel::init(&config, &device).unwrap()
+}
+
+fn config(steps: usize, p_max: f64) -> TrainConfig {
+    let text = format!(
+        r#"
+steps = {steps}
+seed = 3
+[data]
+seq_len = 32
+[optim]
+lr = 3e-3
+warmup_steps = 2
+batch_size = 4
+grad_accum = 2
+[layer_dropout]
+p_max = {p_max}
+time_shape = "exp"
+[early_exit]
+e_scale = 0.5
+scale = "paper"
+curriculum = {{ type = "rotational", period = 2 }}
+"#
+    );
+    let c: TrainConfig = toml::from_str(&text).unwrap();
+    c.validate_basic().unwrap();
+    c
+}
+
+fn weights(m: &LlamaModel<B>) -> Vec<f32> {
+    let dir = std::env::temp_dir().join(format!(
+        "ls-w-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    m.save_pretrained(&dir, layerskip_model::SaveDtype::F32)
+        .unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn loss_goes_down_at_every_exit() {
+    let d = data(32);
+    assert!(
+        d.train.len() > 50 && !d.eval.is_empty(),
+        "{} / {} blocks",
+        d.train.len(),
+        d.eval.len()
+    );
+    let mut trainer = Trainer::new(
+        config(40, 0.2),
+        model(d.vocab, 4),
+        d.train,
+        d.eval,
+        Default::default(),
+    )
+    .unwrap();
+    let before = trainer.evaluate().unwrap();
+    while !trainer.finished() {
+        let r = trainer.train_step().unwrap();
+        assert!(r.loss.is_finite());
+        assert!((r.per_layer.iter().map(|(_, w, _)| w).sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+    let after = trainer.evaluate().unwrap();
+    for (l, (a, b)) in after.loss.iter().zip(&before.loss).enumerate() {
+        assert!(a < b, "exit {l}: held-out loss {b} -> {a}");
+    }
+    eprintln!(
+        "held-out loss per exit: {:?} -> {:?}",
+        before.loss, after.loss
+    );
+}
+
+#[test]
+fn dropout_at_p_zero_equals_no_dropout_bit_for_bit() {
+    let d = data(32);
+    let run = |c: TrainConfig| {
+        let mut t = Trainer::new(
+            c,
+            model(d.vocab, 3),
+            d.train.clone(),
+            d.eval.clone(),
+            Default::default(),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            t.train_step().unwrap();
+        }
+        weights(t.model())
+    };
+    let mut none = config(3, 0.0);
+    none.layer_dropout = None;
+    assert_eq!(run(config(3, 0.0)), run(none));
+}
+
+#[test]
+fn skip_draws_match_rates() {
+    let c = LayerDropoutConfig {
+        p_max: 0.3,
+        layer_shape: Shape::Linear,
+        time_shape: Shape::Uniform,
+        layers: ":".into(),
+    };
+    let rates = c.rates(0, 10, 4).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let n = 20_000;
+    let mask = draw_skip_mask(&rates, n, &mut rng);
+    for (l, row) in mask.skip.iter().enumerate() {
+        let frac = row.iter().filter(|&&s| s).count() as f64 / n as f64;
+        // 4 standard errors of a Bernoulli(p) mean over n draws.
+        let tol = 4.0 * (rates[l] * (1.0 - rates[l]) / n as f64).sqrt() + 1e-12;
+        assert!(
+            (frac - rates[l]).abs() <= tol,
+            "layer {l}: {frac} vs {}",
+            rates[l]
+        );
+    }
+    assert!(mask.skip[0].iter().all(|&s| !s), "rate 0 never skips");
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    let d = data(32);
+    let out = std::env::temp_dir().join(format!("ls-resume-{}", std::process::id()));
+    std::fs::remove_dir_all(&out).ok();
+    let mut straight = Trainer::new(
+        config(6, 0.3),
+        model(d.vocab, 3),
+        d.train.clone(),
+        d.eval.clone(),
+        Default::default(),
+    )
+    .unwrap();
+    for _ in 0..6 {
+        straight.train_step().unwrap();
+    }
+    let mut first = Trainer::new(
+        config(6, 0.3),
+        model(d.vocab, 3),
+        d.train.clone(),
+        d.eval.clone(),
+        Default::default(),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    let dir = first
+        .save_checkpoint(&out, &[("note.txt", b"extra")])
+        .unwrap();
+    assert_eq!(std::fs::read(dir.join("note.txt")).unwrap(), b"extra");
+    drop(first);
+    assert_eq!(layerskip_train::latest_checkpoint(&out).unwrap(), dir);
+    let mut resumed = Trainer::<B>::resume(&dir, d.train, d.eval, Default::default()).unwrap();
+    assert_eq!(resumed.step_count(), 3);
+    while !resumed.finished() {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(weights(resumed.model()), weights(straight.model()));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn presets_in_configs_parse_and_validate() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let c =
+                TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            c.validate_for(12).unwrap();
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 6,
+        "expected the paper's presets and ablations, found {n}"
+    );
+    let _ = (Curriculum::None, LossScale::Paper);
+}
