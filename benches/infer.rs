@@ -7,8 +7,9 @@ use std::path::Path;
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use criterion::{Criterion, criterion_group, criterion_main};
+use layerskip_benches::smollm2_shaped;
 use layerskip_infer::{GenerateOptions, Generator, SamplingConfig, Strategy};
-use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
+use layerskip_model::{LlamaModel, Tokenizer};
 
 type B = Flex;
 
@@ -27,24 +28,7 @@ fn load() -> (LlamaModel<B>, Vec<u32>, &'static str) {
         );
     }
     B::seed(&device, 0);
-    let config = LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_layers: 30,
-        num_heads: 9,
-        num_kv_heads: 3,
-        head_dim: 64,
-        max_position_embeddings: 2048,
-        rms_norm_eps: 1e-5,
-        rope: RopeConfig {
-            theta: 100_000.0,
-            llama3_scaling: None,
-        },
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    };
+    let config = smollm2_shaped();
     // Random weights: any ids of the prompt's length will do.
     let ids = (0..20).map(|i| 100 + 37 * i).collect();
     (

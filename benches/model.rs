@@ -7,30 +7,10 @@
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use criterion::{Criterion, criterion_group, criterion_main};
-use layerskip_model::{KvCache, LlamaConfig, LlamaModel, RopeConfig};
+use layerskip_benches::smollm2_shaped;
+use layerskip_model::{KvCache, LlamaModel};
 
 type B = Flex;
-
-fn smollm2_shaped() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_layers: 30,
-        num_heads: 9,
-        num_kv_heads: 3,
-        head_dim: 64,
-        max_position_embeddings: 8192,
-        rms_norm_eps: 1e-5,
-        rope: RopeConfig {
-            theta: 100_000.0,
-            llama3_scaling: None,
-        },
-        tie_word_embeddings: true,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
-}
 
 fn bench_model(c: &mut Criterion) {
     let device = Default::default();

@@ -29,7 +29,10 @@ fn trainer(p_max: f64) -> Trainer<B> {
         head_dim: 32,
         max_position_embeddings: 1024,
         rms_norm_eps: 1e-5,
-        rope: RopeConfig { theta: 10_000.0, llama3_scaling: None },
+        rope: RopeConfig {
+            theta: 10_000.0,
+            llama3_scaling: None,
+        },
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![0],
@@ -38,8 +41,18 @@ fn trainer(p_max: f64) -> Trainer<B> {
     B::seed(&device, 0);
     let model = LlamaModel::init(&llama, &device).unwrap();
     // Synthetic token blocks: the cost of a step does not depend on the text.
-    let tokens: Vec<Vec<u32>> = (0..64).map(|b| (0..129).map(|i| ((b * 131 + i * 17) % 4096) as u32).collect()).collect();
-    let blocks = Blocks { mask: vec![vec![1.0; 128]; 64], tokens, seq_len: 128 };
+    let tokens: Vec<Vec<u32>> = (0..64)
+        .map(|b| {
+            (0..129)
+                .map(|i| ((b * 131 + i * 17) % 4096) as u32)
+                .collect()
+        })
+        .collect();
+    let blocks = Blocks {
+        mask: vec![vec![1.0; 128]; 64],
+        tokens,
+        seq_len: 128,
+    };
     Trainer::new(config, model, blocks.clone(), blocks, device).unwrap()
 }
 

@@ -199,28 +199,22 @@ fn resume_is_bit_exact() {
     let d = data(32);
     let out = std::env::temp_dir().join(format!("ls-resume-{}", std::process::id()));
     std::fs::remove_dir_all(&out).ok();
-    let mut straight = Trainer::new(
-        config(6, 0.3),
-        model(d.vocab, 3),
-        d.train.clone(),
-        d.eval.clone(),
-        Default::default(),
-    )
-    .unwrap();
-    for _ in 0..6 {
-        straight.train_step().unwrap();
-    }
-    let mut first = Trainer::new(
-        config(6, 0.3),
-        model(d.vocab, 3),
-        d.train.clone(),
-        d.eval.clone(),
-        Default::default(),
-    )
-    .unwrap();
-    for _ in 0..3 {
-        first.train_step().unwrap();
-    }
+    let trained = |steps: usize| {
+        let mut t = Trainer::new(
+            config(6, 0.3),
+            model(d.vocab, 3),
+            d.train.clone(),
+            d.eval.clone(),
+            Default::default(),
+        )
+        .unwrap();
+        for _ in 0..steps {
+            t.train_step().unwrap();
+        }
+        t
+    };
+    let straight = trained(6);
+    let first = trained(3);
     let dir = first
         .save_checkpoint(&out, &[("note.txt", b"extra")])
         .unwrap();
