@@ -50,16 +50,16 @@ pub struct InferArgs {
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Top-k filter (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Top-p (nucleus) filter.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Forbid repeating n-grams of this size (0 = off).
     #[arg(long, default_value_t = 0)]

@@ -120,4 +120,14 @@ fn strategies_agree_and_bad_exit_layers_are_rejected() {
         "0",
     ]);
     assert_one_error_line(code, &err, "speculations");
+    let (code, _, err) = layerskip(&[
+        "infer",
+        "--model",
+        &model,
+        "--prompt",
+        "x",
+        "--temperature",
+        "-1",
+    ]);
+    assert_one_error_line(code, &err, "temperature");
 }
