@@ -86,6 +86,8 @@ pub struct Generator<'m, B: Backend> {
     pub(crate) cache: KvCache<B>,
     pub(crate) exits: ExitHiddenCache<B>,
     pub(crate) stats: GenerationStats,
+    /// The most positions any layer's cache held during the current generation.
+    peak_positions: usize,
 }
 
 /// Per-call state shared by the strategies.
@@ -144,6 +146,7 @@ impl<'m, B: Backend> Generator<'m, B> {
             cache: KvCache::new(config, 1, capacity, &device),
             exits: ExitHiddenCache::new(1, capacity, config.hidden_size, &device),
             stats: GenerationStats::default(),
+            peak_positions: 0,
         })
     }
 
@@ -211,6 +214,7 @@ impl<'m, B: Backend> Generator<'m, B> {
         self.validate(prompt, options)?;
         self.cache.clear();
         self.exits.truncate(0);
+        self.peak_positions = 0;
         let layers = self.model.num_layers();
         self.stats = GenerationStats {
             prompt_tokens: prompt.len(),
@@ -241,8 +245,8 @@ impl<'m, B: Backend> Generator<'m, B> {
         let mut stats = std::mem::take(&mut self.stats);
         stats.new_tokens = run.tokens.len() - run.prompt_len;
         stats.total_ms = run.start.elapsed().as_secs_f64() * 1e3;
-        let per_position = self.cache.allocated_bytes() / self.capacity();
-        stats.kv_peak_used_bytes = per_position * run.tokens.len().min(self.capacity());
+        stats.kv_peak_used_bytes =
+            self.cache.allocated_bytes() / self.capacity() * self.peak_positions;
         Ok(Generation {
             tokens: run.tokens[run.prompt_len..].to_vec(),
             stop: run.stop.unwrap_or(StopReason::MaxNewTokens),
@@ -258,6 +262,7 @@ impl<'m, B: Backend> Generator<'m, B> {
         start_pos: usize,
     ) -> Result<Tensor<B, 3>> {
         let seq = x.dims()[1];
+        self.peak_positions = self.peak_positions.max(start_pos + seq);
         for l in range.clone() {
             self.stats.layer_positions[l] += seq;
         }
@@ -322,7 +327,9 @@ impl<'m, B: Backend> Generator<'m, B> {
             let h = self.layers(self.model.embed_ids(&input), 0..exit, pos)?;
             let seq = h.dims()[1];
             let last = self.logit_rows(h.slice([0..1, seq - 1..seq])).remove(0);
-            let (token, _) = run.choose(last, &run.tokens.clone());
+            let history = std::mem::take(&mut run.tokens);
+            let (token, _) = run.choose(last, &history);
+            run.tokens = history;
             self.stats.steps += 1;
             pos += input.len();
             input = vec![token];

@@ -25,7 +25,7 @@ pub struct GenerationStats {
     pub total_ms: f64,
     /// Bytes preallocated for the KV cache.
     pub kv_allocated_bytes: usize,
-    /// Bytes of KV cache holding live positions at the peak.
+    /// Bytes of KV cache holding positions at the peak (rejected drafts included).
     pub kv_peak_used_bytes: usize,
 }
 

@@ -160,6 +160,14 @@ fn each_layer_computes_committed_positions_once_plus_rejected_drafts() {
             "layer {l} cache length"
         );
     }
+    // KV bytes per position: keys and values of 6 layers, 2 kv heads of width 8, f32.
+    let per_position = 2 * 6 * 2 * 8 * 4;
+    assert_eq!(s.kv_allocated_bytes, 96 * per_position);
+    let peak = s.kv_peak_used_bytes / per_position;
+    assert!(
+        (committed..=committed + 4).contains(&peak),
+        "peak {peak} positions, committed {committed}"
+    );
     assert_eq!(s.accepted_histogram.iter().sum::<usize>(), s.steps);
     let by_hist: usize = s
         .accepted_histogram
