@@ -92,42 +92,31 @@ fn strategies_agree_and_bad_exit_layers_are_rejected() {
         text(&["--strategy", "early-exit", "--exit-layer", "30"]),
         ar
     );
-    for bad in [["--exit-layer", "0"], ["--exit-layer", "30"]] {
-        let (code, _, err) = layerskip(&[
-            "infer",
-            "--model",
-            &model,
-            "--prompt",
-            "x",
-            "--strategy",
-            "self-spec",
-            bad[0],
-            bad[1],
-        ]);
-        assert_one_error_line(code, &err, "exit layer");
+    // Each bad combination: one error line naming the problem, exit code 1.
+    let self_spec = ["--strategy", "self-spec"];
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[&self_spec[..], &["--exit-layer", "0"]].concat(),
+            "exit layer",
+        ),
+        (
+            &[&self_spec[..], &["--exit-layer", "30"]].concat(),
+            "exit layer",
+        ),
+        (
+            &[
+                &self_spec[..],
+                &["--exit-layer", "4", "--speculations", "0"],
+            ]
+            .concat(),
+            "speculations",
+        ),
+        (&["--temperature", "-1"], "temperature"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["infer", "--model", &model, "--prompt", "x"];
+        args.extend_from_slice(extra);
+        let (code, _, err) = layerskip(&args);
+        assert_one_error_line(code, &err, needle);
     }
-    let (code, _, err) = layerskip(&[
-        "infer",
-        "--model",
-        &model,
-        "--prompt",
-        "x",
-        "--strategy",
-        "self-spec",
-        "--exit-layer",
-        "4",
-        "--speculations",
-        "0",
-    ]);
-    assert_one_error_line(code, &err, "speculations");
-    let (code, _, err) = layerskip(&[
-        "infer",
-        "--model",
-        &model,
-        "--prompt",
-        "x",
-        "--temperature",
-        "-1",
-    ]);
-    assert_one_error_line(code, &err, "temperature");
 }
