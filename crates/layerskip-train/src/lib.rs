@@ -8,6 +8,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod loss;
 pub mod schedule;
 pub mod tokenizer;
