@@ -86,24 +86,32 @@ pub struct InferArgs {
 
 impl InferArgs {
     fn strategy(&self, layers: usize) -> Result<Strategy> {
-        let exit = || {
-            self.exit_layer.with_context(|| {
-                format!(
-                    "--exit-layer is required for this strategy (the model has {layers} layers)"
-                )
-            })
-        };
-        Ok(match self.strategy {
-            StrategyName::Ar => Strategy::Autoregressive,
-            StrategyName::EarlyExit => Strategy::EarlyExit {
-                exit_layer: exit()?,
-            },
-            StrategyName::SelfSpec => Strategy::SelfSpeculative {
-                exit_layer: exit()?,
-                speculations: self.speculations,
-            },
-        })
+        strategy_from(self.strategy, self.exit_layer, self.speculations, layers)
     }
+}
+
+/// The strategy a command line names; `--exit-layer` is required except for `ar`.
+pub fn strategy_from(
+    name: StrategyName,
+    exit_layer: Option<usize>,
+    speculations: usize,
+    layers: usize,
+) -> Result<Strategy> {
+    let exit = || {
+        exit_layer.with_context(|| {
+            format!("--exit-layer is required for this strategy (the model has {layers} layers)")
+        })
+    };
+    Ok(match name {
+        StrategyName::Ar => Strategy::Autoregressive,
+        StrategyName::EarlyExit => Strategy::EarlyExit {
+            exit_layer: exit()?,
+        },
+        StrategyName::SelfSpec => Strategy::SelfSpeculative {
+            exit_layer: exit()?,
+            speculations,
+        },
+    })
 }
 
 /// Resolves `--model`, or the default model shipped with the repository.

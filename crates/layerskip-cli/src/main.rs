@@ -3,7 +3,12 @@
 use std::path::PathBuf;
 
 mod backend;
+mod bench;
+mod eval;
 mod infer;
+mod plot;
+mod samples;
+mod sweep;
 mod train;
 
 use anyhow::{Context, Result};
@@ -40,11 +45,52 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
-    /// Convert a GGUF (llama.cpp) Llama checkpoint into a Hugging Face checkpoint directory.
+    /// Per-exit-layer loss, perplexity and agreement with the full model on held-out text.
+    Eval {
+        #[command(flatten)]
+        args: eval::EvalArgs,
+        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Benchmark a strategy against autoregressive decoding on a dataset (speed, acceptance,
+    /// memory, quality).
+    Bench {
+        #[command(flatten)]
+        args: bench::BenchArgs,
+        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Benchmark self-speculation over an exit-layer x speculations grid (CSV, heatmaps).
+    Sweep {
+        #[command(flatten)]
+        args: sweep::SweepArgs,
+        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Check that greedy self-speculative decoding reproduces autoregressive decoding.
+    Correctness {
+        #[command(flatten)]
+        args: bench::CorrectnessArgs,
+        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Convert a GGUF (llama.cpp) Llama checkpoint, or re-save a checkpoint directory in another
+    /// dtype (e.g. a training checkpoint as a bf16 release), as a Hugging Face checkpoint directory.
     Convert {
         /// The .gguf file (F32, F16, BF16, Q4_0, Q4_1 and Q8_0 tensors are dequantised).
+        #[arg(
+            long,
+            required_unless_present = "checkpoint",
+            conflicts_with = "checkpoint"
+        )]
+        gguf: Option<PathBuf>,
+        /// A Hugging Face checkpoint directory to re-save (weights, config, tokenizer files).
         #[arg(long)]
-        gguf: PathBuf,
+        checkpoint: Option<PathBuf>,
         /// Output directory (config.json, model.safetensors, tokenizer.json).
         #[arg(long)]
         out: PathBuf,
@@ -82,7 +128,29 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Infer { args, device } => backend::dispatch(device, args),
         Command::Train { args, device } => backend::dispatch(device, args),
-        Command::Convert { gguf, out, dtype } => {
+        Command::Eval { args, device } => backend::dispatch(device, args),
+        Command::Bench { args, device } => backend::dispatch(device, args),
+        Command::Sweep { args, device } => backend::dispatch(device, args),
+        Command::Correctness { args, device } => backend::dispatch(device, args),
+        Command::Convert {
+            checkpoint: Some(dir),
+            out,
+            dtype,
+            ..
+        } => backend::dispatch(
+            DeviceSpec::Cpu,
+            Resave {
+                dir,
+                out,
+                dtype: dtype.into(),
+            },
+        ),
+        Command::Convert {
+            gguf: Some(gguf),
+            out,
+            dtype,
+            ..
+        } => {
             let report = convert_gguf(&gguf, &out, dtype.into())
                 .with_context(|| format!("converting {}", gguf.display()))?;
             let c = &report.config;
@@ -100,5 +168,43 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Convert { .. } => unreachable!("clap requires --gguf or --checkpoint"),
+    }
+}
+
+/// Re-saves a checkpoint directory in another dtype, with its tokenizer files.
+struct Resave {
+    dir: PathBuf,
+    out: PathBuf,
+    dtype: SaveDtype,
+}
+
+impl backend::BackendTask for Resave {
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<()> {
+        let model = layerskip_model::LlamaModel::<B>::from_pretrained(&self.dir, &device)
+            .with_context(|| format!("loading {}", self.dir.display()))?;
+        model.save_pretrained(&self.out, self.dtype)?;
+        let mut copied = Vec::new();
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            let src = self.dir.join(name);
+            if src.is_file() {
+                let bytes =
+                    std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+                layerskip_model::checkpoint::write_atomic(&self.out.join(name), &bytes)?;
+                copied.push(name);
+            }
+        }
+        println!(
+            "wrote {} ({} layers, {:?} weights; copied {})",
+            self.out.display(),
+            model.num_layers(),
+            self.dtype,
+            copied.join(", ")
+        );
+        Ok(())
     }
 }

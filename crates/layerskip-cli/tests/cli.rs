@@ -120,3 +120,237 @@ fn strategies_agree_and_bad_exit_layers_are_rejected() {
         assert_one_error_line(code, &err, needle);
     }
 }
+
+/// The model shipped in `models/default` (8 layers, trained by this project with LayerSkip).
+fn default_model() -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    assert!(
+        dir.join("config.json").is_file(),
+        "models/default is part of the repository"
+    );
+    dir.to_string_lossy().into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("layerskip-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn bench_reports_every_strategy_field_and_self_spec_matches_ar() {
+    let model = default_model();
+    let json = tmp("bench").join("bench.json");
+    let (code, out, err) = layerskip(&[
+        "bench",
+        "--model",
+        &model,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--warmup",
+        "0",
+        "--exit-layer",
+        "3",
+        "--speculations",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("SS(E=3,d=2)"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let reports = v["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[0]["strategy"], "Autoregressive");
+    assert_eq!(reports[0]["speedup"], 1.0);
+    let ss = &reports[1];
+    assert_eq!(ss["strategy"]["SelfSpeculative"]["exit_layer"], 3);
+    // Greedy self-speculation reproduces the baseline exactly (f32 compute).
+    assert_eq!(ss["mismatches"], 0);
+    assert_eq!(ss["token_agreement"], 1.0);
+    for key in [
+        "tokens_per_second",
+        "time_per_token_ms",
+        "time_to_first_token_ms",
+        "acceptance_rate",
+        "mean_accepted_length",
+        "kv_peak_bytes",
+        "speedup",
+    ] {
+        assert!(ss[key].as_f64().unwrap() >= 0.0, "{key}");
+    }
+    // HumanEval has references, so quality is scored; both outputs are identical, so equal.
+    assert_eq!(ss["quality"], reports[0]["quality"]);
+    assert_eq!(ss["quality"]["samples"], 2);
+    let hist: u64 = ss["accepted_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_u64().unwrap())
+        .sum();
+    let steps: u64 = v["outputs"][1][1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["stats"]["steps"].as_u64().unwrap())
+        .sum();
+    assert_eq!(hist, steps);
+    assert_eq!(v["outputs"][0][1][0]["id"], "HumanEval/0");
+}
+
+#[test]
+fn correctness_and_sweep_on_the_default_model() {
+    let model = default_model();
+    let common = [
+        "--model",
+        &model,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--warmup",
+        "0",
+    ];
+    let (code, out, err) = layerskip(
+        &[
+            &["correctness"],
+            &common[..],
+            &["--exit-layers", "1,4,7", "--speculations", "1,3"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("12 generations checked, 0 mismatches"),
+        "{out}"
+    );
+    let dir = tmp("sweep");
+    let (code, out, err) = layerskip(
+        &[
+            &["sweep"],
+            &common[..],
+            &[
+                "--exit-layers",
+                "2,5",
+                "--speculations",
+                "1,4",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("best: SS(E="), "{out}");
+    let csv = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(rows[0].starts_with("exit_layer,speculations,tokens_per_second"));
+    assert_eq!(rows.len(), 1 + 1 + 4, "{csv}");
+    assert!(rows[1].starts_with("0,0,"), "the baseline row comes first");
+    assert!(
+        rows[2..].iter().all(|r| r.ends_with(",0")),
+        "no mismatches: {csv}"
+    );
+    for svg in [
+        "sweep_tokens_per_s.svg",
+        "sweep_acceptance.svg",
+        "sweep_speedup.svg",
+    ] {
+        let text = std::fs::read_to_string(dir.join(svg)).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("exit layer E"),
+            "{svg}"
+        );
+    }
+}
+
+#[test]
+fn eval_reports_every_exit_and_a_resaved_checkpoint_scores_the_same() {
+    let model = default_model();
+    let dir = tmp("eval");
+    // bf16 -> f32 is exact, so the f32 copy must score identically.
+    let f32_dir = dir.join("f32");
+    let (code, _, err) = layerskip(&[
+        "convert",
+        "--checkpoint",
+        &model,
+        "--out",
+        f32_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = dir.join("text.py");
+    std::fs::write(&text, include_str!("../../../scripts/make_reference.py")).unwrap();
+    let json = dir.join("eval.json");
+    let plot = dir.join("eval.svg");
+    let (code, out, err) = layerskip(&[
+        "eval",
+        "--model",
+        &model,
+        "--model",
+        f32_dir.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "64",
+        "--max-blocks",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("agreement"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (a, b) = (&v[0]["report"], &v[1]["report"]);
+    assert_eq!(a, b);
+    let exits = a["exits"].as_array().unwrap();
+    assert_eq!(exits.len(), 8);
+    assert_eq!(exits[7]["agreement"], 1.0);
+    assert_eq!(a["blocks"], 3);
+    assert!(
+        std::fs::read_to_string(&plot)
+            .unwrap()
+            .contains("top-1 agreement")
+    );
+}
+
+#[test]
+fn bench_and_eval_input_errors_are_one_line() {
+    let model = default_model();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["bench", "--model", &model, "--exit-layer", "8"],
+            "exit layer 8 is out of range",
+        ),
+        (
+            &["bench", "--model", &model, "--dataset", "jsonl"],
+            "--data FILE.jsonl",
+        ),
+        (
+            &["bench", "--model", &model, "--dataset", "text"],
+            "--dataset text needs",
+        ),
+        (
+            &[
+                "bench",
+                "--model",
+                &model,
+                "--max-new-tokens",
+                "1020",
+                "--exit-layer",
+                "2",
+            ],
+            "exceeds the model's context",
+        ),
+        (&["eval", "--model", &model], "nothing to evaluate on"),
+    ];
+    for (args, needle) in cases {
+        let (code, _, err) = layerskip(args);
+        assert_one_error_line(code, &err, needle);
+    }
+}

@@ -165,7 +165,9 @@ impl<'m, B: Backend> Generator<'m, B> {
         self.cache.capacity()
     }
 
-    fn validate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
+    /// Checks a prompt and options (exit layer range, speculations, sampling, context) without
+    /// generating: the error [`Generator::generate`] would return.
+    pub fn validate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
         let layers = self.model.num_layers();
         let bad = |m: String| Err(InferError::InvalidArgument(m));
         options.sampling.validate()?;

@@ -1,0 +1,254 @@
+//! `layerskip bench` (a strategy against the autoregressive baseline on a dataset) and
+//! `layerskip correctness` (greedy self-speculation must reproduce autoregressive decoding).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use layerskip_infer::bench::{SampleRun, StrategyReport, run_samples, summarise};
+use layerskip_infer::metrics::first_difference;
+use layerskip_infer::{Generator, Strategy};
+use serde::Serialize;
+
+use crate::backend::BackendTask;
+use crate::infer::StrategyName;
+use crate::samples::{DatasetArgs, Loaded, load, peak_rss, reset_peak_rss, write_output};
+
+/// Runs `strategy` over the loaded prompts and summarises it against `baseline` (itself when
+/// `None`).
+pub fn measure<B: Backend>(
+    loaded: &Loaded<B>,
+    generator: &mut Generator<'_, B>,
+    args: &DatasetArgs,
+    strategy: Strategy,
+    baseline: Option<&[SampleRun]>,
+) -> Result<(Vec<SampleRun>, StrategyReport)> {
+    let options = args.options(strategy, loaded.model.config().eos_token_ids.clone());
+    let decode = |t: &[u32]| loaded.tokenizer.decode(t).unwrap_or_default();
+    reset_peak_rss();
+    let runs = run_samples(
+        generator,
+        &loaded.samples,
+        &loaded.prompts,
+        &options,
+        args.warmup,
+        &decode,
+        &mut |_| {},
+    )?;
+    let report = summarise(
+        strategy,
+        &loaded.samples,
+        &runs,
+        baseline.unwrap_or(&runs),
+        peak_rss(),
+    );
+    Ok((runs, report))
+}
+
+/// A short name for tables: `AR`, `EE(E)`, `SS(E,d)`.
+pub fn strategy_label(s: Strategy) -> String {
+    match s {
+        Strategy::Autoregressive => "AR".into(),
+        Strategy::EarlyExit { exit_layer } => format!("EE(E={exit_layer})"),
+        Strategy::SelfSpeculative {
+            exit_layer,
+            speculations,
+        } => format!("SS(E={exit_layer},d={speculations})"),
+    }
+}
+
+/// Prints reports as one table.
+pub fn print_reports(reports: &[StrategyReport]) {
+    println!(
+        "{:<16} {:>8} {:>9} {:>8} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7} {:>6}",
+        "strategy",
+        "tok/s",
+        "ms/tok",
+        "ttft ms",
+        "accept",
+        "mean k",
+        "speedup",
+        "agree",
+        "KV MiB",
+        "RSS MiB",
+        "ROUGE-L",
+        "BLEU"
+    );
+    for r in reports {
+        let mib = |b: f64| b / (1024.0 * 1024.0);
+        let q = r.quality.as_ref();
+        println!(
+            "{:<16} {:>8.1} {:>9.2} {:>8.1} {:>6.1}% {:>7.2} {:>7.2}x {:>6.1}% {:>8.2} {:>7.0} {:>7.3} {:>6.3}",
+            strategy_label(r.strategy),
+            r.tokens_per_second,
+            r.time_per_token_ms,
+            r.time_to_first_token_ms,
+            100.0 * r.acceptance_rate,
+            r.mean_accepted_length,
+            r.speedup,
+            100.0 * r.token_agreement,
+            mib(r.kv_peak_bytes as f64),
+            r.peak_rss_bytes.map_or(f64::NAN, |b| mib(b as f64)),
+            q.map_or(f64::NAN, |q| q.rouge_l),
+            q.map_or(f64::NAN, |q| q.bleu4),
+        );
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    /// The strategy measured against the autoregressive baseline.
+    #[arg(long, value_enum, default_value_t = StrategyName::SelfSpec)]
+    pub strategy: StrategyName,
+    /// Exit layer E.
+    #[arg(long)]
+    pub exit_layer: Option<usize>,
+    /// Drafts per self-speculative step.
+    #[arg(long, default_value_t = 4)]
+    pub speculations: usize,
+    /// Write the reports, per-sample outputs included, as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct BenchJson<'a> {
+    model: &'a std::path::Path,
+    samples: usize,
+    max_new_tokens: usize,
+    reports: Vec<StrategyReport>,
+    outputs: Vec<(String, Vec<SampleRun>)>,
+}
+
+impl BackendTask for BenchArgs {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let loaded = load::<B>(&self.data, &device)?;
+        let layers = loaded.model.num_layers();
+        let strategy =
+            crate::infer::strategy_from(self.strategy, self.exit_layer, self.speculations, layers)?;
+        let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
+        let eos = loaded.model.config().eos_token_ids.clone();
+        generator.validate(&loaded.prompts[0], &self.data.options(strategy, eos))?;
+        eprintln!(
+            "{}: {} prompts, {} new tokens each, baseline AR then {}",
+            loaded.dir.display(),
+            loaded.samples.len(),
+            self.data.max_new_tokens,
+            strategy_label(strategy)
+        );
+        let (base_runs, base) = measure(
+            &loaded,
+            &mut generator,
+            &self.data,
+            Strategy::Autoregressive,
+            None,
+        )?;
+        let mut reports = vec![base];
+        let mut outputs = vec![("AR".to_string(), base_runs.clone())];
+        if strategy != Strategy::Autoregressive {
+            let (runs, report) = measure(
+                &loaded,
+                &mut generator,
+                &self.data,
+                strategy,
+                Some(&base_runs),
+            )?;
+            reports.push(report);
+            outputs.push((strategy_label(strategy), runs));
+        }
+        print_reports(&reports);
+        if let Some(h) = reports.last().filter(|r| r.acceptance_rate > 0.0) {
+            println!(
+                "accepted drafts per step (histogram k: count): {:?}",
+                h.accepted_histogram
+            );
+        }
+        if let Some(path) = &self.json {
+            let json = BenchJson {
+                model: &loaded.dir,
+                samples: loaded.samples.len(),
+                max_new_tokens: self.data.max_new_tokens,
+                reports,
+                outputs,
+            };
+            write_output(path, &serde_json::to_string_pretty(&json)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CorrectnessArgs {
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    /// Exit layers to check (comma-separated; default: every E in 1..L).
+    #[arg(long, value_delimiter = ',')]
+    pub exit_layers: Vec<usize>,
+    /// Drafts per step to check (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,3,6")]
+    pub speculations: Vec<usize>,
+}
+
+impl BackendTask for CorrectnessArgs {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let loaded = load::<B>(&self.data, &device)?;
+        let layers = loaded.model.num_layers();
+        let exits = if self.exit_layers.is_empty() {
+            (1..layers).collect()
+        } else {
+            self.exit_layers.clone()
+        };
+        let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
+        let eos = loaded.model.config().eos_token_ids.clone();
+        let ar_options = self.data.options(Strategy::Autoregressive, eos.clone());
+        let mut reference = Vec::new();
+        for p in &loaded.prompts {
+            reference.push(generator.generate(p, &ar_options, |_| true)?.tokens);
+        }
+        let (mut checked, mut mismatches) = (0, 0);
+        for &e in &exits {
+            for &d in &self.speculations {
+                let strategy = Strategy::SelfSpeculative {
+                    exit_layer: e,
+                    speculations: d,
+                };
+                let options = self.data.options(strategy, eos.clone());
+                let mut bad = Vec::new();
+                for ((s, p), want) in loaded.samples.iter().zip(&loaded.prompts).zip(&reference) {
+                    let got = generator.generate(p, &options, |_| true)?.tokens;
+                    checked += 1;
+                    if let Some(pos) = first_difference(&got, want) {
+                        bad.push(format!(
+                            "{} at token {pos} (AR {:?}, self-spec {:?})",
+                            s.id,
+                            want.get(pos),
+                            got.get(pos)
+                        ));
+                    }
+                }
+                println!(
+                    "E={e:<3} d={d:<3} {} / {} outputs identical to autoregressive{}",
+                    loaded.samples.len() - bad.len(),
+                    loaded.samples.len(),
+                    if bad.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", bad.join("; "))
+                    }
+                );
+                mismatches += bad.len();
+            }
+        }
+        println!("{checked} generations checked, {mismatches} mismatches");
+        if mismatches > 0 {
+            bail!(
+                "{mismatches} self-speculative outputs differ from autoregressive decoding \
+                 (in f32 they must not; in half precision only where logits tie within rounding)"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! `layerskip sweep`: self-speculation over an exit-layer x speculations grid, each point
+//! benchmarked against one autoregressive baseline; CSV, JSON and heatmaps, and the best point.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use layerskip_infer::bench::StrategyReport;
+use layerskip_infer::{Generator, Strategy};
+
+use crate::backend::BackendTask;
+use crate::bench::{measure, print_reports, strategy_label};
+use crate::plot::{Heatmap, heatmap};
+use crate::samples::{DatasetArgs, load, write_output};
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    /// Exit layers (comma-separated; default: every E in 1..L).
+    #[arg(long, value_delimiter = ',')]
+    pub exit_layers: Vec<usize>,
+    /// Drafts per step (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,6,8")]
+    pub speculations: Vec<usize>,
+    /// Output directory: sweep.csv, sweep.json, sweep_tokens_per_s.svg, sweep_acceptance.svg.
+    #[arg(long, default_value = "sweep")]
+    pub out: PathBuf,
+}
+
+/// The grid as CSV, one row per point.
+pub fn csv(reports: &[StrategyReport]) -> String {
+    let mut out = String::from(
+        "exit_layer,speculations,tokens_per_second,time_per_token_ms,time_to_first_token_ms,\
+         acceptance_rate,mean_accepted_length,speedup,token_agreement,mismatches\n",
+    );
+    for r in reports {
+        let (e, d) = match r.strategy {
+            Strategy::SelfSpeculative {
+                exit_layer,
+                speculations,
+            } => (exit_layer, speculations),
+            Strategy::EarlyExit { exit_layer } => (exit_layer, 0),
+            Strategy::Autoregressive => (0, 0),
+        };
+        let _ = writeln!(
+            out,
+            "{e},{d},{:.3},{:.4},{:.3},{:.4},{:.4},{:.4},{:.4},{}",
+            r.tokens_per_second,
+            r.time_per_token_ms,
+            r.time_to_first_token_ms,
+            r.acceptance_rate,
+            r.mean_accepted_length,
+            r.speedup,
+            r.token_agreement,
+            r.mismatches
+        );
+    }
+    out
+}
+
+impl BackendTask for SweepArgs {
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let loaded = load::<B>(&self.data, &device)?;
+        let layers = loaded.model.num_layers();
+        let exits: Vec<usize> = if self.exit_layers.is_empty() {
+            (1..layers).collect()
+        } else {
+            self.exit_layers.clone()
+        };
+        if let Some(&e) = exits.iter().find(|&&e| e == 0 || e >= layers) {
+            bail!("exit layer {e} is out of range: self-speculation needs 1..{layers}");
+        }
+        if self.speculations.contains(&0) {
+            bail!("speculations must be >= 1");
+        }
+        std::fs::create_dir_all(&self.out)?;
+        let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
+        let (base_runs, base) = measure(
+            &loaded,
+            &mut generator,
+            &self.data,
+            Strategy::Autoregressive,
+            None,
+        )?;
+        eprintln!(
+            "baseline AR: {:.2} ms/token over {} prompts",
+            base.time_per_token_ms, base.samples
+        );
+        let mut grid = Vec::new();
+        for &e in &exits {
+            for &d in &self.speculations {
+                let strategy = Strategy::SelfSpeculative {
+                    exit_layer: e,
+                    speculations: d,
+                };
+                let (_, r) = measure(
+                    &loaded,
+                    &mut generator,
+                    &self.data,
+                    strategy,
+                    Some(&base_runs),
+                )?;
+                eprintln!(
+                    "{:<16} {:.2} ms/token, acceptance {:.1}%, speedup {:.2}x",
+                    strategy_label(strategy),
+                    r.time_per_token_ms,
+                    100.0 * r.acceptance_rate,
+                    r.speedup
+                );
+                grid.push(r);
+            }
+        }
+        let mut all = vec![base];
+        all.extend(grid.iter().cloned());
+        print_reports(&all);
+        write_output(&self.out.join("sweep.csv"), &csv(&all))?;
+        write_output(
+            &self.out.join("sweep.json"),
+            &serde_json::to_string_pretty(&all)?,
+        )?;
+        let cell = |f: fn(&StrategyReport) -> f64| -> Vec<Vec<Option<f64>>> {
+            exits
+                .iter()
+                .enumerate()
+                .map(|(i, _)| {
+                    (0..self.speculations.len())
+                        .map(|j| Some(f(&grid[i * self.speculations.len() + j])))
+                        .collect()
+                })
+                .collect()
+        };
+        let maps = [
+            (
+                "sweep_tokens_per_s.svg",
+                "tokens/s (self-speculative)",
+                cell(|r| r.tokens_per_second),
+                1,
+            ),
+            (
+                "sweep_acceptance.svg",
+                "acceptance rate (%)",
+                cell(|r| 100.0 * r.acceptance_rate),
+                0,
+            ),
+            (
+                "sweep_speedup.svg",
+                "speedup over autoregressive",
+                cell(|r| r.speedup),
+                2,
+            ),
+        ];
+        for (file, title, values, decimals) in &maps {
+            let path = self.out.join(file);
+            heatmap(
+                &path,
+                &Heatmap {
+                    title,
+                    x_label: "speculations d",
+                    y_label: "exit layer E",
+                    x_ticks: &self.speculations,
+                    y_ticks: &exits,
+                    values,
+                    decimals: *decimals,
+                },
+            )?;
+            eprintln!("wrote {}", path.display());
+        }
+        let best = grid
+            .iter()
+            .max_by(|a, b| a.speedup.total_cmp(&b.speedup))
+            .expect("a non-empty grid");
+        println!(
+            "best: {} at {:.1} tokens/s, {:.2} ms/token, acceptance {:.1}%, speedup {:.2}x over AR ({} mismatching outputs)",
+            strategy_label(best.strategy),
+            best.tokens_per_second,
+            best.time_per_token_ms,
+            100.0 * best.acceptance_rate,
+            best.speedup,
+            best.mismatches
+        );
+        Ok(())
+    }
+}
