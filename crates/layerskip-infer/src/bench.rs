@@ -222,7 +222,11 @@ mod tests {
                 drafted,
                 accepted,
                 steps: drafted / 2,
-                accepted_histogram: vec![1, 0, drafted / 2 - 1],
+                accepted_histogram: if drafted > 0 {
+                    vec![1, 0, drafted / 2 - 1]
+                } else {
+                    vec![]
+                },
                 ..Default::default()
             },
             tokens,
