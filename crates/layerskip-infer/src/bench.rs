@@ -145,8 +145,7 @@ pub fn summarise(
 ) -> StrategyReport {
     let sum = |f: fn(&GenerationStats) -> f64| runs.iter().map(|r| f(&r.stats)).sum::<f64>();
     let tokens = sum(|s| s.new_tokens as f64);
-    let decode_ms = sum(|s| s.total_ms - s.time_to_first_token_ms);
-    let decode_tokens = sum(|s| s.new_tokens.saturating_sub(1) as f64);
+    // Decode time per token after the first, pooled over samples.
     let tpt = |rs: &[SampleRun]| {
         let ms: f64 = rs
             .iter()
@@ -174,7 +173,7 @@ pub fn summarise(
         samples: runs.len(),
         new_tokens: tokens as usize,
         tokens_per_second: tokens / (sum(|s| s.total_ms) / 1e3).max(1e-9),
-        time_per_token_ms: decode_ms / decode_tokens.max(1.0),
+        time_per_token_ms: tpt(runs),
         time_to_first_token_ms: sum(|s| s.time_to_first_token_ms) / n,
         acceptance_rate: if drafted > 0.0 {
             accepted / drafted

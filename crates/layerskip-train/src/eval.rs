@@ -75,16 +75,16 @@ pub fn exit_quality<B: Backend>(
         weight += mask.clone().sum().into_scalar().elem::<f64>();
         let out = model.forward_train(inputs, &early, None)?;
         let final_top = out.logits.clone().argmax(2).squeeze_dim::<2>(2);
-        let mut score = |l: usize, logits: Tensor<B, 3>| {
+        let mut add = |l: usize, logits: Tensor<B, 3>| {
             let s = score(logits, &targets, &final_top, &mask);
             sums[l].nll += s[0];
             sums[l].correct += s[1];
             sums[l].agree += s[2];
         };
         for (l, h) in out.exit_hidden {
-            score(l, model.exit_head(h));
+            add(l, model.exit_head(h));
         }
-        score(layers - 1, out.logits);
+        add(layers - 1, out.logits);
     }
     let w = weight.max(1.0);
     Ok(ExitReport {
