@@ -60,6 +60,36 @@ pub enum StopReason {
     Callback,
 }
 
+/// The two best next tokens of a logit row and the gap between them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TokenMargin {
+    /// The greedy token.
+    pub first: u32,
+    /// The runner-up.
+    pub second: u32,
+    /// `logit[first] - logit[second]` (>= 0).
+    pub margin: f32,
+    /// The largest absolute logit, the scale rounding errors are relative to.
+    pub scale: f32,
+}
+
+impl TokenMargin {
+    /// The two best entries of `logits` (at least two).
+    pub fn of(logits: &[f32]) -> Self {
+        let first = argmax(logits) as usize;
+        let second = (0..logits.len())
+            .filter(|&i| i != first)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .expect("at least two logits");
+        Self {
+            first: first as u32,
+            second: second as u32,
+            margin: logits[first] - logits[second],
+            scale: logits.iter().fold(0f32, |m, v| m.max(v.abs())),
+        }
+    }
+}
+
 /// What the streaming callback receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEvent<'a> {
@@ -163,6 +193,25 @@ impl<'m, B: Backend> Generator<'m, B> {
     /// Positions the context holds.
     pub fn capacity(&self) -> usize {
         self.cache.capacity()
+    }
+
+    /// The full model's greedy choice after `context` and how decisively it wins: the gap
+    /// between the two largest logits. Without a cache, so it is independent of any strategy.
+    ///
+    /// Where greedy decoding by two strategies diverges, a gap within the compute dtype's
+    /// rounding error means the divergence is a tie broken differently by rounding (batched
+    /// verification vs one-token steps), not a wrong token.
+    pub fn next_token_margin(&self, context: &[u32]) -> Result<TokenMargin> {
+        if context.is_empty() {
+            return Err(InferError::InvalidArgument("empty context".into()));
+        }
+        let layers = 0..self.model.num_layers();
+        let hidden = self
+            .model
+            .forward_layers(self.model.embed_ids(context), layers, 0, None)?;
+        let n = context.len();
+        let row = self.logit_rows(hidden.slice([0..1, n - 1..n])).remove(0);
+        Ok(TokenMargin::of(&row))
     }
 
     /// Checks a prompt and options (exit layer range, speculations, sampling, context) without

@@ -49,6 +49,8 @@ pub mod stats;
 
 pub use chat::ChatTemplate;
 pub use error::{InferError, Result};
-pub use generator::{GenerateOptions, Generation, Generator, StopReason, Strategy, StreamEvent};
+pub use generator::{
+    GenerateOptions, Generation, Generator, StopReason, Strategy, StreamEvent, TokenMargin,
+};
 pub use sampling::SamplingConfig;
 pub use stats::GenerationStats;

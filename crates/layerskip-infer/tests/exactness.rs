@@ -6,56 +6,18 @@
 use std::path::PathBuf;
 
 use burn::backend::Flex;
-use burn::tensor::backend::Backend;
 use layerskip_infer::{
-    GenerateOptions, Generation, Generator, InferError, SamplingConfig, StopReason, Strategy,
+    GenerateOptions, Generator, InferError, SamplingConfig, StopReason, Strategy,
 };
-use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
+use layerskip_model::{LlamaConfig, LlamaModel};
+
+mod common;
+use common::{config, options, random_model_on, run};
 
 type B = Flex;
 
-fn config(layers: usize, vocab: usize, kv_heads: usize, tied: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: layers,
-        num_heads: 4,
-        num_kv_heads: kv_heads,
-        head_dim: 8,
-        max_position_embeddings: 96,
-        rms_norm_eps: 1e-5,
-        rope: RopeConfig {
-            theta: 10_000.0,
-            llama3_scaling: None,
-        },
-        tie_word_embeddings: tied,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
-}
-
-/// Weights wide enough (std 0.15) that logits are far from ties and the layers matter.
 fn random_model(seed: u64, config: &LlamaConfig) -> LlamaModel<B> {
-    let device = Default::default();
-    B::seed(&device, seed);
-    LlamaModel::init_with_std(config, 0.15, &device).unwrap()
-}
-
-fn options(strategy: Strategy, max_new_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        strategy,
-        max_new_tokens,
-        sampling: SamplingConfig::default(),
-        stop_tokens: vec![],
-    }
-}
-
-fn run(model: &LlamaModel<B>, prompt: &[u32], options: &GenerateOptions) -> Generation {
-    Generator::new(model, 96)
-        .unwrap()
-        .generate(prompt, options, |_| true)
-        .unwrap()
+    random_model_on::<B>(seed, config, &Default::default())
 }
 
 #[test]
@@ -383,4 +345,37 @@ fn smollm2_greedy_self_speculation_equals_autoregressive() {
         generator.generate(&prompt, &o, |_| true).unwrap().tokens,
         ar.tokens
     );
+}
+
+#[test]
+fn next_token_margin_is_the_gap_of_the_full_models_two_best_logits() {
+    let model = random_model(7, &config(4, 40, 2, false));
+    let generator = Generator::new(&model, 96).unwrap();
+    let context = [3u32, 1, 4, 1, 5];
+    let m = generator.next_token_margin(&context).unwrap();
+    let logits = model
+        .forward(
+            burn::tensor::Tensor::from_data(
+                burn::tensor::TensorData::new(context.map(i64::from).to_vec(), [1, 5]),
+                &Default::default(),
+            ),
+            0,
+            None,
+        )
+        .unwrap()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let mut last: Vec<(f32, u32)> = logits[4 * 40..]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (l, i as u32))
+        .collect();
+    last.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert_eq!((m.first, m.second), (last[0].1, last[1].1));
+    assert!((m.margin - (last[0].0 - last[1].0)).abs() < 1e-6);
+    assert!(m.margin > 0.0 && m.scale >= last[0].0.abs());
+    // Ties get no slack in f32 beyond accumulated rounding: 16 rounding units of the logit scale.
+    let f32_tol = layerskip_model::backend::Precision::F32.tie_tolerance(m.scale);
+    assert!(f32_tol < 1e-4 * m.scale.max(1.0), "{f32_tol}");
 }

@@ -105,10 +105,14 @@ impl<B: Backend> KvCache<B> {
     /// Allocates a cache for `batch` sequences of up to `capacity` positions.
     pub fn new(config: &LlamaConfig, batch: usize, capacity: usize, device: &B::Device) -> Self {
         let shape = [batch, config.num_kv_heads, capacity, config.head_dim];
-        let layers = (0..config.num_layers)
+        let layers: Vec<LayerKvCache<B>> = (0..config.num_layers)
             .map(|_| LayerKvCache::new(shape, device))
             .collect();
-        let elem = std::mem::size_of::<B::FloatElem>();
+        // The device's compute dtype (f32 unless set to f16/bf16), not the backend's nominal one.
+        let elem = layers
+            .first()
+            .and_then(|l| l.keys.as_ref())
+            .map_or(4, |k| k.dtype().size());
         let bytes = 2 * config.num_layers * shape.iter().product::<usize>() * elem;
         Self {
             layers,
