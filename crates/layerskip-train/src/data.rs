@@ -179,6 +179,14 @@ impl Blocks {
             .collect()
     }
 
+    /// Number of target positions that count towards the loss in the given blocks.
+    pub fn loss_tokens(&self, indices: &[usize]) -> f64 {
+        indices
+            .iter()
+            .map(|&i| self.mask[i].iter().map(|&m| f64::from(m)).sum::<f64>())
+            .sum()
+    }
+
     /// Inputs `[b, seq]`, targets `[b, seq]` and loss mask `[b, seq]` of the given blocks.
     pub fn tensors<B: Backend>(
         &self,

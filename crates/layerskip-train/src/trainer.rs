@@ -10,10 +10,13 @@ use std::path::{Path, PathBuf};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{
+    AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer,
+};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::DeviceOps;
 use layerskip_model::{LlamaModel, SaveDtype, SkipMask};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -71,6 +74,16 @@ pub struct Trainer<B: AutodiffBackend> {
     step: usize,
     evals: Vec<EvalReport>,
     device: B::Device,
+    /// Data-parallel devices (the first is `device`); empty for single-device training.
+    replicas: Vec<B::Device>,
+}
+
+/// What one data-parallel worker returns for its shard of a micro-batch.
+struct ShardOutput {
+    grads: GradientsParams,
+    /// `(layer, weight, CE * shard tokens / micro-batch tokens)`.
+    per_layer: Vec<(usize, f64, f64)>,
+    loss: f64,
 }
 
 fn optimizer<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
@@ -125,7 +138,44 @@ impl<B: AutodiffBackend> Trainer<B> {
             step: 0,
             evals: Vec::new(),
             device,
+            replicas: Vec::new(),
         })
+    }
+
+    /// Trains data-parallel on `devices` (the first must be the trainer's device) through Burn's
+    /// multi-device optimizer step: every micro-batch is split into equal shards, one per device;
+    /// each device runs forward and backward on a replica of the model in its own thread; the
+    /// optimizer sums the shards' gradients (`Optimizer::step_multi`, each parameter accumulated
+    /// on one device chosen by its id) and updates the model once. Each shard's loss is scaled by
+    /// its share of the micro-batch's loss tokens, so the summed gradient is the full batch's:
+    /// the result equals single-device training up to float summation order.
+    ///
+    /// `batch_size` must be divisible by the number of devices. One device is plain training.
+    pub fn with_data_parallel(mut self, devices: Vec<B::Device>) -> Result<Self> {
+        let n = devices.len();
+        if n == 0 {
+            return Err(TrainError::Config(
+                "data parallel needs at least one device".into(),
+            ));
+        }
+        if devices[0] != self.device {
+            return Err(TrainError::Config(
+                "the first data-parallel device must be the trainer's device".into(),
+            ));
+        }
+        if !self.config.optim.batch_size.is_multiple_of(n) {
+            return Err(TrainError::Config(format!(
+                "optim.batch_size = {} is not divisible by the {n} data-parallel devices",
+                self.config.optim.batch_size
+            )));
+        }
+        self.replicas = if n == 1 { Vec::new() } else { devices };
+        Ok(self)
+    }
+
+    /// Number of devices the batch is split across (1 without data parallelism).
+    pub fn data_parallel_devices(&self) -> usize {
+        self.replicas.len().max(1)
     }
 
     /// Continues the run saved in checkpoint directory `dir` (model, optimizer, step).
@@ -223,6 +273,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             .filter(|&l| l + 1 < layers)
             .collect();
         let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
+        if !self.replicas.is_empty() {
+            return self.data_parallel_step(lr, &rates, &weights, &exits);
+        }
         let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
         let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
         for micro in 0..accum {
@@ -248,6 +301,112 @@ impl<B: AutodiffBackend> Trainer<B> {
             accumulator.accumulate(&self.model, grads);
         }
         self.model = self.optim.step(lr, self.model.clone(), accumulator.grads());
+        self.step += 1;
+        Ok(StepReport {
+            step,
+            lr,
+            loss: loss_sum,
+            per_layer,
+            skipped_fraction: skipped as f64 / (layers * batch * accum) as f64,
+            tokens: accum * batch * c.data.seq_len,
+        })
+    }
+
+    /// [`Trainer::train_step`] split across the data-parallel devices.
+    fn data_parallel_step(
+        &mut self,
+        lr: f64,
+        rates: &[f64],
+        weights: &[(usize, f64)],
+        exits: &[usize],
+    ) -> Result<StepReport> {
+        let (c, step) = (&self.config, self.step);
+        let layers = self.model.num_layers();
+        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
+        let shard = batch / self.replicas.len();
+        let mut accumulators: Vec<GradientsAccumulator<LlamaModel<B>>> = self
+            .replicas
+            .iter()
+            .map(|_| GradientsAccumulator::new())
+            .collect();
+        let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
+        for micro in 0..accum {
+            // The same draws and blocks as single-device training, cut into shards.
+            let global = step * accum + micro;
+            let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ 0x5eed_0000_0000 ^ global as u64);
+            let mask = draw_skip_mask(rates, batch, &mut rng);
+            skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
+            let indices = self.train.batch_indices(c.seed, global, batch);
+            let micro_tokens = self.train.loss_tokens(&indices).max(1.0);
+            let (model, train) = (&self.model, &self.train);
+            let outputs: Vec<Result<ShardOutput>> = std::thread::scope(|scope| {
+                let workers: Vec<_> = self
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .map(|(i, device)| {
+                        let rows = i * shard..(i + 1) * shard;
+                        let indices = &indices[rows.clone()];
+                        let mask = SkipMask {
+                            skip: mask.skip.iter().map(|r| r[rows.clone()].to_vec()).collect(),
+                        };
+                        scope.spawn(move || -> Result<ShardOutput> {
+                            let replica = model.clone().fork(device);
+                            let share = train.loss_tokens(indices) / micro_tokens;
+                            let (inputs, targets, loss_mask) = train.tensors::<B>(indices, device);
+                            let any_skip = mask.skip.iter().flatten().any(|&s| s);
+                            let output =
+                                replica.forward_train(inputs, exits, any_skip.then_some(&mask))?;
+                            let loss =
+                                early_exit_loss(&replica, output, targets, loss_mask, weights);
+                            let per_layer = loss
+                                .per_layer
+                                .iter()
+                                .map(|(l, w, ce)| {
+                                    (*l, *w, share * ce.clone().into_scalar().elem::<f64>())
+                                })
+                                .collect();
+                            let total = loss.total * (share / accum as f64);
+                            let value = total.clone().into_scalar().elem::<f64>();
+                            let grads = GradientsParams::from_grads(total.backward(), &replica);
+                            Ok(ShardOutput {
+                                grads,
+                                per_layer,
+                                loss: value,
+                            })
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("data-parallel worker panicked"))
+                    .collect()
+            });
+            per_layer = Vec::new();
+            for (acc, out) in accumulators.iter_mut().zip(outputs) {
+                let out = out?;
+                loss_sum += out.loss;
+                if per_layer.is_empty() {
+                    per_layer = out.per_layer;
+                } else {
+                    for (p, (_, _, ce)) in per_layer.iter_mut().zip(out.per_layer) {
+                        p.2 += ce;
+                    }
+                }
+                acc.accumulate(&self.model, out.grads);
+            }
+        }
+        let grads = MultiGradientsParams {
+            grads: accumulators
+                .into_iter()
+                .zip(&self.replicas)
+                .map(|(mut acc, device)| (acc.grads(), device.id()))
+                .collect(),
+        };
+        let updated = self.optim.step_multi(lr, self.model.clone(), grads);
+        // Parameters were updated on the devices that accumulated them; gather them on the
+        // trainer's device for evaluation, checkpoints and the next step's replicas.
+        self.model = updated.fork(&self.device);
         self.step += 1;
         Ok(StepReport {
             step,

@@ -249,3 +249,90 @@ fn presets_in_configs_parse_and_validate() {
     );
     let _ = (Curriculum::None, LossScale::Paper);
 }
+
+/// The tensor values of a model's safetensors file (header skipped), f32.
+fn weight_values(m: &LlamaModel<B>) -> Vec<f32> {
+    let dir = std::env::temp_dir().join(format!(
+        "ls-wv-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    m.save_pretrained(&dir, layerskip_model::SaveDtype::F32)
+        .unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Data parallelism through Burn's multi-device optimizer step, on replicas of the one Flex
+/// device: 2 and 4 shards per micro-batch (with layer dropout and gradient accumulation) give the
+/// single-device losses and weights up to float summation order (1e-5 relative on losses, 1e-4
+/// of the largest weight after 4 AdamW steps).
+#[test]
+fn data_parallel_shards_equal_single_device_training() {
+    let d = data(32);
+    let init = model(d.vocab, 3);
+    let run = |devices: usize| {
+        let mut t = Trainer::new(
+            config(4, 0.5),
+            init.clone(),
+            d.train.clone(),
+            d.eval.clone(),
+            Default::default(),
+        )
+        .unwrap()
+        .with_data_parallel(vec![Default::default(); devices])
+        .unwrap();
+        assert_eq!(t.data_parallel_devices(), devices);
+        let reports: Vec<_> = (0..4).map(|_| t.train_step().unwrap()).collect();
+        (weight_values(t.model()), reports)
+    };
+    let (w1, r1) = run(1);
+    let scale = w1.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for devices in [2, 4] {
+        let (w, r) = run(devices);
+        for (a, b) in r1.iter().zip(&r) {
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-5 * a.loss,
+                "{devices} devices, step {}: loss {} vs {}",
+                a.step,
+                b.loss,
+                a.loss
+            );
+            assert_eq!(a.skipped_fraction, b.skipped_fraction);
+            assert!(
+                a.skipped_fraction > 0.0 || a.step < 2,
+                "dropout draws are shared"
+            );
+            for (x, y) in a.per_layer.iter().zip(&b.per_layer) {
+                assert_eq!((x.0, x.1), (y.0, y.1));
+                assert!((x.2 - y.2).abs() <= 1e-5 * x.2, "{x:?} vs {y:?}");
+            }
+        }
+        let worst = w1
+            .iter()
+            .zip(&w)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "{devices} devices: weights differ by {worst}"
+        );
+        assert!(w1 != weight_values(&init), "training moved the weights");
+    }
+    let err = Trainer::new(
+        config(4, 0.5),
+        init,
+        d.train.clone(),
+        d.eval.clone(),
+        Default::default(),
+    )
+    .unwrap()
+    .with_data_parallel(vec![Default::default(); 3])
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("not divisible"), "{err}");
+}
