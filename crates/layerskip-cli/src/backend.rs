@@ -1,9 +1,13 @@
 //! Running a command on the backend the user named with `--device`. The libraries are generic
 //! over `Backend`; this is the one place that names concrete backends.
 
-use anyhow::Result;
+use std::panic::{self, AssertUnwindSafe};
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use layerskip_model::backend::DeviceSpec;
+use clap::Args;
+use layerskip_model::backend::{DeviceSpec, Precision};
 
 /// A command body that can run on any backend.
 pub trait BackendTask {
@@ -11,23 +15,122 @@ pub trait BackendTask {
     fn run<B: Backend>(self, device: B::Device) -> Result<()>;
 }
 
-/// Runs `task` on the backend serving `spec`, or says how to compile that backend in.
-pub fn dispatch<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<()> {
-    spec.ensure_compiled()?;
-    match spec {
+/// Where a command computes, and in which float type.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DeviceArgs {
+    /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Compute dtype: f32, f16 or bf16 (weights are converted at load; greedy self-speculation
+    /// is exact in f32 and may differ from autoregressive decoding at near-ties in half precision).
+    #[arg(long = "dtype", default_value = "f32")]
+    pub precision: Precision,
+}
+
+/// A command body that can use several devices of one backend (data-parallel training).
+pub trait MultiDeviceTask {
+    /// Runs on backend `B` with `devices` (at least one).
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()>;
+}
+
+struct Single<T>(T);
+
+impl<T: BackendTask> MultiDeviceTask for Single<T> {
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+        let device = devices.into_iter().next().expect("one device");
+        self.0.run::<B>(device)
+    }
+}
+
+/// Runs `task` on the backend serving `spec` in `precision`, or says how to compile that backend
+/// in, or why the device cannot be used.
+pub fn dispatch<T: BackendTask>(spec: DeviceSpec, precision: Precision, task: T) -> Result<()> {
+    dispatch_many(&[spec], precision, Single(task))
+}
+
+/// [`dispatch`] for several devices, which must all belong to one backend (`cuda:0,cuda:1`;
+/// `cpu,cpu` runs two replicas on the one CPU device, which exercises data parallelism but
+/// does not speed it up).
+pub fn dispatch_many<T: MultiDeviceTask>(
+    specs: &[DeviceSpec],
+    precision: Precision,
+    task: T,
+) -> Result<()> {
+    let first = *specs.first().ok_or_else(|| anyhow!("no device given"))?;
+    if let Some(other) = specs.iter().find(|s| s.feature() != first.feature()) {
+        bail!("devices {first} and {other} belong to different backends; use one backend");
+    }
+    first.ensure_compiled()?;
+    match first {
         #[cfg(feature = "flex")]
-        DeviceSpec::Cpu => task.run::<burn::backend::Flex>(Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(n) => {
-            task.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n))
+        DeviceSpec::Cpu => {
+            start::<burn::backend::Flex, T>(specs, precision, |_| Default::default(), task)
         }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(_) => start::<burn::backend::Cuda, T>(
+            specs,
+            precision,
+            |s| match s {
+                DeviceSpec::Cuda(n) => burn::backend::cuda::CudaDevice::new(n),
+                _ => unreachable!("one backend"),
+            },
+            task,
+        ),
         #[cfg(feature = "wgpu")]
-        DeviceSpec::Wgpu => task.run::<burn::backend::Wgpu>(Default::default()),
+        DeviceSpec::Wgpu => {
+            start::<burn::backend::Wgpu, T>(specs, precision, |_| Default::default(), task)
+        }
         #[cfg(feature = "vulkan")]
-        DeviceSpec::Vulkan => task.run::<burn::backend::Vulkan>(Default::default()),
+        DeviceSpec::Vulkan => {
+            start::<burn::backend::Vulkan, T>(specs, precision, |_| Default::default(), task)
+        }
         #[cfg(feature = "metal")]
-        DeviceSpec::Metal => task.run::<burn::backend::Metal>(Default::default()),
+        DeviceSpec::Metal => {
+            start::<burn::backend::Metal, T>(specs, precision, |_| Default::default(), task)
+        }
         #[allow(unreachable_patterns)]
         other => unreachable!("{other} passed ensure_compiled but has no arm"),
     }
+}
+
+fn start<B: Backend, T: MultiDeviceTask>(
+    specs: &[DeviceSpec],
+    precision: Precision,
+    device_of: impl Fn(DeviceSpec) -> B::Device,
+    task: T,
+) -> Result<()> {
+    let mut devices: Vec<B::Device> = Vec::with_capacity(specs.len());
+    for &spec in specs {
+        let device = device_of(spec);
+        if !devices.contains(&device) {
+            precision.apply::<B>(&device)?;
+            probe::<B>(spec, &device)?;
+        }
+        devices.push(device);
+    }
+    task.run::<B>(devices)
+}
+
+/// Creates and reads back one tensor, turning the panic a missing driver or adapter raises
+/// inside the backend into an error that names the device.
+fn probe<B: Backend>(spec: DeviceSpec, device: &B::Device) -> Result<()> {
+    let hook = panic::take_hook();
+    panic::set_hook(Box::new(|_| {}));
+    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+        Tensor::<B, 1>::ones([1], device).into_data()
+    }));
+    panic::set_hook(hook);
+    result.map(drop).map_err(|payload| {
+        let why = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("the backend panicked");
+        let hint = match spec {
+            DeviceSpec::Cuda(_) => "is an NVIDIA driver installed and the GPU visible?",
+            DeviceSpec::Cpu => "",
+            _ => "is a Vulkan/Metal/DX12 driver installed (on Linux without a GPU: mesa-vulkan-drivers)?",
+        };
+        anyhow!("device {spec} is not usable: {why} {hint}")
+    })
 }

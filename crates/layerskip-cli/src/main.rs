@@ -13,7 +13,7 @@ mod train;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use layerskip_model::backend::DeviceSpec;
+use layerskip_model::backend::{DeviceSpec, Precision};
 use layerskip_model::{SaveDtype, convert_gguf};
 
 #[derive(Parser)]
@@ -33,50 +33,46 @@ enum Command {
     Infer {
         #[command(flatten)]
         args: infer::InferArgs,
-        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        #[command(flatten)]
+        device: backend::DeviceArgs,
     },
     /// Train with layer dropout and early-exit loss (from scratch or from a checkpoint).
     Train {
         #[command(flatten)]
         args: train::TrainArgs,
-        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal. Several devices of one
+        /// backend, comma-separated (`cuda:0,cuda:1`), train data-parallel.
+        #[arg(long, default_value = "cpu", value_delimiter = ',')]
+        device: Vec<DeviceSpec>,
     },
     /// Per-exit-layer loss, perplexity and agreement with the full model on held-out text.
     Eval {
         #[command(flatten)]
         args: eval::EvalArgs,
-        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        #[command(flatten)]
+        device: backend::DeviceArgs,
     },
     /// Benchmark a strategy against autoregressive decoding on a dataset (speed, acceptance,
     /// memory, quality).
     Bench {
         #[command(flatten)]
         args: bench::BenchArgs,
-        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        #[command(flatten)]
+        device: backend::DeviceArgs,
     },
     /// Benchmark self-speculation over an exit-layer x speculations grid (CSV, heatmaps).
     Sweep {
         #[command(flatten)]
         args: sweep::SweepArgs,
-        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        #[command(flatten)]
+        device: backend::DeviceArgs,
     },
     /// Check that greedy self-speculative decoding reproduces autoregressive decoding.
     Correctness {
         #[command(flatten)]
         args: bench::CorrectnessArgs,
-        /// Compute device: cpu, cuda, cuda:N, wgpu, vulkan, metal.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSpec,
+        #[command(flatten)]
+        device: backend::DeviceArgs,
     },
     /// Convert a GGUF (llama.cpp) Llama checkpoint, or re-save a checkpoint directory in another
     /// dtype (e.g. a training checkpoint as a bf16 release), as a Hugging Face checkpoint directory.
@@ -126,12 +122,14 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Infer { args, device } => backend::dispatch(device, args),
-        Command::Train { args, device } => backend::dispatch(device, args),
-        Command::Eval { args, device } => backend::dispatch(device, args),
-        Command::Bench { args, device } => backend::dispatch(device, args),
-        Command::Sweep { args, device } => backend::dispatch(device, args),
-        Command::Correctness { args, device } => backend::dispatch(device, args),
+        Command::Infer { args, device } => backend::dispatch(device.device, device.precision, args),
+        Command::Train { args, device } => backend::dispatch_many(&device, Precision::F32, args),
+        Command::Eval { args, device } => backend::dispatch(device.device, device.precision, args),
+        Command::Bench { args, device } => backend::dispatch(device.device, device.precision, args),
+        Command::Sweep { args, device } => backend::dispatch(device.device, device.precision, args),
+        Command::Correctness { args, device } => {
+            backend::dispatch(device.device, device.precision, args)
+        }
         Command::Convert {
             checkpoint: Some(dir),
             out,
@@ -139,6 +137,7 @@ fn run(cli: Cli) -> Result<()> {
             ..
         } => backend::dispatch(
             DeviceSpec::Cpu,
+            Precision::F32,
             Resave {
                 dir,
                 out,

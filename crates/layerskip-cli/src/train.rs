@@ -14,7 +14,7 @@ use layerskip_train::data::{list_files, read_documents, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
 use layerskip_train::{Blocks, EvalReport, StepReport, TrainConfig, Trainer, latest_checkpoint};
 
-use crate::backend::BackendTask;
+use crate::backend::MultiDeviceTask;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -38,16 +38,17 @@ pub struct TrainArgs {
     pub resume: bool,
 }
 
-impl BackendTask for TrainArgs {
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        train::<Autodiff<B>>(self, device)
+impl MultiDeviceTask for TrainArgs {
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+        train::<Autodiff<B>>(self, devices)
     }
 }
 
 fn train<B: burn::tensor::backend::AutodiffBackend>(
     args: TrainArgs,
-    device: B::Device,
+    devices: Vec<B::Device>,
 ) -> Result<()> {
+    let device = devices[0].clone();
     let mut config = TrainConfig::from_file(&args.config)?;
     if let Some(steps) = args.steps {
         config.steps = steps;
@@ -129,6 +130,13 @@ fn train<B: burn::tensor::backend::AutodiffBackend>(
             Trainer::new(config, model, train_blocks, eval_blocks, device)?
         }
     };
+    if devices.len() > 1 {
+        eprintln!(
+            "data parallel over {} devices: each step's batch is split into equal shards",
+            devices.len()
+        );
+        trainer = trainer.with_data_parallel(devices)?;
+    }
     run_loop(&mut trainer, &args, tokenizer_json.as_bytes())
 }
 

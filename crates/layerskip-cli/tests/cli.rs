@@ -53,6 +53,14 @@ fn bad_paths_and_devices_are_one_line_errors() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unknown device"), "{err}");
+    let (code, _, err) = layerskip(&["infer", "--prompt", "x", "--dtype", "f8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown dtype"), "{err}");
+    // A backend that is not compiled in says which feature enables it.
+    if !cfg!(feature = "cuda") {
+        let (code, _, err) = layerskip(&["infer", "--prompt", "x", "--device", "cuda:1"]);
+        assert_one_error_line(code, &err, "rebuild with `--features cuda`");
+    }
 }
 
 #[test]
@@ -224,7 +232,28 @@ fn correctness_and_sweep_on_the_default_model() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("12 generations checked, 0 mismatches"),
+        out.contains("12 generations checked (f32), 0 mismatches, 0 rounding ties"),
+        "{out}"
+    );
+    // bf16 compute on Flex: divergences are allowed only at rounding ties, and are reported.
+    let (code, out, err) = layerskip(
+        &[
+            &["correctness"],
+            &common[..],
+            &[
+                "--exit-layers",
+                "2,6",
+                "--speculations",
+                "2",
+                "--dtype",
+                "bf16",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("4 generations checked (bf16), 0 mismatches"),
         "{out}"
     );
     let dir = tmp("sweep");
@@ -353,4 +382,62 @@ fn bench_and_eval_input_errors_are_one_line() {
         let (code, _, err) = layerskip(args);
         assert_one_error_line(code, &err, needle);
     }
+}
+
+#[test]
+fn train_data_parallel_on_two_cpu_replicas_and_device_errors() {
+    let dir = tmp("train-dp");
+    let config = dir.join("tiny.toml");
+    std::fs::write(
+        &config,
+        r#"
+steps = 2
+eval_every = 0
+save_every = 2
+[model]
+vocab_size = 300
+num_layers = 2
+hidden_size = 32
+intermediate_size = 64
+num_heads = 2
+num_kv_heads = 1
+max_position_embeddings = 64
+[data]
+paths = []
+seq_len = 32
+[optim]
+lr = 1e-3
+warmup_steps = 1
+batch_size = 4
+[early_exit]
+e_scale = 1.0
+"#,
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let args = |device: &'static str| {
+        vec![
+            "train".to_string(),
+            "--config".into(),
+            config.to_string_lossy().into_owned(),
+            "--data".into(),
+            "/usr/lib/python3.11/argparse.py".into(),
+            "--data".into(),
+            "/usr/lib/python3.11/ast.py".into(),
+            "--out".into(),
+            out.to_string_lossy().into_owned(),
+            "--device".into(),
+            device.into(),
+        ]
+    };
+    let run = |device| {
+        let a = args(device);
+        layerskip(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (code, _, err) = run("cpu,cpu");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("data parallel over 2 devices"), "{err}");
+    assert!(out.join("checkpoint-000002/model.safetensors").is_file());
+    let (code, _, err) = run("cpu,cuda:0");
+    assert_one_error_line(code, &err, "different backends");
 }
