@@ -1,7 +1,8 @@
 //! Criterion: one training step (forward with exits, backward, AdamW) of an 8-layer, width-256
 //! model on batches of 8 x 128 tokens, with layer dropout off and at p_max = 0.5 (uniform over
 //! time, exponential over layers). Dropped rows are not computed, so the step gets cheaper; the
-//! tokens/s of both are printed.
+//! tokens/s of both are printed. A third case runs bf16 mixed precision (bf16 compute copy, f32
+//! master weights) without dropout: on Flex it saves activation memory, not time.
 
 use std::time::Instant;
 
@@ -13,9 +14,10 @@ use layerskip_train::{Blocks, TrainConfig, Trainer};
 
 type B = Autodiff<Flex>;
 
-fn trainer(p_max: f64) -> Trainer<B> {
+fn trainer(p_max: f64, mixed_precision: &str) -> Trainer<B> {
     let text = format!(
         "steps = 1000000\n[data]\nseq_len = 128\n[optim]\nlr = 1e-3\nbatch_size = 8\n\
+         mixed_precision = \"{mixed_precision}\"\n\
          [layer_dropout]\np_max = {p_max}\n[early_exit]\ne_scale = 0.2\ncurriculum = {{ type = \"rotational\", period = 4 }}\n"
     );
     let config: TrainConfig = toml::from_str(&text).unwrap();
@@ -59,8 +61,12 @@ fn trainer(p_max: f64) -> Trainer<B> {
 fn bench_train_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step_8x128");
     group.sample_size(10);
-    for (label, p) in [("no_layer_dropout", 0.0), ("layer_dropout_p0.5", 0.5)] {
-        let mut t = trainer(p);
+    for (label, p, precision) in [
+        ("no_layer_dropout", 0.0, "off"),
+        ("layer_dropout_p0.5", 0.5, "off"),
+        ("bf16_mixed_precision", 0.0, "bf16"),
+    ] {
+        let mut t = trainer(p, precision);
         let start = Instant::now();
         let (mut tokens, mut skipped) = (0, 0.0);
         for _ in 0..5 {

@@ -3,11 +3,11 @@
 
 use std::ops::Range;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::module::embedding;
-use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
@@ -146,9 +146,41 @@ impl<B: Backend> LlamaModel<B> {
         }
     }
 
-    /// The rotary tables for positions `start..start + len`.
+    /// The rotary tables for positions `start..start + len`, in the weights' dtype.
     pub fn rope_tables(&self, start: usize, len: usize) -> RopeTables<B> {
-        self.rope.tables(start, len, &self.embed_tokens.device())
+        let tables = self.rope.tables(start, len, &self.embed_tokens.device());
+        let dtype = self.embed_tokens.val().dtype();
+        if tables.cos.dtype() == dtype {
+            return tables;
+        }
+        let float = match dtype {
+            DType::F16 => FloatDType::F16,
+            DType::BF16 => FloatDType::BF16,
+            DType::F64 => FloatDType::F64,
+            _ => FloatDType::F32,
+        };
+        RopeTables {
+            cos: tables.cos.cast(float),
+            sin: tables.sin.cast(float),
+        }
+    }
+
+    /// A copy whose float parameters are cast to `dtype`, keeping parameter ids. Under an
+    /// autodiff backend the cast is part of the graph, so this is the compute copy of mixed
+    /// precision: forward and backward run in `dtype`, and the gradients arrive at the original
+    /// (f32 master) parameters in their dtype.
+    pub fn cast(&self, dtype: FloatDType) -> Self {
+        struct Cast(FloatDType);
+        impl<B: Backend> ModuleMapper<B> for Cast {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let dtype = self.0;
+                param.map(|t| t.cast(dtype))
+            }
+        }
+        self.clone().map(&mut Cast(dtype))
     }
 
     /// Runs layers `range` over all positions of `hidden`, whose first position is `start_pos`.

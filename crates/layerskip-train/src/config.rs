@@ -84,6 +84,22 @@ pub struct OptimConfig {
     /// Micro-batches accumulated per optimizer step.
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Mixed precision: `"bf16"` runs forward and backward in bfloat16 while the master weights,
+    /// gradients and AdamW state stay f32 (the loss is computed from f32 logits). f16 would need
+    /// loss scaling and is not offered.
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
+}
+
+/// The compute dtype of mixed-precision training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MixedPrecision {
+    /// Everything in the device's dtype (f32).
+    #[default]
+    Off,
+    /// bfloat16 compute, f32 master weights.
+    Bf16,
 }
 
 fn default_min_lr() -> f64 {

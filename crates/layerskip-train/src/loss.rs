@@ -24,6 +24,13 @@ pub fn masked_cross_entropy<B: Backend>(
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
+    // Half-precision logits (mixed precision) are widened: log-softmax over a vocabulary in bf16
+    // loses the small probabilities the loss is made of.
+    let logits = if logits.dtype() == mask.dtype() {
+        logits
+    } else {
+        logits.cast(mask.dtype())
+    };
     let logp = log_softmax(logits, 2);
     let picked = logp.gather(2, targets.unsqueeze_dim(2)).squeeze_dim::<2>(2);
     let count = mask.clone().sum().clamp_min(1.0);

@@ -14,15 +14,15 @@ use burn::optim::{
     AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer,
 };
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::DeviceOps;
+use burn::tensor::{DType, ElementConversion, FloatDType};
 use layerskip_model::{LlamaModel, SaveDtype, SkipMask};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::TrainConfig;
+use crate::config::{MixedPrecision, TrainConfig};
 use crate::data::Blocks;
 use crate::error::{Result, TrainError};
 use crate::loss::{early_exit_loss, masked_cross_entropy};
@@ -95,6 +95,18 @@ fn optimizer<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
         .init()
 }
 
+/// The model the forward pass runs on: the master model itself, or its bf16 cast for mixed
+/// precision (the cast is in the autodiff graph, so gradients reach the f32 master weights).
+fn compute_copy<B: AutodiffBackend>(
+    model: &LlamaModel<B>,
+    precision: MixedPrecision,
+) -> LlamaModel<B> {
+    match precision {
+        MixedPrecision::Off => model.clone(),
+        MixedPrecision::Bf16 => model.cast(FloatDType::BF16),
+    }
+}
+
 /// Per-sequence Bernoulli draws: `skip[l][b]` with probability `rates[l]`.
 pub fn draw_skip_mask(rates: &[f64], batch: usize, rng: &mut impl Rng) -> SkipMask {
     SkipMask {
@@ -120,6 +132,13 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> Result<Self> {
         config.validate_basic()?;
         config.validate_for(model.num_layers())?;
+        if config.optim.mixed_precision == MixedPrecision::Bf16
+            && !B::supports_dtype(&device, DType::BF16)
+        {
+            return Err(TrainError::Config(
+                "optim.mixed_precision = \"bf16\": this device cannot compute in bf16".into(),
+            ));
+        }
         if train.is_empty() || eval.is_empty() {
             return Err(TrainError::Data(format!(
                 "{} training and {} held-out blocks of {} tokens: need at least one of each",
@@ -286,10 +305,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             let indices = self.train.batch_indices(c.seed, global, batch);
             let (inputs, targets, loss_mask) = self.train.tensors::<B>(&indices, &self.device);
             let any_skip = mask.skip.iter().flatten().any(|&s| s);
-            let output = self
-                .model
-                .forward_train(inputs, &exits, any_skip.then_some(&mask))?;
-            let loss = early_exit_loss(&self.model, output, targets, loss_mask, &weights);
+            let compute = compute_copy(&self.model, c.optim.mixed_precision);
+            let output = compute.forward_train(inputs, &exits, any_skip.then_some(&mask))?;
+            let loss = early_exit_loss(&compute, output, targets, loss_mask, &weights);
             per_layer = loss
                 .per_layer
                 .iter()
@@ -339,6 +357,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let indices = self.train.batch_indices(c.seed, global, batch);
             let micro_tokens = self.train.loss_tokens(&indices).max(1.0);
             let (model, train) = (&self.model, &self.train);
+            let precision = c.optim.mixed_precision;
             let outputs: Vec<Result<ShardOutput>> = std::thread::scope(|scope| {
                 let workers: Vec<_> = self
                     .replicas
@@ -352,13 +371,14 @@ impl<B: AutodiffBackend> Trainer<B> {
                         };
                         scope.spawn(move || -> Result<ShardOutput> {
                             let replica = model.clone().fork(device);
+                            let compute = compute_copy(&replica, precision);
                             let share = train.loss_tokens(indices) / micro_tokens;
                             let (inputs, targets, loss_mask) = train.tensors::<B>(indices, device);
                             let any_skip = mask.skip.iter().flatten().any(|&s| s);
                             let output =
-                                replica.forward_train(inputs, exits, any_skip.then_some(&mask))?;
+                                compute.forward_train(inputs, exits, any_skip.then_some(&mask))?;
                             let loss =
-                                early_exit_loss(&replica, output, targets, loss_mask, weights);
+                                early_exit_loss(&compute, output, targets, loss_mask, weights);
                             let per_layer = loss
                                 .per_layer
                                 .iter()

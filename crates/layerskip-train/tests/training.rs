@@ -336,3 +336,59 @@ fn data_parallel_shards_equal_single_device_training() {
     .unwrap();
     assert!(err.to_string().contains("not divisible"), "{err}");
 }
+
+/// bf16 mixed precision: the forward/backward compute copy is bf16 (the losses differ from f32 by
+/// bf16 rounding averaged over the tokens: measured 5e-6 relative, bound 1e-3), the master
+/// weights stay f32, and the updates point the way f32 training's do (cosine similarity of the
+/// weight changes over 3 steps: measured 0.9998, bound 0.9).
+#[test]
+fn bf16_mixed_precision_tracks_f32_training_with_f32_master_weights() {
+    use layerskip_train::config::MixedPrecision;
+    let d = data(32);
+    let init = model(d.vocab, 3);
+    let w0 = weight_values(&init);
+    let run = |precision: MixedPrecision| {
+        let mut c = config(3, 0.0);
+        c.optim.mixed_precision = precision;
+        let mut t = Trainer::new(
+            c,
+            init.clone(),
+            d.train.clone(),
+            d.eval.clone(),
+            Default::default(),
+        )
+        .unwrap();
+        let reports: Vec<_> = (0..3).map(|_| t.train_step().unwrap()).collect();
+        assert_eq!(
+            t.model().embed_tokens.val().dtype(),
+            burn::tensor::DType::F32
+        );
+        let delta: Vec<f32> = weight_values(t.model())
+            .iter()
+            .zip(&w0)
+            .map(|(a, b)| a - b)
+            .collect();
+        (reports, delta)
+    };
+    let (r32, d32) = run(MixedPrecision::Off);
+    let (rbf, dbf) = run(MixedPrecision::Bf16);
+    for (a, b) in r32.iter().zip(&rbf) {
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-3 * a.loss,
+            "step {}: bf16 loss {} vs f32 {}",
+            a.step,
+            b.loss,
+            a.loss
+        );
+    }
+    assert_ne!(r32[0].loss, rbf[0].loss, "the compute copy really is bf16");
+    let dot: f64 = d32.iter().zip(&dbf).map(|(a, b)| (a * b) as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&d32) * norm(&dbf));
+    eprintln!(
+        "bf16 mixed precision: losses {:?} vs f32 {:?}, update cosine {cosine:.4}",
+        rbf.iter().map(|r| r.loss).collect::<Vec<_>>(),
+        r32.iter().map(|r| r.loss).collect::<Vec<_>>()
+    );
+    assert!(cosine > 0.9, "cosine of the weight updates {cosine}");
+}
