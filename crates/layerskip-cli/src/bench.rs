@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::backend::BackendTask;
 use crate::infer::StrategyName;
-use crate::samples::{DatasetArgs, Loaded, load, peak_rss, reset_peak_rss, write_output};
+use crate::samples::{DatasetArgs, GridArgs, Loaded, load, peak_rss, reset_peak_rss, write_output};
 
 /// Runs `strategy` over the loaded prompts and summarises it against `baseline` (itself when
 /// `None`).
@@ -185,23 +185,15 @@ impl BackendTask for BenchArgs {
 pub struct CorrectnessArgs {
     #[command(flatten)]
     pub data: DatasetArgs,
-    /// Exit layers to check (comma-separated; default: every E in 1..L).
-    #[arg(long, value_delimiter = ',')]
-    pub exit_layers: Vec<usize>,
-    /// Drafts per step to check (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1,3,6")]
-    pub speculations: Vec<usize>,
+    #[command(flatten)]
+    pub grid: GridArgs,
 }
 
 impl BackendTask for CorrectnessArgs {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
-        let exits = if self.exit_layers.is_empty() {
-            (1..layers).collect()
-        } else {
-            self.exit_layers.clone()
-        };
+        let exits = self.grid.exits(layers)?;
         let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
         let eos = loaded.model.config().eos_token_ids.clone();
         let ar_options = self.data.options(Strategy::Autoregressive, eos.clone());
@@ -212,7 +204,7 @@ impl BackendTask for CorrectnessArgs {
         let precision = Precision::of_device::<B>(&device);
         let (mut checked, mut mismatches, mut ties) = (0, 0, 0);
         for &e in &exits {
-            for &d in &self.speculations {
+            for &d in &self.grid.speculations {
                 let strategy = Strategy::SelfSpeculative {
                     exit_layer: e,
                     speculations: d,

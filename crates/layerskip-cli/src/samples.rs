@@ -242,3 +242,33 @@ pub fn write_output(path: &Path, text: &str) -> Result<()> {
     eprintln!("wrote {}", path.display());
     Ok(())
 }
+
+/// The self-speculation grid of `sweep` and `correctness`: exit layers x drafts per step.
+#[derive(Args, Debug, Clone)]
+pub struct GridArgs {
+    /// Exit layers (comma-separated; default: every E in 1..L).
+    #[arg(long, value_delimiter = ',')]
+    pub exit_layers: Vec<usize>,
+    /// Drafts per step (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,6,8")]
+    pub speculations: Vec<usize>,
+}
+
+impl GridArgs {
+    /// The exit layers for a model of `layers` layers, checked: self-speculation needs
+    /// `1 <= E < L` and at least one draft per step.
+    pub fn exits(&self, layers: usize) -> Result<Vec<usize>> {
+        let exits: Vec<usize> = if self.exit_layers.is_empty() {
+            (1..layers).collect()
+        } else {
+            self.exit_layers.clone()
+        };
+        if let Some(&e) = exits.iter().find(|&&e| e == 0 || e >= layers) {
+            bail!("exit layer {e} is out of range: self-speculation needs 1..{layers}");
+        }
+        if self.speculations.is_empty() || self.speculations.contains(&0) {
+            bail!("speculations must be >= 1");
+        }
+        Ok(exits)
+    }
+}

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use layerskip_infer::bench::StrategyReport;
@@ -13,18 +13,14 @@ use layerskip_infer::{Generator, Strategy};
 use crate::backend::BackendTask;
 use crate::bench::{measure, print_reports, strategy_label};
 use crate::plot::{Heatmap, heatmap};
-use crate::samples::{DatasetArgs, load, write_output};
+use crate::samples::{DatasetArgs, GridArgs, load, write_output};
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
     #[command(flatten)]
     pub data: DatasetArgs,
-    /// Exit layers (comma-separated; default: every E in 1..L).
-    #[arg(long, value_delimiter = ',')]
-    pub exit_layers: Vec<usize>,
-    /// Drafts per step (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,6,8")]
-    pub speculations: Vec<usize>,
+    #[command(flatten)]
+    pub grid: GridArgs,
     /// Output directory: sweep.csv, sweep.json, sweep_tokens_per_s.svg, sweep_acceptance.svg.
     #[arg(long, default_value = "sweep")]
     pub out: PathBuf,
@@ -65,17 +61,7 @@ impl BackendTask for SweepArgs {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
-        let exits: Vec<usize> = if self.exit_layers.is_empty() {
-            (1..layers).collect()
-        } else {
-            self.exit_layers.clone()
-        };
-        if let Some(&e) = exits.iter().find(|&&e| e == 0 || e >= layers) {
-            bail!("exit layer {e} is out of range: self-speculation needs 1..{layers}");
-        }
-        if self.speculations.contains(&0) {
-            bail!("speculations must be >= 1");
-        }
+        let exits = self.grid.exits(layers)?;
         std::fs::create_dir_all(&self.out)?;
         let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
         let (base_runs, base) = measure(
@@ -91,7 +77,7 @@ impl BackendTask for SweepArgs {
         );
         let mut grid = Vec::new();
         for &e in &exits {
-            for &d in &self.speculations {
+            for &d in &self.grid.speculations {
                 let strategy = Strategy::SelfSpeculative {
                     exit_layer: e,
                     speculations: d,
@@ -126,8 +112,8 @@ impl BackendTask for SweepArgs {
                 .iter()
                 .enumerate()
                 .map(|(i, _)| {
-                    (0..self.speculations.len())
-                        .map(|j| Some(f(&grid[i * self.speculations.len() + j])))
+                    (0..self.grid.speculations.len())
+                        .map(|j| Some(f(&grid[i * self.grid.speculations.len() + j])))
                         .collect()
                 })
                 .collect()
@@ -160,7 +146,7 @@ impl BackendTask for SweepArgs {
                     title,
                     x_label: "speculations d",
                     y_label: "exit layer E",
-                    x_ticks: &self.speculations,
+                    x_ticks: &self.grid.speculations,
                     y_ticks: &exits,
                     values,
                     decimals: *decimals,
