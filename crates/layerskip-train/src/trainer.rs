@@ -291,18 +291,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             .map(|(l, _)| *l)
             .filter(|&l| l + 1 < layers)
             .collect();
-        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
+        let accum = c.optim.grad_accum;
         if !self.replicas.is_empty() {
             return self.data_parallel_step(lr, &rates, &weights, &exits);
         }
         let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
         let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
         for micro in 0..accum {
-            let global = step * accum + micro;
-            let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ 0x5eed_0000_0000 ^ global as u64);
-            let mask = draw_skip_mask(&rates, batch, &mut rng);
+            let (mask, indices) = self.micro_batch(micro, &rates);
             skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
-            let indices = self.train.batch_indices(c.seed, global, batch);
             let (inputs, targets, loss_mask) = self.train.tensors::<B>(&indices, &self.device);
             let any_skip = mask.skip.iter().flatten().any(|&s| s);
             let compute = compute_copy(&self.model, c.optim.mixed_precision);
@@ -319,15 +316,40 @@ impl<B: AutodiffBackend> Trainer<B> {
             accumulator.accumulate(&self.model, grads);
         }
         self.model = self.optim.step(lr, self.model.clone(), accumulator.grads());
-        self.step += 1;
-        Ok(StepReport {
-            step,
+        Ok(self.finish_step(lr, loss_sum, per_layer, skipped))
+    }
+
+    /// The layer-dropout draws and the blocks of micro-batch `micro` of the current step: pure
+    /// functions of (seed, step, micro), shared by single-device and data-parallel steps.
+    fn micro_batch(&self, micro: usize, rates: &[f64]) -> (SkipMask, Vec<usize>) {
+        let c = &self.config;
+        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
+        let global = self.step * accum + micro;
+        let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ 0x5eed_0000_0000 ^ global as u64);
+        let mask = draw_skip_mask(rates, batch, &mut rng);
+        (mask, self.train.batch_indices(c.seed, global, batch))
+    }
+
+    /// Counts the step taken and reports it.
+    fn finish_step(
+        &mut self,
+        lr: f64,
+        loss: f64,
+        per_layer: Vec<(usize, f64, f64)>,
+        skipped: usize,
+    ) -> StepReport {
+        let c = &self.config;
+        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
+        let report = StepReport {
+            step: self.step,
             lr,
-            loss: loss_sum,
+            loss,
             per_layer,
-            skipped_fraction: skipped as f64 / (layers * batch * accum) as f64,
+            skipped_fraction: skipped as f64 / (self.model.num_layers() * batch * accum) as f64,
             tokens: accum * batch * c.data.seq_len,
-        })
+        };
+        self.step += 1;
+        report
     }
 
     /// [`Trainer::train_step`] split across the data-parallel devices.
@@ -338,8 +360,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         weights: &[(usize, f64)],
         exits: &[usize],
     ) -> Result<StepReport> {
-        let (c, step) = (&self.config, self.step);
-        let layers = self.model.num_layers();
+        let c = &self.config;
         let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
         let shard = batch / self.replicas.len();
         let mut accumulators: Vec<GradientsAccumulator<LlamaModel<B>>> = self
@@ -350,11 +371,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
         for micro in 0..accum {
             // The same draws and blocks as single-device training, cut into shards.
-            let global = step * accum + micro;
-            let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ 0x5eed_0000_0000 ^ global as u64);
-            let mask = draw_skip_mask(rates, batch, &mut rng);
+            let (mask, indices) = self.micro_batch(micro, rates);
             skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
-            let indices = self.train.batch_indices(c.seed, global, batch);
             let micro_tokens = self.train.loss_tokens(&indices).max(1.0);
             let (model, train) = (&self.model, &self.train);
             let precision = c.optim.mixed_precision;
@@ -427,15 +445,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         // Parameters were updated on the devices that accumulated them; gather them on the
         // trainer's device for evaluation, checkpoints and the next step's replicas.
         self.model = updated.fork(&self.device);
-        self.step += 1;
-        Ok(StepReport {
-            step,
-            lr,
-            loss: loss_sum,
-            per_layer,
-            skipped_fraction: skipped as f64 / (layers * batch * accum) as f64,
-            tokens: accum * batch * c.data.seq_len,
-        })
+        Ok(self.finish_step(lr, loss_sum, per_layer, skipped))
     }
 
     /// Held-out cross-entropy at every exit layer (no dropout, no gradients).
