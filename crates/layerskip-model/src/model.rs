@@ -7,7 +7,7 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::module::embedding;
-use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
@@ -153,12 +153,8 @@ impl<B: Backend> LlamaModel<B> {
         if tables.cos.dtype() == dtype {
             return tables;
         }
-        let float = match dtype {
-            DType::F16 => FloatDType::F16,
-            DType::BF16 => FloatDType::BF16,
-            DType::F64 => FloatDType::F64,
-            _ => FloatDType::F32,
-        };
+        // The embedding is a float parameter, so its dtype converts.
+        let float: FloatDType = dtype.into();
         RopeTables {
             cos: tables.cos.cast(float),
             sin: tables.sin.cast(float),
