@@ -36,6 +36,13 @@ fn append_along<B: Backend, const D: usize>(
             0..dims[d]
         }
     });
+    #[cfg(feature = "flex")]
+    let buf = if crate::flex::can_write_along::<B>(buf.dtype(), new.dtype()) {
+        crate::flex::write_along(buf, len, new, dim)
+    } else {
+        buf.slice_assign(ranges, new)
+    };
+    #[cfg(not(feature = "flex"))]
     let buf = buf.slice_assign(ranges, new);
     let prefix: [std::ops::Range<usize>; D] =
         std::array::from_fn(|d| if d == dim { 0..len + added } else { 0..dims[d] });
@@ -202,5 +209,56 @@ impl<B: Backend> ExitHiddenCache<B> {
     /// Cuts to at most `len` positions (free).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{FloatDType, TensorData};
+
+    fn ramp(shape: [usize; 4], from: f32) -> Tensor<Flex, 4> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| from + i as f32).collect();
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
+
+    /// Appends, a rollback (truncate) and an overwriting append leave exactly the expected
+    /// positions, per head, in f32 and in the half dtypes (Flex writes in place for these).
+    #[test]
+    fn appends_after_rollback_overwrite_the_stale_positions() {
+        for dtype in [None, Some(FloatDType::F16), Some(FloatDType::BF16)] {
+            let device = Default::default();
+            let cast = |t: Tensor<Flex, 4>| match dtype {
+                Some(d) => t.cast(d),
+                None => t,
+            };
+            let mut layer = LayerKvCache::<Flex>::new([1, 2, 8, 3], &device);
+            if let Some(d) = dtype {
+                layer.keys = layer.keys.map(|t| t.cast(d));
+                layer.values = layer.values.map(|t| t.cast(d));
+            }
+            let a = cast(ramp([1, 2, 3, 3], 0.0));
+            let b = cast(ramp([1, 2, 2, 3], 100.0));
+            let c = cast(ramp([1, 2, 1, 3], 200.0));
+            layer.append(a.clone(), a.clone()).unwrap();
+            layer.append(b.clone(), b).unwrap();
+            layer.len = 4; // roll back the second append's last position
+            let (keys, values) = layer.append(c.clone(), c.clone()).unwrap();
+            let first_b = cast(ramp([1, 2, 2, 3], 100.0)).slice_dim(2, 0..1);
+            let want = Tensor::cat(vec![a, first_b, c], 2);
+            let want = want.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            for got in [keys, values] {
+                assert_eq!(got.dims(), [1, 2, 5, 3]);
+                let got = got.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                assert_eq!(got, want, "{dtype:?}");
+            }
+            assert!(
+                layer
+                    .append(cast(ramp([1, 2, 4, 3], 0.0)), cast(ramp([1, 2, 4, 3], 0.0)))
+                    .is_err()
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ use crate::cache::LayerKvCache;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::rope::RopeTables;
+use crate::rows;
 
 /// A bias-free linear layer with weights drawn from N(0, std²), Hugging Face's Llama init.
 pub(crate) fn init_linear<B: Backend>(
@@ -77,14 +78,17 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
+        // [batch, seq, n, head_dim] -> [batch, n, seq, head_dim]
         let heads = |proj: &Linear<B>, n: usize| {
-            proj.forward(x.clone())
-                .reshape([b, s, n, self.head_dim])
-                .swap_dims(1, 2)
+            rows::linear(proj, x.clone()).reshape([b, s, n, self.head_dim])
         };
-        let q = rope.apply(heads(&self.q_proj, self.num_heads));
-        let k = rope.apply(heads(&self.k_proj, self.num_kv_heads));
-        let v = heads(&self.v_proj, self.num_kv_heads);
+        let q = rope
+            .apply_seq_major(heads(&self.q_proj, self.num_heads))
+            .swap_dims(1, 2);
+        let k = rope
+            .apply_seq_major(heads(&self.k_proj, self.num_kv_heads))
+            .swap_dims(1, 2);
+        let v = heads(&self.v_proj, self.num_kv_heads).swap_dims(1, 2);
         // [batch, kv_heads, total, head_dim]: the causal mask is aligned bottom-right, so the new
         // positions see every cached position and the earlier new ones.
         let (k, v) = match cache {
@@ -101,7 +105,7 @@ impl<B: Backend> Attention<B> {
         let out = out
             .swap_dims(1, 2)
             .reshape([b, s, self.num_heads * self.head_dim]);
-        Ok(self.o_proj.forward(out))
+        Ok(rows::linear(&self.o_proj, out))
     }
 
     /// `[b, kv_heads, t, d]` -> `[b, heads, t, d]`, query head `h` reading kv head `h / groups`.
@@ -143,8 +147,8 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = silu(rows::linear(&self.gate_proj, x.clone()));
+        rows::linear(&self.down_proj, gate * rows::linear(&self.up_proj, x))
     }
 }
 

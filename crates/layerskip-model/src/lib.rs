@@ -39,11 +39,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod error;
+#[cfg(feature = "flex")]
+mod flex;
 pub mod gguf;
 
 pub mod layer;
 pub mod model;
 pub mod rope;
+pub mod rows;
 pub mod tokenizer;
 
 pub use cache::{ExitHiddenCache, KvCache, LayerKvCache};

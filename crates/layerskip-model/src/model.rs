@@ -14,6 +14,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::layer::{DecoderLayer, init_linear, init_rms_norm};
 use crate::rope::{Rope, RopeTables};
+use crate::rows;
 
 /// A Llama causal language model. It holds parameters only: caches and positions are passed in,
 /// and generation and losses live in the `layerskip-infer` and `layerskip-train` crates.
@@ -133,16 +134,8 @@ impl<B: Backend> LlamaModel<B> {
     pub fn exit_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let normed = self.norm.forward(hidden);
         match &self.lm_head {
-            Some(head) => head.forward(normed),
-            None => {
-                // Tied head: E · xᵀ keeps the [vocab, hidden] embedding in its stored layout
-                // (multiplying by a transposed view of it would copy the whole matrix).
-                let [b, s, h] = normed.dims();
-                let x = normed.reshape([b * s, h]).transpose();
-                let logits = self.embed_tokens.val().matmul(x); // [vocab, b * s]
-                let vocab = logits.dims()[0];
-                logits.transpose().reshape([b, s, vocab])
-            }
+            Some(head) => rows::linear(head, normed),
+            None => rows::tied_head(self.embed_tokens.val(), normed),
         }
     }
 

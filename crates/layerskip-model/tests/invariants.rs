@@ -278,3 +278,52 @@ fn a_bf16_cast_computes_in_bf16_close_to_f32_and_keeps_parameter_ids() {
         );
     }
 }
+
+/// On Flex f32 a position's logits do not depend on how many positions share the pass (up to
+/// `rows::MAX_ROWS`): a multi-row pass over the cache, as self-speculative verification runs it,
+/// computes bit for bit what one-token decoding computes. The shapes are the default model's
+/// (a 768-feature `down_proj` input, where gemm's blocked sums and its matrix-vector path
+/// disagree in the last bits), tied and untied heads.
+#[test]
+fn flex_logits_are_bit_identical_one_row_or_many() {
+    for tied in [true, false] {
+        let config = LlamaConfig {
+            vocab_size: 300,
+            hidden_size: 256,
+            intermediate_size: 768,
+            num_layers: 2,
+            num_heads: 8,
+            num_kv_heads: 4,
+            head_dim: 32,
+            max_position_embeddings: 64,
+            ..config(tied)
+        };
+        let device = Default::default();
+        B::seed(&device, 11);
+        let model = LlamaModel::<B>::init_with_std(&config, 0.1, &device).unwrap();
+        let tokens: Vec<u32> = (0..14).map(|i| (i * 37 + 5) % 300).collect();
+        let layers = 0..config.num_layers;
+        let logits = |ids: &[u32], start: usize, cache: &mut KvCache<B>| {
+            let x = model.embed_ids(ids);
+            let h = model
+                .forward_layers(x, layers.clone(), start, Some(cache))
+                .unwrap();
+            model.exit_head(h).into_data().to_vec::<f32>().unwrap()
+        };
+        let mut one = KvCache::new(&config, 1, 64, &device);
+        let singles: Vec<f32> = (0..tokens.len())
+            .flat_map(|i| logits(&tokens[i..i + 1], i, &mut one))
+            .collect();
+        for rows in [2, 5, 9] {
+            let mut many = KvCache::new(&config, 1, 64, &device);
+            let mut got = Vec::new();
+            for i in 0..4 {
+                got.extend(logits(&tokens[i..i + 1], i, &mut many));
+            }
+            got.extend(logits(&tokens[4..4 + rows], 4, &mut many));
+            let want = &singles[..got.len()];
+            let first_diff = got.iter().zip(want).position(|(a, b)| a != b);
+            assert_eq!(first_diff, None, "tied {tied}, {rows} rows");
+        }
+    }
+}
