@@ -2,6 +2,11 @@
 //! vocab 49152; random weights, so nothing is downloaded): one prefill of 128 tokens, and one
 //! decode step at a context of 128 through the full model and through an early exit at layer 8.
 //!
+//! The `default-model` group loads the model shipped in `models/default` and times one pass
+//! through all 8 layers plus the exit head over 1, 2, 4 and 8 new rows at a context of 128: the
+//! cost of verifying `d + 1` rows against one-token decoding, which decides whether
+//! self-speculation can pay.
+//!
 //! `cargo bench --bench model` prints the figures; `cargo test --benches` runs each once.
 
 use burn::backend::Flex;
@@ -54,5 +59,33 @@ fn bench_model(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_model);
+fn bench_default_model(c: &mut Criterion) {
+    let device = Default::default();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
+    let model = LlamaModel::<B>::from_pretrained(std::path::Path::new(dir), &device).unwrap();
+    let config = model.config().clone();
+    let layers = config.num_layers;
+    let prompt: Vec<u32> = (0..128).map(|i| (i * 31 % 4096) as u32).collect();
+    let mut cache = KvCache::new(&config, 1, 256, &device);
+    model
+        .forward_layers(model.embed_ids(&prompt), 0..layers, 0, Some(&mut cache))
+        .unwrap();
+    let mut group = c.benchmark_group("default-model");
+    group.sample_size(20);
+    for rows in [1usize, 2, 4, 8] {
+        let ids: Vec<u32> = (0..rows as u32).map(|i| 100 + i).collect();
+        group.bench_function(format!("pass_{rows}_rows"), |b| {
+            b.iter(|| {
+                cache.truncate(128);
+                let x = model
+                    .forward_layers(model.embed_ids(&ids), 0..layers, 128, Some(&mut cache))
+                    .unwrap();
+                model.exit_head(x).argmax(2).into_data()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_model, bench_default_model);
 criterion_main!(benches);

@@ -8,16 +8,13 @@ use burn::tensor::{Tensor, backend::Backend};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 
-/// Appends `new` at `len` into a preallocated buffer along `dim` and returns the filled prefix.
-///
-/// The buffer is taken out of its `Option` so that it is uniquely owned while assigned: Burn then
-/// writes in place instead of copying the whole buffer (see BURN-NOTES.md).
-fn append_along<B: Backend, const D: usize>(
+/// Writes `new` at `len..` along `dim` of the preallocated buffer (an error past capacity).
+fn write_along<B: Backend, const D: usize>(
     buffer: &mut Option<Tensor<B, D>>,
     len: usize,
     new: Tensor<B, D>,
     dim: usize,
-) -> Result<Tensor<B, D>> {
+) -> Result<()> {
     let buf = buffer.take().expect("cache buffer present");
     let capacity = buf.dims()[dim];
     let added = new.dims()[dim];
@@ -28,6 +25,11 @@ fn append_along<B: Backend, const D: usize>(
             capacity,
         });
     }
+    #[cfg(feature = "flex")]
+    if crate::flex::can_write_along::<B>(buf.dtype(), new.dtype()) {
+        *buffer = Some(crate::flex::write_along(buf, len, new, dim));
+        return Ok(());
+    }
     let dims = new.dims();
     let ranges: [std::ops::Range<usize>; D] = std::array::from_fn(|d| {
         if d == dim {
@@ -36,19 +38,30 @@ fn append_along<B: Backend, const D: usize>(
             0..dims[d]
         }
     });
-    #[cfg(feature = "flex")]
-    let buf = if crate::flex::can_write_along::<B>(buf.dtype(), new.dtype()) {
-        crate::flex::write_along(buf, len, new, dim)
-    } else {
-        buf.slice_assign(ranges, new)
-    };
-    #[cfg(not(feature = "flex"))]
-    let buf = buf.slice_assign(ranges, new);
-    let prefix: [std::ops::Range<usize>; D] =
-        std::array::from_fn(|d| if d == dim { 0..len + added } else { 0..dims[d] });
-    let filled = buf.clone().slice(prefix);
-    *buffer = Some(buf);
-    Ok(filled)
+    *buffer = Some(buf.slice_assign(ranges, new));
+    Ok(())
+}
+
+/// The first `len` positions along `dim` of a buffer (a view).
+fn prefix<B: Backend, const D: usize>(
+    buffer: &Option<Tensor<B, D>>,
+    len: usize,
+    dim: usize,
+) -> Tensor<B, D> {
+    let buf = buffer.as_ref().expect("cache buffer present");
+    buf.clone().slice_dim(dim, 0..len)
+}
+
+/// Appends `new` along `dim` and returns the filled prefix `[.., 0..len + added, ..]`.
+fn append_along<B: Backend, const D: usize>(
+    buffer: &mut Option<Tensor<B, D>>,
+    len: usize,
+    new: Tensor<B, D>,
+    dim: usize,
+) -> Result<Tensor<B, D>> {
+    let added = new.dims()[dim];
+    write_along(buffer, len, new, dim)?;
+    Ok(prefix(buffer, len + added, dim))
 }
 
 /// The keys and values of one decoder layer.
@@ -96,6 +109,36 @@ impl<B: Backend> LayerKvCache<B> {
         let v = append_along(&mut self.values, self.len, values, 2)?;
         self.len += added;
         Ok((k, v))
+    }
+
+    /// [`append`](Self::append), returning keys and values with each kv head repeated `groups`
+    /// times, `[batch, kv_heads * groups, len, head_dim]`: what grouped-query attention reads.
+    /// On Flex the result is gathered straight from the buffer with block copies (a cached
+    /// prefix is a strided view, and Flex copies strided views element by element: 14% of a
+    /// decode step).
+    pub fn append_for_heads(
+        &mut self,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        groups: usize,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+        #[cfg(feature = "flex")]
+        if crate::flex::can_gather_heads::<B>(keys.dtype()) {
+            let added = keys.dims()[2];
+            write_along(&mut self.keys, self.len, keys, 2)?;
+            write_along(&mut self.values, self.len, values, 2)?;
+            self.len += added;
+            let gather = |buf: &Option<Tensor<B, 4>>| {
+                let buf = buf.as_ref().expect("cache buffer present");
+                crate::flex::gather_heads(buf, self.len, groups)
+            };
+            return Ok((gather(&self.keys), gather(&self.values)));
+        }
+        let (k, v) = self.append(keys, values)?;
+        Ok((
+            crate::layer::repeat_kv(k, groups),
+            crate::layer::repeat_kv(v, groups),
+        ))
     }
 }
 
@@ -243,9 +286,28 @@ mod tests {
             let b = cast(ramp([1, 2, 2, 3], 100.0));
             let c = cast(ramp([1, 2, 1, 3], 200.0));
             layer.append(a.clone(), a.clone()).unwrap();
-            layer.append(b.clone(), b).unwrap();
+            layer.append(b.clone(), b.clone()).unwrap();
             layer.len = 4; // roll back the second append's last position
             let (keys, values) = layer.append(c.clone(), c.clone()).unwrap();
+            // The same history through `append_for_heads`: each kv head repeated, same values.
+            let mut grouped = LayerKvCache::<Flex>::new([1, 2, 8, 3], &device);
+            if let Some(d) = dtype {
+                grouped.keys = grouped.keys.map(|t| t.cast(d));
+                grouped.values = grouped.values.map(|t| t.cast(d));
+            }
+            grouped.append_for_heads(a.clone(), a.clone(), 3).unwrap();
+            grouped.append_for_heads(b.clone(), b.clone(), 3).unwrap();
+            grouped.len = 4;
+            let (gk, gv) = grouped.append_for_heads(c.clone(), c.clone(), 3).unwrap();
+            for (got, plain) in [(gk, keys.clone()), (gv, values.clone())] {
+                assert_eq!(got.dims(), [1, 6, 5, 3]);
+                let want = crate::layer::repeat_kv(plain, 3);
+                assert_eq!(
+                    got.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                    want.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                    "grouped {dtype:?}"
+                );
+            }
             let first_b = cast(ramp([1, 2, 2, 3], 100.0)).slice_dim(2, 0..1);
             let want = Tensor::cat(vec![a, first_b, c], 2);
             let want = want.into_data().convert::<f32>().to_vec::<f32>().unwrap();

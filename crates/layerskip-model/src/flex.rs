@@ -6,7 +6,7 @@ use std::any::{Any, TypeId};
 
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Element, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Element, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
 
@@ -81,6 +81,49 @@ pub(crate) fn write_along<B: Backend, const D: usize>(
         other => unreachable!("can_write_along rejects {other:?}"),
     }
     wrap::<B, D>(dst)
+}
+
+/// Whether [`gather_heads`] takes tensors of backend `B` with this dtype.
+pub(crate) fn can_gather_heads<B: Backend>(dtype: DType) -> bool {
+    is_flex::<B>() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// `buf[:, h / groups, 0..len, :]` for every head `h < kv_heads * groups`, contiguous
+/// `[batch, kv_heads * groups, len, head_dim]`, from a cache buffer `[batch, kv_heads, capacity,
+/// head_dim]`: one block copy per head. Only for what [`can_gather_heads`] accepts.
+pub(crate) fn gather_heads<B: Backend>(
+    buf: &Tensor<B, 4>,
+    len: usize,
+    groups: usize,
+) -> Tensor<B, 4> {
+    let [batch, kv_heads, capacity, head_dim] = buf.dims();
+    let src = contiguous(primitive::<B, 4>(buf.clone()));
+    let heads = kv_heads * groups;
+    let mut out = FlexTensor::empty(Shape::from(vec![batch, heads, len, head_dim]), src.dtype());
+    fn copy<E: Element + bytemuck::Pod>(
+        src: &FlexTensor,
+        out: &mut FlexTensor,
+        [batch, kv_heads, capacity, head_dim, len, groups]: [usize; 6],
+    ) {
+        let src: &[E] = &src.storage::<E>()[src.layout().start_offset()..];
+        let out: &mut [E] = out.storage_mut::<E>();
+        let block = len * head_dim;
+        for b in 0..batch {
+            for h in 0..kv_heads * groups {
+                let s = (b * kv_heads + h / groups) * capacity * head_dim;
+                let o = (b * kv_heads * groups + h) * block;
+                out[o..o + block].copy_from_slice(&src[s..s + block]);
+            }
+        }
+    }
+    let geometry = [batch, kv_heads, capacity, head_dim, len, groups];
+    match src.dtype() {
+        DType::F32 => copy::<f32>(&src, &mut out, geometry),
+        DType::F16 => copy::<f16>(&src, &mut out, geometry),
+        DType::BF16 => copy::<bf16>(&src, &mut out, geometry),
+        other => unreachable!("can_gather_heads rejects {other:?}"),
+    }
+    wrap::<B, 4>(out)
 }
 
 /// Where the blocks of a write along one dimension go.
