@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use layerskip_infer::bench::{SampleRun, StrategyReport, run_samples, summarise};
+use layerskip_infer::bench::{SampleRun, StrategyReport, keep_fastest, run_samples, summarise};
 use layerskip_infer::metrics::first_difference;
 use layerskip_infer::{Generator, Strategy};
 use layerskip_model::backend::Precision;
@@ -16,19 +16,16 @@ use crate::backend::BackendTask;
 use crate::infer::StrategyName;
 use crate::samples::{DatasetArgs, GridArgs, Loaded, load, peak_rss, reset_peak_rss, write_output};
 
-/// Runs `strategy` over the loaded prompts and summarises it against `baseline` (itself when
-/// `None`).
-pub fn measure<B: Backend>(
+/// Runs `strategy` once over the loaded prompts.
+fn run_once<B: Backend>(
     loaded: &Loaded<B>,
     generator: &mut Generator<'_, B>,
     args: &DatasetArgs,
     strategy: Strategy,
-    baseline: Option<&[SampleRun]>,
-) -> Result<(Vec<SampleRun>, StrategyReport)> {
+) -> Result<Vec<SampleRun>> {
     let options = args.options(strategy, loaded.model.config().eos_token_ids.clone());
     let decode = |t: &[u32]| loaded.tokenizer.decode(t).unwrap_or_default();
-    reset_peak_rss();
-    let runs = run_samples(
+    Ok(run_samples(
         generator,
         &loaded.samples,
         &loaded.prompts,
@@ -36,15 +33,45 @@ pub fn measure<B: Backend>(
         args.warmup,
         &decode,
         &mut |_| {},
-    )?;
-    let report = summarise(
-        strategy,
-        &loaded.samples,
-        &runs,
-        baseline.unwrap_or(&runs),
-        peak_rss(),
-    );
-    Ok((runs, report))
+    )?)
+}
+
+/// What [`measure_paired`] returns: the autoregressive runs and report, then the strategy's.
+pub type Paired = (
+    Vec<SampleRun>,
+    StrategyReport,
+    Vec<SampleRun>,
+    StrategyReport,
+);
+
+/// Autoregressive decoding and `strategy` over the loaded prompts, alternating for
+/// `args.repeats` passes, each prompt keeping its fastest run; the strategy is reported against
+/// the autoregressive runs measured beside it.
+pub fn measure_paired<B: Backend>(
+    loaded: &Loaded<B>,
+    generator: &mut Generator<'_, B>,
+    args: &DatasetArgs,
+    strategy: Strategy,
+) -> Result<Paired> {
+    reset_peak_rss();
+    let (mut base, mut runs) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        keep_fastest(
+            &mut base,
+            run_once(loaded, generator, args, Strategy::Autoregressive)?,
+        );
+        if strategy != Strategy::Autoregressive {
+            keep_fastest(&mut runs, run_once(loaded, generator, args, strategy)?);
+        }
+    }
+    if strategy == Strategy::Autoregressive {
+        runs = base.clone();
+    }
+    let rss = peak_rss();
+    let report = |s, r: &[SampleRun]| summarise(s, &loaded.samples, r, &base, rss);
+    let base_report = report(Strategy::Autoregressive, &base);
+    let strategy_report = report(strategy, &runs);
+    Ok((base, base_report, runs, strategy_report))
 }
 
 /// A short name for tables: `AR`, `EE(E)`, `SS(E,d)`.
@@ -134,29 +161,18 @@ impl BackendTask for BenchArgs {
         let eos = loaded.model.config().eos_token_ids.clone();
         generator.validate(&loaded.prompts[0], &self.data.options(strategy, eos))?;
         eprintln!(
-            "{}: {} prompts, {} new tokens each, baseline AR then {}",
+            "{}: {} prompts, {} new tokens each, AR and {} alternating, fastest of {} runs per prompt",
             loaded.dir.display(),
             loaded.samples.len(),
             self.data.max_new_tokens,
-            strategy_label(strategy)
+            strategy_label(strategy),
+            self.data.repeats
         );
-        let (base_runs, base) = measure(
-            &loaded,
-            &mut generator,
-            &self.data,
-            Strategy::Autoregressive,
-            None,
-        )?;
+        let (base_runs, base, runs, report) =
+            measure_paired(&loaded, &mut generator, &self.data, strategy)?;
         let mut reports = vec![base];
-        let mut outputs = vec![("AR".to_string(), base_runs.clone())];
+        let mut outputs = vec![("AR".to_string(), base_runs)];
         if strategy != Strategy::Autoregressive {
-            let (runs, report) = measure(
-                &loaded,
-                &mut generator,
-                &self.data,
-                strategy,
-                Some(&base_runs),
-            )?;
             reports.push(report);
             outputs.push((strategy_label(strategy), runs));
         }

@@ -67,6 +67,10 @@ pub struct DatasetArgs {
     /// Untimed generations before each measured strategy.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Timed passes over the prompts, autoregressive and the strategy alternating; each
+    /// prompt keeps its fastest run (robust to other load on the machine).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeats: u32,
 }
 
 /// Finds a repository file from the working directory or the source checkout.

@@ -1,5 +1,6 @@
 //! `layerskip sweep`: self-speculation over an exit-layer x speculations grid, each point
-//! benchmarked against one autoregressive baseline; CSV, JSON and heatmaps, and the best point.
+//! benchmarked against autoregressive decoding measured beside it; CSV, JSON and heatmaps, and
+//! the best point.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -7,11 +8,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use layerskip_infer::bench::StrategyReport;
+use layerskip_infer::bench::{StrategyReport, keep_fastest, summarise};
 use layerskip_infer::{Generator, Strategy};
 
 use crate::backend::BackendTask;
-use crate::bench::{measure, print_reports, strategy_label};
+use crate::bench::{measure_paired, print_reports, strategy_label};
 use crate::plot::{Heatmap, heatmap};
 use crate::samples::{DatasetArgs, GridArgs, load, write_output};
 
@@ -64,17 +65,9 @@ impl BackendTask for SweepArgs {
         let exits = self.grid.exits(layers)?;
         std::fs::create_dir_all(&self.out)?;
         let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
-        let (base_runs, base) = measure(
-            &loaded,
-            &mut generator,
-            &self.data,
-            Strategy::Autoregressive,
-            None,
-        )?;
-        eprintln!(
-            "baseline AR: {:.2} ms/token over {} prompts",
-            base.time_per_token_ms, base.samples
-        );
+        // Every point is measured against autoregressive runs taken beside it; the AR row keeps
+        // each prompt's fastest run over all of them.
+        let mut base_runs = Vec::new();
         let mut grid = Vec::new();
         for &e in &exits {
             for &d in &self.grid.speculations {
@@ -82,23 +75,27 @@ impl BackendTask for SweepArgs {
                     exit_layer: e,
                     speculations: d,
                 };
-                let (_, r) = measure(
-                    &loaded,
-                    &mut generator,
-                    &self.data,
-                    strategy,
-                    Some(&base_runs),
-                )?;
+                let (ar, ar_report, _, r) =
+                    measure_paired(&loaded, &mut generator, &self.data, strategy)?;
+                keep_fastest(&mut base_runs, ar);
                 eprintln!(
-                    "{:<16} {:.2} ms/token, acceptance {:.1}%, speedup {:.2}x",
+                    "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
                     strategy_label(strategy),
                     r.time_per_token_ms,
+                    ar_report.time_per_token_ms,
                     100.0 * r.acceptance_rate,
                     r.speedup
                 );
                 grid.push(r);
             }
         }
+        let base = summarise(
+            Strategy::Autoregressive,
+            &loaded.samples,
+            &base_runs,
+            &base_runs,
+            None,
+        );
         let mut all = vec![base];
         all.extend(grid.iter().cloned());
         print_reports(&all);
