@@ -66,6 +66,7 @@ fn bench_strategies(c: &mut Criterion) {
             max_new_tokens: 32,
             sampling: SamplingConfig::default(),
             stop_tokens: vec![],
+            draft_vocab: None,
         };
         let g = generator.generate(&prompt, &options, |_| true).unwrap();
         println!(

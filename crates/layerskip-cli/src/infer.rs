@@ -46,6 +46,10 @@ pub struct InferArgs {
     /// Drafts per self-speculative step.
     #[arg(long, default_value_t = 4)]
     pub speculations: usize,
+    /// Draft over the token ids 0..N only (the most frequent merges of a BPE vocabulary);
+    /// verification keeps the full head, so the output does not change. Default: all.
+    #[arg(long, value_name = "N")]
+    pub draft_vocab: Option<usize>,
     /// Maximum new tokens.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
@@ -156,6 +160,7 @@ impl BackendTask for InferArgs {
                 seed: self.seed,
             },
             stop_tokens: config.eos_token_ids.clone(),
+            draft_vocab: self.draft_vocab,
         };
         let chat = if self.chat {
             Some(ChatTemplate::from_dir(&dir)?)

@@ -64,6 +64,9 @@ pub struct DatasetArgs {
     /// Maximum new tokens per prompt.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// Self-speculation drafts over the token ids 0..N only (see `layerskip infer --help`).
+    #[arg(long, value_name = "N")]
+    pub draft_vocab: Option<usize>,
     /// Untimed generations before each measured strategy.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -175,6 +178,7 @@ impl DatasetArgs {
             max_new_tokens: self.max_new_tokens,
             sampling: SamplingConfig::default(),
             stop_tokens,
+            draft_vocab: self.draft_vocab,
         }
     }
 }

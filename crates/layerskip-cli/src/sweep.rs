@@ -94,7 +94,7 @@ impl BackendTask for SweepArgs {
             &loaded.samples,
             &base_runs,
             &base_runs,
-            None,
+            crate::samples::peak_rss(),
         );
         let mut all = vec![base];
         all.extend(grid.iter().cloned());

@@ -45,6 +45,13 @@ pub struct GenerateOptions {
     pub sampling: SamplingConfig,
     /// Tokens that end the generation (emitted, then stop). Usually the checkpoint's EOS ids.
     pub stop_tokens: Vec<u32>,
+    /// Self-speculation drafts over the token ids `0..n` only
+    /// ([`LlamaModel::exit_head_prefix`](layerskip_model::LlamaModel::exit_head_prefix));
+    /// `None` drafts over the whole vocabulary, as the paper does. Verification always uses the
+    /// full head, so the output is the same either way: only the drafts' cost and acceptance
+    /// change.
+    #[serde(default)]
+    pub draft_vocab: Option<usize>,
 }
 
 /// Why a generation ended.
@@ -235,6 +242,14 @@ impl<'m, B: Backend> Generator<'m, B> {
                 capacity: self.capacity(),
             });
         }
+        let vocab = self.model.config().vocab_size;
+        if let Some(n) = options.draft_vocab
+            && (n == 0 || n > vocab)
+        {
+            return bad(format!(
+                "draft vocabulary {n} is out of range: the model's vocabulary has {vocab} tokens"
+            ));
+        }
         match options.strategy {
             Strategy::EarlyExit { exit_layer: e }
             | Strategy::SelfSpeculative { exit_layer: e, .. }
@@ -333,6 +348,30 @@ impl<'m, B: Backend> Generator<'m, B> {
             .to_vec::<f32>()
             .expect("f32 logits");
         values.chunks(vocab).map(<[f32]>::to_vec).collect()
+    }
+
+    /// The draft's logit row for `hidden` `[1, 1, hidden]`: over the whole vocabulary, or over
+    /// the ids `0..n` with the rest at -inf when `options.draft_vocab` is `Some(n)`.
+    pub(crate) fn draft_logit_row(
+        &self,
+        hidden: Tensor<B, 3>,
+        options: &GenerateOptions,
+    ) -> Result<Vec<f32>> {
+        let vocab = self.model.config().vocab_size;
+        match options.draft_vocab.filter(|&n| n < vocab) {
+            None => Ok(self.logit_rows(hidden).remove(0)),
+            Some(n) => {
+                let mut row = self
+                    .model
+                    .exit_head_prefix(hidden, n)?
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .expect("f32 logits");
+                row.resize(vocab, f32::NEG_INFINITY);
+                Ok(row)
+            }
+        }
     }
 
     /// Appends accepted tokens, applying the stop conditions, and streams them.

@@ -28,6 +28,7 @@
 //! let mut generator = Generator::new(&model, 128).unwrap();
 //! let options = |strategy| GenerateOptions {
 //!     strategy, max_new_tokens: 16, sampling: SamplingConfig::default(), stop_tokens: vec![],
+//!     draft_vocab: None,
 //! };
 //! let ar = generator.generate(&[1, 2, 3], &options(Strategy::Autoregressive), |_| true).unwrap();
 //! let ss = generator

@@ -57,7 +57,7 @@ impl<B: Backend> Generator<'_, B> {
         for i in 0..d {
             let h = self.layers(self.model.embed_ids(&[input]), 0..exit, c + i)?;
             self.exits.append(h.clone())?;
-            let row = self.logit_rows(h).remove(0);
+            let row = self.draft_logit_row(h, run.options)?;
             let (token, dist) = run.choose(row, &history);
             drafts.push(token);
             q.push(dist);

@@ -65,6 +65,38 @@ fn greedy_self_speculation_equals_autoregressive_for_every_exit_and_d() {
     }
 }
 
+/// Drafting over a vocabulary prefix changes what is drafted, never the output: greedy
+/// self-speculation still equals autoregressive decoding, including when the full model's token
+/// lies outside the prefix (a 40-token model drafting over 10 ids rejects those drafts).
+#[test]
+fn greedy_self_speculation_with_a_draft_vocabulary_equals_autoregressive() {
+    let model = random_model(1, &config(6, 40, 2, false));
+    let tied = random_model(2, &config(4, 40, 4, true));
+    for model in [&model, &tied] {
+        let prompt = [5u32, 9, 1, 33, 7, 2, 18];
+        let ar = run(model, &prompt, &options(Strategy::Autoregressive, 30));
+        assert!(
+            ar.tokens.iter().any(|&t| t >= 10),
+            "the test needs tokens outside the prefix"
+        );
+        for (exit_layer, speculations, prefix) in [(1, 3, 10), (2, 5, 25), (3, 2, 40)] {
+            let mut o = options(
+                Strategy::SelfSpeculative {
+                    exit_layer,
+                    speculations,
+                },
+                30,
+            );
+            o.draft_vocab = Some(prefix);
+            let ss = run(model, &prompt, &o);
+            assert_eq!(
+                ss.tokens, ar.tokens,
+                "E={exit_layer} d={speculations} prefix {prefix}"
+            );
+        }
+    }
+}
+
 #[test]
 fn stop_token_inside_a_draft_ends_generation_at_the_same_place() {
     let model = random_model(3, &config(6, 40, 2, false));
@@ -194,37 +226,10 @@ fn sampled_self_speculation_follows_the_full_model_distribution() {
     let exact = exact_marginals(&model, &prompt, 3);
     let mut generator = Generator::new(&model, 96).unwrap();
     let runs = 3000;
-    let mut counts = vec![vec![0usize; 6]; 3];
-    for seed in 0..runs {
-        let o = GenerateOptions {
-            strategy: Strategy::SelfSpeculative {
-                exit_layer: 1,
-                speculations: 3,
-            },
-            max_new_tokens: 3,
-            sampling: SamplingConfig {
-                temperature: 1.0,
-                seed,
-                ..Default::default()
-            },
-            stop_tokens: vec![],
-        };
-        let g = generator.generate(&prompt, &o, |_| true).unwrap();
-        for (i, &t) in g.tokens.iter().enumerate() {
-            counts[i][t as usize] += 1;
-        }
-    }
-    // Chi-square per position, 5 degrees of freedom: 20.5 is the 0.999 quantile.
-    for (i, (c, p)) in counts.iter().zip(&exact).enumerate() {
-        let chi2: f64 = c
-            .iter()
-            .zip(p)
-            .map(|(&o, &pi)| (o as f64 - runs as f64 * pi).powi(2) / (runs as f64 * pi))
-            .sum();
-        assert!(
-            chi2 < 20.5,
-            "token {i}: chi2 {chi2}, counts {c:?}, expected {p:?}"
-        );
+    // Drafting over ids 0..4 of 6 never proposes tokens 4 and 5: they come only from the
+    // residual distribution on rejection, which must still give the full model's law.
+    for draft_vocab in [None, Some(4)] {
+        check_sampled_marginals(&mut generator, &prompt, &exact, runs, draft_vocab);
     }
     // The early exit's own law is far from the full model's, so accepting every draft would fail.
     let early = model.exit_head(
@@ -246,6 +251,49 @@ fn sampled_self_speculation_follows_the_full_model_distribution() {
         tv > 0.1,
         "draft and target laws too close for the test to bite (tv {tv})"
     );
+}
+
+/// Samples `runs` self-speculative generations of 3 tokens and checks each position's counts
+/// against the full model's exact marginals (chi-square, 5 degrees of freedom, 0.999 quantile).
+fn check_sampled_marginals(
+    generator: &mut Generator<'_, B>,
+    prompt: &[u32],
+    exact: &[Vec<f64>],
+    runs: u64,
+    draft_vocab: Option<usize>,
+) {
+    let mut counts = vec![vec![0usize; 6]; 3];
+    for seed in 0..runs {
+        let o = GenerateOptions {
+            strategy: Strategy::SelfSpeculative {
+                exit_layer: 1,
+                speculations: 3,
+            },
+            max_new_tokens: 3,
+            sampling: SamplingConfig {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            },
+            stop_tokens: vec![],
+            draft_vocab,
+        };
+        let g = generator.generate(prompt, &o, |_| true).unwrap();
+        for (i, &t) in g.tokens.iter().enumerate() {
+            counts[i][t as usize] += 1;
+        }
+    }
+    for (i, (c, p)) in counts.iter().zip(exact).enumerate() {
+        let chi2: f64 = c
+            .iter()
+            .zip(p)
+            .map(|(&o, &pi)| (o as f64 - runs as f64 * pi).powi(2) / (runs as f64 * pi))
+            .sum();
+        assert!(
+            chi2 < 20.5,
+            "draft vocab {draft_vocab:?}, token {i}: chi2 {chi2}, counts {c:?}, expected {p:?}"
+        );
+    }
 }
 
 #[test]
@@ -275,6 +323,22 @@ fn invalid_arguments_are_clear_errors() {
         )
         .contains("speculations")
     );
+    for bad in [0, 41] {
+        let mut o = options(
+            Strategy::SelfSpeculative {
+                exit_layer: 2,
+                speculations: 2,
+            },
+            4,
+        );
+        o.draft_vocab = Some(bad);
+        let e = generator
+            .generate(&[1], &o, |_| true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("draft vocabulary {bad}")), "{e}");
+    }
+    let mut err = |strategy, prompt: &[u32]| generator_err(&mut generator, strategy, prompt);
     assert!(err(Strategy::Autoregressive, &[]).contains("empty"));
     assert!(err(Strategy::Autoregressive, &[99]).contains("vocabulary"));
     assert!(err(Strategy::Autoregressive, &[1; 16]).contains("does not fit"));

@@ -80,6 +80,14 @@ pub enum ModelError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An exit head over a vocabulary prefix that is empty or larger than the vocabulary.
+    #[error("vocabulary prefix of {requested} tokens is invalid: the vocabulary has {vocab_size}")]
+    VocabPrefix {
+        /// Tokens asked for.
+        requested: usize,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+    },
 }
 
 impl ModelError {

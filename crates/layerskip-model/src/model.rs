@@ -139,6 +139,30 @@ impl<B: Backend> LlamaModel<B> {
         }
     }
 
+    /// The shared exit head over the token ids `0..vocab` only, `[batch, seq, hidden]` ->
+    /// `[batch, seq, vocab]`: the first `vocab` columns of [`exit_head`](Self::exit_head) (bit
+    /// for bit on Flex f32, where both use the same per-output sums).
+    ///
+    /// A byte-level BPE vocabulary numbers its merges by frequency, so its first ids cover most
+    /// text (on the default model 99.5% of generated code tokens have ids < 1024 of 4096): a
+    /// self-speculative draft over them costs a quarter of the head. A tied head reads a prefix
+    /// view of the embedding; an untied one copies its column slice on each call.
+    pub fn exit_head_prefix(&self, hidden: Tensor<B, 3>, vocab: usize) -> Result<Tensor<B, 3>> {
+        let vocab_size = self.config.vocab_size;
+        if vocab == 0 || vocab > vocab_size {
+            return Err(ModelError::VocabPrefix {
+                requested: vocab,
+                vocab_size,
+            });
+        }
+        let normed = self.norm.forward(hidden);
+        let h = self.config.hidden_size;
+        Ok(match &self.lm_head {
+            Some(head) => rows::in_out(normed, head.weight.val().slice([0..h, 0..vocab])),
+            None => rows::tied_head(self.embed_tokens.val().slice([0..vocab, 0..h]), normed),
+        })
+    }
+
     /// The rotary tables for positions `start..start + len`, in the weights' dtype.
     pub fn rope_tables(&self, start: usize, len: usize) -> RopeTables<B> {
         let tables = self.rope.tables(start, len, &self.embed_tokens.device());

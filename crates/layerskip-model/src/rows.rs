@@ -34,6 +34,16 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     linear.forward(x)
 }
 
+/// `x · W` for `x` `[batch, seq, in]` and any `W` `[in, out]` (a view is copied contiguous
+/// first on Flex).
+pub fn in_out<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = flex::try_rows::<B>(x.clone(), w.clone(), flex::Layout::InOut) {
+        return out;
+    }
+    x.matmul(w.unsqueeze())
+}
+
 /// `x · Eᵀ` for a tied LM head (`x` `[batch, seq, hidden]`, `E` `[vocab, hidden]` in its stored
 /// layout) -> `[batch, seq, vocab]`.
 pub fn tied_head<B: Backend>(embed: Tensor<B, 2>, x: Tensor<B, 3>) -> Tensor<B, 3> {

@@ -327,3 +327,39 @@ fn flex_logits_are_bit_identical_one_row_or_many() {
         }
     }
 }
+
+/// The exit head over a vocabulary prefix is the first columns of the full head, bit for bit
+/// (tied: a view of the embedding's first rows; untied: the LM head's first columns), and a
+/// prefix that is empty or longer than the vocabulary is an error.
+#[test]
+fn exit_head_prefix_is_the_first_columns_of_the_full_head() {
+    for tied in [true, false] {
+        let model = model(tied);
+        let h = model
+            .forward_layers(model.embed_ids(&[3, 1, 4]), 0..2, 0, None)
+            .unwrap();
+        let full = model
+            .exit_head(h.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        for n in [1, 17, 50] {
+            let part = model.exit_head_prefix(h.clone(), n).unwrap();
+            assert_eq!(part.dims(), [1, 3, n]);
+            let part = part.into_data().to_vec::<f32>().unwrap();
+            for row in 0..3 {
+                assert_eq!(
+                    &part[row * n..(row + 1) * n],
+                    &full[row * 50..row * 50 + n],
+                    "tied {tied}, prefix {n}, row {row}"
+                );
+            }
+        }
+        for bad in [0, 51] {
+            let err = model.exit_head_prefix(h.clone(), bad).unwrap_err();
+            assert!(
+                matches!(err, ModelError::VocabPrefix { requested, vocab_size: 50 } if requested == bad)
+            );
+        }
+    }
+}

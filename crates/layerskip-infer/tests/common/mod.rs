@@ -46,6 +46,7 @@ pub fn options(strategy: Strategy, max_new_tokens: usize) -> GenerateOptions {
         max_new_tokens,
         sampling: SamplingConfig::default(),
         stop_tokens: vec![],
+        draft_vocab: None,
     }
 }
 
