@@ -144,56 +144,53 @@ pub(crate) mod kernels {
         }
     }
 
-    fn simd() -> bool {
+    /// A kernel over the output columns `c0..c1`: `(x, w, out, rows, k, n, c0, c1)`.
+    type Cols = unsafe fn(&[f32], &[f32], *mut f32, usize, usize, usize, usize, usize);
+
+    /// Runs `fast` when there is one and the CPU has AVX2 and FMA, else `portable`, over the
+    /// output columns (two threads for large products).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        k: usize,
+        n: usize,
+        fast: Option<Cols>,
+        portable: Cols,
+    ) {
+        assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
         #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
+        let simd = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
         #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        let simd = false;
+        let kernel = fast.filter(|_| simd).unwrap_or(portable);
+        let o = Out(out.as_mut_ptr());
+        // SAFETY: the shapes are asserted above, `kernel` runs on this CPU (checked above for
+        // the SIMD one), and the calls write disjoint columns.
+        split(rows, k, n, |c0, c1| unsafe {
+            kernel(x, w, o.ptr(), rows, k, n, c0, c1)
+        });
     }
 
     /// `out[r, :] = x[r, :] · w` with `x` `[rows, k]`, `w` `[k, n]`, `out` `[rows, n]`.
     pub fn x_w(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
-        assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
-        let (o, simd) = (Out(out.as_mut_ptr()), simd());
-        split(rows, k, n, |c0, c1| {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the CPU has AVX2 and FMA; the shapes are asserted above and each
-                // call writes only its own columns.
-                unsafe { avx2::x_w(x, w, o.ptr(), rows, k, n, c0, c1) };
-                return;
-            }
-            let _ = simd;
-            // SAFETY: as above.
-            unsafe { portable::x_w_cols(x, w, o.ptr(), rows, k, n, c0, c1) };
-        });
+        #[cfg(target_arch = "x86_64")]
+        let fast: Option<Cols> = Some(avx2::x_w);
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<Cols> = None;
+        run(x, w, out, rows, k, n, fast, portable::x_w_cols);
     }
 
     /// `out[r, v] = x[r, :] · w[v, :]` with `x` `[rows, k]`, `w` `[n, k]`, `out` `[rows, n]`.
     pub fn x_wt(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
-        assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
-        let (o, simd) = (Out(out.as_mut_ptr()), simd());
-        split(rows, k, n, |v0, v1| {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: as in `x_w`.
-                unsafe { avx2::x_wt(x, w, o.ptr(), rows, k, n, v0, v1) };
-                return;
-            }
-            let _ = simd;
-            for r in 0..rows {
-                for v in v0..v1 {
-                    let value = portable::dot(&x[r * k..(r + 1) * k], &w[v * k..(v + 1) * k]);
-                    // SAFETY: r < rows, v < n, and this call owns columns v0..v1.
-                    unsafe { *o.ptr().add(r * n + v) = value };
-                }
-            }
-        });
+        #[cfg(target_arch = "x86_64")]
+        let fast: Option<Cols> = Some(avx2::x_wt);
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast: Option<Cols> = None;
+        run(x, w, out, rows, k, n, fast, portable::x_wt_cols);
     }
 
     /// The reference order, in scalar code: what the SIMD kernels must reproduce bit for bit.
@@ -236,10 +233,31 @@ pub(crate) mod kernels {
         /// See [`super::x_wt`].
         #[cfg(test)]
         pub fn x_wt(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
+            assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
+            // SAFETY: the shapes are asserted above.
+            unsafe { x_wt_cols(x, w, out.as_mut_ptr(), rows, k, n, 0, n) };
+        }
+
+        /// [`x_wt`] for the columns (weight rows) `v0..v1` only.
+        ///
+        /// # Safety
+        /// `out` holds `rows` rows of `n`; `x` and `w` hold their shapes; `v1 <= n`.
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn x_wt_cols(
+            x: &[f32],
+            w: &[f32],
+            out: *mut f32,
+            rows: usize,
+            k: usize,
+            n: usize,
+            v0: usize,
+            v1: usize,
+        ) {
             for r in 0..rows {
                 let xr = &x[r * k..(r + 1) * k];
-                for v in 0..n {
-                    out[r * n + v] = dot(xr, &w[v * k..(v + 1) * k]);
+                for v in v0..v1 {
+                    // SAFETY: r < rows and v < n.
+                    unsafe { *out.add(r * n + v) = dot(xr, &w[v * k..(v + 1) * k]) };
                 }
             }
         }
