@@ -339,15 +339,7 @@ impl<'m, B: Backend> Generator<'m, B> {
 
     /// Logit rows of the exit head applied to `hidden` `[1, seq, hidden]`.
     pub(crate) fn logit_rows(&self, hidden: Tensor<B, 3>) -> Vec<Vec<f32>> {
-        let vocab = self.model.config().vocab_size;
-        let values = self
-            .model
-            .exit_head(hidden)
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 logits");
-        values.chunks(vocab).map(<[f32]>::to_vec).collect()
+        host_rows(self.model.exit_head(hidden))
     }
 
     /// The draft's logit row for `hidden` `[1, 1, hidden]`: over the whole vocabulary, or over
@@ -361,13 +353,7 @@ impl<'m, B: Backend> Generator<'m, B> {
         match options.draft_vocab.filter(|&n| n < vocab) {
             None => Ok(self.logit_rows(hidden).remove(0)),
             Some(n) => {
-                let mut row = self
-                    .model
-                    .exit_head_prefix(hidden, n)?
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .expect("f32 logits");
+                let mut row = host_rows(self.model.exit_head_prefix(hidden, n)?).remove(0);
                 row.resize(vocab, f32::NEG_INFINITY);
                 Ok(row)
             }
@@ -427,4 +413,15 @@ impl<'m, B: Backend> Generator<'m, B> {
         }
         Ok(())
     }
+}
+
+/// Logits `[batch, seq, n]` (any float dtype) as host rows of `n` f32 values.
+fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+    let n = logits.dims()[2];
+    let values = logits
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 logits");
+    values.chunks(n).map(<[f32]>::to_vec).collect()
 }

@@ -195,15 +195,7 @@ pub(crate) mod kernels {
 
     /// The reference order, in scalar code: what the SIMD kernels must reproduce bit for bit.
     pub mod portable {
-        /// See [`super::x_w`].
-        #[cfg(test)]
-        pub fn x_w(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
-            assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
-            // SAFETY: the shapes are asserted above.
-            unsafe { x_w_cols(x, w, out.as_mut_ptr(), rows, k, n, 0, n) };
-        }
-
-        /// [`x_w`] for the columns `c0..c1` only.
+        /// [`super::x_w`] for the columns `c0..c1` only.
         ///
         /// # Safety
         /// `out` holds `rows` rows of `n`; `x` and `w` hold their shapes; `c1 <= n`.
@@ -230,15 +222,7 @@ pub(crate) mod kernels {
             }
         }
 
-        /// See [`super::x_wt`].
-        #[cfg(test)]
-        pub fn x_wt(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
-            assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
-            // SAFETY: the shapes are asserted above.
-            unsafe { x_wt_cols(x, w, out.as_mut_ptr(), rows, k, n, 0, n) };
-        }
-
-        /// [`x_wt`] for the columns (weight rows) `v0..v1` only.
+        /// [`super::x_wt`] for the columns (weight rows) `v0..v1` only.
         ///
         /// # Safety
         /// `out` holds `rows` rows of `n`; `x` and `w` hold their shapes; `v1 <= n`.
@@ -516,10 +500,12 @@ pub(crate) mod kernels {
                     let x = values(rows * k, 2 + rows as u64);
                     let (mut got, mut want) = (vec![0.0; rows * n], vec![0.0; rows * n]);
                     x_w(&x, &w, &mut got, rows, k, n);
-                    portable::x_w(&x, &w, &mut want, rows, k, n);
+                    // SAFETY: `want` holds rows x n, `x` and `w` their shapes.
+                    unsafe { portable::x_w_cols(&x, &w, want.as_mut_ptr(), rows, k, n, 0, n) };
                     assert_eq!(got, want, "x_w k {k} n {n} rows {rows}");
                     x_wt(&x, &w, &mut got, rows, k, n);
-                    portable::x_wt(&x, &w, &mut want, rows, k, n);
+                    // SAFETY: as above.
+                    unsafe { portable::x_wt_cols(&x, &w, want.as_mut_ptr(), rows, k, n, 0, n) };
                     assert_eq!(got, want, "x_wt k {k} n {n} rows {rows}");
                 }
             }
