@@ -114,6 +114,10 @@ pub(crate) mod kernels {
     /// rows' slices (4 KiB) stay in L1.
     const PANEL: usize = 256;
 
+    /// Features per block when several pairs of rows share a panel: 16 weight rows of a panel
+    /// (16 KiB) stay in L1 while every pair uses them.
+    const KBLOCK: usize = 16;
+
     /// Products of at least this many multiply-adds split their output columns over two
     /// threads (each output is still one thread's chain, so results do not change).
     const PARALLEL_WORK: usize = 1 << 17;
@@ -268,11 +272,13 @@ pub(crate) mod kernels {
     mod avx2 {
         use std::arch::x86_64::*;
 
-        use super::{PANEL, portable};
+        use super::{KBLOCK, PANEL, portable};
 
-        /// Columns `c0..c1` (`c0` a multiple of 8) of `x · w`. Rows go two at a time; for each
-        /// panel of columns and each group of four weight rows, the four weight vectors are
-        /// loaded once and applied to both rows' accumulators.
+        /// Columns `c0..c1` (`c0` a multiple of 8) of `x · w`, rows two at a time, four weight
+        /// rows applied per pass over a panel's accumulators. With more than two rows the
+        /// features go in blocks of [`KBLOCK`]: a block's weight slices are read from memory
+        /// once and reused by every pair of rows from L1, so the weights stream through the
+        /// cache once whatever the number of rows.
         ///
         /// # Safety
         /// The CPU has AVX2 and FMA; `out` holds `rows` rows of `n`; `x`, `w` their shapes.
@@ -294,19 +300,27 @@ pub(crate) mod kernels {
                 for r in 0..rows {
                     std::ptr::write_bytes(out.add(r * n + c0), 0, c1 - c0);
                 }
+                // One group of rows runs through all features at once; with more groups, the
+                // features go in blocks whose weight slices stay in L1 for every group.
+                let block = if rows <= 2 { k } else { KBLOCK };
                 let mut p0 = c0;
                 while p0 < body {
                     let p1 = (p0 + PANEL).min(body);
-                    let mut r = 0;
-                    while r < rows {
-                        let (xp, op) = (x.as_ptr().add(r * k), out.add(r * n));
-                        if rows - r >= 2 {
-                            panel::<2>(xp, w.as_ptr(), op, k, n, p0, p1);
-                            r += 2;
-                        } else {
-                            panel::<1>(xp, w.as_ptr(), op, k, n, p0, p1);
-                            r += 1;
+                    let mut i0 = 0;
+                    while i0 < k {
+                        let i1 = (i0 + block).min(k);
+                        let mut r = 0;
+                        while r < rows {
+                            let (xp, op) = (x.as_ptr().add(r * k), out.add(r * n));
+                            if rows - r >= 2 {
+                                panel::<2>(xp, w.as_ptr(), op, k, n, p0, p1, i0, i1);
+                                r += 2;
+                            } else {
+                                panel::<1>(xp, w.as_ptr(), op, k, n, p0, p1, i0, i1);
+                                r += 1;
+                            }
                         }
+                        i0 = i1;
                     }
                     p0 = p1;
                 }
@@ -315,11 +329,13 @@ pub(crate) mod kernels {
             }
         }
 
-        /// Accumulates `G` rows' columns `p0..p1` (whole vectors) over all `k` weight rows.
+        /// Accumulates `G` rows' columns `p0..p1` (whole vectors) over the features `i0..i1`,
+        /// four weight rows at a time, then one at a time.
         ///
         /// # Safety
-        /// `x` holds `G` rows of `k`, `w` `k` rows of `n`, `out` `G` rows of `n`; `p1 <= n`;
-        /// the CPU has AVX2 and FMA.
+        /// `x` holds `G` rows of `k`, `w` `k` rows of `n`, `out` `G` rows of `n`; `p1 <= n`,
+        /// `i1 <= k`; the CPU has AVX2 and FMA.
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx2,fma")]
         #[inline]
         unsafe fn panel<const G: usize>(
@@ -330,11 +346,13 @@ pub(crate) mod kernels {
             n: usize,
             p0: usize,
             p1: usize,
+            i0: usize,
+            i1: usize,
         ) {
             // SAFETY: every offset stays within the shapes promised by the caller.
             unsafe {
-                let mut i = 0;
-                while i + 4 <= k {
+                let mut i = i0;
+                while i + 4 <= i1 {
                     let wi = w.add(i * n);
                     let mut a = [[_mm256_setzero_ps(); 4]; G];
                     for (g, ag) in a.iter_mut().enumerate() {
@@ -362,15 +380,15 @@ pub(crate) mod kernels {
                     }
                     i += 4;
                 }
-                while i < k {
+                while i < i1 {
                     let wi = w.add(i * n);
                     for g in 0..G {
                         let a = _mm256_broadcast_ss(&*x.add(g * k + i));
                         let mut c = p0;
                         while c < p1 {
                             let o = out.add(g * n + c);
-                            let w = _mm256_loadu_ps(wi.add(c));
-                            _mm256_storeu_ps(o, _mm256_fmadd_ps(a, w, _mm256_loadu_ps(o)));
+                            let wv = _mm256_loadu_ps(wi.add(c));
+                            _mm256_storeu_ps(o, _mm256_fmadd_ps(a, wv, _mm256_loadu_ps(o)));
                             c += 8;
                         }
                     }
@@ -397,29 +415,31 @@ pub(crate) mod kernels {
             v1: usize,
         ) {
             let quads = v0 + (v1 - v0) / 4 * 4;
-            let mut r = 0;
-            while r < rows {
-                let g = (rows - r).min(2);
-                // SAFETY: rows r..r+g of x and out, weight rows < v1 <= n.
-                unsafe {
-                    let (xp, op) = (x.as_ptr().add(r * k), out.add(r * n));
-                    let mut v = v0;
-                    while v < quads {
-                        if g == 2 {
+            // SAFETY: rows < rows of x and out, weight rows < v1 <= n.
+            unsafe {
+                // Vocabulary rows outer, input rows inner: four weight rows (4 KiB at width
+                // 256) are read once and used by every input row from L1.
+                let mut v = v0;
+                while v < quads {
+                    let mut r = 0;
+                    while r < rows {
+                        let (xp, op) = (x.as_ptr().add(r * k), out.add(r * n));
+                        if rows - r >= 2 {
                             dots::<2>(xp, w.as_ptr(), op, k, n, v);
+                            r += 2;
                         } else {
                             dots::<1>(xp, w.as_ptr(), op, k, n, v);
+                            r += 1;
                         }
-                        v += 4;
                     }
-                    for rr in r..r + g {
-                        for v in quads..v1 {
-                            let xr = &x[rr * k..(rr + 1) * k];
-                            *out.add(rr * n + v) = portable::dot(xr, &w[v * k..(v + 1) * k]);
-                        }
+                    v += 4;
+                }
+                for r in 0..rows {
+                    let xr = &x[r * k..(r + 1) * k];
+                    for v in quads..v1 {
+                        *out.add(r * n + v) = portable::dot(xr, &w[v * k..(v + 1) * k]);
                     }
                 }
-                r += g;
             }
         }
 
