@@ -70,8 +70,8 @@ pub struct DatasetArgs {
     /// Untimed generations before each measured strategy.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Timed passes over the prompts, autoregressive and the strategy alternating; each
-    /// prompt keeps its fastest run (robust to other load on the machine).
+    /// Timed rounds per prompt, autoregressive and the strategy alternating on each prompt;
+    /// each prompt keeps its fastest run of each (robust to other load on the machine).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeats: u32,
 }
