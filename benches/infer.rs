@@ -67,6 +67,7 @@ fn bench_strategies(c: &mut Criterion) {
             sampling: SamplingConfig::default(),
             stop_tokens: vec![],
             draft_vocab: None,
+            draft_confidence: None,
         };
         let g = generator.generate(&prompt, &options, |_| true).unwrap();
         println!(

@@ -50,6 +50,11 @@ pub struct InferArgs {
     /// verification keeps the full head, so the output does not change. Default: all.
     #[arg(long, value_name = "N")]
     pub draft_vocab: Option<usize>,
+    /// Self-speculation stops drafting once a draft's probability under the early exit falls
+    /// below P (that draft is still verified); the output does not change. Default: always
+    /// draft --speculations tokens.
+    #[arg(long, value_name = "P")]
+    pub draft_confidence: Option<f32>,
     /// Maximum new tokens.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
@@ -161,6 +166,7 @@ impl BackendTask for InferArgs {
             },
             stop_tokens: config.eos_token_ids.clone(),
             draft_vocab: self.draft_vocab,
+            draft_confidence: self.draft_confidence,
         };
         let chat = if self.chat {
             Some(ChatTemplate::from_dir(&dir)?)

@@ -67,6 +67,11 @@ pub struct DatasetArgs {
     /// Self-speculation drafts over the token ids 0..N only (see `layerskip infer --help`).
     #[arg(long, value_name = "N")]
     pub draft_vocab: Option<usize>,
+    /// Self-speculation stops drafting once a draft's probability under the early exit falls
+    /// below P (that draft is still verified); the output does not change. Default: always
+    /// draft --speculations tokens.
+    #[arg(long, value_name = "P")]
+    pub draft_confidence: Option<f32>,
     /// Untimed generations before each measured strategy.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -179,6 +184,7 @@ impl DatasetArgs {
             sampling: SamplingConfig::default(),
             stop_tokens,
             draft_vocab: self.draft_vocab,
+            draft_confidence: self.draft_confidence,
         }
     }
 }

@@ -52,6 +52,14 @@ pub struct GenerateOptions {
     /// change.
     #[serde(default)]
     pub draft_vocab: Option<usize>,
+    /// Self-speculation stops drafting early once a draft's probability under the draft
+    /// distribution falls below this threshold (that draft is still verified): uncertain drafts
+    /// are mostly rejected, so drafting past them costs more than it returns. `None` always
+    /// drafts the full `speculations`, as the paper does. The draft length only changes speed:
+    /// greedy output equals autoregressive decoding and sampled output keeps the full model's
+    /// distribution either way (Hugging Face's `assistant_confidence_threshold`).
+    #[serde(default)]
+    pub draft_confidence: Option<f32>,
 }
 
 /// Why a generation ended.
@@ -248,6 +256,13 @@ impl<'m, B: Backend> Generator<'m, B> {
         {
             return bad(format!(
                 "draft vocabulary {n} is out of range: the model's vocabulary has {vocab} tokens"
+            ));
+        }
+        if let Some(c) = options.draft_confidence
+            && !(c > 0.0 && c <= 1.0)
+        {
+            return bad(format!(
+                "draft confidence {c} is out of range: it is a probability in (0, 1]"
             ));
         }
         match options.strategy {

@@ -29,6 +29,7 @@
 //! let options = |strategy| GenerateOptions {
 //!     strategy, max_new_tokens: 16, sampling: SamplingConfig::default(), stop_tokens: vec![],
 //!     draft_vocab: None,
+//!     draft_confidence: None,
 //! };
 //! let ar = generator.generate(&[1, 2, 3], &options(Strategy::Autoregressive), |_| true).unwrap();
 //! let ss = generator

@@ -59,11 +59,14 @@ impl<B: Backend> Generator<'_, B> {
             self.exits.append(h.clone())?;
             let row = self.draft_logit_row(h, run.options)?;
             let (token, dist) = run.choose(row, &history);
+            let unsure = run.options.draft_confidence.is_some_and(|t| {
+                draft_probability(&dist, token, run.options.sampling.is_greedy()) < t
+            });
             drafts.push(token);
             q.push(dist);
             history.push(token);
             input = token;
-            if run.options.stop_tokens.contains(&token) {
+            if unsure || run.options.stop_tokens.contains(&token) {
                 break;
             }
         }
@@ -101,5 +104,36 @@ impl<B: Backend> Generator<'_, B> {
         new.push(next);
         self.emit(run, &new, on_event);
         Ok(())
+    }
+}
+
+/// The probability of the drafted `token` under the draft distribution: `dist` holds
+/// probabilities when sampling, logits (after penalties) when greedy (then `token` is their
+/// argmax and its probability is `1 / sum_i exp(l_i - l_token)`).
+fn draft_probability(dist: &[f32], token: u32, greedy: bool) -> f32 {
+    let chosen = dist[token as usize];
+    if !greedy {
+        return chosen;
+    }
+    let z: f32 = dist
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| (l - chosen).exp())
+        .sum();
+    1.0 / z
+}
+
+#[cfg(test)]
+mod tests {
+    use super::draft_probability;
+
+    /// Greedy: the softmax probability of the argmax, by hand; sampled: the entry itself.
+    #[test]
+    fn draft_probability_is_the_chosen_tokens_softmax_probability() {
+        // softmax([2, 0, ln 2, -inf]) at 0: e^2 / (e^2 + 1 + 2).
+        let logits = [2.0, 0.0, 2f32.ln(), f32::NEG_INFINITY];
+        let want = 2f32.exp() / (2f32.exp() + 3.0);
+        assert!((draft_probability(&logits, 0, true) - want).abs() < 1e-6);
+        assert_eq!(draft_probability(&[0.1, 0.7, 0.2], 1, false), 0.7);
     }
 }

@@ -97,6 +97,39 @@ fn greedy_self_speculation_with_a_draft_vocabulary_equals_autoregressive() {
     }
 }
 
+/// Stopping the draft at an uncertain token shortens drafts (at threshold 1 every step drafts
+/// exactly one token) and never changes the greedy output.
+#[test]
+fn greedy_self_speculation_with_a_draft_confidence_equals_autoregressive() {
+    let model = random_model(1, &config(6, 40, 2, false));
+    let prompt = [5u32, 9, 1, 33, 7, 2, 18];
+    let ar = run(&model, &prompt, &options(Strategy::Autoregressive, 30));
+    let strategy = Strategy::SelfSpeculative {
+        exit_layer: 2,
+        speculations: 5,
+    };
+    let full = run(&model, &prompt, &options(strategy, 30));
+    for threshold in [0.05, 0.3, 0.9, 1.0] {
+        let mut o = options(strategy, 30);
+        o.draft_confidence = Some(threshold);
+        let ss = run(&model, &prompt, &o);
+        assert_eq!(ss.tokens, ar.tokens, "threshold {threshold}");
+        assert!(
+            ss.stats.drafted <= full.stats.drafted,
+            "threshold {threshold}"
+        );
+        if threshold == 1.0 {
+            // At most one draft per step (none in a last step with one token of budget left).
+            assert!(ss.stats.drafted <= ss.stats.steps, "one draft per step");
+            assert!(ss.stats.accepted_histogram[2..].iter().all(|&c| c == 0));
+        }
+    }
+    assert!(
+        full.stats.drafted > full.stats.steps,
+        "the test needs multi-token drafts"
+    );
+}
+
 #[test]
 fn stop_token_inside_a_draft_ends_generation_at_the_same_place() {
     let model = random_model(3, &config(6, 40, 2, false));
@@ -228,8 +261,17 @@ fn sampled_self_speculation_follows_the_full_model_distribution() {
     let runs = 3000;
     // Drafting over ids 0..4 of 6 never proposes tokens 4 and 5: they come only from the
     // residual distribution on rejection, which must still give the full model's law.
-    for draft_vocab in [None, Some(4)] {
-        check_sampled_marginals(&mut generator, &prompt, &exact, runs, draft_vocab);
+    // A confidence threshold makes the number of drafts depend on the drafts drawn; the law
+    // must not change either.
+    for (draft_vocab, confidence) in [(None, None), (Some(4), None), (None, Some(0.4))] {
+        check_sampled_marginals(
+            &mut generator,
+            &prompt,
+            &exact,
+            runs,
+            draft_vocab,
+            confidence,
+        );
     }
     // The early exit's own law is far from the full model's, so accepting every draft would fail.
     let early = model.exit_head(
@@ -261,6 +303,7 @@ fn check_sampled_marginals(
     exact: &[Vec<f64>],
     runs: u64,
     draft_vocab: Option<usize>,
+    draft_confidence: Option<f32>,
 ) {
     let mut counts = vec![vec![0usize; 6]; 3];
     for seed in 0..runs {
@@ -277,6 +320,7 @@ fn check_sampled_marginals(
             },
             stop_tokens: vec![],
             draft_vocab,
+            draft_confidence,
         };
         let g = generator.generate(prompt, &o, |_| true).unwrap();
         for (i, &t) in g.tokens.iter().enumerate() {
@@ -291,7 +335,7 @@ fn check_sampled_marginals(
             .sum();
         assert!(
             chi2 < 20.5,
-            "draft vocab {draft_vocab:?}, token {i}: chi2 {chi2}, counts {c:?}, expected {p:?}"
+            "draft vocab {draft_vocab:?}, confidence {draft_confidence:?}, token {i}: chi2 {chi2}, counts {c:?}, expected {p:?}"
         );
     }
 }
@@ -337,6 +381,21 @@ fn invalid_arguments_are_clear_errors() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(&format!("draft vocabulary {bad}")), "{e}");
+    }
+    for bad in [0.0, 1.5, f32::NAN] {
+        let mut o = options(
+            Strategy::SelfSpeculative {
+                exit_layer: 2,
+                speculations: 2,
+            },
+            4,
+        );
+        o.draft_confidence = Some(bad);
+        let e = generator
+            .generate(&[1], &o, |_| true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("draft confidence"), "{e}");
     }
     let mut err = |strategy, prompt: &[u32]| generator_err(&mut generator, strategy, prompt);
     assert!(err(Strategy::Autoregressive, &[]).contains("empty"));

@@ -47,6 +47,7 @@ pub fn options(strategy: Strategy, max_new_tokens: usize) -> GenerateOptions {
         sampling: SamplingConfig::default(),
         stop_tokens: vec![],
         draft_vocab: None,
+        draft_confidence: None,
     }
 }
 
