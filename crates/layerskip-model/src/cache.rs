@@ -140,6 +140,51 @@ impl<B: Backend> LayerKvCache<B> {
             crate::layer::repeat_kv(v, groups),
         ))
     }
+
+    /// Whether [`attend`](Self::attend) takes these new rows (Flex, f32, at most
+    /// [`MAX_ROWS`](crate::rows::MAX_ROWS) rows).
+    #[cfg(feature = "flex")]
+    pub(crate) fn can_attend(&self, q: &Tensor<B, 4>) -> bool {
+        let buf = self.keys.as_ref().map(|k| k.dtype());
+        buf.is_some_and(|buf| crate::flex::can_attend::<B>(&[q.dtype(), buf], q.dims()[1]))
+    }
+
+    /// Appends new keys and values and returns causal grouped-query attention of the new
+    /// queries over everything held, reading the buffers in place (Flex only, see
+    /// [`can_attend`](Self::can_attend)).
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, new, heads, head_dim]`; `keys`, `values`: `[batch, new, kv_heads,
+    ///   head_dim]` (the projections' layout, rotated)
+    /// - returned: `[batch, new, heads * head_dim]`
+    #[cfg(feature = "flex")]
+    pub(crate) fn attend(
+        &mut self,
+        q: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        groups: usize,
+    ) -> Result<Tensor<B, 3>> {
+        let added = keys.dims()[1];
+        let (k, v) = (
+            self.keys.take().expect("cache buffer present"),
+            self.values.take().expect("cache buffer present"),
+        );
+        let capacity = k.dims()[2];
+        if self.len + added > capacity {
+            (self.keys, self.values) = (Some(k), Some(v));
+            return Err(ModelError::ContextOverflow {
+                requested: self.len + added,
+                capacity,
+            });
+        }
+        let k = crate::flex::write_seq_major(k, self.len, keys);
+        let v = crate::flex::write_seq_major(v, self.len, values);
+        self.len += added;
+        let out = crate::flex::attend(q, &k, &v, self.len, groups);
+        (self.keys, self.values) = (Some(k), Some(v));
+        Ok(out)
+    }
 }
 
 /// A KV cache for every decoder layer, preallocated to a fixed capacity. Each layer keeps its own

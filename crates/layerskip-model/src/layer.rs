@@ -91,21 +91,28 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
-        // [batch, seq, n, head_dim] -> [batch, n, seq, head_dim]
         let heads = |proj: &Linear<B>, n: usize| {
             rows::linear(proj, x.clone()).reshape([b, s, n, self.head_dim])
         };
-        let q = rope
-            .apply_seq_major(heads(&self.q_proj, self.num_heads))
-            .swap_dims(1, 2);
-        let k = rope
-            .apply_seq_major(heads(&self.k_proj, self.num_kv_heads))
-            .swap_dims(1, 2);
-        let v = heads(&self.v_proj, self.num_kv_heads).swap_dims(1, 2);
+        let q = rope.apply_seq_major(heads(&self.q_proj, self.num_heads));
+        let k = rope.apply_seq_major(heads(&self.k_proj, self.num_kv_heads));
+        let v = heads(&self.v_proj, self.num_kv_heads);
+        let groups = self.num_heads / self.num_kv_heads;
+        // Decoding and verification on Flex: attention straight over the cache buffers (no
+        // gathered copy of the cached prefix, no strided head-major views).
+        #[cfg(feature = "flex")]
+        let cache = match cache {
+            Some(cache) if cache.can_attend(&q) => {
+                let out = cache.attend(q, k, v, groups)?;
+                return Ok(rows::linear(&self.o_proj, out));
+            }
+            other => other,
+        };
+        // [batch, seq, n, head_dim] -> [batch, n, seq, head_dim]
+        let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
         // [batch, heads, total, head_dim], query head `h` reading kv head `h / groups`: the causal
         // mask is aligned bottom-right, so the new positions see every cached position and the
         // earlier new ones.
-        let groups = self.num_heads / self.num_kv_heads;
         let (k, v) = match cache {
             Some(cache) => cache.append_for_heads(k, v, groups)?,
             None => (repeat_kv(k, groups), repeat_kv(v, groups)),

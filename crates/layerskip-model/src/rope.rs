@@ -95,6 +95,10 @@ impl<B: Backend> RopeTables<B> {
     /// embedding was 8% of a decode step that way).
     pub fn apply_seq_major(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
+        #[cfg(feature = "flex")]
+        if crate::flex::can_attend::<B>(&[x.dtype(), self.cos.dtype(), self.sin.dtype()], 0) {
+            return crate::flex::rope_seq_major(x, &self.cos, &self.sin);
+        }
         let table = |t: &Tensor<B, 4>| t.clone().reshape([1, s, 1, d]);
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
         let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
