@@ -2,7 +2,8 @@
 //! vocab 49152; random weights, so nothing is downloaded): one prefill of 128 tokens, and one
 //! decode step at a context of 128 through the full model and through an early exit at layer 8.
 //!
-//! The `default-model` group loads the model shipped in `models/default` and times one pass
+//! `smollm2-shaped/verify_4_rows_30_layers` is the same model's pass over 4 new rows (verifying
+//! 3 drafts). The `default-model` group loads the model shipped in `models/default` and times one pass
 //! through all 8 layers plus the exit head over 1, 2, 4 and 8 new rows at a context of 128: the
 //! cost of verifying `d + 1` rows against one-token decoding, which decides whether
 //! self-speculation can pay.
@@ -56,6 +57,22 @@ fn bench_model(c: &mut Criterion) {
             })
         });
     }
+    // Verifying 3 drafts: the same pass over 4 new rows. On a model whose weights do not fit in
+    // the CPU cache this costs little more than one row, unlike the default model's.
+    group.bench_function("verify_4_rows_30_layers", |b| {
+        b.iter(|| {
+            cache.truncate(128);
+            let x = model
+                .forward_layers(
+                    model.embed_ids(&[42, 43, 44, 45]),
+                    0..30,
+                    128,
+                    Some(&mut cache),
+                )
+                .unwrap();
+            model.exit_head(x).argmax(2).into_data()
+        })
+    });
     group.finish();
 }
 
