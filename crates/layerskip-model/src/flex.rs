@@ -152,11 +152,16 @@ impl Geometry {
     }
 }
 
-/// Whether [`attend`], [`write_seq_major`] and [`rope_seq_major`] take these tensors of backend
-/// `B`: Flex, f32 throughout, at most [`crate::rows::MAX_ROWS`] new rows (decoding and
-/// self-speculative verification; prefill keeps Burn's attention).
+/// Whether `B` is Flex and every dtype is f32: what [`rope_seq_major`] takes.
+pub(crate) fn is_flex_f32<B: Backend>(dtypes: &[DType]) -> bool {
+    is_flex::<B>() && dtypes.iter().all(|d| *d == DType::F32)
+}
+
+/// Whether [`attend`] and [`write_seq_major`] take these tensors of backend `B`: Flex, f32
+/// throughout, at most [`crate::rows::MAX_ROWS`] new rows (decoding and self-speculative
+/// verification; prefill keeps Burn's attention).
 pub(crate) fn can_attend<B: Backend>(dtypes: &[DType], rows: usize) -> bool {
-    is_flex::<B>() && rows <= crate::rows::MAX_ROWS && dtypes.iter().all(|d| *d == DType::F32)
+    rows <= crate::rows::MAX_ROWS && is_flex_f32::<B>(dtypes)
 }
 
 /// Writes new keys or values in the projections' layout `[batch, new, kv_heads, head_dim]` into

@@ -96,7 +96,7 @@ impl<B: Backend> RopeTables<B> {
     pub fn apply_seq_major(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
         #[cfg(feature = "flex")]
-        if crate::flex::can_attend::<B>(&[x.dtype(), self.cos.dtype(), self.sin.dtype()], 0) {
+        if crate::flex::is_flex_f32::<B>(&[x.dtype(), self.cos.dtype(), self.sin.dtype()]) {
             return crate::flex::rope_seq_major(x, &self.cos, &self.sin);
         }
         let table = |t: &Tensor<B, 4>| t.clone().reshape([1, s, 1, d]);
