@@ -8,6 +8,17 @@ use burn::tensor::{Tensor, backend::Backend};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 
+/// An error when `added` positions after `len` do not fit in `capacity`.
+fn check_room(len: usize, added: usize, capacity: usize) -> Result<()> {
+    if len + added > capacity {
+        return Err(ModelError::ContextOverflow {
+            requested: len + added,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
 /// Writes `new` at `len..` along `dim` of the preallocated buffer (an error past capacity).
 fn write_along<B: Backend, const D: usize>(
     buffer: &mut Option<Tensor<B, D>>,
@@ -15,16 +26,10 @@ fn write_along<B: Backend, const D: usize>(
     new: Tensor<B, D>,
     dim: usize,
 ) -> Result<()> {
-    let buf = buffer.take().expect("cache buffer present");
-    let capacity = buf.dims()[dim];
+    let capacity = buffer.as_ref().expect("cache buffer present").dims()[dim];
     let added = new.dims()[dim];
-    if len + added > capacity {
-        *buffer = Some(buf);
-        return Err(ModelError::ContextOverflow {
-            requested: len + added,
-            capacity,
-        });
-    }
+    check_room(len, added, capacity)?;
+    let buf = buffer.take().expect("cache buffer present");
     #[cfg(feature = "flex")]
     if crate::flex::can_write_along::<B>(buf.dtype(), new.dtype()) {
         *buffer = Some(crate::flex::write_along(buf, len, new, dim));
@@ -166,18 +171,12 @@ impl<B: Backend> LayerKvCache<B> {
         groups: usize,
     ) -> Result<Tensor<B, 3>> {
         let added = keys.dims()[1];
+        let capacity = self.keys.as_ref().expect("cache buffer present").dims()[2];
+        check_room(self.len, added, capacity)?;
         let (k, v) = (
             self.keys.take().expect("cache buffer present"),
             self.values.take().expect("cache buffer present"),
         );
-        let capacity = k.dims()[2];
-        if self.len + added > capacity {
-            (self.keys, self.values) = (Some(k), Some(v));
-            return Err(ModelError::ContextOverflow {
-                requested: self.len + added,
-                capacity,
-            });
-        }
         let k = crate::flex::write_seq_major(k, self.len, keys);
         let v = crate::flex::write_seq_major(v, self.len, values);
         self.len += added;
