@@ -272,11 +272,13 @@ fn load_layer<B: Backend>(
         num_heads: c.num_heads,
         num_kv_heads: c.num_kv_heads,
         head_dim: hd,
+        packed: Default::default(),
     };
     let mlp = Mlp {
         gate_proj: files.linear(&p("mlp.gate_proj"), h, c.intermediate_size, device)?,
         up_proj: files.linear(&p("mlp.up_proj"), h, c.intermediate_size, device)?,
         down_proj: files.linear(&p("mlp.down_proj"), c.intermediate_size, h, device)?,
+        packed: Default::default(),
     };
     Ok(DecoderLayer {
         self_attn,

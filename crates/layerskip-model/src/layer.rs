@@ -63,6 +63,9 @@ pub struct Attention<B: Backend> {
     pub(crate) num_heads: usize,
     pub(crate) num_kv_heads: usize,
     pub(crate) head_dim: usize,
+    /// Packed copies of q, k, v and o for the row kernels, made on first use.
+    #[module(skip)]
+    pub(crate) packed: [rows::Packed; 4],
 }
 
 impl<B: Backend> Attention<B> {
@@ -76,6 +79,7 @@ impl<B: Backend> Attention<B> {
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: hd,
+            packed: Default::default(),
         }
     }
 
@@ -91,12 +95,13 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
-        let heads = |proj: &Linear<B>, n: usize| {
-            rows::linear(proj, x.clone()).reshape([b, s, n, self.head_dim])
+        let [pq, pk, pv, po] = &self.packed;
+        let heads = |proj: &Linear<B>, packed: &rows::Packed, n: usize| {
+            rows::linear(proj, packed, x.clone()).reshape([b, s, n, self.head_dim])
         };
-        let q = rope.apply_seq_major(heads(&self.q_proj, self.num_heads));
-        let k = rope.apply_seq_major(heads(&self.k_proj, self.num_kv_heads));
-        let v = heads(&self.v_proj, self.num_kv_heads);
+        let q = rope.apply_seq_major(heads(&self.q_proj, pq, self.num_heads));
+        let k = rope.apply_seq_major(heads(&self.k_proj, pk, self.num_kv_heads));
+        let v = heads(&self.v_proj, pv, self.num_kv_heads);
         let groups = self.num_heads / self.num_kv_heads;
         // Decoding and verification on Flex: attention straight over the cache buffers (no
         // gathered copy of the cached prefix, no strided head-major views).
@@ -104,7 +109,7 @@ impl<B: Backend> Attention<B> {
         let cache = match cache {
             Some(cache) if cache.can_attend(&q) => {
                 let out = cache.attend(q, k, v, groups)?;
-                return Ok(rows::linear(&self.o_proj, out));
+                return Ok(rows::linear(&self.o_proj, po, out));
             }
             other => other,
         };
@@ -126,7 +131,7 @@ impl<B: Backend> Attention<B> {
         let out = out
             .swap_dims(1, 2)
             .reshape([b, s, self.num_heads * self.head_dim]);
-        Ok(rows::linear(&self.o_proj, out))
+        Ok(rows::linear(&self.o_proj, po, out))
     }
 }
 
@@ -139,6 +144,9 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     /// `[intermediate, hidden]`
     pub down_proj: Linear<B>,
+    /// Packed copies of gate, up and down for the row kernels, made on first use.
+    #[module(skip)]
+    pub(crate) packed: [rows::Packed; 3],
 }
 
 impl<B: Backend> Mlp<B> {
@@ -148,14 +156,20 @@ impl<B: Backend> Mlp<B> {
             gate_proj: init_linear(h, i, std, device),
             up_proj: init_linear(h, i, std, device),
             down_proj: init_linear(i, h, std, device),
+            packed: Default::default(),
         }
     }
 
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(rows::linear(&self.gate_proj, x.clone()));
-        rows::linear(&self.down_proj, gate * rows::linear(&self.up_proj, x))
+        let [pg, pu, pd] = &self.packed;
+        let gate = silu(rows::linear(&self.gate_proj, pg, x.clone()));
+        rows::linear(
+            &self.down_proj,
+            pd,
+            gate * rows::linear(&self.up_proj, pu, x),
+        )
     }
 }
 

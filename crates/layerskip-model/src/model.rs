@@ -32,6 +32,9 @@ pub struct LlamaModel<B: Backend> {
     config: LlamaConfig,
     #[module(skip)]
     rope: Rope,
+    /// Packed copy of the LM head (or the tied embedding) for the row kernels.
+    #[module(skip)]
+    head_packed: rows::Packed,
 }
 
 /// Which sequences of a batch skip which layers (layer dropout as a mechanism; the policy that
@@ -98,6 +101,7 @@ impl<B: Backend> LlamaModel<B> {
             lm_head,
             config,
             rope,
+            head_packed: Default::default(),
         }
     }
 
@@ -134,8 +138,13 @@ impl<B: Backend> LlamaModel<B> {
     pub fn exit_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let normed = self.norm.forward(hidden);
         match &self.lm_head {
-            Some(head) => rows::linear(head, normed),
-            None => rows::tied_head(self.embed_tokens.val(), normed),
+            Some(head) => rows::linear(head, &self.head_packed, normed),
+            None => rows::tied_head(
+                self.embed_tokens.val(),
+                &self.head_packed,
+                normed,
+                self.config.vocab_size,
+            ),
         }
     }
 
@@ -156,10 +165,9 @@ impl<B: Backend> LlamaModel<B> {
             });
         }
         let normed = self.norm.forward(hidden);
-        let h = self.config.hidden_size;
         Ok(match &self.lm_head {
-            Some(head) => rows::in_out(normed, head.weight.val().slice([0..h, 0..vocab])),
-            None => rows::tied_head(self.embed_tokens.val().slice([0..vocab, 0..h]), normed),
+            Some(head) => rows::linear_cols(head, &self.head_packed, normed, vocab),
+            None => rows::tied_head(self.embed_tokens.val(), &self.head_packed, normed, vocab),
         })
     }
 

@@ -3,15 +3,21 @@
 //!
 //! Flex sends a one-row product to a matrix-vector path but 2-16 rows through gemm's packing
 //! path, which on the default model's shapes costs 2.5-6x a single row: verifying `d + 1` drafts
-//! in one pass then saved nothing. The kernels here stream each weight once for all rows, so four
-//! rows cost about 1.7x one row and eight about 2.5x (8 layers of the default model, one core:
-//! 1.8 / 2.2 / 3.2 / 4.6 ms for 1 / 2 / 4 / 8 rows, against gemm's 2.1 / 5.1 / 8.2 / 11.9).
+//! in one pass then saved nothing. The kernels here read each weight matrix from a packed copy
+//! ([`Packed`], made on first use: panels of 16 output columns, each panel's features in order,
+//! so a panel streams contiguously) and keep up to six rows' accumulators in registers while a
+//! panel streams once: a product over 2-6 rows costs little more than over one, the weights' trip
+//! from memory dominating both (8 layers of the default model, two threads: ~1.0 ms for one row,
+//! ~1.0-1.15 ms for two to five).
 //!
 //! They also serve single rows, and every output is the same chain of fused multiply-adds over
 //! the input features in order whatever the number of rows, so a row's result does not depend
 //! on which other rows share the call: autoregressive decoding (one row) and self-speculative
 //! verification (`d + 1` rows) compute bit-identical logits. Other backends, autodiff (training),
 //! other dtypes and inputs of more than [`MAX_ROWS`] rows (prefill) keep Burn's matmul.
+//!
+//! The packed copy doubles the memory of the f32 weights it covers (the original stays for
+//! prefill, training and the other backends).
 
 use burn::nn::Linear;
 use burn::tensor::Tensor;
@@ -22,67 +28,175 @@ use burn::tensor::backend::Backend;
 /// autoregressive decoding's on Flex f32 for every `d < MAX_ROWS`.
 pub const MAX_ROWS: usize = 32;
 
+/// The packed copy of one weight matrix that the row kernels read, made on first use and shared
+/// by clones of the module that holds it.
+///
+/// It remembers which tensor it was packed from (holding a handle on that storage, so that the
+/// storage can neither be freed and reused nor written in place): weights replaced by loading or
+/// training are packed again on their next use, never read stale.
+#[derive(Clone, Default)]
+pub struct Packed {
+    #[cfg(feature = "flex")]
+    slot: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<flex::Entry>>>>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        #[cfg(feature = "flex")]
+        let packed = self.slot.lock().map(|s| s.is_some()).unwrap_or(false);
+        #[cfg(not(feature = "flex"))]
+        let packed = false;
+        f.debug_struct("Packed").field("packed", &packed).finish()
+    }
+}
+
 /// `x · W` for a bias-free [`Linear`] (`x` `[batch, seq, in]`, `W` `[in, out]`), through the row
-/// kernel when it applies, else `Linear::forward`.
-pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+/// kernel (reading `packed`, `W`'s packed copy) when it applies, else `Linear::forward`.
+pub fn linear<B: Backend>(linear: &Linear<B>, packed: &Packed, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let n = linear.weight.dims()[1];
+    linear_cols(linear, packed, x, n)
+}
+
+/// The first `cols` output columns of [`linear`]: `x · W[:, ..cols]`, bit for bit the same
+/// values on the row-kernel path.
+///
+/// # Panics
+/// When `cols` exceeds the layer's output width.
+pub fn linear_cols<B: Backend>(
+    linear: &Linear<B>,
+    packed: &Packed,
+    x: Tensor<B, 3>,
+    cols: usize,
+) -> Tensor<B, 3> {
+    let [k, n] = linear.weight.dims();
+    assert!(cols <= n, "{cols} columns of a layer with {n} outputs");
     #[cfg(feature = "flex")]
     if linear.bias.is_none()
-        && let Some(out) = flex::try_rows::<B>(x.clone(), linear.weight.val(), flex::Layout::InOut)
+        && let Some(out) = flex::try_rows::<B>(
+            x.clone(),
+            linear.weight.val(),
+            flex::Layout::InOut,
+            packed,
+            cols,
+        )
     {
         return out;
     }
-    linear.forward(x)
+    #[cfg(not(feature = "flex"))]
+    let _ = packed;
+    if cols == n {
+        linear.forward(x)
+    } else {
+        let w = linear.weight.val().slice([0..k, 0..cols]);
+        let out = x.matmul(w.unsqueeze());
+        match &linear.bias {
+            Some(bias) => out + bias.val().narrow(0, 0, cols).unsqueeze(),
+            None => out,
+        }
+    }
 }
 
-/// `x · W` for `x` `[batch, seq, in]` and any `W` `[in, out]` (a view is copied contiguous
-/// first on Flex).
-pub fn in_out<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
+/// `x · Eᵀ` over the first `vocab` rows of `E`, for a tied LM head (`x` `[batch, seq, hidden]`,
+/// `E` `[vocab_size, hidden]` in its stored layout, `packed` its packed copy) -> `[batch, seq,
+/// vocab]`.
+///
+/// # Panics
+/// When `vocab` exceeds the embedding's rows.
+pub fn tied_head<B: Backend>(
+    embed: Tensor<B, 2>,
+    packed: &Packed,
+    x: Tensor<B, 3>,
+    vocab: usize,
+) -> Tensor<B, 3> {
+    let [vocab_size, h] = embed.dims();
+    assert!(
+        vocab <= vocab_size,
+        "{vocab} of {vocab_size} vocabulary rows"
+    );
     #[cfg(feature = "flex")]
-    if let Some(out) = flex::try_rows::<B>(x.clone(), w.clone(), flex::Layout::InOut) {
+    if let Some(out) =
+        flex::try_rows::<B>(x.clone(), embed.clone(), flex::Layout::OutIn, packed, vocab)
+    {
         return out;
     }
-    x.matmul(w.unsqueeze())
-}
-
-/// `x · Eᵀ` for a tied LM head (`x` `[batch, seq, hidden]`, `E` `[vocab, hidden]` in its stored
-/// layout) -> `[batch, seq, vocab]`.
-pub fn tied_head<B: Backend>(embed: Tensor<B, 2>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    #[cfg(feature = "flex")]
-    if let Some(out) = flex::try_rows::<B>(x.clone(), embed.clone(), flex::Layout::OutIn) {
-        return out;
-    }
+    #[cfg(not(feature = "flex"))]
+    let _ = packed;
     // E · xᵀ keeps the embedding in its stored layout (multiplying by a transposed view of it
     // would copy the whole matrix).
-    let [b, s, h] = x.dims();
+    let embed = if vocab == vocab_size {
+        embed
+    } else {
+        embed.slice([0..vocab, 0..h])
+    };
+    let [b, s, _] = x.dims();
     let logits = embed.matmul(x.reshape([b * s, h]).transpose()); // [vocab, b * s]
-    let vocab = logits.dims()[0];
     logits.transpose().reshape([b, s, vocab])
 }
 
 #[cfg(feature = "flex")]
 mod flex {
+    use std::sync::Arc;
+
     use burn::tensor::backend::Backend;
     use burn::tensor::{DType, Shape, Tensor};
     use burn_flex::FlexTensor;
 
-    use super::MAX_ROWS;
+    use super::kernels::Panels;
+    use super::{MAX_ROWS, Packed};
     use crate::flex::{contiguous, is_flex, primitive, wrap};
 
     /// How the weight matrix is stored.
     #[derive(Clone, Copy, PartialEq, Eq)]
     pub enum Layout {
-        /// `[in, out]`, Burn's `Linear` layout: outputs accumulate as axpys over weight rows.
+        /// `[in, out]`, Burn's `Linear` layout.
         InOut,
-        /// `[out, in]`, an embedding used as a tied head: each output is a dot product.
+        /// `[out, in]`, an embedding used as a tied head.
         OutIn,
     }
 
-    /// The kernel's result when `B` is Flex, both tensors are f32 and `x` has at most
-    /// [`MAX_ROWS`] rows; `None` otherwise.
+    /// A packed matrix and the tensor it was packed from.
+    pub struct Entry {
+        /// A handle on the source: while it is held the storage is neither freed nor written
+        /// in place (Flex writes in place only into storage it holds alone).
+        source: FlexTensor,
+        panels: Panels,
+    }
+
+    impl Entry {
+        fn packs(&self, w: &FlexTensor) -> bool {
+            std::ptr::eq(
+                self.source.storage::<f32>().as_ptr(),
+                w.storage::<f32>().as_ptr(),
+            ) && self.source.layout() == w.layout()
+        }
+    }
+
+    impl Packed {
+        /// The packed copy of `w` (contiguous f32), packing it now if it is not the one held.
+        fn of(&self, w: FlexTensor, layout: Layout, k: usize, n: usize) -> Arc<Entry> {
+            let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = slot.as_ref().filter(|e| e.packs(&w)) {
+                return entry.clone();
+            }
+            let ws: &[f32] = &w.storage::<f32>()[w.layout().start_offset()..][..k * n];
+            let panels = match layout {
+                Layout::InOut => Panels::from_in_out(ws, k, n),
+                Layout::OutIn => Panels::from_out_in(ws, k, n),
+            };
+            let entry = Arc::new(Entry { source: w, panels });
+            *slot = Some(entry.clone());
+            entry
+        }
+    }
+
+    /// The kernel's result (the first `cols` outputs) when `B` is Flex, both tensors are f32
+    /// and `x` has at most [`MAX_ROWS`] rows; `None` otherwise.
     pub fn try_rows<B: Backend>(
         x: Tensor<B, 3>,
         w: Tensor<B, 2>,
         layout: Layout,
+        packed: &Packed,
+        cols: usize,
     ) -> Option<Tensor<B, 3>> {
         let [b, s, k] = x.dims();
         let [w0, w1] = w.dims();
@@ -91,36 +205,74 @@ mod flex {
             return None;
         }
         let n = if layout == Layout::InOut { w1 } else { w0 };
+        let entry = packed.of(contiguous(primitive::<B, 2>(w)), layout, k, n);
         let x = contiguous(primitive::<B, 3>(x));
-        let w = contiguous(primitive::<B, 2>(w));
         let xs: &[f32] = &x.storage::<f32>()[x.layout().start_offset()..][..b * s * k];
-        let ws: &[f32] = &w.storage::<f32>()[w.layout().start_offset()..][..k * n];
-        let mut out = FlexTensor::empty(Shape::from(vec![b, s, n]), DType::F32);
+        let mut out = FlexTensor::empty(Shape::from(vec![b, s, cols]), DType::F32);
         let os: &mut [f32] = out.storage_mut::<f32>();
-        match layout {
-            Layout::InOut => super::kernels::x_w(xs, ws, os, b * s, k, n),
-            Layout::OutIn => super::kernels::x_wt(xs, ws, os, b * s, k, n),
-        }
+        super::kernels::x_panels(xs, &entry.panels, os, b * s, cols);
         Some(wrap::<B, 3>(out))
     }
 }
 
-/// The kernels on plain slices. Each output is `fma(x[k-1], w[k-1], ... fma(x[0], w[0], 0))`
-/// (for `x_wt`, eight such chains over strided features summed pairwise, then the tail), the
-/// same operations in the same order for any number of rows.
+/// The kernels on plain slices. Each output is `fma(x[k-1], w[k-1], ... fma(x[0], w[0], 0))`,
+/// the same operations in the same order for any number of rows.
 #[cfg(feature = "flex")]
 pub(crate) mod kernels {
-    /// Output columns per panel: the panel's accumulators for two rows (2 KiB) and four weight
-    /// rows' slices (4 KiB) stay in L1.
-    const PANEL: usize = 256;
+    /// Output columns per panel: two AVX2 vectors, one 64-byte cache line per feature.
+    pub const NR: usize = 16;
 
-    /// Features per block when several pairs of rows share a panel: 16 weight rows of a panel
-    /// (16 KiB) stay in L1 while every pair uses them.
-    const KBLOCK: usize = 16;
+    /// Most rows whose accumulators stay in registers together (6 rows x 2 vectors + 2 weight
+    /// vectors + 1 broadcast = 15 of the 16 AVX2 registers).
+    const MR: usize = 6;
 
-    /// Products of at least this many multiply-adds split their output columns over two
-    /// threads (each output is still one thread's chain, so results do not change).
+    /// Products of at least this many multiply-adds split their panels over two threads (each
+    /// output is still one thread's chain, so results do not change).
     const PARALLEL_WORK: usize = 1 << 17;
+
+    /// One feature's weights for one panel's 16 output columns, on its own cache line.
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    pub struct Line(pub [f32; NR]);
+
+    /// A weight matrix with `k` input features and `n` outputs, in panels of [`NR`] output
+    /// columns: `lines[p * k + i]` holds feature `i`'s weights for outputs `p * NR..`, zero past
+    /// `n` in the last panel.
+    pub struct Panels {
+        lines: Vec<Line>,
+        k: usize,
+        n: usize,
+    }
+
+    impl Panels {
+        fn build(k: usize, n: usize, weight: impl Fn(usize, usize) -> f32) -> Self {
+            let count = n.div_ceil(NR);
+            let mut lines = vec![Line([0.0; NR]); count * k];
+            for p in 0..count {
+                for i in 0..k {
+                    let line = &mut lines[p * k + i].0;
+                    for (j, v) in line.iter_mut().enumerate().take(n - p * NR) {
+                        *v = weight(i, p * NR + j);
+                    }
+                }
+            }
+            Self { lines, k, n }
+        }
+
+        /// From `w` `[k, n]` (Burn's `Linear` layout).
+        pub fn from_in_out(w: &[f32], k: usize, n: usize) -> Self {
+            Self::build(k, n, |i, c| w[i * n + c])
+        }
+
+        /// From `w` `[n, k]` (an embedding read as a tied head).
+        pub fn from_out_in(w: &[f32], k: usize, n: usize) -> Self {
+            Self::build(k, n, |i, c| w[c * k + i])
+        }
+
+        fn count(&self) -> usize {
+            self.n.div_ceil(NR)
+        }
+    }
 
     /// A raw output pointer that two threads write through, on disjoint columns.
     #[derive(Clone, Copy)]
@@ -136,135 +288,88 @@ pub(crate) mod kernels {
         }
     }
 
-    /// Runs `f(c0, c1)` over the columns `0..n`, in two halves (split at a multiple of 8) on two
-    /// threads when the product is large enough.
-    fn split(rows: usize, k: usize, n: usize, f: impl Fn(usize, usize) + Sync) {
-        let mid = n / 16 * 8;
-        if rows >= 2 && rows * k * n >= PARALLEL_WORK && mid > 0 && rayon::current_num_threads() > 1
-        {
-            rayon::join(|| f(0, mid), || f(mid, n));
-        } else {
-            f(0, n);
-        }
-    }
+    /// A kernel over the panels `p0..p1`: `(x, w, out, rows, cols, p0, p1)`.
+    type PanelRange = unsafe fn(&[f32], &Panels, *mut f32, usize, usize, usize, usize);
 
-    /// A kernel over the output columns `c0..c1`: `(x, w, out, rows, k, n, c0, c1)`.
-    type Cols = unsafe fn(&[f32], &[f32], *mut f32, usize, usize, usize, usize, usize);
-
-    /// Runs `fast` when there is one and the CPU has AVX2 and FMA, else `portable`, over the
-    /// output columns (two threads for large products).
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        x: &[f32],
-        w: &[f32],
-        out: &mut [f32],
-        rows: usize,
-        k: usize,
-        n: usize,
-        fast: Option<Cols>,
-        portable: Cols,
-    ) {
-        assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
+    /// `out[r, c] = x[r, :] · w[:, c]` for the first `cols` outputs, `x` `[rows, k]`, `out`
+    /// `[rows, cols]`; AVX2 and FMA when the CPU has them, and two threads for large products.
+    pub fn x_panels(x: &[f32], w: &Panels, out: &mut [f32], rows: usize, cols: usize) {
+        assert!(cols <= w.n && x.len() >= rows * w.k && out.len() >= rows * cols);
         #[cfg(target_arch = "x86_64")]
-        let simd = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
+        let kernel: PanelRange = if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            avx2::panels
+        } else {
+            portable::panels
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        let kernel = fast.filter(|_| simd).unwrap_or(portable);
+        let kernel: PanelRange = portable::panels;
+        let count = cols.div_ceil(NR);
         let o = Out(out.as_mut_ptr());
         // SAFETY: the shapes are asserted above, `kernel` runs on this CPU (checked above for
-        // the SIMD one), and the calls write disjoint columns.
-        split(rows, k, n, |c0, c1| unsafe {
-            kernel(x, w, o.ptr(), rows, k, n, c0, c1)
-        });
-    }
-
-    /// `out[r, :] = x[r, :] · w` with `x` `[rows, k]`, `w` `[k, n]`, `out` `[rows, n]`.
-    pub fn x_w(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
-        #[cfg(target_arch = "x86_64")]
-        let fast: Option<Cols> = Some(avx2::x_w);
-        #[cfg(not(target_arch = "x86_64"))]
-        let fast: Option<Cols> = None;
-        run(x, w, out, rows, k, n, fast, portable::x_w_cols);
-    }
-
-    /// `out[r, v] = x[r, :] · w[v, :]` with `x` `[rows, k]`, `w` `[n, k]`, `out` `[rows, n]`.
-    pub fn x_wt(x: &[f32], w: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
-        #[cfg(target_arch = "x86_64")]
-        let fast: Option<Cols> = Some(avx2::x_wt);
-        #[cfg(not(target_arch = "x86_64"))]
-        let fast: Option<Cols> = None;
-        run(x, w, out, rows, k, n, fast, portable::x_wt_cols);
+        // the SIMD one), and the two calls write disjoint panels.
+        let run = |p0: usize, p1: usize| unsafe { kernel(x, w, o.ptr(), rows, cols, p0, p1) };
+        let mid = count / 2;
+        if rows >= 2
+            && rows * w.k * cols >= PARALLEL_WORK
+            && mid > 0
+            && rayon::current_num_threads() > 1
+        {
+            rayon::join(|| run(0, mid), || run(mid, count));
+        } else {
+            run(0, count);
+        }
+        debug_assert!(w.count() >= count);
     }
 
     /// The reference order, in scalar code: what the SIMD kernels must reproduce bit for bit.
     pub mod portable {
-        /// [`super::x_w`] for the columns `c0..c1` only.
+        use super::{NR, Panels};
+
+        /// [`super::x_panels`] over the panels `p0..p1`, in scalar code.
         ///
         /// # Safety
-        /// `out` holds `rows` rows of `n`; `x` and `w` hold their shapes; `c1 <= n`.
-        #[allow(clippy::too_many_arguments)]
-        pub unsafe fn x_w_cols(
+        /// `out` holds `rows` rows of `cols`; `x` holds `rows` rows of `w.k`; `p1 * NR` does
+        /// not pass `cols` by a whole panel.
+        pub unsafe fn panels(
             x: &[f32],
-            w: &[f32],
+            w: &Panels,
             out: *mut f32,
             rows: usize,
-            k: usize,
-            n: usize,
-            c0: usize,
-            c1: usize,
+            cols: usize,
+            p0: usize,
+            p1: usize,
         ) {
+            let k = w.k;
             for r in 0..rows {
-                for c in c0..c1 {
+                for p in p0..p1 {
+                    for j in 0..NR.min(cols - p * NR) {
+                        let mut acc = 0.0f32;
+                        for i in 0..k {
+                            acc = x[r * k + i].mul_add(w.lines[p * k + i].0[j], acc);
+                        }
+                        // SAFETY: r < rows and p * NR + j < cols.
+                        unsafe { *out.add(r * cols + p * NR + j) = acc };
+                    }
+                }
+            }
+        }
+
+        /// `x · w` for `w` `[k, n]` in its stored layout: the chains of [`panels`], for tests.
+        #[cfg(test)]
+        pub fn x_w(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
+            let mut out = vec![0.0; rows * n];
+            for r in 0..rows {
+                for c in 0..n {
                     let mut acc = 0.0f32;
                     for i in 0..k {
                         acc = x[r * k + i].mul_add(w[i * n + c], acc);
                     }
-                    // SAFETY: r < rows and c < n.
-                    unsafe { *out.add(r * n + c) = acc };
+                    out[r * n + c] = acc;
                 }
             }
-        }
-
-        /// [`super::x_wt`] for the columns (weight rows) `v0..v1` only.
-        ///
-        /// # Safety
-        /// `out` holds `rows` rows of `n`; `x` and `w` hold their shapes; `v1 <= n`.
-        #[allow(clippy::too_many_arguments)]
-        pub unsafe fn x_wt_cols(
-            x: &[f32],
-            w: &[f32],
-            out: *mut f32,
-            rows: usize,
-            k: usize,
-            n: usize,
-            v0: usize,
-            v1: usize,
-        ) {
-            for r in 0..rows {
-                let xr = &x[r * k..(r + 1) * k];
-                for v in v0..v1 {
-                    // SAFETY: r < rows and v < n.
-                    unsafe { *out.add(r * n + v) = dot(xr, &w[v * k..(v + 1) * k]) };
-                }
-            }
-        }
-
-        /// Eight lane sums over features `i ≡ lane (mod 8)`, summed pairwise, then the tail.
-        pub fn dot(x: &[f32], w: &[f32]) -> f32 {
-            let body = x.len() / 8 * 8;
-            let mut lanes = [0.0f32; 8];
-            for i in (0..body).step_by(8) {
-                for (l, lane) in lanes.iter_mut().enumerate() {
-                    *lane = x[i + l].mul_add(w[i + l], *lane);
-                }
-            }
-            let mut s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-                + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-            for i in body..x.len() {
-                s = x[i].mul_add(w[i], s);
-            }
-            s
+            out
         }
     }
 
@@ -272,222 +377,148 @@ pub(crate) mod kernels {
     mod avx2 {
         use std::arch::x86_64::*;
 
-        use super::{KBLOCK, PANEL, portable};
+        use super::{MR, NR, Panels};
 
-        /// Columns `c0..c1` (`c0` a multiple of 8) of `x · w`, rows two at a time, four weight
-        /// rows applied per pass over a panel's accumulators. With more than two rows the
-        /// features go in blocks of [`KBLOCK`]: a block's weight slices are read from memory
-        /// once and reused by every pair of rows from L1, so the weights stream through the
-        /// cache once whatever the number of rows.
+        /// The panels `p0..p1` of `x · w`. The rows go in groups of at most [`MR`], as even as
+        /// possible (7 rows: 4 + 3), each group's accumulators in registers while a panel's
+        /// lines stream; groups of one to three rows take two panels at once, so that at least
+        /// eight independent chains hide the FMA latency. Panels go in pairs, every group
+        /// using a pair before the next (from L1/L2 after the first group).
         ///
         /// # Safety
-        /// The CPU has AVX2 and FMA; `out` holds `rows` rows of `n`; `x`, `w` their shapes.
-        #[allow(clippy::too_many_arguments)]
+        /// The CPU has AVX2 and FMA; as [`super::portable::panels`].
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn x_w(
+        pub unsafe fn panels(
             x: &[f32],
-            w: &[f32],
+            w: &Panels,
             out: *mut f32,
             rows: usize,
-            k: usize,
-            n: usize,
-            c0: usize,
-            c1: usize,
-        ) {
-            let body = (n / 8 * 8).min(c1);
-            // SAFETY: every offset stays within the shapes promised by the caller.
-            unsafe {
-                for r in 0..rows {
-                    std::ptr::write_bytes(out.add(r * n + c0), 0, c1 - c0);
-                }
-                // One group of rows runs through all features at once; with more groups, the
-                // features go in blocks whose weight slices stay in L1 for every group.
-                let block = if rows <= 2 { k } else { KBLOCK };
-                let mut p0 = c0;
-                while p0 < body {
-                    let p1 = (p0 + PANEL).min(body);
-                    let mut i0 = 0;
-                    while i0 < k {
-                        let i1 = (i0 + block).min(k);
-                        let mut r = 0;
-                        while r < rows {
-                            let (xp, op) = (x.as_ptr().add(r * k), out.add(r * n));
-                            if rows - r >= 2 {
-                                panel::<2>(xp, w.as_ptr(), op, k, n, p0, p1, i0, i1);
-                                r += 2;
-                            } else {
-                                panel::<1>(xp, w.as_ptr(), op, k, n, p0, p1, i0, i1);
-                                r += 1;
-                            }
-                        }
-                        i0 = i1;
-                    }
-                    p0 = p1;
-                }
-                // Columns past the last full vector: the same chains in scalar code.
-                portable::x_w_cols(x, w, out, rows, k, n, body.max(c0), c1);
-            }
-        }
-
-        /// Accumulates `G` rows' columns `p0..p1` (whole vectors) over the features `i0..i1`,
-        /// four weight rows at a time, then one at a time.
-        ///
-        /// # Safety
-        /// `x` holds `G` rows of `k`, `w` `k` rows of `n`, `out` `G` rows of `n`; `p1 <= n`,
-        /// `i1 <= k`; the CPU has AVX2 and FMA.
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = "avx2,fma")]
-        #[inline]
-        unsafe fn panel<const G: usize>(
-            x: *const f32,
-            w: *const f32,
-            out: *mut f32,
-            k: usize,
-            n: usize,
+            cols: usize,
             p0: usize,
             p1: usize,
-            i0: usize,
-            i1: usize,
         ) {
+            let (k, lines) = (w.k, w.lines.as_ptr() as *const f32);
+            let groups = rows.div_ceil(MR);
             // SAFETY: every offset stays within the shapes promised by the caller.
             unsafe {
-                let mut i = i0;
-                while i + 4 <= i1 {
-                    let wi = w.add(i * n);
-                    let mut a = [[_mm256_setzero_ps(); 4]; G];
-                    for (g, ag) in a.iter_mut().enumerate() {
-                        for (j, aj) in ag.iter_mut().enumerate() {
-                            *aj = _mm256_broadcast_ss(&*x.add(g * k + i + j));
-                        }
-                    }
-                    let mut c = p0;
-                    while c < p1 {
-                        let ws = [
-                            _mm256_loadu_ps(wi.add(c)),
-                            _mm256_loadu_ps(wi.add(n + c)),
-                            _mm256_loadu_ps(wi.add(2 * n + c)),
-                            _mm256_loadu_ps(wi.add(3 * n + c)),
-                        ];
-                        for (g, ag) in a.iter().enumerate() {
-                            let o = out.add(g * n + c);
-                            let mut acc = _mm256_loadu_ps(o);
-                            for (aj, wj) in ag.iter().zip(ws) {
-                                acc = _mm256_fmadd_ps(*aj, wj, acc);
-                            }
-                            _mm256_storeu_ps(o, acc);
-                        }
-                        c += 8;
-                    }
-                    i += 4;
-                }
-                while i < i1 {
-                    let wi = w.add(i * n);
-                    for g in 0..G {
-                        let a = _mm256_broadcast_ss(&*x.add(g * k + i));
-                        let mut c = p0;
-                        while c < p1 {
-                            let o = out.add(g * n + c);
-                            let wv = _mm256_loadu_ps(wi.add(c));
-                            _mm256_storeu_ps(o, _mm256_fmadd_ps(a, wv, _mm256_loadu_ps(o)));
-                            c += 8;
-                        }
-                    }
-                    i += 1;
-                }
-            }
-        }
-
-        /// Columns (vocabulary rows of `w`) `v0..v1` of `x · wᵀ`: two input rows at a time
-        /// against four weight rows, eight lane accumulators per pair.
-        ///
-        /// # Safety
-        /// As [`x_w`].
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn x_wt(
-            x: &[f32],
-            w: &[f32],
-            out: *mut f32,
-            rows: usize,
-            k: usize,
-            n: usize,
-            v0: usize,
-            v1: usize,
-        ) {
-            let quads = v0 + (v1 - v0) / 4 * 4;
-            // SAFETY: rows < rows of x and out, weight rows < v1 <= n.
-            unsafe {
-                // Vocabulary rows outer, input rows inner: four weight rows (4 KiB at width
-                // 256) are read once and used by every input row from L1.
-                let mut v = v0;
-                while v < quads {
+                let mut p = p0;
+                while p < p1 {
+                    let two = p + 2 <= p1;
+                    let a = lines.add(p * k * NR);
                     let mut r = 0;
-                    while r < rows {
-                        let (xp, op) = (x.as_ptr().add(r * k), out.add(r * n));
-                        if rows - r >= 2 {
-                            dots::<2>(xp, w.as_ptr(), op, k, n, v);
-                            r += 2;
-                        } else {
-                            dots::<1>(xp, w.as_ptr(), op, k, n, v);
-                            r += 1;
+                    for g in 0..groups {
+                        let size = rows / groups + usize::from(g < rows % groups);
+                        let (xr, or) = (x.as_ptr().add(r * k), out.add(r * cols));
+                        match (size, two) {
+                            (1, true) => block::<1, 2>(xr, a, or, k, cols, p),
+                            (2, true) => block::<2, 2>(xr, a, or, k, cols, p),
+                            (3, true) => block::<3, 2>(xr, a, or, k, cols, p),
+                            (1, false) => block::<1, 1>(xr, a, or, k, cols, p),
+                            (2, false) => block::<2, 1>(xr, a, or, k, cols, p),
+                            (3, false) => block::<3, 1>(xr, a, or, k, cols, p),
+                            (4, _) => each::<4>(xr, a, or, k, cols, p, two),
+                            (5, _) => each::<5>(xr, a, or, k, cols, p, two),
+                            _ => each::<MR>(xr, a, or, k, cols, p, two),
                         }
+                        r += size;
                     }
-                    v += 4;
-                }
-                for r in 0..rows {
-                    let xr = &x[r * k..(r + 1) * k];
-                    for v in quads..v1 {
-                        *out.add(r * n + v) = portable::dot(xr, &w[v * k..(v + 1) * k]);
-                    }
+                    p += if two { 2 } else { 1 };
                 }
             }
         }
 
-        /// `out[g, v + j] = x[g] · w[v + j]` for `g < G`, `j < 4`, in `portable::dot`'s order.
+        /// `G` rows against panel `p`, and panel `p + 1` too when `two`, one at a time.
         ///
         /// # Safety
-        /// `x` holds `G` rows of `k`, `w` at least `v + 4` rows of `k`, `out` `G` rows of `n`;
-        /// the CPU has AVX2 and FMA.
+        /// As [`block`] (for two panels when `two`).
         #[target_feature(enable = "avx2,fma")]
         #[inline]
-        unsafe fn dots<const G: usize>(
+        unsafe fn each<const G: usize>(
             x: *const f32,
-            w: *const f32,
+            a: *const f32,
             out: *mut f32,
             k: usize,
-            n: usize,
-            v: usize,
+            cols: usize,
+            p: usize,
+            two: bool,
         ) {
-            // SAFETY: every offset stays within the shapes promised by the caller.
+            // SAFETY: as promised by the caller.
             unsafe {
-                let body = k / 8 * 8;
-                let mut acc = [[_mm256_setzero_ps(); 4]; G];
-                let mut i = 0;
-                while i < body {
-                    let ws = [
-                        _mm256_loadu_ps(w.add(v * k + i)),
-                        _mm256_loadu_ps(w.add((v + 1) * k + i)),
-                        _mm256_loadu_ps(w.add((v + 2) * k + i)),
-                        _mm256_loadu_ps(w.add((v + 3) * k + i)),
-                    ];
+                block::<G, 1>(x, a, out, k, cols, p);
+                if two {
+                    block::<G, 1>(x, a.add(k * NR), out, k, cols, p + 1);
+                }
+            }
+        }
+
+        /// `G` rows against the `P` panels from `p` (their lines from `a`): `2 G P` chains.
+        ///
+        /// # Safety
+        /// `x` holds `G` rows of `k`, `a` `P * k` lines, `out` `G` rows of `cols` with
+        /// `p * NR < cols`.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn block<const G: usize, const P: usize>(
+            x: *const f32,
+            a: *const f32,
+            out: *mut f32,
+            k: usize,
+            cols: usize,
+            p: usize,
+        ) {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                let mut acc = [[[_mm256_setzero_ps(); 2]; P]; G];
+                for i in 0..k {
+                    let mut w = [[_mm256_setzero_ps(); 2]; P];
+                    for (j, wj) in w.iter_mut().enumerate() {
+                        let line = a.add((j * k + i) * NR);
+                        *wj = [_mm256_load_ps(line), _mm256_load_ps(line.add(8))];
+                    }
                     for (g, accg) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_loadu_ps(x.add(g * k + i));
-                        for (a, wj) in accg.iter_mut().zip(ws) {
-                            *a = _mm256_fmadd_ps(xv, wj, *a);
+                        let xv = _mm256_broadcast_ss(&*x.add(g * k + i));
+                        for (accj, wj) in accg.iter_mut().zip(&w) {
+                            accj[0] = _mm256_fmadd_ps(xv, wj[0], accj[0]);
+                            accj[1] = _mm256_fmadd_ps(xv, wj[1], accj[1]);
                         }
                     }
-                    i += 8;
                 }
+                // `j` picks the panel inside each row's accumulators.
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..P {
+                    let c = (p + j) * NR;
+                    if c < cols {
+                        let rows: [[__m256; 2]; G] = std::array::from_fn(|g| acc[g][j]);
+                        store::<G>(&rows, out, cols, c);
+                    }
+                }
+            }
+        }
+
+        /// Writes `G` rows' accumulators to the columns `c..c + 16` of `out`, cut at `cols`.
+        ///
+        /// # Safety
+        /// `out` holds `G` rows of `cols`, `c < cols`.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn store<const G: usize>(
+            acc: &[[__m256; 2]; G],
+            out: *mut f32,
+            cols: usize,
+            c: usize,
+        ) {
+            // SAFETY: as promised by the caller; partial panels go through a buffer.
+            unsafe {
                 for (g, accg) in acc.iter().enumerate() {
-                    for (j, a) in accg.iter().enumerate() {
-                        let mut lanes = [0.0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-                        let mut s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-                            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-                        for t in body..k {
-                            s = (*x.add(g * k + t)).mul_add(*w.add((v + j) * k + t), s);
-                        }
-                        *out.add(g * n + v + j) = s;
+                    let o = out.add(g * cols + c);
+                    if c + NR <= cols {
+                        _mm256_storeu_ps(o, accg[0]);
+                        _mm256_storeu_ps(o.add(8), accg[1]);
+                    } else {
+                        let mut buf = [0.0f32; NR];
+                        _mm256_storeu_ps(buf.as_mut_ptr(), accg[0]);
+                        _mm256_storeu_ps(buf.as_mut_ptr().add(8), accg[1]);
+                        std::ptr::copy_nonoverlapping(buf.as_ptr(), o, cols - c);
                     }
                 }
             }
@@ -510,23 +541,60 @@ pub(crate) mod kernels {
                 .collect()
         }
 
-        /// The dispatched (SIMD) kernels reproduce the scalar reference bit for bit, for every
-        /// row count and for shapes with tails in both dimensions.
+        /// `w` `[k, n]` transposed to `[n, k]`.
+        fn transpose(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+            (0..n * k).map(|j| w[(j % k) * n + j / k]).collect()
+        }
+
+        fn run(x: &[f32], w: &Panels, rows: usize, cols: usize) -> Vec<f32> {
+            let mut out = vec![f32::NAN; rows * cols];
+            x_panels(x, w, &mut out, rows, cols);
+            out
+        }
+
+        fn scalar(x: &[f32], w: &Panels, rows: usize, cols: usize) -> Vec<f32> {
+            let mut out = vec![f32::NAN; rows * cols];
+            // SAFETY: `out` holds rows x cols, `x` rows x k; the panels cover `cols`.
+            unsafe { portable::panels(x, w, out.as_mut_ptr(), rows, cols, 0, cols.div_ceil(NR)) };
+            out
+        }
+
+        /// The dispatched (SIMD, threaded) kernel reproduces the scalar chains on the stored
+        /// layout bit for bit, packed from either layout, for every row count (one group, several
+        /// groups, a remainder) and for widths with a partial last panel or a prefix of columns.
         #[test]
         fn simd_kernels_match_the_scalar_order_bit_for_bit() {
-            for (k, n) in [(256, 768), (768, 256), (37, 11), (4, 1), (9, 300)] {
+            for (k, n) in [
+                (256, 768),
+                (768, 256),
+                (37, 11),
+                (4, 1),
+                (9, 300),
+                (64, 4096),
+            ] {
                 let w = values(k * n, 1);
-                for rows in 1..=5 {
+                let want_layout = Panels::from_in_out(&w, k, n);
+                let from_t = Panels::from_out_in(&transpose(&w, k, n), k, n);
+                for rows in [1, 2, 3, 4, 5, 6, 7, 9, 13] {
                     let x = values(rows * k, 2 + rows as u64);
-                    let (mut got, mut want) = (vec![0.0; rows * n], vec![0.0; rows * n]);
-                    x_w(&x, &w, &mut got, rows, k, n);
-                    // SAFETY: `want` holds rows x n, `x` and `w` their shapes.
-                    unsafe { portable::x_w_cols(&x, &w, want.as_mut_ptr(), rows, k, n, 0, n) };
-                    assert_eq!(got, want, "x_w k {k} n {n} rows {rows}");
-                    x_wt(&x, &w, &mut got, rows, k, n);
-                    // SAFETY: as above.
-                    unsafe { portable::x_wt_cols(&x, &w, want.as_mut_ptr(), rows, k, n, 0, n) };
-                    assert_eq!(got, want, "x_wt k {k} n {n} rows {rows}");
+                    let want = portable::x_w(&x, &w, rows, k, n);
+                    for panels in [&want_layout, &from_t] {
+                        assert_eq!(run(&x, panels, rows, n), want, "k {k} n {n} rows {rows}");
+                        assert_eq!(scalar(&x, panels, rows, n), want, "scalar k {k} n {n}");
+                    }
+                    for cols in [1, n / 2 + 3, n - 1]
+                        .into_iter()
+                        .filter(|&c| c >= 1 && c <= n)
+                    {
+                        let got = run(&x, &want_layout, rows, cols);
+                        for r in 0..rows {
+                            assert_eq!(
+                                &got[r * cols..(r + 1) * cols],
+                                &want[r * n..r * n + cols],
+                                "k {k} n {n} rows {rows} cols {cols}"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -536,19 +604,14 @@ pub(crate) mod kernels {
         #[test]
         fn a_row_is_computed_the_same_whatever_the_batch() {
             let (k, n) = (768, 256);
-            let w = values(k * n, 7);
-            let rows = 7;
-            let x = values(rows * k, 8);
-            let mut all = vec![0.0; rows * n];
-            x_w(&x, &w, &mut all, rows, k, n);
-            let mut all_t = vec![0.0; rows * n];
-            x_wt(&x, &w, &mut all_t, rows, k, n);
-            for r in 0..rows {
-                let mut one = vec![0.0; n];
-                x_w(&x[r * k..(r + 1) * k], &w, &mut one, 1, k, n);
-                assert_eq!(&all[r * n..(r + 1) * n], &one[..], "x_w row {r}");
-                x_wt(&x[r * k..(r + 1) * k], &w, &mut one, 1, k, n);
-                assert_eq!(&all_t[r * n..(r + 1) * n], &one[..], "x_wt row {r}");
+            let w = Panels::from_in_out(&values(k * n, 7), k, n);
+            for rows in [2, 5, 7, 12] {
+                let x = values(rows * k, 8);
+                let all = run(&x, &w, rows, n);
+                for r in 0..rows {
+                    let one = run(&x[r * k..(r + 1) * k], &w, 1, n);
+                    assert_eq!(&all[r * n..(r + 1) * n], &one[..], "{rows} rows, row {r}");
+                }
             }
         }
 
@@ -557,11 +620,9 @@ pub(crate) mod kernels {
         fn kernels_compute_the_product() {
             let (rows, k, n) = (3, 300, 70);
             let (x, w) = (values(rows * k, 3), values(k * n, 4));
-            let mut out = vec![0.0; rows * n];
-            x_w(&x, &w, &mut out, rows, k, n);
-            let mut out_t = vec![0.0; rows * n];
-            // w read as [n, k] for the transposed kernel: the same numbers, another product.
-            x_wt(&x, &w[..n * k], &mut out_t, rows, k, n);
+            let out = run(&x, &Panels::from_in_out(&w, k, n), rows, n);
+            // The same numbers read as an embedding `[n, k]`: another product.
+            let out_t = run(&x, &Panels::from_out_in(&w, k, n), rows, n);
             for r in 0..rows {
                 for c in 0..n {
                     let exact: f64 = (0..k)
