@@ -379,6 +379,10 @@ pub(crate) mod kernels {
 
         use super::{MR, NR, Panels};
 
+        /// Lines ahead of the one in use that the kernel asks the cache to fetch: the hardware
+        /// prefetcher alone falls behind when several rows share each line.
+        const PREFETCH: usize = 32;
+
         /// The panels `p0..p1` of `x · w`. The rows go in groups of at most [`MR`], as even as
         /// possible (7 rows: 4 + 3), each group's accumulators in registers while a panel's
         /// lines stream; groups of one to three rows take two panels at once, so that at least
@@ -473,6 +477,8 @@ pub(crate) mod kernels {
                     let mut w = [[_mm256_setzero_ps(); 2]; P];
                     for (j, wj) in w.iter_mut().enumerate() {
                         let line = a.add((j * k + i) * NR);
+                        // A hint only: past the end of the lines it reads nothing.
+                        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH * NR) as *const i8);
                         *wj = [_mm256_load_ps(line), _mm256_load_ps(line.add(8))];
                     }
                     for (g, accg) in acc.iter_mut().enumerate() {
