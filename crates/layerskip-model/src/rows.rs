@@ -226,8 +226,12 @@ pub(crate) mod kernels {
     /// vectors + 1 broadcast = 15 of the 16 AVX2 registers).
     const MR: usize = 6;
 
-    /// Products of at least this many multiply-adds split their panels over two threads (each
-    /// output is still one thread's chain, so results do not change).
+    /// Products of at least this many multiply-adds and more than [`MR`] rows split their panels
+    /// over two threads (each output is still one thread's chain, so results do not change).
+    /// With fewer rows a product is bound by the weights' trip from memory, which a second
+    /// thread on this kind of 2-vCPU machine does not speed up, while waking it costs: 2 and 4
+    /// rows of the default model's 8 layers took 1.2-1.4 and 1.7 ms on two threads against
+    /// 0.8-0.9 and 1.1 ms on one.
     const PARALLEL_WORK: usize = 1 << 17;
 
     /// One feature's weights for one panel's 16 output columns, on its own cache line.
@@ -235,43 +239,85 @@ pub(crate) mod kernels {
     #[derive(Clone, Copy)]
     pub struct Line(pub [f32; NR]);
 
+    /// [`Line`] for weights that are exact in bfloat16: the upper 16 bits of each f32, half a
+    /// cache line.
+    #[repr(C, align(32))]
+    #[derive(Clone, Copy)]
+    pub struct HalfLine(pub [u16; NR]);
+
+    /// The lines of a [`Panels`].
+    enum Lines {
+        F32(Vec<Line>),
+        /// Every weight is a bfloat16 value (a checkpoint stored in bf16, computed in f32): the
+        /// same numbers in half the bytes, so the kernels' products do not change.
+        Bf16(Vec<HalfLine>),
+    }
+
     /// A weight matrix with `k` input features and `n` outputs, in panels of [`NR`] output
-    /// columns: `lines[p * k + i]` holds feature `i`'s weights for outputs `p * NR..`, zero past
+    /// columns: line `p * k + i` holds feature `i`'s weights for outputs `p * NR..`, zero past
     /// `n` in the last panel.
     pub struct Panels {
-        lines: Vec<Line>,
+        lines: Lines,
         k: usize,
         n: usize,
     }
 
     impl Panels {
-        fn build(k: usize, n: usize, weight: impl Fn(usize, usize) -> f32) -> Self {
+        fn build(k: usize, n: usize, bf16: bool, weight: impl Fn(usize, usize) -> f32) -> Self {
             let count = n.div_ceil(NR);
-            let mut lines = vec![Line([0.0; NR]); count * k];
-            for p in 0..count {
-                for i in 0..k {
-                    let line = &mut lines[p * k + i].0;
-                    for (j, v) in line.iter_mut().enumerate().take(n - p * NR) {
-                        *v = weight(i, p * NR + j);
+            let fill = |set: &mut dyn FnMut(usize, usize, f32)| {
+                for p in 0..count {
+                    for i in 0..k {
+                        for j in 0..NR.min(n - p * NR) {
+                            set(p * k + i, j, weight(i, p * NR + j));
+                        }
                     }
                 }
-            }
+            };
+            let lines = if bf16 {
+                let mut lines = vec![HalfLine([0; NR]); count * k];
+                fill(&mut |l, j, v| lines[l].0[j] = (v.to_bits() >> 16) as u16);
+                Lines::Bf16(lines)
+            } else {
+                let mut lines = vec![Line([0.0; NR]); count * k];
+                fill(&mut |l, j, v| lines[l].0[j] = v);
+                Lines::F32(lines)
+            };
             Self { lines, k, n }
         }
 
         /// From `w` `[k, n]` (Burn's `Linear` layout).
         pub fn from_in_out(w: &[f32], k: usize, n: usize) -> Self {
-            Self::build(k, n, |i, c| w[i * n + c])
+            Self::build(k, n, exact_in_bf16(w), |i, c| w[i * n + c])
         }
 
         /// From `w` `[n, k]` (an embedding read as a tied head).
         pub fn from_out_in(w: &[f32], k: usize, n: usize) -> Self {
-            Self::build(k, n, |i, c| w[c * k + i])
+            Self::build(k, n, exact_in_bf16(w), |i, c| w[c * k + i])
+        }
+
+        /// Whether the lines hold bfloat16 values.
+        #[cfg(test)]
+        pub fn is_bf16(&self) -> bool {
+            matches!(self.lines, Lines::Bf16(_))
+        }
+
+        /// Weight of feature `i` for output `p * NR + j`.
+        fn weight(&self, p: usize, i: usize, j: usize) -> f32 {
+            match &self.lines {
+                Lines::F32(lines) => lines[p * self.k + i].0[j],
+                Lines::Bf16(lines) => f32::from_bits(u32::from(lines[p * self.k + i].0[j]) << 16),
+            }
         }
 
         fn count(&self) -> usize {
             self.n.div_ceil(NR)
         }
+    }
+
+    /// Whether every value is a bfloat16 value (its low 16 bits zero).
+    fn exact_in_bf16(w: &[f32]) -> bool {
+        w.iter().all(|v| v.to_bits() & 0xffff == 0)
     }
 
     /// A raw output pointer that two threads write through, on disjoint columns.
@@ -311,7 +357,7 @@ pub(crate) mod kernels {
         // the SIMD one), and the two calls write disjoint panels.
         let run = |p0: usize, p1: usize| unsafe { kernel(x, w, o.ptr(), rows, cols, p0, p1) };
         let mid = count / 2;
-        if rows >= 2
+        if rows > MR
             && rows * w.k * cols >= PARALLEL_WORK
             && mid > 0
             && rayon::current_num_threads() > 1
@@ -347,7 +393,7 @@ pub(crate) mod kernels {
                     for j in 0..NR.min(cols - p * NR) {
                         let mut acc = 0.0f32;
                         for i in 0..k {
-                            acc = x[r * k + i].mul_add(w.lines[p * k + i].0[j], acc);
+                            acc = x[r * k + i].mul_add(w.weight(p, i, j), acc);
                         }
                         // SAFETY: r < rows and p * NR + j < cols.
                         unsafe { *out.add(r * cols + p * NR + j) = acc };
@@ -379,9 +425,50 @@ pub(crate) mod kernels {
 
         use super::{MR, NR, Panels};
 
-        /// Lines ahead of the one in use that the kernel asks the cache to fetch: the hardware
-        /// prefetcher alone falls behind when several rows share each line.
-        const PREFETCH: usize = 32;
+        /// Bytes ahead of the line in use that the kernel asks the cache to fetch (32 f32
+        /// lines): the hardware prefetcher alone falls behind when several rows share each line.
+        const PREFETCH: usize = 2048;
+
+        /// How a kernel reads one line of 16 weights as two f32 vectors.
+        trait Load {
+            /// Bytes per line.
+            const BYTES: usize;
+            /// # Safety
+            /// `line` is a line of this kind, aligned; the CPU has AVX2.
+            unsafe fn load(line: *const u8) -> [__m256; 2];
+        }
+
+        /// [`super::Line`]: 16 f32.
+        struct F32;
+        impl Load for F32 {
+            const BYTES: usize = 64;
+            #[inline(always)]
+            unsafe fn load(line: *const u8) -> [__m256; 2] {
+                let line = line as *const f32;
+                // SAFETY: as promised by the caller.
+                unsafe { [_mm256_load_ps(line), _mm256_load_ps(line.add(8))] }
+            }
+        }
+
+        /// [`super::HalfLine`]: 16 bfloat16, widened exactly (shifted into the upper half).
+        struct Bf16;
+        impl Load for Bf16 {
+            const BYTES: usize = 32;
+            #[inline(always)]
+            unsafe fn load(line: *const u8) -> [__m256; 2] {
+                let line = line as *const __m128i;
+                // SAFETY: as promised by the caller.
+                unsafe {
+                    let widen = |h: __m128i| {
+                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                    };
+                    [
+                        widen(_mm_load_si128(line)),
+                        widen(_mm_load_si128(line.add(1))),
+                    ]
+                }
+            }
+        }
 
         /// The panels `p0..p1` of `x · w`. The rows go in groups of at most [`MR`], as even as
         /// possible (7 rows: 4 + 3), each group's accumulators in registers while a panel's
@@ -401,28 +488,56 @@ pub(crate) mod kernels {
             p0: usize,
             p1: usize,
         ) {
-            let (k, lines) = (w.k, w.lines.as_ptr() as *const f32);
+            // SAFETY: as promised by the caller.
+            unsafe {
+                match &w.lines {
+                    super::Lines::F32(l) => {
+                        run::<F32>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                    }
+                    super::Lines::Bf16(l) => {
+                        run::<Bf16>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                    }
+                }
+            }
+        }
+
+        /// [`panels`] over lines of kind `W` from `lines`.
+        ///
+        /// # Safety
+        /// As [`panels`], `lines` holding the panels' lines.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run<W: Load>(
+            x: &[f32],
+            lines: *const u8,
+            k: usize,
+            out: *mut f32,
+            rows: usize,
+            cols: usize,
+            p0: usize,
+            p1: usize,
+        ) {
             let groups = rows.div_ceil(MR);
             // SAFETY: every offset stays within the shapes promised by the caller.
             unsafe {
                 let mut p = p0;
                 while p < p1 {
                     let two = p + 2 <= p1;
-                    let a = lines.add(p * k * NR);
+                    let a = lines.add(p * k * W::BYTES);
                     let mut r = 0;
                     for g in 0..groups {
                         let size = rows / groups + usize::from(g < rows % groups);
                         let (xr, or) = (x.as_ptr().add(r * k), out.add(r * cols));
                         match (size, two) {
-                            (1, true) => block::<1, 2>(xr, a, or, k, cols, p),
-                            (2, true) => block::<2, 2>(xr, a, or, k, cols, p),
-                            (3, true) => block::<3, 2>(xr, a, or, k, cols, p),
-                            (1, false) => block::<1, 1>(xr, a, or, k, cols, p),
-                            (2, false) => block::<2, 1>(xr, a, or, k, cols, p),
-                            (3, false) => block::<3, 1>(xr, a, or, k, cols, p),
-                            (4, _) => each::<4>(xr, a, or, k, cols, p, two),
-                            (5, _) => each::<5>(xr, a, or, k, cols, p, two),
-                            _ => each::<MR>(xr, a, or, k, cols, p, two),
+                            (1, true) => block::<W, 1, 2>(xr, a, or, k, cols, p),
+                            (2, true) => block::<W, 2, 2>(xr, a, or, k, cols, p),
+                            (3, true) => block::<W, 3, 2>(xr, a, or, k, cols, p),
+                            (1, false) => block::<W, 1, 1>(xr, a, or, k, cols, p),
+                            (2, false) => block::<W, 2, 1>(xr, a, or, k, cols, p),
+                            (3, false) => block::<W, 3, 1>(xr, a, or, k, cols, p),
+                            (4, _) => each::<W, 4>(xr, a, or, k, cols, p, two),
+                            (5, _) => each::<W, 5>(xr, a, or, k, cols, p, two),
+                            _ => each::<W, MR>(xr, a, or, k, cols, p, two),
                         }
                         r += size;
                     }
@@ -437,9 +552,9 @@ pub(crate) mod kernels {
         /// As [`block`] (for two panels when `two`).
         #[target_feature(enable = "avx2,fma")]
         #[inline]
-        unsafe fn each<const G: usize>(
+        unsafe fn each<W: Load, const G: usize>(
             x: *const f32,
-            a: *const f32,
+            a: *const u8,
             out: *mut f32,
             k: usize,
             cols: usize,
@@ -448,9 +563,9 @@ pub(crate) mod kernels {
         ) {
             // SAFETY: as promised by the caller.
             unsafe {
-                block::<G, 1>(x, a, out, k, cols, p);
+                block::<W, G, 1>(x, a, out, k, cols, p);
                 if two {
-                    block::<G, 1>(x, a.add(k * NR), out, k, cols, p + 1);
+                    block::<W, G, 1>(x, a.add(k * W::BYTES), out, k, cols, p + 1);
                 }
             }
         }
@@ -462,9 +577,9 @@ pub(crate) mod kernels {
         /// `p * NR < cols`.
         #[target_feature(enable = "avx2,fma")]
         #[inline]
-        unsafe fn block<const G: usize, const P: usize>(
+        unsafe fn block<W: Load, const G: usize, const P: usize>(
             x: *const f32,
-            a: *const f32,
+            a: *const u8,
             out: *mut f32,
             k: usize,
             cols: usize,
@@ -476,10 +591,10 @@ pub(crate) mod kernels {
                 for i in 0..k {
                     let mut w = [[_mm256_setzero_ps(); 2]; P];
                     for (j, wj) in w.iter_mut().enumerate() {
-                        let line = a.add((j * k + i) * NR);
+                        let line = a.add((j * k + i) * W::BYTES);
                         // A hint only: past the end of the lines it reads nothing.
-                        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH * NR) as *const i8);
-                        *wj = [_mm256_load_ps(line), _mm256_load_ps(line.add(8))];
+                        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH) as *const i8);
+                        *wj = W::load(line);
                     }
                     for (g, accg) in acc.iter_mut().enumerate() {
                         let xv = _mm256_broadcast_ss(&*x.add(g * k + i));
@@ -566,21 +681,29 @@ pub(crate) mod kernels {
         }
 
         /// The dispatched (SIMD, threaded) kernel reproduces the scalar chains on the stored
-        /// layout bit for bit, packed from either layout, for every row count (one group, several
-        /// groups, a remainder) and for widths with a partial last panel or a prefix of columns.
+        /// layout bit for bit, packed from either layout, in f32 or (for bfloat16 values) half
+        /// the bytes, for every row count (one group, several groups, a remainder) and for widths
+        /// with a partial last panel or a prefix of columns.
         #[test]
         fn simd_kernels_match_the_scalar_order_bit_for_bit() {
-            for (k, n) in [
+            let shapes = [
                 (256, 768),
                 (768, 256),
                 (37, 11),
                 (4, 1),
                 (9, 300),
                 (64, 4096),
-            ] {
-                let w = values(k * n, 1);
+            ];
+            for ((k, n), bf16) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+                let mut w = values(k * n, 1);
+                if bf16 {
+                    // bfloat16 values: the panels keep them in half the bytes.
+                    w.iter_mut()
+                        .for_each(|v| *v = f32::from_bits(v.to_bits() & 0xffff_0000));
+                }
                 let want_layout = Panels::from_in_out(&w, k, n);
                 let from_t = Panels::from_out_in(&transpose(&w, k, n), k, n);
+                assert_eq!((want_layout.is_bf16(), from_t.is_bf16()), (bf16, bf16));
                 for rows in [1, 2, 3, 4, 5, 6, 7, 9, 13] {
                     let x = values(rows * k, 2 + rows as u64);
                     let want = portable::x_w(&x, &w, rows, k, n);
