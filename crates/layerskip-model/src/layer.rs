@@ -164,12 +164,13 @@ impl<B: Backend> Mlp<B> {
     /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [pg, pu, pd] = &self.packed;
-        let gate = silu(rows::linear(&self.gate_proj, pg, x.clone()));
-        rows::linear(
-            &self.down_proj,
-            pd,
-            gate * rows::linear(&self.up_proj, pu, x),
-        )
+        let gate = rows::linear(&self.gate_proj, pg, x.clone());
+        let up = rows::linear(&self.up_proj, pu, x);
+        #[cfg(feature = "flex")]
+        let product = crate::flex::silu_mul(&gate, &up).unwrap_or_else(|| silu(gate) * up);
+        #[cfg(not(feature = "flex"))]
+        let product = silu(gate) * up;
+        rows::linear(&self.down_proj, pd, product)
     }
 }
 
