@@ -4,7 +4,7 @@
 //!
 //! `smollm2-shaped/verify_4_rows_30_layers` is the same model's pass over 4 new rows (verifying
 //! 3 drafts). The `default-model` group loads the model shipped in `models/default` and times one pass
-//! through all 8 layers plus the exit head over 1, 2, 4 and 8 new rows at a context of 128: the
+//! through all 8 layers plus the exit head over 1, 2, 3, 4, 5 and 8 new rows at a context of 128: the
 //! cost of verifying `d + 1` rows against one-token decoding, which decides whether
 //! self-speculation can pay.
 //!
@@ -89,7 +89,7 @@ fn bench_default_model(c: &mut Criterion) {
         .unwrap();
     let mut group = c.benchmark_group("default-model");
     group.sample_size(20);
-    for rows in [1usize, 2, 4, 8] {
+    for rows in [1usize, 2, 3, 4, 5, 8] {
         let ids: Vec<u32> = (0..rows as u32).map(|i| 100 + i).collect();
         group.bench_function(format!("pass_{rows}_rows"), |b| {
             b.iter(|| {
