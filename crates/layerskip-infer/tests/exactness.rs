@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use burn::backend::Flex;
+use burn::tensor::FloatDType;
 use layerskip_infer::{
     GenerateOptions, Generator, InferError, SamplingConfig, StopReason, Strategy,
 };
@@ -22,9 +23,15 @@ fn random_model(seed: u64, config: &LlamaConfig) -> LlamaModel<B> {
 
 #[test]
 fn greedy_self_speculation_equals_autoregressive_for_every_exit_and_d() {
+    // The third model's weights are bfloat16 values held in f32 (as a bf16 checkpoint loads):
+    // the row kernels keep them in half the bytes, which must not change a single logit.
+    let bf16_valued = random_model(3, &config(4, 40, 4, true))
+        .cast(FloatDType::BF16)
+        .cast(FloatDType::F32);
     let models = [
         (random_model(1, &config(6, 40, 2, false)), 6),
         (random_model(2, &config(4, 40, 4, true)), 4),
+        (bf16_valued, 4),
     ];
     for (model, layers) in &models {
         for prompt in [vec![3u32], vec![5, 9, 1, 33, 7, 2, 18]] {
