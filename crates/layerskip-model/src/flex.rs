@@ -354,6 +354,23 @@ struct AttendShape {
     groups: usize,
 }
 
+impl AttendShape {
+    /// Every (query row, head) of the call, in order: the number of keys it sees, the offset of
+    /// its kv head's buffer in the cache and the offset of its query (and output) row.
+    fn rows(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let (batch, seq, heads) = (self.batch, self.seq, self.heads);
+        (0..batch).flat_map(move |b| {
+            (0..seq).flat_map(move |t| {
+                (0..heads).map(move |h| {
+                    let visible = self.len - seq + t + 1;
+                    let base = (b * self.kv_heads + h / self.groups) * self.capacity * self.d;
+                    (visible, base, ((b * seq + t) * heads + h) * self.d)
+                })
+            })
+        })
+    }
+}
+
 /// The attention kernel with AVX2 and FMA for head dims of 8 to 128 in whole vectors, else
 /// [`attend_rows`]. Per query row and head: scores four keys at a time (each key's dot product
 /// its own chain of FMAs over 8-lane vectors, reduced pairwise), a vectorised exp, and the
@@ -395,97 +412,78 @@ unsafe fn attend_lanes<const L: usize>(
     shape: &AttendShape,
 ) {
     use std::arch::x86_64::*;
-    let AttendShape {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        capacity,
-        d,
-        len,
-        groups,
-    } = *shape;
+    let d = shape.d;
     let scale = _mm_set1_ps((1.0 / (d as f64).sqrt()) as f32);
     // Scores, padded to whole vectors.
-    let mut weights = vec![0.0f32; len.div_ceil(8) * 8];
+    let mut weights = vec![0.0f32; shape.len.div_ceil(8) * 8];
     // SAFETY: every offset stays inside the buffers' shapes (`visible <= len <= capacity`).
     unsafe {
-        for b in 0..batch {
-            for t in 0..seq {
-                let visible = len - seq + t + 1;
-                for h in 0..heads {
-                    let base = (b * kv_heads + h / groups) * capacity * d;
-                    let (kh, vh) = (k.as_ptr().add(base), v.as_ptr().add(base));
-                    let at = ((b * seq + t) * heads + h) * d;
-                    let qr = q.as_ptr().add(at);
-                    let mut qv = [_mm256_setzero_ps(); L];
-                    for (l, x) in qv.iter_mut().enumerate() {
-                        *x = _mm256_loadu_ps(qr.add(l * 8));
-                    }
-                    let dot = |j: usize| {
-                        // Keys past `visible` repeat the last one; their scores are not read.
-                        let kr = kh.add(j.min(visible - 1) * d);
-                        let mut acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));
-                        for (l, x) in qv.iter().enumerate().skip(1) {
-                            acc = _mm256_fmadd_ps(*x, _mm256_loadu_ps(kr.add(l * 8)), acc);
-                        }
-                        acc
-                    };
-                    let mut vmax = _mm_set1_ps(f32::NEG_INFINITY);
-                    let mut j = 0;
-                    while j < visible {
-                        let (a0, a1, a2, a3) = (dot(j), dot(j + 1), dot(j + 2), dot(j + 3));
-                        let sums = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-                        let four = _mm_mul_ps(
-                            _mm_add_ps(
-                                _mm256_castps256_ps128(sums),
-                                _mm256_extractf128_ps(sums, 1),
-                            ),
-                            scale,
-                        );
-                        _mm_storeu_ps(weights.as_mut_ptr().add(j), four);
-                        vmax = _mm_max_ps(vmax, four);
-                        j += 4;
-                    }
-                    // The padding repeats the last key's score, so it cannot raise the max.
-                    let vmax = _mm_max_ps(vmax, _mm_movehl_ps(vmax, vmax));
-                    let vmax = _mm_max_ss(vmax, _mm_shuffle_ps(vmax, vmax, 1));
-                    let vmax = _mm256_set1_ps(_mm_cvtss_f32(vmax));
-                    let mut vsum = _mm256_setzero_ps();
-                    let mut j = 0;
-                    while j < visible {
-                        let w = weights.as_mut_ptr().add(j);
-                        let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(w), vmax));
-                        // Lanes past `visible` count as zero.
-                        let live = _mm256_cmp_ps(
-                            _mm256_set_ps(7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0),
-                            _mm256_set1_ps((visible - j) as f32),
-                            _CMP_LT_OQ,
-                        );
-                        let e = _mm256_and_ps(e, live);
-                        _mm256_storeu_ps(w, e);
-                        vsum = _mm256_add_ps(vsum, e);
-                        j += 8;
-                    }
-                    let hi = _mm256_extractf128_ps(vsum, 1);
-                    let lo = _mm256_castps256_ps128(vsum);
-                    // ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-                    let pairs = _mm_hadd_ps(lo, hi);
-                    let quads = _mm_hadd_ps(pairs, pairs);
-                    let sum = _mm_cvtss_f32(_mm_add_ss(quads, _mm_movehdup_ps(quads)));
-                    let mut acc = [_mm256_setzero_ps(); L];
-                    for (j, &w) in weights[..visible].iter().enumerate() {
-                        let (wv, vr) = (_mm256_set1_ps(w), vh.add(j * d));
-                        for (l, a) in acc.iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(l * 8)), *a);
-                        }
-                    }
-                    let inv = _mm256_set1_ps(1.0 / sum);
-                    let or = out.as_mut_ptr().add(at);
-                    for (l, a) in acc.iter().enumerate() {
-                        _mm256_storeu_ps(or.add(l * 8), _mm256_mul_ps(*a, inv));
-                    }
+        for (visible, base, at) in shape.rows() {
+            let (kh, vh) = (k.as_ptr().add(base), v.as_ptr().add(base));
+            let qr = q.as_ptr().add(at);
+            let mut qv = [_mm256_setzero_ps(); L];
+            for (l, x) in qv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(qr.add(l * 8));
+            }
+            let dot = |j: usize| {
+                // Keys past `visible` repeat the last one; their scores are not read.
+                let kr = kh.add(j.min(visible - 1) * d);
+                let mut acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));
+                for (l, x) in qv.iter().enumerate().skip(1) {
+                    acc = _mm256_fmadd_ps(*x, _mm256_loadu_ps(kr.add(l * 8)), acc);
                 }
+                acc
+            };
+            let mut vmax = _mm_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
+            while j < visible {
+                let (a0, a1, a2, a3) = (dot(j), dot(j + 1), dot(j + 2), dot(j + 3));
+                let sums = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                let four = _mm_mul_ps(
+                    _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1)),
+                    scale,
+                );
+                _mm_storeu_ps(weights.as_mut_ptr().add(j), four);
+                vmax = _mm_max_ps(vmax, four);
+                j += 4;
+            }
+            // The padding repeats the last key's score, so it cannot raise the max.
+            let vmax = _mm_max_ps(vmax, _mm_movehl_ps(vmax, vmax));
+            let vmax = _mm_max_ss(vmax, _mm_shuffle_ps(vmax, vmax, 1));
+            let vmax = _mm256_set1_ps(_mm_cvtss_f32(vmax));
+            let mut vsum = _mm256_setzero_ps();
+            let mut j = 0;
+            while j < visible {
+                let w = weights.as_mut_ptr().add(j);
+                let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(w), vmax));
+                // Lanes past `visible` count as zero.
+                let live = _mm256_cmp_ps(
+                    _mm256_set_ps(7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0),
+                    _mm256_set1_ps((visible - j) as f32),
+                    _CMP_LT_OQ,
+                );
+                let e = _mm256_and_ps(e, live);
+                _mm256_storeu_ps(w, e);
+                vsum = _mm256_add_ps(vsum, e);
+                j += 8;
+            }
+            let hi = _mm256_extractf128_ps(vsum, 1);
+            let lo = _mm256_castps256_ps128(vsum);
+            // ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+            let pairs = _mm_hadd_ps(lo, hi);
+            let quads = _mm_hadd_ps(pairs, pairs);
+            let sum = _mm_cvtss_f32(_mm_add_ss(quads, _mm_movehdup_ps(quads)));
+            let mut acc = [_mm256_setzero_ps(); L];
+            for (j, &w) in weights[..visible].iter().enumerate() {
+                let (wv, vr) = (_mm256_set1_ps(w), vh.add(j * d));
+                for (l, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(l * 8)), *a);
+                }
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            let or = out.as_mut_ptr().add(at);
+            for (l, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(or.add(l * 8), _mm256_mul_ps(*a, inv));
             }
         }
     }
@@ -537,48 +535,32 @@ unsafe fn exp256(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 /// a max-subtracted softmax, and the weighted sum of values.
 #[inline(always)]
 fn attend_rows(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: &AttendShape) {
-    let AttendShape {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        capacity,
-        d,
-        len,
-        groups,
-    } = *shape;
+    let d = shape.d;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
-    let mut weights = vec![0.0f32; len];
-    for b in 0..batch {
-        for t in 0..seq {
-            let visible = len - seq + t + 1;
-            for h in 0..heads {
-                let base = (b * kv_heads + h / groups) * capacity * d;
-                let (kh, vh) = (&k[base..base + visible * d], &v[base..base + visible * d]);
-                let at = ((b * seq + t) * heads + h) * d;
-                let qr = &q[at..at + d];
-                let mut max = f32::NEG_INFINITY;
-                for (w, kr) in weights.iter_mut().zip(kh.chunks_exact(d)) {
-                    *w = dot8(qr, kr) * scale;
-                    max = max.max(*w);
-                }
-                let mut sum = 0.0f32;
-                for w in &mut weights[..visible] {
-                    *w = (*w - max).exp();
-                    sum += *w;
-                }
-                let or = &mut out[at..at + d];
-                or.fill(0.0);
-                for (&w, vr) in weights.iter().zip(vh.chunks_exact(d)) {
-                    for (o, &x) in or.iter_mut().zip(vr) {
-                        *o += w * x;
-                    }
-                }
-                let inv = 1.0 / sum;
-                for o in or.iter_mut() {
-                    *o *= inv;
-                }
+    let mut weights = vec![0.0f32; shape.len];
+    for (visible, base, at) in shape.rows() {
+        let (kh, vh) = (&k[base..base + visible * d], &v[base..base + visible * d]);
+        let qr = &q[at..at + d];
+        let mut max = f32::NEG_INFINITY;
+        for (w, kr) in weights.iter_mut().zip(kh.chunks_exact(d)) {
+            *w = dot8(qr, kr) * scale;
+            max = max.max(*w);
+        }
+        let mut sum = 0.0f32;
+        for w in &mut weights[..visible] {
+            *w = (*w - max).exp();
+            sum += *w;
+        }
+        let or = &mut out[at..at + d];
+        or.fill(0.0);
+        for (&w, vr) in weights.iter().zip(vh.chunks_exact(d)) {
+            for (o, &x) in or.iter_mut().zip(vr) {
+                *o += w * x;
             }
+        }
+        let inv = 1.0 / sum;
+        for o in or.iter_mut() {
+            *o *= inv;
         }
     }
 }
