@@ -75,6 +75,35 @@ fn cached_token_by_token_equals_full_forward() {
     assert_eq!(cache.len(0), IDS.len());
 }
 
+/// The same over the cache for head dims that the AVX2 attention kernel does not take (12: not
+/// whole vectors, the scalar kernel) and takes with another register count (48: six vectors).
+#[test]
+fn cached_decoding_equals_full_forward_for_other_head_dims() {
+    for head_dim in [12, 48] {
+        let device = Default::default();
+        B::seed(&device, 9);
+        let c = LlamaConfig {
+            head_dim,
+            ..config(false)
+        };
+        let m = LlamaModel::<B>::init(&c, &device).unwrap();
+        let full = m.forward(tokens(&IDS, 1), 0, None).unwrap();
+        let mut cache = KvCache::new(m.config(), 1, 16, &device);
+        let mut parts = vec![
+            m.forward(tokens(&IDS[..3], 1), 0, Some(&mut cache))
+                .unwrap(),
+        ];
+        for pos in 3..IDS.len() {
+            parts.push(
+                m.forward(tokens(&IDS[pos..pos + 1], 1), pos, Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        let diff = max_diff(Tensor::cat(parts, 1), full);
+        assert!(diff < 1e-5, "head_dim {head_dim}: {diff}");
+    }
+}
+
 #[test]
 fn layer_ranges_compose_for_every_exit() {
     let m = model(true);
