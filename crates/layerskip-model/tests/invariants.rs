@@ -61,18 +61,23 @@ fn cached_token_by_token_equals_full_forward() {
     let full = m.forward(tokens(&IDS, 1), 0, None).unwrap();
     let mut cache = KvCache::new(m.config(), 1, 16, &Default::default());
     // A prefill of 4 then one token at a time.
+    assert!(max_diff(decode_over_cache(&m, &mut cache, 4), full) < 1e-5);
+    assert_eq!(cache.len(0), IDS.len());
+}
+
+/// Logits of `IDS` through `cache`: a prefill of `prefill` tokens, then one token at a time.
+fn decode_over_cache(m: &LlamaModel<B>, cache: &mut KvCache<B>, prefill: usize) -> Tensor<B, 3> {
     let mut parts = vec![
-        m.forward(tokens(&IDS[..4], 1), 0, Some(&mut cache))
+        m.forward(tokens(&IDS[..prefill], 1), 0, Some(cache))
             .unwrap(),
     ];
-    for pos in 4..IDS.len() {
+    for pos in prefill..IDS.len() {
         parts.push(
-            m.forward(tokens(&IDS[pos..pos + 1], 1), pos, Some(&mut cache))
+            m.forward(tokens(&IDS[pos..pos + 1], 1), pos, Some(cache))
                 .unwrap(),
         );
     }
-    assert!(max_diff(Tensor::cat(parts, 1), full) < 1e-5);
-    assert_eq!(cache.len(0), IDS.len());
+    Tensor::cat(parts, 1)
 }
 
 /// The same over the cache for head dims that the AVX2 attention kernel does not take (12: not
@@ -89,17 +94,7 @@ fn cached_decoding_equals_full_forward_for_other_head_dims() {
         let m = LlamaModel::<B>::init(&c, &device).unwrap();
         let full = m.forward(tokens(&IDS, 1), 0, None).unwrap();
         let mut cache = KvCache::new(m.config(), 1, 16, &device);
-        let mut parts = vec![
-            m.forward(tokens(&IDS[..3], 1), 0, Some(&mut cache))
-                .unwrap(),
-        ];
-        for pos in 3..IDS.len() {
-            parts.push(
-                m.forward(tokens(&IDS[pos..pos + 1], 1), pos, Some(&mut cache))
-                    .unwrap(),
-            );
-        }
-        let diff = max_diff(Tensor::cat(parts, 1), full);
+        let diff = max_diff(decode_over_cache(&m, &mut cache, 3), full);
         assert!(diff < 1e-5, "head_dim {head_dim}: {diff}");
     }
 }
