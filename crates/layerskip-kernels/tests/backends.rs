@@ -1,0 +1,384 @@
+//! The CubeCL kernels on wgpu (lavapipe where there is no GPU) against scalar references in
+//! f64, and the property self-speculation relies on: a row's result does not depend on the
+//! other rows of the launch.
+#![cfg(feature = "wgpu")]
+
+use cubecl::ir::{ElemType, FloatKind, StorageType};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+use layerskip_kernels::cube::*;
+
+type R = WgpuRuntime;
+const F32: StorageType = StorageType::Scalar(ElemType::Float(FloatKind::F32));
+
+struct Gpu {
+    client: ComputeClient<R>,
+}
+
+/// A device buffer and its shape.
+struct Buf {
+    handle: Handle,
+    shape: Vec<usize>,
+}
+
+impl Gpu {
+    fn new() -> Self {
+        Self {
+            client: R::client(&WgpuDevice::default()),
+        }
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Buf {
+        assert_eq!(data.len(), shape.iter().product::<usize>());
+        Buf {
+            handle: self.client.create_from_slice(f32::as_bytes(data)),
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Buf {
+        self.upload(&vec![0.0; shape.iter().product()], shape)
+    }
+
+    fn arg(&self, buf: &Buf) -> TensorArg<R> {
+        let mut strides = vec![1usize; buf.shape.len()];
+        for d in (0..buf.shape.len().saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * buf.shape[d + 1];
+        }
+        // SAFETY: contiguous strides of the buffer's own shape.
+        unsafe {
+            TensorArg::from_raw_parts(buf.handle.clone(), strides.into(), buf.shape.clone().into())
+        }
+    }
+
+    fn read(&self, buf: &Buf) -> Vec<f32> {
+        let bytes = self.client.read_one_unchecked(buf.handle.clone());
+        f32::from_bytes(&bytes).to_vec()
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_formula() {
+    let gpu = Gpu::new();
+    let (rows, h) = (3, 300);
+    let x = values(rows * h, 1);
+    let gamma = values(h, 2);
+    let (xb, gb, ob) = (
+        gpu.upload(&x, &[rows, h]),
+        gpu.upload(&gamma, &[h]),
+        gpu.zeros(&[rows, h]),
+    );
+    launch_rms_norm(
+        &gpu.client,
+        gpu.arg(&xb),
+        gpu.arg(&gb),
+        gpu.arg(&ob),
+        rows,
+        h,
+        1e-5,
+        F32,
+    );
+    let want: Vec<f64> = (0..rows * h)
+        .map(|i| {
+            let row = &x[i / h * h..][..h];
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / h as f64;
+            x[i] as f64 / (ms + 1e-5).sqrt() * gamma[i % h] as f64
+        })
+        .collect();
+    assert_close(&gpu.read(&ob), &want, 1e-5, "rms_norm");
+}
+
+#[test]
+fn silu_mul_matches_the_formula() {
+    let gpu = Gpu::new();
+    let n = 1000;
+    let (g, u) = (values(n, 3), values(n, 4));
+    let g: Vec<f32> = g.iter().map(|v| v * 8.0).collect();
+    let (gb, ub, ob) = (gpu.upload(&g, &[n]), gpu.upload(&u, &[n]), gpu.zeros(&[n]));
+    launch_silu_mul(
+        &gpu.client,
+        gpu.arg(&gb),
+        gpu.arg(&ub),
+        gpu.arg(&ob),
+        n,
+        F32,
+    );
+    let want: Vec<f64> = (0..n)
+        .map(|i| {
+            let g = g[i] as f64;
+            g / (1.0 + (-g).exp()) * u[i] as f64
+        })
+        .collect();
+    assert_close(&gpu.read(&ob), &want, 1e-5, "silu_mul");
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x` `[seq, heads, dim]`, tables `[seq, dim]`.
+fn rope_reference(x: &[f32], cos: &[f32], sin: &[f32], [seq, heads, dim]: [usize; 3]) -> Vec<f64> {
+    let half = dim / 2;
+    (0..seq * heads * dim)
+        .map(|i| {
+            let (j, t) = (i % dim, i / (heads * dim));
+            let rot = if j < half {
+                -(x[i + half] as f64)
+            } else {
+                x[i - half] as f64
+            };
+            x[i] as f64 * cos[t * dim + j] as f64 + rot * sin[t * dim + j] as f64
+        })
+        .collect()
+}
+
+#[test]
+fn rope_and_the_cache_write_rotate_in_the_rotate_half_layout() {
+    let gpu = Gpu::new();
+    let (seq, heads, kv_heads, dim, capacity, at) = (3, 4, 2, 8, 10, 5);
+    let x = values(seq * heads * dim, 5);
+    let (cos, sin) = (values(seq * dim, 6), values(seq * dim, 7));
+    let (cb, sb) = (gpu.upload(&cos, &[seq, dim]), gpu.upload(&sin, &[seq, dim]));
+    let (xb, ob) = (
+        gpu.upload(&x, &[1, seq, heads, dim]),
+        gpu.zeros(&[1, seq, heads, dim]),
+    );
+    let (xa, ca, sa, oa) = (gpu.arg(&xb), gpu.arg(&cb), gpu.arg(&sb), gpu.arg(&ob));
+    launch_rope(&gpu.client, xa, ca, sa, oa, [1, seq, heads, dim], F32);
+    let want = rope_reference(&x, &cos, &sin, [seq, heads, dim]);
+    assert_close(&gpu.read(&ob), &want, 1e-6, "rope");
+
+    let (k, v) = (
+        values(seq * kv_heads * dim, 8),
+        values(seq * kv_heads * dim, 9),
+    );
+    let shape = [1, seq, kv_heads, dim];
+    let (kb, vb) = (gpu.upload(&k, &shape), gpu.upload(&v, &shape));
+    let cache = [1, kv_heads, capacity, dim];
+    let (kc, vc) = (gpu.zeros(&cache), gpu.zeros(&cache));
+    let to = StoreAt {
+        key_cache: gpu.arg(&kc),
+        value_cache: gpu.arg(&vc),
+        capacity,
+        at,
+    };
+    let (ka, va, ca, sa) = (gpu.arg(&kb), gpu.arg(&vb), gpu.arg(&cb), gpu.arg(&sb));
+    launch_store_kv(&gpu.client, ka, va, ca, sa, to, shape, F32);
+    let rotated = rope_reference(&k, &cos, &sin, [seq, kv_heads, dim]);
+    let (got_k, got_v) = (gpu.read(&kc), gpu.read(&vc));
+    for g in 0..kv_heads {
+        for p in 0..capacity {
+            for j in 0..dim {
+                let o = (g * capacity + p) * dim + j;
+                if (at..at + seq).contains(&p) {
+                    let s = ((p - at) * kv_heads + g) * dim + j;
+                    assert!(
+                        (got_k[o] as f64 - rotated[s]).abs() < 1e-6,
+                        "key {g} {p} {j}"
+                    );
+                    assert_eq!(got_v[o], v[s], "value {g} {p} {j}");
+                } else {
+                    assert_eq!((got_k[o], got_v[o]), (0.0, 0.0), "untouched {g} {p} {j}");
+                }
+            }
+        }
+    }
+}
+
+/// Causal GQA softmax attention in f64: `q` `[seq, heads, dim]`, caches `[kv_heads, capacity,
+/// dim]`, row `i` seeing positions `0..=start + i`.
+fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    [seq, heads, groups, dim, capacity, start]: [usize; 6],
+) -> Vec<f64> {
+    let mut out = vec![0.0; seq * heads * dim];
+    for i in 0..seq {
+        for h in 0..heads {
+            let base = h / groups * capacity * dim;
+            let qr = &q[(i * heads + h) * dim..][..dim];
+            let scores: Vec<f64> = (0..=start + i)
+                .map(|t| {
+                    let kr = &k[base + t * dim..][..dim];
+                    qr.iter()
+                        .zip(kr)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        / (dim as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for j in 0..dim {
+                out[(i * heads + h) * dim + j] = (0..weights.len())
+                    .map(|t| weights[t] * v[base + t * dim + j] as f64)
+                    .sum::<f64>()
+                    / total;
+            }
+        }
+    }
+    out
+}
+
+fn attend(gpu: &Gpu, q: &[f32], k: &Buf, v: &Buf, args: AttendArgs) -> Vec<f32> {
+    let shape = [1, args.seq, args.heads, args.dim];
+    let (qb, ob) = (gpu.upload(q, &shape), gpu.zeros(&shape));
+    let bufs = [gpu.arg(&qb), gpu.arg(k), gpu.arg(v), gpu.arg(&ob)];
+    launch_attend(&gpu.client, bufs, args, F32);
+    gpu.read(&ob)
+}
+
+/// Over several chunks of keys (online softmax), grouped heads, an offset start; each row equals
+/// the same row attended alone, bit for bit.
+#[test]
+fn attention_over_the_cache_matches_softmax_attention_row_by_row() {
+    let gpu = Gpu::new();
+    let (heads, groups, dim, capacity) = (6, 3, 48, 1400);
+    for (seq, start) in [(1, 0), (4, 1100), (3, 9)] {
+        let kv = [1, heads / groups, capacity, dim];
+        let (k, v) = (
+            values(capacity * dim * 2, 10),
+            values(capacity * dim * 2, 11),
+        );
+        let (kb, vb) = (gpu.upload(&k, &kv), gpu.upload(&v, &kv));
+        let q: Vec<f32> = values(seq * heads * dim, 12)
+            .iter()
+            .map(|x| x * 4.0)
+            .collect();
+        let scale = 1.0 / (dim as f32).sqrt();
+        let args = AttendArgs {
+            batch: 1,
+            seq,
+            heads,
+            groups,
+            dim,
+            capacity,
+            start,
+            scale,
+        };
+        let got = attend(&gpu, &q, &kb, &vb, args);
+        let want = attention_reference(&q, &k, &v, [seq, heads, groups, dim, capacity, start]);
+        assert_close(
+            &got,
+            &want,
+            2e-5,
+            &format!("attention seq {seq} start {start}"),
+        );
+        for i in 0..seq {
+            let row = &q[i * heads * dim..][..heads * dim];
+            let one = AttendArgs {
+                seq: 1,
+                start: start + i,
+                ..args
+            };
+            let alone = attend(&gpu, row, &kb, &vb, one);
+            assert_eq!(
+                alone,
+                got[i * heads * dim..][..heads * dim],
+                "row {i} alone"
+            );
+        }
+    }
+}
+
+/// `x · W` (`W` `[k, n]`) and `x · Eᵀ` (`E` `[vocab, k]`) against f64 products, for one row and
+/// several (with a partial last pass), each row equal to itself computed alone; both feature
+/// splits of the `[k, n]` kernel (few and many column tiles), a column prefix of the head.
+#[test]
+fn row_products_match_f64_and_do_not_depend_on_the_other_rows() {
+    let gpu = Gpu::new();
+    for (k, n) in [(96, 200), (64, 8200)] {
+        let w = values(k * n, 13);
+        let wb = gpu.upload(&w, &[k, n]);
+        let x = values(7 * k, 14);
+        let mut alone = Vec::new();
+        for rows in [1, 7] {
+            let (xb, ob) = (
+                gpu.upload(&x[..rows * k], &[rows, k]),
+                gpu.zeros(&[rows, n]),
+            );
+            let dims = [rows, k, n];
+            launch_rows_in_out(
+                &gpu.client,
+                gpu.arg(&xb),
+                gpu.arg(&wb),
+                gpu.arg(&ob),
+                dims,
+                n,
+                F32,
+            );
+            let got = gpu.read(&ob);
+            let want: Vec<f64> = (0..rows * n)
+                .map(|i| {
+                    (0..k)
+                        .map(|f| x[i / n * k + f] as f64 * w[f * n + i % n] as f64)
+                        .sum()
+                })
+                .collect();
+            assert_close(&got, &want, 1e-5, &format!("in_out {k}x{n} rows {rows}"));
+            if rows == 1 {
+                alone = got;
+            } else {
+                assert_eq!(got[..n], alone[..], "row 0 alone vs with 6 others");
+            }
+        }
+    }
+    let (vocab, k, cols) = (300, 80, 260);
+    let e = values(vocab * k, 15);
+    let eb = gpu.upload(&e, &[vocab, k]);
+    let x = values(5 * k, 16);
+    let mut alone = Vec::new();
+    for rows in [1, 5] {
+        let (xb, ob) = (
+            gpu.upload(&x[..rows * k], &[rows, k]),
+            gpu.zeros(&[rows, cols]),
+        );
+        launch_rows_out_in(
+            &gpu.client,
+            gpu.arg(&xb),
+            gpu.arg(&eb),
+            gpu.arg(&ob),
+            [rows, k],
+            cols,
+            F32,
+        );
+        let got = gpu.read(&ob);
+        let want: Vec<f64> = (0..rows * cols)
+            .map(|i| {
+                (0..k)
+                    .map(|f| x[i / cols * k + f] as f64 * e[i % cols * k + f] as f64)
+                    .sum()
+            })
+            .collect();
+        assert_close(&got, &want, 1e-5, &format!("out_in rows {rows}"));
+        if rows == 1 {
+            alone = got;
+        } else {
+            assert_eq!(got[..cols], alone[..], "head row 0 alone vs with 4 others");
+        }
+    }
+}
