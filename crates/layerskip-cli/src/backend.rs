@@ -1,18 +1,18 @@
 //! Running a command on the backend the user named with `--device`. The libraries are generic
 //! over `Backend`; this is the one place that names concrete backends.
 
+use layerskip_model::LayerSkipBackend;
 use std::panic::{self, AssertUnwindSafe};
 
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 use clap::Args;
 use layerskip_model::backend::{DeviceSpec, Precision};
 
 /// A command body that can run on any backend.
 pub trait BackendTask {
     /// Runs on backend `B` with `device`.
-    fn run<B: Backend>(self, device: B::Device) -> Result<()>;
+    fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()>;
 }
 
 /// Where a command computes, and in which float type.
@@ -30,13 +30,13 @@ pub struct DeviceArgs {
 /// A command body that can use several devices of one backend (data-parallel training).
 pub trait MultiDeviceTask {
     /// Runs on backend `B` with `devices` (at least one).
-    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()>;
+    fn run<B: LayerSkipBackend>(self, devices: Vec<B::Device>) -> Result<()>;
 }
 
 struct Single<T>(T);
 
 impl<T: BackendTask> MultiDeviceTask for Single<T> {
-    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+    fn run<B: LayerSkipBackend>(self, devices: Vec<B::Device>) -> Result<()> {
         let device = devices.into_iter().next().expect("one device");
         self.0.run::<B>(device)
     }
@@ -93,7 +93,7 @@ pub fn dispatch_many<T: MultiDeviceTask>(
     }
 }
 
-fn start<B: Backend, T: MultiDeviceTask>(
+fn start<B: LayerSkipBackend, T: MultiDeviceTask>(
     specs: &[DeviceSpec],
     precision: Precision,
     device_of: impl Fn(DeviceSpec) -> B::Device,
@@ -113,7 +113,7 @@ fn start<B: Backend, T: MultiDeviceTask>(
 
 /// Creates and reads back one tensor, turning the panic a missing driver or adapter raises
 /// inside the backend into an error that names the device.
-fn probe<B: Backend>(spec: DeviceSpec, device: &B::Device) -> Result<()> {
+fn probe<B: LayerSkipBackend>(spec: DeviceSpec, device: &B::Device) -> Result<()> {
     let hook = panic::take_hook();
     panic::set_hook(Box::new(|_| {}));
     let result = panic::catch_unwind(AssertUnwindSafe(|| {

@@ -1,10 +1,10 @@
 //! `layerskip bench` (a strategy against the autoregressive baseline on a dataset) and
 //! `layerskip correctness` (greedy self-speculation must reproduce autoregressive decoding).
 
+use layerskip_model::LayerSkipBackend;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use burn::tensor::backend::Backend;
 use clap::Args;
 use layerskip_infer::bench::{SampleRun, StrategyReport, keep_fastest, run_samples, summarise};
 use layerskip_infer::metrics::first_difference;
@@ -18,7 +18,7 @@ use crate::samples::{DatasetArgs, GridArgs, Loaded, load, peak_rss, reset_peak_r
 
 /// Runs `strategy` once over the loaded prompts `range` (after `warmup` untimed generations of
 /// the first prompt).
-fn run_once<B: Backend>(
+fn run_once<B: LayerSkipBackend>(
     loaded: &Loaded<B>,
     generator: &mut Generator<'_, B>,
     args: &DatasetArgs,
@@ -52,7 +52,7 @@ pub type Paired = (
 /// autoregressive runs measured beside it. Alternating per prompt (a fraction of a second
 /// apart) rather than per pass over the dataset keeps the two measurements of a prompt under
 /// the same load on a shared machine.
-pub fn measure_paired<B: Backend>(
+pub fn measure_paired<B: LayerSkipBackend>(
     loaded: &Loaded<B>,
     generator: &mut Generator<'_, B>,
     args: &DatasetArgs,
@@ -172,7 +172,7 @@ struct BenchJson<'a> {
 }
 
 impl BackendTask for BenchArgs {
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
         let strategy =
@@ -226,7 +226,7 @@ pub struct CorrectnessArgs {
 }
 
 impl BackendTask for CorrectnessArgs {
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
         let exits = self.grid.exits(layers)?;

@@ -1,10 +1,10 @@
 //! `layerskip eval`: per-exit-layer loss, perplexity, accuracy and agreement with the full model
 //! on held-out text, for one or more checkpoints, as a table, JSON and a line plot.
 
+use layerskip_model::LayerSkipBackend;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::Args;
 use layerskip_model::{LlamaModel, Tokenizer};
 use layerskip_train::data::{Document, read_documents, split};
@@ -84,7 +84,7 @@ impl EvalArgs {
 }
 
 impl BackendTask for EvalArgs {
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let (docs, seq_len) = self.documents()?;
         let mut reports = Vec::new();
         for dir in &self.model {

@@ -1,10 +1,10 @@
 //! `layerskip infer`: generate text with a chosen strategy, streaming tokens as they are accepted.
 
+use layerskip_model::LayerSkipBackend;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use layerskip_infer::{
     ChatTemplate, GenerateOptions, Generation, Generator, SamplingConfig, Strategy, StreamEvent,
@@ -144,7 +144,7 @@ pub fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
 }
 
 impl BackendTask for InferArgs {
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let dir = model_dir(&self.model)?;
         let model = LlamaModel::<B>::from_pretrained(&dir, &device)
             .with_context(|| format!("loading {}", dir.display()))?;
@@ -200,7 +200,7 @@ impl BackendTask for InferArgs {
     }
 }
 
-fn interactive<B: Backend>(
+fn interactive<B: LayerSkipBackend>(
     args: &InferArgs,
     generator: &mut Generator<'_, B>,
     tokenizer: &Tokenizer,
@@ -262,7 +262,7 @@ impl Printer<'_> {
     }
 }
 
-fn run_one<B: Backend>(
+fn run_one<B: LayerSkipBackend>(
     args: &InferArgs,
     generator: &mut Generator<'_, B>,
     tokenizer: &Tokenizer,

@@ -1,10 +1,10 @@
 //! What `bench`, `sweep` and `correctness` share: choosing a dataset, loading the model and
 //! tokenising the prompts, and measuring peak memory.
 
+use layerskip_model::LayerSkipBackend;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use layerskip_infer::dataset::{PromptFormat, Sample, continuation, load_humaneval, load_jsonl};
 use layerskip_infer::{GenerateOptions, SamplingConfig, Strategy};
@@ -190,7 +190,7 @@ impl DatasetArgs {
 }
 
 /// A loaded model with its tokenizer and tokenised prompts.
-pub struct Loaded<B: Backend> {
+pub struct Loaded<B: LayerSkipBackend> {
     pub dir: PathBuf,
     pub model: LlamaModel<B>,
     pub tokenizer: Tokenizer,
@@ -201,7 +201,7 @@ pub struct Loaded<B: Backend> {
 }
 
 /// Loads the model and the dataset, and checks that every prompt fits the context.
-pub fn load<B: Backend>(args: &DatasetArgs, device: &B::Device) -> Result<Loaded<B>> {
+pub fn load<B: LayerSkipBackend>(args: &DatasetArgs, device: &B::Device) -> Result<Loaded<B>> {
     let dir = model_dir(&args.model)?;
     let model = LlamaModel::<B>::from_pretrained(&dir, device)
         .with_context(|| format!("loading {}", dir.display()))?;

@@ -2,11 +2,11 @@
 //! benchmarked against autoregressive decoding measured beside it; CSV, JSON and heatmaps, and
 //! the best point.
 
+use layerskip_model::LayerSkipBackend;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 use clap::Args;
 use layerskip_infer::bench::{StrategyReport, keep_fastest, summarise};
 use layerskip_infer::{Generator, Strategy};
@@ -59,7 +59,7 @@ pub fn csv(reports: &[StrategyReport]) -> String {
 }
 
 impl BackendTask for SweepArgs {
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
         let exits = self.grid.exits(layers)?;

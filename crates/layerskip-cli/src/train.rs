@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use layerskip_model::LayerSkipBackend;
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
 use layerskip_train::data::{list_files, read_documents, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
@@ -39,15 +39,12 @@ pub struct TrainArgs {
 }
 
 impl MultiDeviceTask for TrainArgs {
-    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+    fn run<B: LayerSkipBackend>(self, devices: Vec<B::Device>) -> Result<()> {
         train::<Autodiff<B>>(self, devices)
     }
 }
 
-fn train<B: burn::tensor::backend::AutodiffBackend>(
-    args: TrainArgs,
-    devices: Vec<B::Device>,
-) -> Result<()> {
+fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Device>) -> Result<()> {
     let device = devices[0].clone();
     let mut config = TrainConfig::from_file(&args.config)?;
     if let Some(steps) = args.steps {
@@ -145,7 +142,7 @@ fn tokenizer_eos(args: &TrainArgs) -> Result<Vec<u32>> {
     Ok(LlamaConfig::from_hf_file(&dir.join("config.json"))?.eos_token_ids)
 }
 
-fn scratch_model<B: Backend>(
+fn scratch_model<B: LayerSkipBackend>(
     config: &TrainConfig,
     vocab: usize,
     eos: u32,
@@ -184,7 +181,7 @@ fn scratch_model<B: Backend>(
     Ok(LlamaModel::init(&llama, device)?)
 }
 
-fn run_loop<B: burn::tensor::backend::AutodiffBackend>(
+fn run_loop<B: layerskip_train::TrainBackend>(
     trainer: &mut Trainer<B>,
     args: &TrainArgs,
     tokenizer: &[u8],

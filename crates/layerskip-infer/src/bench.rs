@@ -1,6 +1,7 @@
 //! Benchmark runs: a strategy over a set of prompts, summarised into one report, compared with
 //! the autoregressive baseline run on the same prompts.
 
+use layerskip_model::LayerSkipBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Sample;
@@ -8,7 +9,6 @@ use crate::error::Result;
 use crate::generator::{GenerateOptions, Generator, Strategy};
 use crate::metrics::{Bleu, exact_match, first_difference, rouge_l, rouge_n, token_agreement};
 use crate::stats::GenerationStats;
-use burn::tensor::backend::Backend;
 
 /// The output of one prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,7 +26,7 @@ pub struct SampleRun {
 /// Runs `options.strategy` on every prompt (already tokenised, in `prompts`), after `warmup`
 /// untimed generations of the first prompt. `decode` turns tokens into text; `progress` sees
 /// each finished sample.
-pub fn run_samples<B: Backend>(
+pub fn run_samples<B: LayerSkipBackend>(
     generator: &mut Generator<'_, B>,
     samples: &[Sample],
     prompts: &[Vec<u32>],

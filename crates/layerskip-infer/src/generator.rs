@@ -1,10 +1,11 @@
 //! The [`Generator`]: prefill, the decode loop, stop conditions, streaming and timing. Strategies
 //! only say how the next tokens are produced.
 
+use layerskip_model::LayerSkipBackend;
 use std::ops::Range;
 use std::time::Instant;
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::Tensor;
 use layerskip_model::{ExitHiddenCache, KvCache, LlamaModel};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -126,7 +127,7 @@ pub struct Generation {
 }
 
 /// Runs generations on one model with one preallocated KV cache (reused across calls).
-pub struct Generator<'m, B: Backend> {
+pub struct Generator<'m, B: LayerSkipBackend> {
     pub(crate) model: &'m LlamaModel<B>,
     pub(crate) cache: KvCache<B>,
     pub(crate) exits: ExitHiddenCache<B>,
@@ -175,7 +176,7 @@ impl Run<'_> {
     }
 }
 
-impl<'m, B: Backend> Generator<'m, B> {
+impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// A generator whose context holds `capacity` positions (prompt + generation).
     pub fn new(model: &'m LlamaModel<B>, capacity: usize) -> Result<Self> {
         let config = model.config();
@@ -431,7 +432,7 @@ impl<'m, B: Backend> Generator<'m, B> {
 }
 
 /// Logits `[batch, seq, n]` (any float dtype) as host rows of `n` f32 values.
-fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+fn host_rows<B: LayerSkipBackend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
     let n = logits.dims()[2];
     let values = logits
         .into_data()

@@ -5,13 +5,13 @@
 //! positions `0..c`, where `c` is the position of the newest token `tokens[c]`, which no layer
 //! has seen yet. No layer ever computes the same position twice.
 
-use burn::tensor::backend::Backend;
+use layerskip_model::LayerSkipBackend;
 
 use crate::accept::{Acceptance, accept_greedy, accept_sampled};
 use crate::error::Result;
 use crate::generator::{Generator, Run, StreamEvent};
 
-impl<B: Backend> Generator<'_, B> {
+impl<B: LayerSkipBackend> Generator<'_, B> {
     pub(crate) fn self_speculate(
         &mut self,
         run: &mut Run<'_>,

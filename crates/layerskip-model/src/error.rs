@@ -68,6 +68,18 @@ pub enum ModelError {
         capacity: usize,
     },
     /// A layer range or layer index outside `0..num_layers`.
+    #[error(
+        "layer {layer}'s cache holds {held} positions, but the input starts at position {start}"
+    )]
+    CachePosition {
+        /// The layer.
+        layer: usize,
+        /// Positions its cache holds.
+        held: usize,
+        /// The input's first position.
+        start: usize,
+    },
+
     #[error("layer range {start}..{end} is invalid for a model with {num_layers} layers")]
     LayerRange {
         /// First layer.

@@ -3,16 +3,13 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::activation::silu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 use crate::cache::LayerKvCache;
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::ops::{LayerSkipBackend, Packed, causal_attention, repeat_kv};
 use crate::rope::RopeTables;
-use crate::rows;
 
 /// A bias-free linear layer with weights drawn from N(0, std²), Hugging Face's Llama init.
 pub(crate) fn init_linear<B: Backend>(
@@ -36,17 +33,29 @@ pub(crate) fn init_rms_norm<B: Backend>(config: &LlamaConfig, device: &B::Device
     }
 }
 
-/// `[b, kv_heads, t, d]` -> `[b, kv_heads * groups, t, d]`, head `h` reading kv head
-/// `h / groups`. A `select` along the head axis: on Flex it is ~8x faster than expand + reshape,
-/// which takes a strided copy path.
-pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
-    if groups == 1 {
-        return x;
+/// The first `cols` outputs of a linear layer, `x` `[batch, seq, in]` -> `[batch, seq, cols]`,
+/// through the backend's product (`packed`: its state for the weight).
+pub(crate) fn project<B: LayerSkipBackend>(
+    linear: &Linear<B>,
+    packed: &Packed,
+    x: Tensor<B, 3>,
+    cols: usize,
+) -> Tensor<B, 3> {
+    let out = B::product(x, linear.weight.val(), packed, cols);
+    match &linear.bias {
+        Some(bias) => out + bias.val().narrow(0, 0, cols).unsqueeze(),
+        None => out,
     }
-    let heads = x.dims()[1] * groups;
-    let index: Vec<i64> = (0..heads).map(|h| (h / groups) as i64).collect();
-    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [heads]), &x.device());
-    x.select(1, index)
+}
+
+/// [`project`] onto every output.
+fn project_all<B: LayerSkipBackend>(
+    linear: &Linear<B>,
+    packed: &Packed,
+    x: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let n = linear.weight.dims()[1];
+    project(linear, packed, x, n)
 }
 
 /// Grouped-query self-attention. Linear weights use Burn's `[d_in, d_out]` layout.
@@ -63,9 +72,9 @@ pub struct Attention<B: Backend> {
     pub(crate) num_heads: usize,
     pub(crate) num_kv_heads: usize,
     pub(crate) head_dim: usize,
-    /// Packed copies of q, k, v and o for the row kernels, made on first use.
+    /// The backend's state for q, k, v and o (see [`Packed`]).
     #[module(skip)]
-    pub(crate) packed: [rows::Packed; 4],
+    pub(crate) packed: [Packed; 4],
 }
 
 impl<B: Backend> Attention<B> {
@@ -82,7 +91,9 @@ impl<B: Backend> Attention<B> {
             packed: Default::default(),
         }
     }
+}
 
+impl<B: LayerSkipBackend> Attention<B> {
     /// Attends causally over the cached positions plus the new ones.
     ///
     /// # Shapes
@@ -96,42 +107,26 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
         let [pq, pk, pv, po] = &self.packed;
-        let heads = |proj: &Linear<B>, packed: &rows::Packed, n: usize| {
-            rows::linear(proj, packed, x.clone()).reshape([b, s, n, self.head_dim])
+        let heads = |proj: &Linear<B>, packed: &Packed, n: usize| {
+            project_all(proj, packed, x.clone()).reshape([b, s, n, self.head_dim])
         };
-        let q = rope.apply_seq_major(heads(&self.q_proj, pq, self.num_heads));
-        let k = rope.apply_seq_major(heads(&self.k_proj, pk, self.num_kv_heads));
+        let q = B::rope(heads(&self.q_proj, pq, self.num_heads), rope);
+        let k = heads(&self.k_proj, pk, self.num_kv_heads);
         let v = heads(&self.v_proj, pv, self.num_kv_heads);
         let groups = self.num_heads / self.num_kv_heads;
-        // Decoding and verification on Flex: attention straight over the cache buffers (no
-        // gathered copy of the cached prefix, no strided head-major views).
-        #[cfg(feature = "flex")]
-        let cache = match cache {
-            Some(cache) if cache.can_attend(&q) => {
-                let out = cache.attend(q, k, v, groups)?;
-                return Ok(rows::linear(&self.o_proj, po, out));
+        let out = match cache {
+            Some(cache) => {
+                cache.store(k, v, rope)?;
+                B::attend_cached(q, cache.buffers(), cache.len(), groups)
             }
-            other => other,
+            None => {
+                // [batch, seq, kv_heads, head_dim] -> [batch, heads, seq, head_dim]
+                let k = B::rope(k, rope).swap_dims(1, 2);
+                let v = v.swap_dims(1, 2);
+                causal_attention(q, repeat_kv(k, groups), repeat_kv(v, groups))
+            }
         };
-        // [batch, seq, n, head_dim] -> [batch, n, seq, head_dim]
-        let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-        // [batch, heads, total, head_dim], query head `h` reading kv head `h / groups`: the causal
-        // mask is aligned bottom-right, so the new positions see every cached position and the
-        // earlier new ones.
-        let (k, v) = match cache {
-            Some(cache) => cache.append_for_heads(k, v, groups)?,
-            None => (repeat_kv(k, groups), repeat_kv(v, groups)),
-        };
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let out = attention(q, k, v, None, None, options);
-        let out = out
-            .swap_dims(1, 2)
-            .reshape([b, s, self.num_heads * self.head_dim]);
-        Ok(rows::linear(&self.o_proj, po, out))
+        Ok(project_all(&self.o_proj, po, out))
     }
 }
 
@@ -144,9 +139,9 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     /// `[intermediate, hidden]`
     pub down_proj: Linear<B>,
-    /// Packed copies of gate, up and down for the row kernels, made on first use.
+    /// The backend's state for gate, up and down (see [`Packed`]).
     #[module(skip)]
-    pub(crate) packed: [rows::Packed; 3],
+    pub(crate) packed: [Packed; 3],
 }
 
 impl<B: Backend> Mlp<B> {
@@ -159,18 +154,16 @@ impl<B: Backend> Mlp<B> {
             packed: Default::default(),
         }
     }
+}
 
+impl<B: LayerSkipBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [pg, pu, pd] = &self.packed;
-        let gate = rows::linear(&self.gate_proj, pg, x.clone());
-        let up = rows::linear(&self.up_proj, pu, x);
-        #[cfg(feature = "flex")]
-        let product = crate::flex::silu_mul(&gate, &up).unwrap_or_else(|| silu(gate) * up);
-        #[cfg(not(feature = "flex"))]
-        let product = silu(gate) * up;
-        rows::linear(&self.down_proj, pd, product)
+        let gate = project_all(&self.gate_proj, pg, x.clone());
+        let up = project_all(&self.up_proj, pu, x);
+        project_all(&self.down_proj, pd, B::silu_mul(gate, up))
     }
 }
 
@@ -197,7 +190,9 @@ impl<B: Backend> DecoderLayer<B> {
             post_attention_layernorm: init_rms_norm(config, device),
         }
     }
+}
 
+impl<B: LayerSkipBackend> DecoderLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(
@@ -206,13 +201,11 @@ impl<B: Backend> DecoderLayer<B> {
         rope: &RopeTables<B>,
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
-        let attn = self
-            .self_attn
-            .forward(self.input_layernorm.forward(x.clone()), rope, cache)?;
-        let h = x + attn;
+        let normed = B::rms_norm(&self.input_layernorm, x.clone());
+        let h = x + self.self_attn.forward(normed, rope, cache)?;
         let mlp = self
             .mlp
-            .forward(self.post_attention_layernorm.forward(h.clone()));
+            .forward(B::rms_norm(&self.post_attention_layernorm, h.clone()));
         Ok(h + mlp)
     }
 }

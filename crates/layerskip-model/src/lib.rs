@@ -39,14 +39,11 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod error;
-#[cfg(feature = "flex")]
-mod flex;
 pub mod gguf;
-
 pub mod layer;
 pub mod model;
+pub mod ops;
 pub mod rope;
-pub mod rows;
 pub mod tokenizer;
 
 pub use cache::{ExitHiddenCache, KvCache, LayerKvCache};
@@ -55,4 +52,5 @@ pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
 pub use convert::convert_gguf;
 pub use error::{ModelError, Result};
 pub use model::{LlamaModel, SkipMask, TrainOutput};
+pub use ops::LayerSkipBackend;
 pub use tokenizer::Tokenizer;

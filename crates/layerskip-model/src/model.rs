@@ -12,9 +12,9 @@ use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData, backend::B
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::layer::{DecoderLayer, init_linear, init_rms_norm};
+use crate::layer::{DecoderLayer, init_linear, init_rms_norm, project};
+use crate::ops::{LayerSkipBackend, Packed};
 use crate::rope::{Rope, RopeTables};
-use crate::rows;
 
 /// A Llama causal language model. It holds parameters only: caches and positions are passed in,
 /// and generation and losses live in the `layerskip-infer` and `layerskip-train` crates.
@@ -32,9 +32,9 @@ pub struct LlamaModel<B: Backend> {
     config: LlamaConfig,
     #[module(skip)]
     rope: Rope,
-    /// Packed copy of the LM head (or the tied embedding) for the row kernels.
+    /// The backend's state for the LM head (or the tied embedding read as one).
     #[module(skip)]
-    head_packed: rows::Packed,
+    head_packed: Packed,
 }
 
 /// Which sequences of a batch skip which layers (layer dropout as a mechanism; the policy that
@@ -131,46 +131,6 @@ impl<B: Backend> LlamaModel<B> {
         self.embed(tokens)
     }
 
-    /// The shared exit head, final RMSNorm then LM head, applied to any layer's output.
-    ///
-    /// # Shapes
-    /// - `hidden`: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
-    pub fn exit_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        let normed = self.norm.forward(hidden);
-        match &self.lm_head {
-            Some(head) => rows::linear(head, &self.head_packed, normed),
-            None => rows::tied_head(
-                self.embed_tokens.val(),
-                &self.head_packed,
-                normed,
-                self.config.vocab_size,
-            ),
-        }
-    }
-
-    /// The shared exit head over the token ids `0..vocab` only, `[batch, seq, hidden]` ->
-    /// `[batch, seq, vocab]`: the first `vocab` columns of [`exit_head`](Self::exit_head) (bit
-    /// for bit on Flex f32, where both use the same per-output sums).
-    ///
-    /// A byte-level BPE vocabulary numbers its merges by frequency, so its first ids cover most
-    /// text (on the default model 99.5% of generated code tokens have ids < 1024 of 4096): a
-    /// self-speculative draft over them costs a quarter of the head. A tied head reads a prefix
-    /// view of the embedding; an untied one copies its column slice on each call.
-    pub fn exit_head_prefix(&self, hidden: Tensor<B, 3>, vocab: usize) -> Result<Tensor<B, 3>> {
-        let vocab_size = self.config.vocab_size;
-        if vocab == 0 || vocab > vocab_size {
-            return Err(ModelError::VocabPrefix {
-                requested: vocab,
-                vocab_size,
-            });
-        }
-        let normed = self.norm.forward(hidden);
-        Ok(match &self.lm_head {
-            Some(head) => rows::linear_cols(head, &self.head_packed, normed, vocab),
-            None => rows::tied_head(self.embed_tokens.val(), &self.head_packed, normed, vocab),
-        })
-    }
-
     /// The rotary tables for positions `start..start + len`, in the weights' dtype.
     pub fn rope_tables(&self, start: usize, len: usize) -> RopeTables<B> {
         let tables = self.rope.tables(start, len, &self.embed_tokens.device());
@@ -203,10 +163,49 @@ impl<B: Backend> LlamaModel<B> {
         }
         self.clone().map(&mut Cast(dtype))
     }
+}
+
+impl<B: LayerSkipBackend> LlamaModel<B> {
+    /// The shared exit head, final RMSNorm then LM head, applied to any layer's output.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    pub fn exit_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let vocab = self.config.vocab_size;
+        self.head_over(hidden, vocab)
+    }
+
+    /// The shared exit head over the token ids `0..vocab` only, `[batch, seq, hidden]` ->
+    /// `[batch, seq, vocab]`: the first `vocab` columns of [`exit_head`](Self::exit_head) (bit
+    /// for bit on Flex f32, where both use the same per-output sums).
+    ///
+    /// A byte-level BPE vocabulary numbers its merges by frequency, so its first ids cover most
+    /// text (on the default model 99.5% of generated code tokens have ids < 1024 of 4096): a
+    /// self-speculative draft over them costs a quarter of the head. A tied head reads a prefix
+    /// view of the embedding; an untied one copies its column slice on each call.
+    pub fn exit_head_prefix(&self, hidden: Tensor<B, 3>, vocab: usize) -> Result<Tensor<B, 3>> {
+        let vocab_size = self.config.vocab_size;
+        if vocab == 0 || vocab > vocab_size {
+            return Err(ModelError::VocabPrefix {
+                requested: vocab,
+                vocab_size,
+            });
+        }
+        Ok(self.head_over(hidden, vocab))
+    }
+
+    /// The exit head's first `vocab` logits.
+    fn head_over(&self, hidden: Tensor<B, 3>, vocab: usize) -> Tensor<B, 3> {
+        let normed = B::rms_norm(&self.norm, hidden);
+        match &self.lm_head {
+            Some(head) => project(head, &self.head_packed, normed, vocab),
+            None => B::tied_product(normed, self.embed_tokens.val(), &self.head_packed, vocab),
+        }
+    }
 
     /// Runs layers `range` over all positions of `hidden`, whose first position is `start_pos`.
     /// With a cache, each layer's new keys/values are appended to its own cache, whose length
-    /// must equal `start_pos`. Returns every position (verification needs them all).
+    /// must equal `start_pos` (an error otherwise). Returns every position (verification needs them all).
     ///
     /// # Shapes
     /// - `hidden`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
@@ -229,14 +228,17 @@ impl<B: Backend> LlamaModel<B> {
         let rope = self.rope_tables(start_pos, seq);
         let mut x = hidden;
         for l in range {
-            let layer_cache = cache.as_deref_mut().map(|c| {
-                assert_eq!(
-                    c.len(l),
-                    start_pos,
-                    "layer {l} cache length != start position"
-                );
-                c.layer_mut(l)
-            });
+            let layer_cache = match cache.as_deref_mut() {
+                Some(c) if c.len(l) != start_pos => {
+                    return Err(ModelError::CachePosition {
+                        layer: l,
+                        held: c.len(l),
+                        start: start_pos,
+                    });
+                }
+                Some(c) => Some(c.layer_mut(l)),
+                None => None,
+            };
             x = self.layers[l].forward(x, &rope, layer_cache)?;
         }
         Ok(x)

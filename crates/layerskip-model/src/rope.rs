@@ -75,34 +75,3 @@ impl Rope {
         }
     }
 }
-
-impl<B: Backend> RopeTables<B> {
-    /// Rotates `x` in the rotate-half layout: `x * cos + rotate_half(x) * sin`.
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, heads, seq, head_dim]`
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, s, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
-    }
-
-    /// [`RopeTables::apply`] for `x` in the projections' `[batch, seq, heads, head_dim]` layout,
-    /// the same numbers. On a contiguous projection output every op here reads contiguous
-    /// memory, where the head-major view of `apply` takes strided paths (on Flex, rotary
-    /// embedding was 8% of a decode step that way).
-    pub fn apply_seq_major(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, s, h, d] = x.dims();
-        #[cfg(feature = "flex")]
-        if crate::flex::is_flex_f32::<B>(&[x.dtype(), self.cos.dtype(), self.sin.dtype()]) {
-            return crate::flex::rope_seq_major(x, &self.cos, &self.sin);
-        }
-        let table = |t: &Tensor<B, 4>| t.clone().reshape([1, s, 1, d]);
-        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * table(&self.cos) + rotated * table(&self.sin)
-    }
-}

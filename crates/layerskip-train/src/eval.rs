@@ -6,7 +6,8 @@
 //! so this table says at a glance whether a model was trained for early exit.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{ElementConversion, Int, Tensor, backend::Backend};
+use burn::tensor::{ElementConversion, Int, Tensor};
+use layerskip_model::LayerSkipBackend;
 use layerskip_model::LlamaModel;
 use serde::{Deserialize, Serialize};
 
@@ -49,7 +50,7 @@ struct Sums {
 
 /// Evaluates every exit of `model` on the first `max_blocks` blocks (all when `None`),
 /// `batch_size` blocks per forward pass. No layer dropout, no gradients.
-pub fn exit_quality<B: Backend>(
+pub fn exit_quality<B: LayerSkipBackend>(
     model: &LlamaModel<B>,
     blocks: &Blocks,
     batch_size: usize,
@@ -108,7 +109,7 @@ pub fn exit_quality<B: Backend>(
 ///
 /// # Shapes
 /// - `logits`: `[batch, seq, vocab]`; `targets`, `final_top`: `[batch, seq]`; `mask`: `[batch, seq]`
-fn score<B: Backend>(
+fn score<B: LayerSkipBackend>(
     logits: Tensor<B, 3>,
     targets: &Tensor<B, 2, Int>,
     final_top: &Tensor<B, 2, Int>,

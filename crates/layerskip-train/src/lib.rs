@@ -18,3 +18,15 @@ pub use config::TrainConfig;
 pub use data::{Blocks, Document};
 pub use error::{Result, TrainError};
 pub use trainer::{EvalReport, StepReport, Trainer, latest_checkpoint};
+
+use burn::tensor::backend::AutodiffBackend;
+use layerskip_model::LayerSkipBackend;
+
+/// A backend the trainer runs on: autodiff (the model's seam takes Burn's ops there, so
+/// gradients flow) over a backend the model runs on (evaluation uses its fast paths).
+pub trait TrainBackend: AutodiffBackend<InnerBackend: LayerSkipBackend> + LayerSkipBackend {}
+
+impl<B> TrainBackend for B where
+    B: AutodiffBackend<InnerBackend: LayerSkipBackend> + LayerSkipBackend
+{
+}

@@ -3,6 +3,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, backend::Backend};
+use layerskip_model::LayerSkipBackend;
 use layerskip_model::{LlamaModel, TrainOutput};
 
 /// The loss of one batch.
@@ -40,7 +41,7 @@ pub fn masked_cross_entropy<B: Backend>(
 /// Combines the exits of a training forward into the early-exit loss. `weights` pairs each enabled
 /// layer (ascending, the last layer `L - 1` included) with its normalised weight; the last layer
 /// uses the model's final logits, the others the shared exit head on their hidden states.
-pub fn early_exit_loss<B: Backend>(
+pub fn early_exit_loss<B: LayerSkipBackend>(
     model: &LlamaModel<B>,
     output: TrainOutput<B>,
     targets: Tensor<B, 2, Int>,

@@ -14,7 +14,6 @@ use burn::optim::{
     AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer,
 };
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::DeviceOps;
 use burn::tensor::{DType, ElementConversion, FloatDType};
 use layerskip_model::{LlamaModel, SaveDtype, SkipMask};
@@ -65,7 +64,7 @@ struct TrainerState {
 }
 
 /// A training run in progress.
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: crate::TrainBackend> {
     config: TrainConfig,
     model: LlamaModel<B>,
     optim: Adam<B>,
@@ -86,7 +85,7 @@ struct ShardOutput {
     loss: f64,
 }
 
-fn optimizer<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
+fn optimizer<B: crate::TrainBackend>(config: &TrainConfig) -> Adam<B> {
     let clip = (config.optim.grad_clip > 0.0)
         .then_some(GradientClippingConfig::Norm(config.optim.grad_clip as f32));
     AdamWConfig::new()
@@ -97,7 +96,7 @@ fn optimizer<B: AutodiffBackend>(config: &TrainConfig) -> Adam<B> {
 
 /// The model the forward pass runs on: the master model itself, or its bf16 cast for mixed
 /// precision (the cast is in the autodiff graph, so gradients reach the f32 master weights).
-fn compute_copy<B: AutodiffBackend>(
+fn compute_copy<B: crate::TrainBackend>(
     model: &LlamaModel<B>,
     precision: MixedPrecision,
 ) -> LlamaModel<B> {
@@ -121,7 +120,7 @@ pub fn draw_skip_mask(rates: &[f64], batch: usize, rng: &mut impl Rng) -> SkipMa
     }
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: crate::TrainBackend> Trainer<B> {
     /// Starts a run from `model` (fresh or pretrained).
     pub fn new(
         config: TrainConfig,

@@ -2,8 +2,8 @@
 //! greedy exactness grid that tells rounding ties from wrong tokens.
 #![allow(dead_code)] // each test binary uses a subset
 
-use burn::tensor::backend::Backend;
 use layerskip_infer::{GenerateOptions, Generation, Generator, SamplingConfig, Strategy};
+use layerskip_model::LayerSkipBackend;
 use layerskip_model::backend::Precision;
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
 
@@ -30,7 +30,7 @@ pub fn config(layers: usize, vocab: usize, kv_heads: usize, tied: bool) -> Llama
 }
 
 /// Weights wide enough (std 0.15) that logits are far from ties and the layers matter.
-pub fn random_model_on<B: Backend>(
+pub fn random_model_on<B: LayerSkipBackend>(
     seed: u64,
     config: &LlamaConfig,
     device: &B::Device,
@@ -52,7 +52,7 @@ pub fn options(strategy: Strategy, max_new_tokens: usize) -> GenerateOptions {
 }
 
 /// One generation with a fresh generator of capacity 96.
-pub fn run<B: Backend>(
+pub fn run<B: LayerSkipBackend>(
     model: &LlamaModel<B>,
     prompt: &[u32],
     options: &GenerateOptions,
@@ -66,7 +66,7 @@ pub fn run<B: Backend>(
 /// Greedy self-speculation against autoregressive decoding on `model`, allowing a divergence
 /// only where the full model's two best logits are within `precision`'s tie tolerance (its
 /// batched verification and one-token steps may round differently). Returns the number of ties.
-pub fn greedy_grid<B: Backend>(
+pub fn greedy_grid<B: LayerSkipBackend>(
     model: &LlamaModel<B>,
     prompts: &[&[u32]],
     exits: &[usize],

@@ -2,9 +2,9 @@
 //! written by `scripts/make_reference.py` and a per-layer comparison on any backend.
 #![allow(dead_code)] // each test binary uses a subset
 
+use layerskip_model::LayerSkipBackend;
 use std::path::PathBuf;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use layerskip_model::{KvCache, LlamaModel};
 use safetensors::SafeTensors;
@@ -61,7 +61,7 @@ impl Reference {
     }
 }
 
-fn assert_close<B: Backend>(
+fn assert_close<B: LayerSkipBackend>(
     ours: Tensor<B, 3>,
     reference: (Vec<usize>, Vec<f32>),
     rel_tol: f32,
@@ -82,14 +82,14 @@ fn assert_close<B: Backend>(
     );
 }
 
-fn tokens<B: Backend>(ids: &[i64], device: &B::Device) -> Tensor<B, 2, Int> {
+fn tokens<B: LayerSkipBackend>(ids: &[i64], device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
 }
 
 /// Loads fixture `name` on `device` and compares every decoder layer's output, the logits, and
 /// the logits through the KV cache one token at a time with the transformers reference:
 /// max |ours - reference| <= `rel_tol` * max |reference| per tensor.
-pub fn check_variant<B: Backend>(name: &str, device: &B::Device, rel_tol: f32) {
+pub fn check_variant<B: LayerSkipBackend>(name: &str, device: &B::Device, rel_tol: f32) {
     let model = LlamaModel::<B>::from_pretrained(&fixture_dir(name), device).expect("load");
     let reference = Reference::load(name);
     let mut i = 0;

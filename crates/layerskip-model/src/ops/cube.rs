@@ -1,0 +1,238 @@
+//! [`LayerSkipBackend`] for the CubeCL backends (CUDA; wgpu on Vulkan, Metal or DX12): each op
+//! is one launch of a kernel from `layerskip_kernels::cube` where Burn's ops take several.
+//!
+//! Decoding on a GPU is bound by launches, not arithmetic. Attention reads the cache buffers in
+//! place with the held length as a launch argument, so a decode step launches the same kernels
+//! with the same shapes whatever the context holds: nothing is compiled or tuned again per
+//! token. Products of at most [`MAX_ROWS`] rows compute each row alone, so self-speculative
+//! verification reproduces autoregressive decoding bit for bit.
+//!
+//! `LAYERSKIP_CUBE_KERNELS=0` in the environment turns the kernels off (Burn's ops throughout),
+//! to compare the two in one build.
+
+use std::sync::OnceLock;
+
+use burn::nn::RmsNorm;
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use layerskip_kernels::cube as kernels;
+
+use super::{LayerSkipBackend, Packed, burn_ops};
+use crate::rope::RopeTables;
+
+/// Most rows the product kernels take; longer inputs (prefill) use Burn's matmul.
+pub const MAX_ROWS: usize = 32;
+
+/// Whether the kernels are on (unless `LAYERSKIP_CUBE_KERNELS=0`).
+pub fn kernels_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LAYERSKIP_CUBE_KERNELS").map_or(true, |v| v.trim() != "0"))
+}
+
+/// The CubeCL tensor behind a float tensor, contiguous.
+fn raw<
+    R: CubeRuntime,
+    B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    const D: usize,
+>(
+    t: Tensor<B, D>,
+) -> CubeTensor<R> {
+    into_contiguous(t.into_primitive().tensor())
+}
+
+fn wrap<
+    R: CubeRuntime,
+    B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    const D: usize,
+>(
+    t: CubeTensor<R>,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// An uninitialised tensor of `like`'s dtype on its device.
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>) -> CubeTensor<R> {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        like.dtype,
+    )
+}
+
+/// Whether the kernels take tensors of these dtypes: one float type throughout.
+fn takes(dtypes: &[DType]) -> bool {
+    kernels_enabled()
+        && matches!(dtypes[0], DType::F32 | DType::F16 | DType::BF16)
+        && dtypes.iter().all(|d| *d == dtypes[0])
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn product(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+        _: &Packed,
+        cols: usize,
+    ) -> Tensor<Self, 3> {
+        let [b, s, k] = x.dims();
+        let n = weight.dims()[1];
+        if b * s > MAX_ROWS || !takes(&[x.dtype(), weight.dtype()]) {
+            return burn_ops::product(x, weight, cols);
+        }
+        let (x, w) = (raw(x), raw(weight));
+        let out = empty(&x, vec![b, s, cols]);
+        let (client, dtype) = (x.client.clone(), x.dtype.into());
+        let args = (
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+        );
+        kernels::launch_rows_in_out(&client, args.0, args.1, args.2, [b * s, k, n], cols, dtype);
+        wrap(out)
+    }
+
+    fn tied_product(
+        x: Tensor<Self, 3>,
+        embed: Tensor<Self, 2>,
+        _: &Packed,
+        vocab: usize,
+    ) -> Tensor<Self, 3> {
+        let [b, s, k] = x.dims();
+        if b * s > MAX_ROWS || !takes(&[x.dtype(), embed.dtype()]) {
+            return burn_ops::tied_product(x, embed, vocab);
+        }
+        let (x, e) = (raw(x), raw(embed));
+        let out = empty(&x, vec![b, s, vocab]);
+        let (client, dtype) = (x.client.clone(), x.dtype.into());
+        let args = (
+            x.into_tensor_arg(),
+            e.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+        );
+        kernels::launch_rows_out_in(&client, args.0, args.1, args.2, [b * s, k], vocab, dtype);
+        wrap(out)
+    }
+
+    fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let gamma = norm.gamma.val();
+        if !takes(&[x.dtype(), gamma.dtype()]) {
+            return norm.forward(x);
+        }
+        let [b, s, h] = x.dims();
+        let (x, gamma) = (raw(x), raw(gamma));
+        let out = empty(&x, vec![b, s, h]);
+        let (client, dtype) = (x.client.clone(), x.dtype.into());
+        let (xa, ga, oa) = (
+            x.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+        );
+        kernels::launch_rms_norm(&client, xa, ga, oa, b * s, h, norm.epsilon as f32, dtype);
+        wrap(out)
+    }
+
+    fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        if gate.dims() != up.dims() || !takes(&[gate.dtype(), up.dtype()]) {
+            return burn_ops::silu_mul(gate, up);
+        }
+        let dims = gate.dims();
+        let (g, u) = (raw(gate), raw(up));
+        let out = empty(&g, dims.to_vec());
+        let (client, dtype) = (g.client.clone(), g.dtype.into());
+        let len = dims.iter().product();
+        let (ga, ua, oa) = (
+            g.into_tensor_arg(),
+            u.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+        );
+        kernels::launch_silu_mul(&client, ga, ua, oa, len, dtype);
+        wrap(out)
+    }
+
+    fn rope(x: Tensor<Self, 4>, tables: &RopeTables<Self>) -> Tensor<Self, 4> {
+        if !takes(&[x.dtype(), tables.cos.dtype(), tables.sin.dtype()]) {
+            return burn_ops::rope(x, tables);
+        }
+        let dims = x.dims();
+        let (x, cos, sin) = (raw(x), raw(tables.cos.clone()), raw(tables.sin.clone()));
+        let out = empty(&x, dims.to_vec());
+        let (client, dtype) = (x.client.clone(), x.dtype.into());
+        let args = [x, cos, sin, out.clone()].map(CubeTensor::into_tensor_arg);
+        let [xa, ca, sa, oa] = args;
+        kernels::launch_rope(&client, xa, ca, sa, oa, dims, dtype);
+        wrap(out)
+    }
+
+    fn store_kv(
+        [key_cache, value_cache]: [Tensor<Self, 4>; 2],
+        at: usize,
+        keys: Tensor<Self, 4>,
+        values: Tensor<Self, 4>,
+        tables: &RopeTables<Self>,
+    ) -> [Tensor<Self, 4>; 2] {
+        let dtypes = [
+            key_cache.dtype(),
+            value_cache.dtype(),
+            keys.dtype(),
+            values.dtype(),
+        ];
+        if !takes(&dtypes) || !takes(&[dtypes[0], tables.cos.dtype(), tables.sin.dtype()]) {
+            return burn_ops::store_kv([key_cache, value_cache], at, keys, values, tables);
+        }
+        let dims = keys.dims();
+        let capacity = key_cache.dims()[2];
+        // Written in place: the cache holds its buffers alone unless it was cloned.
+        let own = |t: Tensor<Self, 4>| {
+            let t = raw(t);
+            if t.can_mut() { t } else { t.copy() }
+        };
+        let (kc, vc) = (own(key_cache), own(value_cache));
+        let (k, v) = (raw(keys), raw(values));
+        let (cos, sin) = (raw(tables.cos.clone()), raw(tables.sin.clone()));
+        let (client, dtype) = (k.client.clone(), k.dtype.into());
+        let to = kernels::StoreAt {
+            key_cache: kc.clone().into_tensor_arg(),
+            value_cache: vc.clone().into_tensor_arg(),
+            capacity,
+            at,
+        };
+        let [ka, va, ca, sa] = [k, v, cos, sin].map(CubeTensor::into_tensor_arg);
+        kernels::launch_store_kv(&client, ka, va, ca, sa, to, dims, dtype);
+        [wrap(kc), wrap(vc)]
+    }
+
+    fn attend_cached(
+        q: Tensor<Self, 4>,
+        [key_cache, value_cache]: [&Tensor<Self, 4>; 2],
+        len: usize,
+        groups: usize,
+    ) -> Tensor<Self, 3> {
+        let [batch, seq, heads, dim] = q.dims();
+        let dtypes = [q.dtype(), key_cache.dtype(), value_cache.dtype()];
+        if dim > kernels::ATTEND_MAX_HEAD_DIM || !takes(&dtypes) {
+            return burn_ops::attend_cached(q, [key_cache, value_cache], len, groups);
+        }
+        let capacity = key_cache.dims()[2];
+        let (q, k, v) = (raw(q), raw(key_cache.clone()), raw(value_cache.clone()));
+        let out = empty(&q, vec![batch, seq, heads, dim]);
+        let (client, dtype) = (q.client.clone(), q.dtype.into());
+        let args = kernels::AttendArgs {
+            batch,
+            seq,
+            heads,
+            groups,
+            dim,
+            capacity,
+            start: len - seq,
+            scale: 1.0 / (dim as f32).sqrt(),
+        };
+        let bufs = [q, k, v, out.clone()].map(CubeTensor::into_tensor_arg);
+        kernels::launch_attend(&client, bufs, args, dtype);
+        wrap::<R, Self, 4>(out).reshape([batch, seq, heads * dim])
+    }
+}

@@ -1,0 +1,391 @@
+//! [`LayerSkipBackend`] for the Flex CPU backend: the slice kernels of `layerskip_kernels::cpu`
+//! for decoding and verification, in-place cache writes, Burn's ops for the rest.
+//!
+//! - Products of at most [`MAX_ROWS`] f32 rows read a packed copy of the weight (made on first
+//!   use, kept in the module's [`Packed`]): Flex sends 2-16 rows through gemm's packing path,
+//!   which cost several times one row, so verifying `d + 1` drafts in one pass saved nothing.
+//!   The packed copy adds the weights' size again (half of it for bf16-valued weights).
+//! - Attention of at most [`MAX_ROWS`] f32 rows reads the cache buffers in place; longer inputs
+//!   (prefill) gather the kv heads by block copies and take Burn's attention.
+//! - Cache writes go in place into the preallocated buffers: Burn 0.21's Flex `slice_assign`
+//!   copies the whole destination on every call.
+
+use std::sync::{Arc, Mutex};
+
+use burn::backend::Flex;
+use burn::nn::RmsNorm;
+use burn::tensor::{DType, Element, Shape, Tensor, TensorPrimitive};
+use burn_flex::FlexTensor;
+use half::{bf16, f16};
+use layerskip_kernels::cpu::{self, attend::AttendShape, rows::Panels};
+
+use super::{LayerSkipBackend, Packed, causal_attention};
+use crate::rope::RopeTables;
+
+/// Most rows the Flex kernels take; longer inputs (prefill, evaluation, training) use Burn's
+/// matmul and attention. Self-speculation with `d` drafts verifies `d + 1` rows, so its logits
+/// are bit-identical to autoregressive decoding's on Flex f32 for every `d < MAX_ROWS`.
+pub const MAX_ROWS: usize = 32;
+
+/// The packed copy of one weight matrix, once made.
+#[derive(Clone, Default)]
+pub(crate) struct PackedSlot(Arc<Mutex<Option<Arc<Entry>>>>);
+
+impl PackedSlot {
+    pub(crate) fn is_packed(&self) -> bool {
+        self.0.lock().map(|s| s.is_some()).unwrap_or(false)
+    }
+
+    /// The packed copy of `w` (contiguous f32), packing it now if it is not the one held.
+    fn of(&self, w: FlexTensor, layout: Layout, k: usize, n: usize) -> Arc<Entry> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = slot.as_ref().filter(|e| e.packs(&w)) {
+            return entry.clone();
+        }
+        let ws: &[f32] = &w.storage::<f32>()[w.layout().start_offset()..][..k * n];
+        let panels = match layout {
+            Layout::InOut => Panels::from_in_out(ws, k, n),
+            Layout::OutIn => Panels::from_out_in(ws, k, n),
+        };
+        let entry = Arc::new(Entry { source: w, panels });
+        *slot = Some(entry.clone());
+        entry
+    }
+}
+
+/// How a weight matrix is stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `[in, out]`, Burn's `Linear` layout.
+    InOut,
+    /// `[out, in]`, an embedding used as a tied head.
+    OutIn,
+}
+
+/// A packed matrix and the tensor it was packed from.
+pub(crate) struct Entry {
+    /// A handle on the source: while it is held the storage is neither freed nor written in
+    /// place (Flex writes in place only into storage it holds alone), so a weight replaced by
+    /// loading or training is packed again on its next use, never read stale.
+    source: FlexTensor,
+    panels: Panels,
+}
+
+impl Entry {
+    fn packs(&self, w: &FlexTensor) -> bool {
+        std::ptr::eq(
+            self.source.storage::<f32>().as_ptr(),
+            w.storage::<f32>().as_ptr(),
+        ) && self.source.layout() == w.layout()
+    }
+}
+
+/// The Flex tensor behind a float tensor, contiguous.
+fn raw<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+    let t = t.into_primitive().tensor();
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// A tensor's values from its first element (contiguous tensors).
+fn values<E: Element + bytemuck::Pod>(t: &FlexTensor) -> &[E] {
+    &t.storage::<E>()[t.layout().start_offset()..]
+}
+
+fn all_f32(dtypes: &[DType]) -> bool {
+    dtypes.iter().all(|d| *d == DType::F32)
+}
+
+/// The row kernel's `x · W` (the first `cols` outputs) for at most [`MAX_ROWS`] f32 rows;
+/// `None` otherwise.
+fn try_rows(
+    x: &Tensor<Flex, 3>,
+    w: &Tensor<Flex, 2>,
+    layout: Layout,
+    packed: &Packed,
+    cols: usize,
+) -> Option<Tensor<Flex, 3>> {
+    let [b, s, k] = x.dims();
+    let [w0, w1] = w.dims();
+    if b * s > MAX_ROWS || !all_f32(&[x.dtype(), w.dtype()]) {
+        return None;
+    }
+    let n = if layout == Layout::InOut { w1 } else { w0 };
+    let entry = packed.flex.of(raw(w.clone()), layout, k, n);
+    let x = raw(x.clone());
+    let mut out = FlexTensor::empty(Shape::from(vec![b, s, cols]), DType::F32);
+    let xs = &values::<f32>(&x)[..b * s * k];
+    cpu::rows::x_panels(xs, &entry.panels, out.storage_mut::<f32>(), b * s, cols);
+    Some(wrap(out))
+}
+
+/// Copies `outer` blocks of `block` elements of `src` into `dst`, block `o` at `dst_at(o)`.
+fn copy_blocks<E: Element + bytemuck::Pod>(
+    dst: &mut FlexTensor,
+    src: &FlexTensor,
+    (outer, block): (usize, usize),
+    dst_at: impl Fn(usize) -> usize,
+) {
+    let src: &[E] = values(src);
+    // The destination is a cache buffer its cache holds alone, so `storage_mut` does not copy.
+    let dst: &mut [E] = dst.storage_mut::<E>();
+    for o in 0..outer {
+        let d = dst_at(o);
+        dst[d..d + block].copy_from_slice(&src[o * block..(o + 1) * block]);
+    }
+}
+
+/// [`copy_blocks`] for a float dtype the cache holds; false for any other.
+fn copy_float_blocks(
+    dst: &mut FlexTensor,
+    src: &FlexTensor,
+    shape: (usize, usize),
+    dst_at: impl Fn(usize) -> usize,
+) -> bool {
+    match dst.dtype() {
+        DType::F32 => copy_blocks::<f32>(dst, src, shape, dst_at),
+        DType::F16 => copy_blocks::<f16>(dst, src, shape, dst_at),
+        DType::BF16 => copy_blocks::<bf16>(dst, src, shape, dst_at),
+        _ => return false,
+    }
+    true
+}
+
+/// A buffer ready to be written in place (contiguous from offset 0).
+fn writable<const D: usize>(buffer: Tensor<Flex, D>) -> FlexTensor {
+    let t = buffer.into_primitive().tensor();
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn is_cache_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Writes `new` `[batch, seq, kv_heads, head_dim]` into `buffer` `[batch, kv_heads, capacity,
+/// head_dim]` at positions `at..at + seq`, one block copy per (position, head).
+fn write_seq_major(buffer: Tensor<Flex, 4>, at: usize, new: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
+    let [batch, kv_heads, capacity, d] = buffer.dims();
+    let seq = new.dims()[1];
+    let mut dst = writable(buffer);
+    let src = raw(new);
+    let dst_at = |o: usize| {
+        let (g, t, b) = (o % kv_heads, o / kv_heads % seq, o / (kv_heads * seq));
+        ((b * kv_heads + g) * capacity + at + t) * d
+    };
+    let copied = copy_float_blocks(&mut dst, &src, (batch * seq * kv_heads, d), dst_at);
+    assert!(copied, "cache dtypes are checked by the caller");
+    wrap(dst)
+}
+
+/// `buffer[:, h / groups, 0..len, :]` for every head `h < kv_heads * groups`, contiguous
+/// `[batch, kv_heads * groups, len, head_dim]`: one block copy per head (Flex copies a strided
+/// view element by element).
+fn gather_heads(buffer: &Tensor<Flex, 4>, len: usize, groups: usize) -> Tensor<Flex, 4> {
+    let [batch, kv_heads, capacity, d] = buffer.dims();
+    let src = raw(buffer.clone());
+    let heads = kv_heads * groups;
+    let mut out = FlexTensor::empty(Shape::from(vec![batch, heads, len, d]), src.dtype());
+    // Block `o` of the output is head `o % heads` of sequence `o / heads`.
+    let shape = (batch * heads, len * d);
+    let src_at = |o: usize| (o / heads * kv_heads + o % heads / groups) * capacity * d;
+    fn gather<E: Element + bytemuck::Pod>(
+        src: &FlexTensor,
+        out: &mut FlexTensor,
+        (outer, block): (usize, usize),
+        src_at: impl Fn(usize) -> usize,
+    ) {
+        let src: &[E] = values(src);
+        let out: &mut [E] = out.storage_mut::<E>();
+        for o in 0..outer {
+            let s = src_at(o);
+            out[o * block..(o + 1) * block].copy_from_slice(&src[s..s + block]);
+        }
+    }
+    match src.dtype() {
+        DType::F32 => gather::<f32>(&src, &mut out, shape, src_at),
+        DType::F16 => gather::<f16>(&src, &mut out, shape, src_at),
+        DType::BF16 => gather::<bf16>(&src, &mut out, shape, src_at),
+        other => unreachable!("cache dtypes are checked by the caller, not {other:?}"),
+    }
+    wrap(out)
+}
+
+impl LayerSkipBackend for Flex {
+    fn product(
+        x: Tensor<Self, 3>,
+        w: Tensor<Self, 2>,
+        packed: &Packed,
+        cols: usize,
+    ) -> Tensor<Self, 3> {
+        match try_rows(&x, &w, Layout::InOut, packed, cols) {
+            Some(out) => out,
+            None => super::burn_ops::product(x, w, cols),
+        }
+    }
+
+    fn tied_product(
+        x: Tensor<Self, 3>,
+        embed: Tensor<Self, 2>,
+        packed: &Packed,
+        vocab: usize,
+    ) -> Tensor<Self, 3> {
+        match try_rows(&x, &embed, Layout::OutIn, packed, vocab) {
+            Some(out) => out,
+            None => super::burn_ops::tied_product(x, embed, vocab),
+        }
+    }
+
+    fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        norm.forward(x)
+    }
+
+    fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        if !all_f32(&[gate.dtype(), up.dtype()]) || gate.dims() != up.dims() {
+            return super::burn_ops::silu_mul(gate, up);
+        }
+        let (g, u) = (raw(gate), raw(up));
+        let n = g.layout().shape().num_elements();
+        let mut out = FlexTensor::empty(g.layout().shape().clone(), DType::F32);
+        cpu::silu_mul(
+            &values(&g)[..n],
+            &values(&u)[..n],
+            &mut out.storage_mut::<f32>()[..n],
+        );
+        wrap(out)
+    }
+
+    fn rope(x: Tensor<Self, 4>, tables: &RopeTables<Self>) -> Tensor<Self, 4> {
+        if !all_f32(&[x.dtype(), tables.cos.dtype(), tables.sin.dtype()]) {
+            return super::burn_ops::rope(x, tables);
+        }
+        let dims = x.dims();
+        let (x, cos, sin) = (raw(x), raw(tables.cos.clone()), raw(tables.sin.clone()));
+        let mut out = FlexTensor::empty(Shape::from(dims.to_vec()), DType::F32);
+        cpu::rope(
+            values(&x),
+            values(&cos),
+            values(&sin),
+            out.storage_mut::<f32>(),
+            dims,
+        );
+        wrap(out)
+    }
+
+    fn write_at<const D: usize>(
+        buffer: Tensor<Self, D>,
+        dim: usize,
+        at: usize,
+        new: Tensor<Self, D>,
+    ) -> Tensor<Self, D> {
+        if buffer.dtype() != new.dtype() || !is_cache_dtype(buffer.dtype()) {
+            return super::burn_ops::write_at(buffer, dim, at, new);
+        }
+        let (dims, added) = (buffer.dims(), new.dims()[dim]);
+        let inner: usize = dims[dim + 1..].iter().product();
+        let outer: usize = dims[..dim].iter().product();
+        let mut dst = writable(buffer);
+        let src = raw(new);
+        let dst_at = |o: usize| o * dims[dim] * inner + at * inner;
+        copy_float_blocks(&mut dst, &src, (outer, added * inner), dst_at);
+        wrap(dst)
+    }
+
+    fn store_kv(
+        [key_cache, value_cache]: [Tensor<Self, 4>; 2],
+        at: usize,
+        keys: Tensor<Self, 4>,
+        values: Tensor<Self, 4>,
+        tables: &RopeTables<Self>,
+    ) -> [Tensor<Self, 4>; 2] {
+        let dtype = key_cache.dtype();
+        let same = [value_cache.dtype(), keys.dtype(), values.dtype()]
+            .iter()
+            .all(|d| *d == dtype);
+        if !same || !is_cache_dtype(dtype) {
+            return super::burn_ops::store_kv([key_cache, value_cache], at, keys, values, tables);
+        }
+        let keys = Self::rope(keys, tables);
+        [
+            write_seq_major(key_cache, at, keys),
+            write_seq_major(value_cache, at, values),
+        ]
+    }
+
+    fn attend_cached(
+        q: Tensor<Self, 4>,
+        [key_cache, value_cache]: [&Tensor<Self, 4>; 2],
+        len: usize,
+        groups: usize,
+    ) -> Tensor<Self, 3> {
+        let [batch, seq, heads, d] = q.dims();
+        let [_, kv_heads, capacity, _] = key_cache.dims();
+        let dtypes = [q.dtype(), key_cache.dtype(), value_cache.dtype()];
+        if seq <= MAX_ROWS && all_f32(&dtypes) {
+            let (q, k, v) = (raw(q), raw(key_cache.clone()), raw(value_cache.clone()));
+            let mut out = FlexTensor::empty(Shape::from(vec![batch, seq, heads * d]), DType::F32);
+            let shape = AttendShape {
+                batch,
+                seq,
+                heads,
+                kv_heads,
+                capacity,
+                d,
+                len,
+                groups,
+            };
+            cpu::attend::attend(
+                values(&q),
+                values(&k),
+                values(&v),
+                out.storage_mut::<f32>(),
+                &shape,
+            );
+            return wrap(out);
+        }
+        if dtypes.iter().all(|&t| t == dtypes[0] && is_cache_dtype(t)) {
+            let keys = gather_heads(key_cache, len, groups);
+            let values = gather_heads(value_cache, len, groups);
+            return causal_attention(q, keys, values);
+        }
+        super::burn_ops::attend_cached(q, [key_cache, value_cache], len, groups)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{FloatDType, TensorData};
+
+    /// The block-copy gather equals the held prefix with each kv head repeated (what Burn's
+    /// attention reads), in f32 and the half dtypes.
+    #[test]
+    fn gather_heads_repeats_each_kv_head_over_the_held_prefix() {
+        let shape = [2, 3, 8, 4];
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let buffer =
+            Tensor::<Flex, 4>::from_data(TensorData::new(data, shape), &Default::default());
+        for dtype in [None, Some(FloatDType::F16), Some(FloatDType::BF16)] {
+            let buffer = dtype.map_or(buffer.clone(), |d| buffer.clone().cast(d));
+            let got = gather_heads(&buffer, 5, 2);
+            let want = super::super::repeat_kv(buffer.slice_dim(2, 0..5), 2);
+            assert_eq!(got.dims(), [2, 6, 5, 4]);
+            assert_eq!(
+                got.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                want.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                "{dtype:?}"
+            );
+        }
+    }
+}
