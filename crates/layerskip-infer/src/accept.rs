@@ -34,6 +34,26 @@ pub fn accept_greedy(drafts: &[u32], verify: &[Vec<f32>]) -> Acceptance {
     }
 }
 
+/// [`accept_greedy`] given the verifier's greedy tokens (`verify[i]` = the argmax of its row
+/// `i`, `drafts.len() + 1` of them) instead of its logit rows: what a device that takes the
+/// argmax itself hands back.
+pub fn accept_greedy_ids(drafts: &[u32], verify: &[u32]) -> Acceptance {
+    assert_eq!(
+        verify.len(),
+        drafts.len() + 1,
+        "one verifier token per draft plus the bonus token"
+    );
+    let accepted = drafts
+        .iter()
+        .zip(verify)
+        .take_while(|(d, v)| d == v)
+        .count();
+    Acceptance {
+        accepted,
+        next: verify[accepted],
+    }
+}
+
 /// Speculative sampling (Leviathan et al.; Chen et al.): accept draft `x_i` with probability
 /// `min(1, p_i(x_i) / q_i(x_i))`; at the first rejection draw from `normalise(max(0, p_i - q_i))`
 /// and stop; if all pass, draw the bonus token from `p_d`. The output is distributed exactly as
@@ -84,6 +104,29 @@ mod tests {
         let mut v = vec![0.0; 4];
         v[i] = 1.0;
         v
+    }
+
+    /// Acceptance from the verifier's tokens equals acceptance from its logit rows, for every
+    /// draft sequence over a small vocabulary against fixed random rows.
+    #[test]
+    fn acceptance_from_token_ids_equals_acceptance_from_logit_rows() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for d in 0..4 {
+            let rows: Vec<Vec<f32>> = (0..=d)
+                .map(|_| (0..3).map(|_| rng.random::<f32>()).collect())
+                .collect();
+            let ids: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+            for code in 0..3usize.pow(d as u32) {
+                let drafts: Vec<u32> = (0..d)
+                    .map(|i| (code / 3usize.pow(i as u32) % 3) as u32)
+                    .collect();
+                assert_eq!(
+                    accept_greedy_ids(&drafts, &ids),
+                    accept_greedy(&drafts, &rows),
+                    "{drafts:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use layerskip_model::LayerSkipBackend;
 use std::ops::Range;
 use std::time::Instant;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use layerskip_model::{ExitHiddenCache, KvCache, LlamaModel};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -61,6 +61,18 @@ pub struct GenerateOptions {
     /// distribution either way (Hugging Face's `assistant_confidence_threshold`).
     #[serde(default)]
     pub draft_confidence: Option<f32>,
+}
+
+impl GenerateOptions {
+    /// Whether every token choice is an argmax of raw logits (greedy, no history penalties, no
+    /// draft-confidence threshold), so the device can take it and hand back token ids alone.
+    pub fn greedy_on_device(&self) -> bool {
+        let s = &self.sampling;
+        s.is_greedy()
+            && s.repetition_penalty == 1.0
+            && s.no_repeat_ngram == 0
+            && self.draft_confidence.is_none()
+    }
 }
 
 /// Why a generation ended.
@@ -226,8 +238,8 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
             .model
             .forward_layers(self.model.embed_ids(context), layers, 0, None)?;
         let n = context.len();
-        let row = self.logit_rows(hidden.slice([0..1, n - 1..n])).remove(0);
-        Ok(TokenMargin::of(&row))
+        let logits = self.model.exit_head(hidden.slice([0..1, n - 1..n]));
+        Ok(TokenMargin::of(&host_rows(logits).remove(0)))
     }
 
     /// Checks a prompt and options (exit layer range, speculations, sampling, context) without
@@ -353,27 +365,58 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
             .forward_layers(x, range, start_pos, Some(&mut self.cache))?)
     }
 
-    /// Logit rows of the exit head applied to `hidden` `[1, seq, hidden]`.
-    pub(crate) fn logit_rows(&self, hidden: Tensor<B, 3>) -> Vec<Vec<f32>> {
-        host_rows(self.model.exit_head(hidden))
+    /// Logit rows of the exit head applied to `hidden` `[1, seq, hidden]`, read to the host.
+    pub(crate) fn logit_rows(&mut self, hidden: Tensor<B, 3>) -> Vec<Vec<f32>> {
+        let rows = host_rows(self.model.exit_head(hidden));
+        self.count_read(rows.len() * rows.first().map_or(0, Vec::len));
+        rows
+    }
+
+    /// The argmax of each row of `logits` `[1, seq, vocab]`, taken on the device.
+    pub(crate) fn device_argmax(logits: Tensor<B, 3>) -> Tensor<B, 2, Int> {
+        let [b, s, _] = logits.dims();
+        logits.argmax(2).reshape([b, s])
+    }
+
+    /// Token ids `[1, n]` read to the host.
+    pub(crate) fn read_ids(&mut self, ids: Tensor<B, 2, Int>) -> Vec<u32> {
+        let values = ids.into_data().convert::<i64>();
+        let ids: Vec<u32> = values.iter::<i64>().map(|t| t as u32).collect();
+        self.count_read(ids.len());
+        ids
+    }
+
+    fn count_read(&mut self, values: usize) {
+        self.stats.host_reads += 1;
+        self.stats.host_read_values += values;
     }
 
     /// The draft's logit row for `hidden` `[1, 1, hidden]`: over the whole vocabulary, or over
     /// the ids `0..n` with the rest at -inf when `options.draft_vocab` is `Some(n)`.
     pub(crate) fn draft_logit_row(
-        &self,
+        &mut self,
         hidden: Tensor<B, 3>,
         options: &GenerateOptions,
     ) -> Result<Vec<f32>> {
         let vocab = self.model.config().vocab_size;
-        match options.draft_vocab.filter(|&n| n < vocab) {
-            None => Ok(self.logit_rows(hidden).remove(0)),
-            Some(n) => {
-                let mut row = host_rows(self.model.exit_head_prefix(hidden, n)?).remove(0);
-                row.resize(vocab, f32::NEG_INFINITY);
-                Ok(row)
-            }
-        }
+        let mut row = host_rows(self.draft_logits(hidden, options)?).remove(0);
+        self.count_read(row.len());
+        row.resize(vocab, f32::NEG_INFINITY);
+        Ok(row)
+    }
+
+    /// The draft's logits for `hidden` `[1, seq, hidden]`: over the whole vocabulary, or over
+    /// the ids `0..n` when `options.draft_vocab` is `Some(n)`.
+    pub(crate) fn draft_logits(
+        &self,
+        hidden: Tensor<B, 3>,
+        options: &GenerateOptions,
+    ) -> Result<Tensor<B, 3>> {
+        let vocab = self.model.config().vocab_size;
+        Ok(match options.draft_vocab.filter(|&n| n < vocab) {
+            None => self.model.exit_head(hidden),
+            Some(n) => self.model.exit_head_prefix(hidden, n)?,
+        })
     }
 
     /// Appends accepted tokens, applying the stop conditions, and streams them.
@@ -418,10 +461,17 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
         while run.stop.is_none() {
             let h = self.layers(self.model.embed_ids(&input), 0..exit, pos)?;
             let seq = h.dims()[1];
-            let last = self.logit_rows(h.slice([0..1, seq - 1..seq])).remove(0);
-            let history = std::mem::take(&mut run.tokens);
-            let (token, _) = run.choose(last, &history);
-            run.tokens = history;
+            let last = h.slice([0..1, seq - 1..seq]);
+            let token = if run.options.greedy_on_device() {
+                let ids = Self::device_argmax(self.model.exit_head(last));
+                self.read_ids(ids)[0]
+            } else {
+                let row = self.logit_rows(last).remove(0);
+                let history = std::mem::take(&mut run.tokens);
+                let (token, _) = run.choose(row, &history);
+                run.tokens = history;
+                token
+            };
             self.stats.steps += 1;
             pos += input.len();
             input = vec![token];

@@ -5,9 +5,10 @@
 //! positions `0..c`, where `c` is the position of the newest token `tokens[c]`, which no layer
 //! has seen yet. No layer ever computes the same position twice.
 
+use burn::tensor::{Int, Tensor, TensorData};
 use layerskip_model::LayerSkipBackend;
 
-use crate::accept::{Acceptance, accept_greedy, accept_sampled};
+use crate::accept::{Acceptance, accept_greedy, accept_greedy_ids, accept_sampled};
 use crate::error::Result;
 use crate::generator::{Generator, Run, StreamEvent};
 
@@ -27,28 +28,78 @@ impl<B: LayerSkipBackend> Generator<'_, B> {
         self.exits.append(h)?;
         let deep = self.layers(self.exits.since(0), exit..layers, 0)?;
         let n = prompt.len();
-        let last = self.logit_rows(deep.slice([0..1, n - 1..n])).remove(0);
-        let (first, _) = run.choose(last, &prompt);
+        let last = deep.slice([0..1, n - 1..n]);
+        let first = if run.options.greedy_on_device() {
+            let ids = Self::device_argmax(self.model.exit_head(last));
+            self.read_ids(ids)[0]
+        } else {
+            let row = self.logit_rows(last).remove(0);
+            run.choose(row, &prompt).0
+        };
         self.emit(run, &[first], on_event);
         while run.stop.is_none() {
-            self.speculative_step(run, exit, speculations, on_event)?;
+            let step = if run.options.greedy_on_device() {
+                self.greedy_step(run, exit, speculations)?
+            } else {
+                self.speculative_step(run, exit, speculations)?
+            };
+            self.finish_step(run, step, speculations, on_event);
         }
         Ok(())
     }
 
+    /// Drafts to propose at this step: `speculations`, fewer near the token budget or the end of
+    /// the context (each step emits accepted + 1 tokens and needs positions `c..=c + d`).
+    fn draft_count(&self, run: &Run<'_>, speculations: usize) -> usize {
+        let c = run.tokens.len() - 1;
+        speculations
+            .min(run.budget() - 1)
+            .min(self.capacity() - 1 - c)
+    }
+
+    /// A greedy step with every choice taken on the device: each draft token stays there as the
+    /// next draft's input, and one read brings back the drafts and the verifier's tokens.
+    /// Drafting does not stop at a stop token (the host sees the drafts only at the end); the
+    /// output is the same, since emitting stops there.
+    fn greedy_step(&mut self, run: &Run<'_>, exit: usize, speculations: usize) -> Result<Step> {
+        let layers = self.model.num_layers();
+        let c = run.tokens.len() - 1;
+        let d = self.draft_count(run, speculations);
+        let device = self.model.embed_tokens.device();
+        let current = TensorData::new(vec![i64::from(run.tokens[c])], [1, 1]);
+        let mut input = Tensor::<B, 2, Int>::from_data(current, &device);
+        let mut ids = Vec::with_capacity(d + 1);
+        for i in 0..d {
+            let h = self.layers(self.model.embed(input), 0..exit, c + i)?;
+            self.exits.append(h.clone())?;
+            input = Self::device_argmax(self.draft_logits(h, run.options)?);
+            ids.push(input.clone());
+        }
+        // Verify: the last draft through layers < E, then layers >= E once over the exit hidden
+        // states of positions c..=c+d (causal, offset c), appending the deep layers' K/V.
+        let h = self.layers(self.model.embed(input), 0..exit, c + d)?;
+        self.exits.append(h)?;
+        let deep = self.layers(self.exits.since(c), exit..layers, c)?;
+        ids.push(Self::device_argmax(self.model.exit_head(deep)));
+        let ids = self.read_ids(Tensor::cat(ids, 1));
+        let (drafts, verify) = ids.split_at(d);
+        Ok(Step {
+            acceptance: accept_greedy_ids(drafts, verify),
+            drafts: drafts.to_vec(),
+        })
+    }
+
+    /// A step with the choices made on the host from logit rows: sampling, history penalties, a
+    /// draft-confidence threshold.
     fn speculative_step(
         &mut self,
         run: &mut Run<'_>,
         exit: usize,
         speculations: usize,
-        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
-    ) -> Result<()> {
+    ) -> Result<Step> {
         let layers = self.model.num_layers();
         let c = run.tokens.len() - 1;
-        // Each step emits accepted + 1 tokens and needs positions c..=c+d in the cache.
-        let d = speculations
-            .min(run.budget() - 1)
-            .min(self.capacity() - 1 - c);
+        let d = self.draft_count(run, speculations);
         // Draft: inputs[i] = tokens[c], drafts[0], ...; input i goes through layers < E at c + i.
         let mut drafts: Vec<u32> = Vec::with_capacity(d);
         let mut q: Vec<Vec<f32>> = Vec::with_capacity(d);
@@ -82,29 +133,48 @@ impl<B: LayerSkipBackend> Generator<'_, B> {
             .enumerate()
             .map(|(i, row)| run.distribution(row, &history[..c + 1 + i]))
             .collect();
-        let Acceptance { accepted, next } = if run.options.sampling.is_greedy() {
+        let acceptance = if run.options.sampling.is_greedy() {
             accept_greedy(&drafts, &p)
         } else {
             accept_sampled(&drafts, &q, &p, &mut run.rng)
         };
-        // Roll back: positions c..=c+accepted hold tokens[c] and the accepted drafts.
-        self.cache.truncate(c + accepted + 1);
-        self.exits.truncate(c + accepted + 1);
+        Ok(Step { acceptance, drafts })
+    }
+
+    /// Rolls the caches back to the accepted positions, counts, and emits the accepted drafts and
+    /// the verifier's next token.
+    fn finish_step(
+        &mut self,
+        run: &mut Run<'_>,
+        Step { acceptance, drafts }: Step,
+        speculations: usize,
+        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+    ) {
+        let Acceptance { accepted, next } = acceptance;
+        // Positions c..=c+accepted hold tokens[c] and the accepted drafts.
+        let keep = run.tokens.len() + accepted;
+        self.cache.truncate(keep);
+        self.exits.truncate(keep);
         self.stats.steps += 1;
-        self.stats.drafted += n;
+        self.stats.drafted += drafts.len();
         self.stats.accepted += accepted;
         if self.stats.accepted_histogram.len() <= speculations {
             self.stats.accepted_histogram.resize(speculations + 1, 0);
         }
         self.stats.accepted_histogram[accepted] += 1;
-        if accepted < n {
+        if accepted < drafts.len() {
             on_event(StreamEvent::Rejected(&drafts[accepted..]));
         }
         let mut new = drafts[..accepted].to_vec();
         new.push(next);
         self.emit(run, &new, on_event);
-        Ok(())
     }
+}
+
+/// The drafts of one step and what the verifier made of them.
+struct Step {
+    acceptance: Acceptance,
+    drafts: Vec<u32>,
 }
 
 /// The probability of the drafted `token` under the draft distribution: `dist` holds

@@ -23,6 +23,14 @@ pub struct GenerationStats {
     pub time_to_first_token_ms: f64,
     /// Milliseconds of the whole generation.
     pub total_ms: f64,
+    /// Reads from the device to the host (each one waits for the device to finish its queued
+    /// work): one per decoded token, or per self-speculative step, when the argmax is taken on
+    /// the device.
+    #[serde(default)]
+    pub host_reads: usize,
+    /// Values those reads carried (token ids, or whole logit rows when the host chooses).
+    #[serde(default)]
+    pub host_read_values: usize,
     /// Bytes preallocated for the KV cache.
     pub kv_allocated_bytes: usize,
     /// Bytes of KV cache holding positions at the peak (rejected drafts included).
@@ -54,6 +62,15 @@ impl GenerationStats {
             return self.total_ms;
         }
         (self.total_ms - self.time_to_first_token_ms) / (self.new_tokens - 1) as f64
+    }
+
+    /// Device-to-host reads per generated token.
+    pub fn host_reads_per_token(&self) -> f64 {
+        if self.new_tokens == 0 {
+            0.0
+        } else {
+            self.host_reads as f64 / self.new_tokens as f64
+        }
     }
 
     /// Generated tokens per second over the whole call.

@@ -7,7 +7,7 @@
 //! - [`cpu`]: kernels on plain slices (AVX2 and FMA where the CPU has them, the same order in
 //!   scalar code elsewhere): products of a few rows with a packed weight matrix, attention over a
 //!   KV cache buffer, SwiGLU's product, rotary embedding.
-//! - [`cube`] (feature `cube`): CubeCL kernels that run on every CubeCL runtime (CUDA, wgpu on
+//! - `cube` (feature `cube`): CubeCL kernels that run on every CubeCL runtime (CUDA, wgpu on
 //!   Vulkan/Metal/DX12): decode attention over the preallocated KV cache, products of a few rows
 //!   with a weight matrix, RMSNorm, rotary embedding with the cache write, SwiGLU's product.
 //!

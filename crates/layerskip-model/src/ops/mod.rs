@@ -9,7 +9,7 @@
 //! | backend | implementation |
 //! |---|---|
 //! | Flex (CPU) | [`flex`]: packed row kernels, attention in place over the cache, in-place cache writes |
-//! | CubeCL: CUDA, wgpu, Vulkan, Metal | [`cube`]: one CubeCL launch per op, fixed launch shapes while decoding |
+//! | CubeCL: CUDA, wgpu, Vulkan, Metal | `cube` (feature `cube`): one CubeCL launch per op, fixed launch shapes while decoding |
 //! | `Autodiff<B>` (training) | the defaults (Burn ops, so gradients flow) |
 //!
 //! A fast path must compute each row of a few-row call exactly as it computes that row alone
