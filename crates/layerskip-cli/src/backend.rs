@@ -61,6 +61,10 @@ pub fn dispatch_many<T: MultiDeviceTask>(
         bail!("devices {first} and {other} belong to different backends; use one backend");
     }
     first.ensure_compiled()?;
+    #[cfg(feature = "cube")]
+    if first != DeviceSpec::Cpu {
+        crate::gpu::configure();
+    }
     match first {
         #[cfg(feature = "flex")]
         DeviceSpec::Cpu => {

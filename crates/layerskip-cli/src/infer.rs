@@ -91,6 +91,10 @@ pub struct InferArgs {
     /// Print one JSON object with the text and the statistics instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Skip the untimed warm-up generation before the first prompt (it compiles GPU kernels and
+    /// packs CPU weights, so that the first prompt's time to first token is the steady one).
+    #[arg(long)]
+    pub no_warm_up: bool,
 }
 
 impl InferArgs {
@@ -174,6 +178,12 @@ impl BackendTask for InferArgs {
             None
         };
         let mut generator = Generator::new(&model, capacity)?;
+        if !self.no_warm_up {
+            let ms = generator.warm_up(&options)?;
+            if !self.json {
+                eprintln!("warm-up: {ms:.0} ms (kernels compiled, weights prepared)");
+            }
+        }
         let prompts: Vec<String> = match (&self.prompt, &self.prompt_file) {
             (Some(p), _) => vec![p.clone()],
             (None, Some(f)) => vec![

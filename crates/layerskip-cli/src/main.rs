@@ -5,6 +5,8 @@ use std::path::PathBuf;
 mod backend;
 mod bench;
 mod eval;
+#[cfg(feature = "cube")]
+mod gpu;
 mod infer;
 mod plot;
 mod samples;

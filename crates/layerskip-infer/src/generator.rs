@@ -242,6 +242,30 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
         Ok(TokenMargin::of(&host_rows(logits).remove(0)))
     }
 
+    /// Runs `options`' strategy untimed on two short synthetic prompts (one of a few tokens, one
+    /// longer than the row kernels take, where the context allows) for a few tokens, so that a
+    /// backend that compiles its kernels on first use (CubeCL: CUDA, wgpu) or prepares weights on
+    /// first use (Flex's packed copies) does it before the first real prompt. Returns the
+    /// milliseconds it took.
+    pub fn warm_up(&mut self, options: &GenerateOptions) -> Result<f64> {
+        let start = Instant::now();
+        let vocab = self.model.config().vocab_size as u32;
+        let warm = GenerateOptions {
+            max_new_tokens: 4,
+            stop_tokens: Vec::new(),
+            ..options.clone()
+        };
+        for len in [3, 40] {
+            let len = len.min(self.capacity().saturating_sub(warm.max_new_tokens + 1));
+            if len == 0 {
+                continue;
+            }
+            let prompt: Vec<u32> = (0..len as u32).map(|i| (i * 7 + 1) % vocab).collect();
+            self.generate(&prompt, &warm, |_| true)?;
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Checks a prompt and options (exit layer range, speculations, sampling, context) without
     /// generating: the error [`Generator::generate`] would return.
     pub fn validate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
