@@ -13,6 +13,7 @@ mkdir -p "$OUT" "$W"
 LOG=$OUT/check.log
 : >"$LOG"
 budget=${CHECK_BUDGET_S:-420}
+hard_cap=${CHECK_CAP_S:-500}
 t0=$(date +%s)
 libs=$(python3 -c "import glob,os;print(':'.join(sorted({os.path.dirname(p) for p in glob.glob('/opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib/lib*.so*')})))" 2>/dev/null)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${libs}:${LD_LIBRARY_PATH:-}
@@ -24,7 +25,8 @@ gunzip -c $G/layerskip.gz >"$BIN" && chmod +x "$BIN"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$W/gpu.txt" 2>&1
 echo "gpu: $(cat "$W/gpu.txt")  date: $(date -u +%F)  commit: $(git rev-parse --short HEAD 2>/dev/null)" | tee -a "$LOG"
 
-# step NAME TIMEOUT_S COMMAND...: stdout to $W/NAME.out, everything to the log.
+# step NAME TIMEOUT_S COMMAND...: stdout to $W/NAME.out, everything to the log. No step starts
+# after CHECK_BUDGET_S, and none runs past CHECK_CAP_S from the start.
 step() {
     local name=$1 limit=$2
     shift 2
@@ -32,6 +34,8 @@ step() {
         echo "== $name skipped (budget)" | tee -a "$LOG"
         return
     fi
+    local left=$((hard_cap - ($(date +%s) - t0)))
+    ((limit > left)) && limit=$left
     local s
     s=$(date +%s.%N)
     echo "== $name: $*" >>"$LOG"
