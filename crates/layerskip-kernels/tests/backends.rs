@@ -244,16 +244,25 @@ fn attention_reference(
     out
 }
 
-fn attend(gpu: &Gpu, q: &[f32], k: &Buf, v: &Buf, args: AttendArgs) -> Vec<f32> {
+/// Attention of `q` (rotated in the kernel with the tables `[cos, sin]`).
+fn attend(
+    gpu: &Gpu,
+    q: &[f32],
+    tables: [&[f32]; 2],
+    k: &Buf,
+    v: &Buf,
+    args: AttendArgs,
+) -> Vec<f32> {
     let shape = [1, args.seq, args.heads, args.dim];
     let (qb, ob) = (gpu.upload(q, &shape), gpu.zeros(&shape));
-    let bufs = [gpu.arg(&qb), gpu.arg(k), gpu.arg(v), gpu.arg(&ob)];
+    let [cb, sb] = tables.map(|t| gpu.upload(t, &[args.seq, args.dim]));
+    let bufs = [&qb, &cb, &sb, k, v, &ob].map(|b| gpu.arg(b));
     launch_attend(&gpu.client, bufs, args, F32);
     gpu.read(&ob)
 }
 
-/// Over several chunks of keys (online softmax), grouped heads, an offset start; each row equals
-/// the same row attended alone, bit for bit.
+/// Over several chunks of keys (online softmax), grouped heads, an offset start, the query
+/// rotated on load; each row equals the same row attended alone, bit for bit.
 #[test]
 fn attention_over_the_cache_matches_softmax_attention_row_by_row() {
     let gpu = Gpu::new();
@@ -269,6 +278,7 @@ fn attention_over_the_cache_matches_softmax_attention_row_by_row() {
             .iter()
             .map(|x| x * 4.0)
             .collect();
+        let (cos, sin) = (values(seq * dim, 17), values(seq * dim, 18));
         let scale = 1.0 / (dim as f32).sqrt();
         let args = AttendArgs {
             batch: 1,
@@ -280,8 +290,13 @@ fn attention_over_the_cache_matches_softmax_attention_row_by_row() {
             start,
             scale,
         };
-        let got = attend(&gpu, &q, &kb, &vb, args);
-        let want = attention_reference(&q, &k, &v, [seq, heads, groups, dim, capacity, start]);
+        let got = attend(&gpu, &q, [&cos, &sin], &kb, &vb, args);
+        let rotated: Vec<f32> = rope_reference(&q, &cos, &sin, [seq, heads, dim])
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        let shape = [seq, heads, groups, dim, capacity, start];
+        let want = attention_reference(&rotated, &k, &v, shape);
         assert_close(
             &got,
             &want,
@@ -295,7 +310,8 @@ fn attention_over_the_cache_matches_softmax_attention_row_by_row() {
                 start: start + i,
                 ..args
             };
-            let alone = attend(&gpu, row, &kb, &vb, one);
+            let tables = [&cos[i * dim..][..dim], &sin[i * dim..][..dim]];
+            let alone = attend(&gpu, row, tables, &kb, &vb, one);
             assert_eq!(
                 alone,
                 got[i * heads * dim..][..heads * dim],
@@ -305,80 +321,235 @@ fn attention_over_the_cache_matches_softmax_attention_row_by_row() {
     }
 }
 
-/// `x · W` (`W` `[k, n]`) and `x · Eᵀ` (`E` `[vocab, k]`) against f64 products, for one row and
-/// several (with a partial last pass), each row equal to itself computed alone; both feature
-/// splits of the `[k, n]` kernel (few and many column tiles), a column prefix of the head.
+/// f64 RMSNorm of `rows` rows of `x` (`[rows, k]`) with gain `gamma`, eps 1e-5.
+fn rms_reference(x: &[f32], gamma: &[f32], rows: usize, k: usize) -> Vec<f64> {
+    (0..rows * k)
+        .map(|i| {
+            let row = &x[i / k * k..][..k];
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
+            x[i] as f64 / (ms + 1e-5).sqrt() * gamma[i % k] as f64
+        })
+        .collect()
+}
+
+/// `a · W` in f64 for `a` `[rows, k]` and `W` `[k, n]`.
+fn product_reference(a: &[f64], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f64> {
+    (0..rows * n)
+        .map(|i| {
+            (0..k)
+                .map(|f| a[i / n * k + f] * w[f * n + i % n] as f64)
+                .sum()
+        })
+        .collect()
+}
+
+/// One [`launch_fused_rows`] call on `rows` rows of `x`; returns the three outputs.
+fn fused(
+    gpu: &Gpu,
+    x: &[f32],
+    gamma: &Buf,
+    residual: &[f32],
+    ws: &[Buf; 3],
+    shape: [usize; 2],
+    (norm, epilogue): (bool, Epilogue),
+) -> [Vec<f32>; 3] {
+    let [rows, k] = shape;
+    let widths = widths_of(ws);
+    let xb = gpu.upload(&x[..rows * k], &[rows, k]);
+    let rb = gpu.upload(&residual[..rows * widths[0]], &[rows, widths[0]]);
+    let outs = widths.map(|n| gpu.zeros(&[rows, n.max(1)]));
+    let tensors = FusedRows {
+        x: gpu.arg(&xb),
+        gamma: gpu.arg(gamma),
+        residual: gpu.arg(&rb),
+        weights: [gpu.arg(&ws[0]), gpu.arg(&ws[1]), gpu.arg(&ws[2])],
+        outputs: [gpu.arg(&outs[0]), gpu.arg(&outs[1]), gpu.arg(&outs[2])],
+    };
+    let eps = norm.then_some(1e-5);
+    launch_fused_rows(&gpu.client, tensors, shape, widths, eps, epilogue, F32);
+    outs.map(|o| gpu.read(&o))
+}
+
+/// The weights' output widths (0 for an empty placeholder).
+fn widths_of(ws: &[Buf; 3]) -> [usize; 3] {
+    [0, 1, 2].map(|i| {
+        if ws[i].shape[0] == 0 {
+            0
+        } else {
+            ws[i].shape[1]
+        }
+    })
+}
+
+/// The fused products against f64: RMSNorm then three weights in one launch (q, k, v), a
+/// residual added, SwiGLU's product; for one row and several (a partial last pass), each row
+/// equal to itself computed alone; both feature splits (few and many column tiles).
 #[test]
-fn row_products_match_f64_and_do_not_depend_on_the_other_rows() {
+fn fused_products_match_f64_and_do_not_depend_on_the_other_rows() {
     let gpu = Gpu::new();
-    for (k, n) in [(96, 200), (64, 8200)] {
-        let w = values(k * n, 13);
-        let wb = gpu.upload(&w, &[k, n]);
-        let x = values(7 * k, 14);
-        let mut alone = Vec::new();
-        for rows in [1, 7] {
-            let (xb, ob) = (
-                gpu.upload(&x[..rows * k], &[rows, k]),
-                gpu.zeros(&[rows, n]),
-            );
-            let dims = [rows, k, n];
-            launch_rows_in_out(
-                &gpu.client,
-                gpu.arg(&xb),
-                gpu.arg(&wb),
-                gpu.arg(&ob),
-                dims,
-                n,
-                F32,
-            );
-            let got = gpu.read(&ob);
-            let want: Vec<f64> = (0..rows * n)
-                .map(|i| {
-                    (0..k)
-                        .map(|f| x[i / n * k + f] as f64 * w[f * n + i % n] as f64)
-                        .sum()
-                })
-                .collect();
-            assert_close(&got, &want, 1e-5, &format!("in_out {k}x{n} rows {rows}"));
-            if rows == 1 {
-                alone = got;
+    let k = 96;
+    let x: Vec<f32> = values(7 * k, 20).iter().map(|v| v * 3.0).collect();
+    let gamma = values(k, 21);
+    let gb = gpu.upload(&gamma, &[k]);
+    for widths in [[200, 40, 40], [8200, 0, 0]] {
+        let ws: Vec<Vec<f32>> = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| values(k * n, 22 + i as u64))
+            .collect();
+        let bufs = [0, 1, 2].map(|i| {
+            if widths[i] == 0 {
+                gpu.zeros(&[0, 0])
             } else {
-                assert_eq!(got[..n], alone[..], "row 0 alone vs with 6 others");
+                gpu.upload(&ws[i], &[k, widths[i]])
+            }
+        });
+        let residual = values(7 * widths[0], 25);
+        for (norm, epilogue) in [
+            (false, Epilogue::Plain),
+            (true, Epilogue::Plain),
+            (false, Epilogue::Residual),
+            (true, Epilogue::SwiGlu),
+        ] {
+            if epilogue == Epilogue::SwiGlu && widths[1] != widths[0] {
+                let gu = [
+                    gpu.upload(&ws[0], &[k, widths[0]]),
+                    gpu.upload(&values(k * widths[0], 26), &[k, widths[0]]),
+                    gpu.zeros(&[0, 0]),
+                ];
+                check_fused(&gpu, &x, &gb, &gamma, &residual, &gu, k, norm, epilogue);
+                continue;
+            }
+            check_fused(&gpu, &x, &gb, &gamma, &residual, &bufs, k, norm, epilogue);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_fused(
+    gpu: &Gpu,
+    x: &[f32],
+    gb: &Buf,
+    gamma: &[f32],
+    residual: &[f32],
+    ws: &[Buf; 3],
+    k: usize,
+    norm: bool,
+    epilogue: Epilogue,
+) {
+    let widths = widths_of(ws);
+    let host: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|b| {
+            if b.shape[0] == 0 {
+                Vec::new()
+            } else {
+                gpu.read(b)
+            }
+        })
+        .collect();
+    let mut alone: Option<[Vec<f32>; 3]> = None;
+    for rows in [1, 7] {
+        let got = fused(gpu, x, gb, residual, ws, [rows, k], (norm, epilogue));
+        let a: Vec<f64> = if norm {
+            rms_reference(x, gamma, rows, k)
+        } else {
+            x[..rows * k].iter().map(|&v| v as f64).collect()
+        };
+        let what = format!("{epilogue:?} norm {norm} widths {widths:?} rows {rows}");
+        let product = |i: usize| product_reference(&a, &host[i], rows, k, widths[i]);
+        match epilogue {
+            Epilogue::Plain => {
+                for i in 0..3 {
+                    if widths[i] > 0 {
+                        assert_close(&got[i], &product(i), 1e-4, &format!("{what} weight {i}"));
+                    }
+                }
+            }
+            Epilogue::Residual => {
+                let want: Vec<f64> = product(0)
+                    .iter()
+                    .zip(residual)
+                    .map(|(p, &r)| p + r as f64)
+                    .collect();
+                assert_close(&got[0], &want, 1e-4, &what);
+            }
+            Epilogue::SwiGlu => {
+                let want: Vec<f64> = product(0)
+                    .iter()
+                    .zip(product(1))
+                    .map(|(&g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
+                assert_close(&got[0], &want, 1e-4, &what);
+            }
+        }
+        match &alone {
+            None => alone = Some(got),
+            Some(one) => {
+                for i in 0..3 {
+                    let n = widths[i];
+                    assert_eq!(
+                        got[i][..n],
+                        one[i][..n],
+                        "{what}: row 0 alone vs with 6 others ({i})"
+                    );
+                }
             }
         }
     }
+}
+
+/// The tied head `x · Eᵀ` (`E` `[vocab, k]`, the input RMSNorm'd first or not) against f64, a
+/// column prefix, one row and several, each row equal to itself computed alone.
+#[test]
+fn head_products_match_f64_and_do_not_depend_on_the_other_rows() {
+    let gpu = Gpu::new();
     let (vocab, k, cols) = (300, 80, 260);
     let e = values(vocab * k, 15);
     let eb = gpu.upload(&e, &[vocab, k]);
+    let gamma = values(k, 19);
+    let gb = gpu.upload(&gamma, &[k]);
     let x = values(5 * k, 16);
-    let mut alone = Vec::new();
-    for rows in [1, 5] {
-        let (xb, ob) = (
-            gpu.upload(&x[..rows * k], &[rows, k]),
-            gpu.zeros(&[rows, cols]),
-        );
-        launch_rows_out_in(
-            &gpu.client,
-            gpu.arg(&xb),
-            gpu.arg(&eb),
-            gpu.arg(&ob),
-            [rows, k],
-            cols,
-            F32,
-        );
-        let got = gpu.read(&ob);
-        let want: Vec<f64> = (0..rows * cols)
-            .map(|i| {
-                (0..k)
-                    .map(|f| x[i / cols * k + f] as f64 * e[i % cols * k + f] as f64)
-                    .sum()
-            })
-            .collect();
-        assert_close(&got, &want, 1e-5, &format!("out_in rows {rows}"));
-        if rows == 1 {
-            alone = got;
-        } else {
-            assert_eq!(got[..cols], alone[..], "head row 0 alone vs with 4 others");
+    for norm in [false, true] {
+        let mut alone = Vec::new();
+        for rows in [1, 5] {
+            let (xb, ob) = (
+                gpu.upload(&x[..rows * k], &[rows, k]),
+                gpu.zeros(&[rows, cols]),
+            );
+            let bufs = [&xb, &gb, &eb, &ob].map(|b| gpu.arg(b));
+            launch_rows_out_in(
+                &gpu.client,
+                bufs,
+                [rows, k],
+                cols,
+                norm.then_some(1e-5),
+                F32,
+            );
+            let got = gpu.read(&ob);
+            let a: Vec<f64> = if norm {
+                rms_reference(&x, &gamma, rows, k)
+            } else {
+                x[..rows * k].iter().map(|&v| v as f64).collect()
+            };
+            let want: Vec<f64> = (0..rows * cols)
+                .map(|i| {
+                    (0..k)
+                        .map(|f| a[i / cols * k + f] * e[i % cols * k + f] as f64)
+                        .sum()
+                })
+                .collect();
+            assert_close(
+                &got,
+                &want,
+                1e-4,
+                &format!("out_in norm {norm} rows {rows}"),
+            );
+            if rows == 1 {
+                alone = got;
+            } else {
+                assert_eq!(got[..cols], alone[..], "head row 0 alone vs with 4 others");
+            }
         }
     }
 }

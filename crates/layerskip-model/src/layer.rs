@@ -33,29 +33,14 @@ pub(crate) fn init_rms_norm<B: Backend>(config: &LlamaConfig, device: &B::Device
     }
 }
 
-/// The first `cols` outputs of a linear layer, `x` `[batch, seq, in]` -> `[batch, seq, cols]`,
-/// through the backend's product (`packed`: its state for the weight).
-pub(crate) fn project<B: LayerSkipBackend>(
-    linear: &Linear<B>,
-    packed: &Packed,
-    x: Tensor<B, 3>,
-    cols: usize,
-) -> Tensor<B, 3> {
-    let out = B::product(x, linear.weight.val(), packed, cols);
-    match &linear.bias {
-        Some(bias) => out + bias.val().narrow(0, 0, cols).unsqueeze(),
-        None => out,
-    }
-}
-
-/// [`project`] onto every output.
-fn project_all<B: LayerSkipBackend>(
-    linear: &Linear<B>,
-    packed: &Packed,
-    x: Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    let n = linear.weight.dims()[1];
-    project(linear, packed, x, n)
+/// The weight of a linear layer of the decoder. Llama's have no bias: checkpoints with
+/// `attention_bias` or `mlp_bias` are refused at load, and `init` makes none.
+pub(crate) fn weight<B: Backend>(linear: &Linear<B>) -> Tensor<B, 2> {
+    debug_assert!(
+        linear.bias.is_none(),
+        "the decoder's linear layers have no bias"
+    );
+    linear.weight.val()
 }
 
 /// Grouped-query self-attention. Linear weights use Burn's `[d_in, d_out]` layout.
@@ -94,39 +79,41 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: LayerSkipBackend> Attention<B> {
-    /// Attends causally over the cached positions plus the new ones.
+    /// The attention block with its residual connection: `x + attn(norm(x))`, attending
+    /// causally over the cached positions plus the new ones.
     ///
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]` (already normalised); `rope` covers the `seq` new positions
+    /// - `x`: `[batch, seq, hidden]`; `rope` covers the `seq` new positions
     /// - returns `[batch, seq, hidden]`
     pub fn forward(
         &self,
+        norm: &RmsNorm<B>,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
         let [pq, pk, pv, po] = &self.packed;
-        let heads = |proj: &Linear<B>, packed: &Packed, n: usize| {
-            project_all(proj, packed, x.clone()).reshape([b, s, n, self.head_dim])
-        };
-        let q = B::rope(heads(&self.q_proj, pq, self.num_heads), rope);
-        let k = heads(&self.k_proj, pk, self.num_kv_heads);
-        let v = heads(&self.v_proj, pv, self.num_kv_heads);
+        let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
+        let [q, k, v] = B::attention_inputs(x.clone(), norm, weights, [pq, pk, pv]);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
+        let q = heads(q, self.num_heads);
+        let (k, v) = (heads(k, self.num_kv_heads), heads(v, self.num_kv_heads));
         let groups = self.num_heads / self.num_kv_heads;
         let out = match cache {
             Some(cache) => {
                 cache.store(k, v, rope)?;
-                B::attend_cached(q, cache.buffers(), cache.len(), groups)
+                B::attend_cached(q, rope, cache.buffers(), cache.len(), groups)
             }
             None => {
                 // [batch, seq, kv_heads, head_dim] -> [batch, heads, seq, head_dim]
                 let k = B::rope(k, rope).swap_dims(1, 2);
                 let v = v.swap_dims(1, 2);
+                let q = B::rope(q, rope);
                 causal_attention(q, repeat_kv(k, groups), repeat_kv(v, groups))
             }
         };
-        Ok(project_all(&self.o_proj, po, out))
+        Ok(B::product_add(out, weight(&self.o_proj), po, x))
     }
 }
 
@@ -157,13 +144,15 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: LayerSkipBackend> Mlp<B> {
+    /// The MLP block with its residual connection: `x + mlp(norm(x))`.
+    ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [pg, pu, pd] = &self.packed;
-        let gate = project_all(&self.gate_proj, pg, x.clone());
-        let up = project_all(&self.up_proj, pu, x);
-        project_all(&self.down_proj, pd, B::silu_mul(gate, up))
+        let gate_up = [&self.gate_proj, &self.up_proj].map(weight);
+        let hidden = B::swiglu(x.clone(), norm, gate_up, [pg, pu]);
+        B::product_add(hidden, weight(&self.down_proj), pd, x)
     }
 }
 
@@ -201,11 +190,9 @@ impl<B: LayerSkipBackend> DecoderLayer<B> {
         rope: &RopeTables<B>,
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
-        let normed = B::rms_norm(&self.input_layernorm, x.clone());
-        let h = x + self.self_attn.forward(normed, rope, cache)?;
-        let mlp = self
-            .mlp
-            .forward(B::rms_norm(&self.post_attention_layernorm, h.clone()));
-        Ok(h + mlp)
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm, x, rope, cache)?;
+        Ok(self.mlp.forward(&self.post_attention_layernorm, h))
     }
 }

@@ -12,8 +12,8 @@ use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData, backend::B
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::layer::{DecoderLayer, init_linear, init_rms_norm, project};
-use crate::ops::{LayerSkipBackend, Packed};
+use crate::layer::{DecoderLayer, init_linear, init_rms_norm, weight};
+use crate::ops::{Head, LayerSkipBackend, Packed};
 use crate::rope::{Rope, RopeTables};
 
 /// A Llama causal language model. It holds parameters only: caches and positions are passed in,
@@ -196,11 +196,11 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
 
     /// The exit head's first `vocab` logits.
     fn head_over(&self, hidden: Tensor<B, 3>, vocab: usize) -> Tensor<B, 3> {
-        let normed = B::rms_norm(&self.norm, hidden);
-        match &self.lm_head {
-            Some(head) => project(head, &self.head_packed, normed, vocab),
-            None => B::tied_product(normed, self.embed_tokens.val(), &self.head_packed, vocab),
-        }
+        let head = match &self.lm_head {
+            Some(head) => Head::Untied(weight(head)),
+            None => Head::Tied(self.embed_tokens.val()),
+        };
+        B::exit_logits(hidden, &self.norm, head, &self.head_packed, vocab)
     }
 
     /// Runs layers `range` over all positions of `hidden`, whose first position is `start_pos`.

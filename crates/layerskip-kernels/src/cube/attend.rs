@@ -1,4 +1,5 @@
-//! Causal grouped-query attention of new query rows over the preallocated KV cache.
+//! Causal grouped-query attention of new query rows (rotated on load) over the preallocated KV
+//! cache.
 //!
 //! One cube per (query row, head) attends to the positions `0..=start + row` of its kv head's
 //! buffer in place: no gathered copy of the prefix, no repeated kv heads, no mask tensor, and the
@@ -7,6 +8,7 @@
 
 use cubecl::prelude::*;
 
+use super::elementwise::rotated;
 use super::{NEG_BIG, tree_max, tree_sum};
 
 /// Threads per cube (a power of two, at least the head dim).
@@ -20,6 +22,8 @@ pub const ATTEND_MAX_HEAD_DIM: usize = THREADS as usize;
 #[allow(clippy::too_many_arguments)]
 fn attend<F: Float>(
     q: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
     keys: &Tensor<F>,
     values: &Tensor<F>,
     out: &mut Tensor<F>,
@@ -46,8 +50,10 @@ fn attend<F: Float>(
     let mut query = SharedMemory::<f32>::new(ATTEND_MAX_HEAD_DIM);
     let mut scores = SharedMemory::<f32>::new(CHUNK);
     let mut partial = SharedMemory::<f32>::new(THREADS as usize);
+    // The query, rotated (and rounded to the tensor type, as a separate rope would) and scaled.
     if tid < d {
-        query[tid] = f32::cast_from(q[q_base + tid]) * scale;
+        let rq = rotated::<F>(q, cos, sin, q_base + tid, seq as usize, heads, d);
+        query[tid] = f32::cast_from(F::cast_from(rq)) * scale;
     }
     sync_cube();
     // Thread `tid` sums output feature `tid % d` over the keys `≡ tid / d (mod slices)`.
@@ -136,11 +142,12 @@ pub struct AttendArgs {
     pub scale: f32,
 }
 
-/// Attention of `q` `[batch, seq, heads, dim]` (rotated) over the cache buffers `[batch,
-/// heads / groups, capacity, dim]` into `out` `[batch, seq, heads, dim]`.
+/// Attention of `q` `[batch, seq, heads, dim]` (rotated here with the tables `cos`, `sin` `[seq,
+/// dim]`) over the cache buffers `[batch, heads / groups, capacity, dim]` into `out` `[batch,
+/// seq, heads, dim]`.
 pub fn launch_attend<R: Runtime>(
     client: &ComputeClient<R>,
-    [q, keys, values, out]: [TensorArg<R>; 4],
+    [q, cos, sin, keys, values, out]: [TensorArg<R>; 6],
     args: AttendArgs,
     dtype: StorageType,
 ) {
@@ -154,6 +161,8 @@ pub fn launch_attend<R: Runtime>(
         CubeCount::Static(args.heads as u32, (args.batch * args.seq) as u32, 1),
         CubeDim::new_1d(THREADS),
         q,
+        cos,
+        sin,
         keys,
         values,
         out,

@@ -103,7 +103,7 @@ pub fn launch_silu_mul<R: Runtime>(
 /// The rotary embedding of element `i` of `x` `[batch, seq, heads, dim]` with tables `[seq,
 /// dim]` in the rotate-half layout: `x * cos + rotate_half(x) * sin`.
 #[cube]
-fn rotated<F: Float>(
+pub(super) fn rotated<F: Float>(
     x: &Tensor<F>,
     cos: &Tensor<F>,
     sin: &Tensor<F>,

@@ -18,9 +18,9 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use layerskip_kernels::cube as kernels;
+use layerskip_kernels::cube::{self as kernels, Epilogue, FusedRows};
 
-use super::{LayerSkipBackend, Packed, burn_ops};
+use super::{Head, LayerSkipBackend, Packed, burn_ops};
 use crate::rope::RopeTables;
 
 /// Most rows the product kernels take; longer inputs (prefill) use Burn's matmul.
@@ -70,6 +70,85 @@ fn takes(dtypes: &[DType]) -> bool {
         && dtypes.iter().all(|d| *d == dtypes[0])
 }
 
+/// Whether the product kernels take `x` `[batch, seq, _]` with tensors of these dtypes.
+fn fusable(x: [usize; 3], dtypes: &[DType]) -> bool {
+    x[0] * x[1] <= MAX_ROWS && takes(dtypes)
+}
+
+/// An RMSNorm's gain and epsilon, as the kernels take them.
+fn norm_of<
+    B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    R: CubeRuntime,
+>(
+    norm: &RmsNorm<B>,
+) -> (CubeTensor<R>, f32) {
+    (raw(norm.gamma.val()), norm.epsilon as f32)
+}
+
+/// One launch of [`kernels::launch_fused_rows`] on `x` `[batch, seq, k]` with 1 to 3
+/// `weights`: one output per weight (one for the residual and SwiGLU epilogues), `[batch, seq,
+/// n_i]`. Unused inputs are bound to `x`, unused outputs to one-element scratch tensors.
+fn fused<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm: Option<(CubeTensor<R>, f32)>,
+    residual: Option<CubeTensor<R>>,
+    weights: &[CubeTensor<R>],
+    epilogue: Epilogue,
+) -> Vec<CubeTensor<R>> {
+    let shape = x.meta.shape().clone();
+    let (b, s, k) = (shape[0], shape[1], shape[2]);
+    let mut widths = [0; 3];
+    for (w, t) in widths.iter_mut().zip(weights) {
+        *w = t.meta.shape()[1];
+    }
+    let outputs = match epilogue {
+        Epilogue::Plain => weights.len(),
+        _ => 1,
+    };
+    let outs: Vec<CubeTensor<R>> = (0..3)
+        .map(|i| match i < outputs {
+            true => empty(&x, vec![b, s, widths[i]]),
+            false => empty(&x, vec![1]),
+        })
+        .collect();
+    let (client, dtype) = (x.client.clone(), x.dtype.into());
+    let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
+    let weight = |i: usize| weights.get(i).map_or_else(|| arg(&x), arg);
+    let tensors = FusedRows {
+        x: arg(&x),
+        gamma: norm.as_ref().map_or_else(|| arg(&x), |n| arg(&n.0)),
+        residual: residual.as_ref().map_or_else(|| arg(&x), arg),
+        weights: [weight(0), weight(1), weight(2)],
+        outputs: [arg(&outs[0]), arg(&outs[1]), arg(&outs[2])],
+    };
+    let eps = norm.map(|n| n.1);
+    kernels::launch_fused_rows(&client, tensors, [b * s, k], widths, eps, epilogue, dtype);
+    outs.into_iter().take(outputs).collect()
+}
+
+/// `norm(x) · Eᵀ` (or `x · Eᵀ` without a norm) over the first `vocab` rows of the embedding `e`.
+fn tied<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm: Option<(CubeTensor<R>, f32)>,
+    e: CubeTensor<R>,
+    vocab: usize,
+) -> CubeTensor<R> {
+    let shape = x.meta.shape().clone();
+    let (b, s, k) = (shape[0], shape[1], shape[2]);
+    let out = empty(&x, vec![b, s, vocab]);
+    let (client, dtype) = (x.client.clone(), x.dtype.into());
+    let eps = norm.as_ref().map(|n| n.1);
+    let gamma = norm.map_or_else(|| x.clone(), |n| n.0);
+    let args = [x, gamma, e, out.clone()].map(CubeTensor::into_tensor_arg);
+    kernels::launch_rows_out_in(&client, args, [b * s, k], vocab, eps, dtype);
+    out
+}
+
+/// The one output of a single-output launch.
+fn single<R: CubeRuntime>(outputs: Vec<CubeTensor<R>>) -> CubeTensor<R> {
+    outputs.into_iter().next().expect("one output")
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipBackend
     for CubeBackend<R, F, I, BT>
 {
@@ -79,21 +158,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
         _: &Packed,
         cols: usize,
     ) -> Tensor<Self, 3> {
-        let [b, s, k] = x.dims();
-        let n = weight.dims()[1];
-        if b * s > MAX_ROWS || !takes(&[x.dtype(), weight.dtype()]) {
+        if cols != weight.dims()[1] || !fusable(x.dims(), &[x.dtype(), weight.dtype()]) {
             return burn_ops::product(x, weight, cols);
         }
-        let (x, w) = (raw(x), raw(weight));
-        let out = empty(&x, vec![b, s, cols]);
-        let (client, dtype) = (x.client.clone(), x.dtype.into());
-        let args = (
-            x.into_tensor_arg(),
-            w.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-        );
-        kernels::launch_rows_in_out(&client, args.0, args.1, args.2, [b * s, k, n], cols, dtype);
-        wrap(out)
+        wrap(single(fused(
+            raw(x),
+            None,
+            None,
+            &[raw(weight)],
+            Epilogue::Plain,
+        )))
     }
 
     fn tied_product(
@@ -102,20 +176,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
         _: &Packed,
         vocab: usize,
     ) -> Tensor<Self, 3> {
-        let [b, s, k] = x.dims();
-        if b * s > MAX_ROWS || !takes(&[x.dtype(), embed.dtype()]) {
+        if !fusable(x.dims(), &[x.dtype(), embed.dtype()]) {
             return burn_ops::tied_product(x, embed, vocab);
         }
-        let (x, e) = (raw(x), raw(embed));
-        let out = empty(&x, vec![b, s, vocab]);
-        let (client, dtype) = (x.client.clone(), x.dtype.into());
-        let args = (
-            x.into_tensor_arg(),
-            e.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-        );
-        kernels::launch_rows_out_in(&client, args.0, args.1, args.2, [b * s, k], vocab, dtype);
-        wrap(out)
+        wrap(tied(raw(x), None, raw(embed), vocab))
     }
 
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
@@ -208,16 +272,25 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
 
     fn attend_cached(
         q: Tensor<Self, 4>,
+        tables: &RopeTables<Self>,
         [key_cache, value_cache]: [&Tensor<Self, 4>; 2],
         len: usize,
         groups: usize,
     ) -> Tensor<Self, 3> {
         let [batch, seq, heads, dim] = q.dims();
-        let dtypes = [q.dtype(), key_cache.dtype(), value_cache.dtype()];
+        let dtypes = [
+            q.dtype(),
+            key_cache.dtype(),
+            value_cache.dtype(),
+            tables.cos.dtype(),
+            tables.sin.dtype(),
+        ];
         if dim > kernels::ATTEND_MAX_HEAD_DIM || !takes(&dtypes) {
+            let q = Self::rope(q, tables);
             return burn_ops::attend_cached(q, [key_cache, value_cache], len, groups);
         }
         let capacity = key_cache.dims()[2];
+        let (cos, sin) = (raw(tables.cos.clone()), raw(tables.sin.clone()));
         let (q, k, v) = (raw(q), raw(key_cache.clone()), raw(value_cache.clone()));
         let out = empty(&q, vec![batch, seq, heads, dim]);
         let (client, dtype) = (q.client.clone(), q.dtype.into());
@@ -231,8 +304,95 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
             start: len - seq,
             scale: 1.0 / (dim as f32).sqrt(),
         };
-        let bufs = [q, k, v, out.clone()].map(CubeTensor::into_tensor_arg);
+        let bufs = [q, cos, sin, k, v, out.clone()].map(CubeTensor::into_tensor_arg);
         kernels::launch_attend(&client, bufs, args, dtype);
         wrap::<R, Self, 4>(out).reshape([batch, seq, heads * dim])
+    }
+
+    fn attention_inputs(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        weights: [Tensor<Self, 2>; 3],
+        packed: [&Packed; 3],
+    ) -> [Tensor<Self, 3>; 3] {
+        let mut dtypes = vec![x.dtype(), norm.gamma.dtype()];
+        dtypes.extend(weights.iter().map(Tensor::dtype));
+        if !fusable(x.dims(), &dtypes) {
+            return burn_ops::attention_inputs::<Self>(x, norm, weights, packed);
+        }
+        let out = fused(
+            raw(x),
+            Some(norm_of(norm)),
+            None,
+            &weights.map(raw),
+            Epilogue::Plain,
+        );
+        let mut out = out.into_iter().map(wrap);
+        std::array::from_fn(|_| out.next().expect("three outputs"))
+    }
+
+    fn product_add(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+        packed: &Packed,
+        residual: Tensor<Self, 3>,
+    ) -> Tensor<Self, 3> {
+        if !fusable(x.dims(), &[x.dtype(), weight.dtype(), residual.dtype()]) {
+            let n = weight.dims()[1];
+            return residual + Self::product(x, weight, packed, n);
+        }
+        let (x, w, residual) = (raw(x), raw(weight), raw(residual));
+        wrap(single(fused(
+            x,
+            None,
+            Some(residual),
+            &[w],
+            Epilogue::Residual,
+        )))
+    }
+
+    fn swiglu(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        weights: [Tensor<Self, 2>; 2],
+        packed: [&Packed; 2],
+    ) -> Tensor<Self, 3> {
+        let dtypes = [
+            x.dtype(),
+            norm.gamma.dtype(),
+            weights[0].dtype(),
+            weights[1].dtype(),
+        ];
+        if !fusable(x.dims(), &dtypes) {
+            return burn_ops::swiglu::<Self>(x, norm, weights, packed);
+        }
+        let norm = Some(norm_of(norm));
+        wrap(single(fused(
+            raw(x),
+            norm,
+            None,
+            &weights.map(raw),
+            Epilogue::SwiGlu,
+        )))
+    }
+
+    fn exit_logits(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        head: Head<Self>,
+        packed: &Packed,
+        vocab: usize,
+    ) -> Tensor<Self, 3> {
+        let (Head::Tied(w) | Head::Untied(w)) = &head;
+        // An untied head's column prefix (a draft over part of the vocabulary) is left to Burn.
+        let prefix = matches!(&head, Head::Untied(w) if w.dims()[1] != vocab);
+        if prefix || !fusable(x.dims(), &[x.dtype(), norm.gamma.dtype(), w.dtype()]) {
+            return burn_ops::exit_logits::<Self>(x, norm, head, packed, vocab);
+        }
+        let norm = Some(norm_of(norm));
+        wrap(match head {
+            Head::Tied(e) => tied(raw(x), norm, raw(e), vocab),
+            Head::Untied(w) => single(fused(raw(x), norm, None, &[raw(w)], Epilogue::Plain)),
+        })
     }
 }

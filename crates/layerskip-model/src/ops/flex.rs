@@ -324,10 +324,12 @@ impl LayerSkipBackend for Flex {
 
     fn attend_cached(
         q: Tensor<Self, 4>,
+        tables: &RopeTables<Self>,
         [key_cache, value_cache]: [&Tensor<Self, 4>; 2],
         len: usize,
         groups: usize,
     ) -> Tensor<Self, 3> {
+        let q = Self::rope(q, tables);
         let [batch, seq, heads, d] = q.dims();
         let [_, kv_heads, capacity, _] = key_cache.dims();
         let dtypes = [q.dtype(), key_cache.dtype(), value_cache.dtype()];

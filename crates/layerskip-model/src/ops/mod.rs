@@ -132,21 +132,85 @@ pub trait LayerSkipBackend: Backend {
     }
 
     /// Causal grouped-query attention of the `seq` newest positions over the first `len`
-    /// positions of the cache buffers (the new ones written last): query head `h` reads kv head
-    /// `h / groups`.
+    /// positions of the cache buffers (the new ones written last): the queries rotated with
+    /// `tables`, query head `h` reading kv head `h / groups`.
     ///
     /// # Shapes
-    /// - `q`: `[batch, seq, heads, head_dim]` (rotated)
+    /// - `q`: `[batch, seq, heads, head_dim]` (not yet rotated)
     /// - `caches`: keys and values `[batch, kv_heads, capacity, head_dim]`
     /// - returns `[batch, seq, heads * head_dim]`
     fn attend_cached(
         q: Tensor<Self, 4>,
+        tables: &RopeTables<Self>,
         caches: [&Tensor<Self, 4>; 2],
         len: usize,
         groups: usize,
     ) -> Tensor<Self, 3> {
-        burn_ops::attend_cached(q, caches, len, groups)
+        burn_ops::attend_cached(Self::rope(q, tables), caches, len, groups)
     }
+
+    /// Attention's inputs: `norm(x)` times the q, k and v weights.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; weights `[hidden, n_i]` -> `[batch, seq, n_i]` each
+    fn attention_inputs(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        weights: [Tensor<Self, 2>; 3],
+        packed: [&Packed; 3],
+    ) -> [Tensor<Self, 3>; 3] {
+        burn_ops::attention_inputs(x, norm, weights, packed)
+    }
+
+    /// `residual + x · W`: an output projection and the residual connection around it.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, in]`; `weight` `[in, out]`; `residual` `[batch, seq, out]`
+    fn product_add(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+        packed: &Packed,
+        residual: Tensor<Self, 3>,
+    ) -> Tensor<Self, 3> {
+        let n = weight.dims()[1];
+        residual + Self::product(x, weight, packed, n)
+    }
+
+    /// SwiGLU's hidden activations `silu(norm(x) · G) * (norm(x) · U)`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `gate`, `up` `[hidden, inter]` -> `[batch, seq, inter]`
+    fn swiglu(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        [gate, up]: [Tensor<Self, 2>; 2],
+        [gate_packed, up_packed]: [&Packed; 2],
+    ) -> Tensor<Self, 3> {
+        burn_ops::swiglu(x, norm, [gate, up], [gate_packed, up_packed])
+    }
+
+    /// The shared exit head's first `vocab` logits: the final norm, then the LM head.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    fn exit_logits(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        head: Head<Self>,
+        packed: &Packed,
+        vocab: usize,
+    ) -> Tensor<Self, 3> {
+        burn_ops::exit_logits(x, norm, head, packed, vocab)
+    }
+}
+
+/// The LM head's weight as stored.
+#[derive(Debug, Clone)]
+pub enum Head<B: Backend> {
+    /// The token embedding `[vocab, hidden]`, read as a tied head.
+    Tied(Tensor<B, 2>),
+    /// An untied head `[hidden, vocab]`.
+    Untied(Tensor<B, 2>),
 }
 
 /// The defaults of [`LayerSkipBackend`], in Burn's ops: what every backend can run and what the
@@ -230,6 +294,49 @@ pub mod burn_ops {
             B::write_at(key_cache, 2, at, keys),
             B::write_at(value_cache, 2, at, values.swap_dims(1, 2)),
         ]
+    }
+
+    /// See [`LayerSkipBackend::attention_inputs`]: the backend's norm and products.
+    pub fn attention_inputs<B: LayerSkipBackend>(
+        x: Tensor<B, 3>,
+        norm: &RmsNorm<B>,
+        weights: [Tensor<B, 2>; 3],
+        packed: [&Packed; 3],
+    ) -> [Tensor<B, 3>; 3] {
+        let normed = B::rms_norm(norm, x);
+        let mut packed = packed.into_iter();
+        weights.map(|w| {
+            let n = w.dims()[1];
+            B::product(normed.clone(), w, packed.next().expect("three"), n)
+        })
+    }
+
+    /// See [`LayerSkipBackend::swiglu`]: the backend's norm, products and SwiGLU product.
+    pub fn swiglu<B: LayerSkipBackend>(
+        x: Tensor<B, 3>,
+        norm: &RmsNorm<B>,
+        [gate, up]: [Tensor<B, 2>; 2],
+        [gate_packed, up_packed]: [&Packed; 2],
+    ) -> Tensor<B, 3> {
+        let normed = B::rms_norm(norm, x);
+        let n = gate.dims()[1];
+        let g = B::product(normed.clone(), gate, gate_packed, n);
+        B::silu_mul(g, B::product(normed, up, up_packed, n))
+    }
+
+    /// See [`LayerSkipBackend::exit_logits`]: the backend's norm and head product.
+    pub fn exit_logits<B: LayerSkipBackend>(
+        x: Tensor<B, 3>,
+        norm: &RmsNorm<B>,
+        head: Head<B>,
+        packed: &Packed,
+        vocab: usize,
+    ) -> Tensor<B, 3> {
+        let normed = B::rms_norm(norm, x);
+        match head {
+            Head::Tied(embed) => B::tied_product(normed, embed, packed, vocab),
+            Head::Untied(weight) => B::product(normed, weight, packed, vocab),
+        }
     }
 
     /// See [`LayerSkipBackend::attend_cached`]: the held prefix, kv heads repeated, Burn's
