@@ -80,6 +80,8 @@ step hf_smollm2_bf16 180 env HF_PROMPTS=3 HF_CONFIGS=1 python3 $G/hf_ref.py "$S"
 step hf_llama1b 240 env HF_PROMPTS=3 HF_CONFIGS=1 python3 $G/hf_ref.py "$L" cuda bf16 $HE
 step default_bf16 180 "$BIN" bench --device "$DEV" --dtype bf16 --model $M "${DATA[@]}" \
     --strategy self-spec --exit-layer 3 --speculations 4 --json "$W/default_bf16.json"
+step correctness_bf16 120 "$BIN" correctness --device "$DEV" --dtype bf16 --model $M --num-samples 3 \
+    --max-new-tokens 64 --exit-layers 1,2,4,6 --speculations 1,3,6
 stdlib=$(python3 -c "import sysconfig;print(sysconfig.get_paths()['stdlib'])")
 for batch in 8 64; do
     sed -e "s/^batch_size = .*/batch_size = $batch/" -e "s/^steps = .*/steps = 25/" \

@@ -48,8 +48,8 @@ section("steps", lambda: [dict(zip(["step", "rc", "seconds"], l.split("\t")))
                           for l in text("steps.tsv").splitlines()])
 for name in ["ttft_cold", "ttft_cached", "ttft_warmed"]:
     section(name, lambda n=name: infer(n))
-section("correctness_f32", lambda: [l for l in text("correctness_f32.out").splitlines()
-                                    if "identical" in l or "checked" in l])
+for name in ["correctness_f32", "correctness_bf16"]:
+    section(name, lambda n=name: [l for l in text(n + ".out").splitlines() if "checked" in l or "MISMATCH" in l or "tie" in l])
 
 
 def sweep():
