@@ -50,6 +50,22 @@ struct Sums {
     s3: f32,
 }
 
+/// The pass over rows `r0..r0 + 4` of `m` rows of `k` features, not normalised. Rows past the
+/// end read the last row again; their sums are not stored.
+#[cube]
+fn pass_at(r0: usize, m: usize, k: usize) -> Pass {
+    Pass {
+        x0: min(r0, m - 1) * k,
+        x1: min(r0 + 1, m - 1) * k,
+        x2: min(r0 + 2, m - 1) * k,
+        x3: min(r0 + 3, m - 1) * k,
+        inv0: f32::new(1.0),
+        inv1: f32::new(1.0),
+        inv2: f32::new(1.0),
+        inv3: f32::new(1.0),
+    }
+}
+
 /// Input feature `f` of the row at offset `at`: normalised (`round(x / rms) * gamma`, as
 /// Hugging Face's RMSNorm) when `norm`.
 #[cube]
@@ -263,17 +279,7 @@ fn fused_rows<F: Float>(
     let mut partial = SharedMemory::<f32>::new(slices * ROWS_PER_PASS * TILE as usize * halves);
     let mut r0 = 0usize;
     while r0 < m {
-        // Rows past the end read the last row again; their sums are not stored.
-        let mut pass = Pass {
-            x0: min(r0, m - 1) * k,
-            x1: min(r0 + 1, m - 1) * k,
-            x2: min(r0 + 2, m - 1) * k,
-            x3: min(r0 + 3, m - 1) * k,
-            inv0: f32::new(1.0),
-            inv1: f32::new(1.0),
-            inv2: f32::new(1.0),
-            inv3: f32::new(1.0),
-        };
+        let mut pass = pass_at(r0, m, k);
         if norm {
             norm_factors::<F>(x, &mut partial, &mut pass, k, eps);
         }
@@ -420,16 +426,7 @@ fn rows_out_in<F: Float>(
     let mut partial = SharedMemory::<f32>::new(OUT_ROWS as usize * ROWS_PER_PASS * TILE as usize);
     let mut r0 = 0usize;
     while r0 < m {
-        let mut pass = Pass {
-            x0: min(r0, m - 1) * k,
-            x1: min(r0 + 1, m - 1) * k,
-            x2: min(r0 + 2, m - 1) * k,
-            x3: min(r0 + 3, m - 1) * k,
-            inv0: f32::new(1.0),
-            inv1: f32::new(1.0),
-            inv2: f32::new(1.0),
-            inv3: f32::new(1.0),
-        };
+        let mut pass = pass_at(r0, m, k);
         if norm {
             norm_factors::<F>(x, &mut partial, &mut pass, k, eps);
         }
