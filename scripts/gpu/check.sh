@@ -26,10 +26,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 echo "gpu: $(cat "$W/gpu.txt")  date: $(date -u +%F)  commit: $(git rev-parse --short HEAD 2>/dev/null)" | tee -a "$LOG"
 
 # step NAME TIMEOUT_S COMMAND...: stdout to $W/NAME.out, everything to the log. No step starts
-# after CHECK_BUDGET_S, and none runs past CHECK_CAP_S from the start.
+# after CHECK_BUDGET_S, and none runs past CHECK_CAP_S from the start. CHECK_STEPS="a b ..."
+# runs only the steps named.
 step() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${CHECK_STEPS:-}" ] && [[ " $CHECK_STEPS " != *" $name "* ]]; then
+        return
+    fi
     if (($(date +%s) - t0 > budget)); then
         echo "== $name skipped (budget)" | tee -a "$LOG"
         return

@@ -351,10 +351,26 @@ fn fused(
     residual: &[f32],
     ws: &[Buf; 3],
     shape: [usize; 2],
-    (norm, epilogue): (bool, Epilogue),
+    (norm, epilogue, out_in): (bool, Epilogue, bool),
 ) -> [Vec<f32>; 3] {
     let [rows, k] = shape;
     let widths = widths_of(ws);
+    // The `[out, in]` kernel reads the same weights transposed.
+    let transposed = |b: &Buf| {
+        if b.shape[0] == 0 {
+            return gpu.zeros(&[0, 0]);
+        }
+        let (w, n) = (gpu.read(b), b.shape[1]);
+        let t: Vec<f32> = (0..n * k).map(|i| w[i % k * n + i / k]).collect();
+        gpu.upload(&t, &[n, k])
+    };
+    let ws_t;
+    let ws = if out_in {
+        ws_t = [&ws[0], &ws[1], &ws[2]].map(transposed);
+        &ws_t
+    } else {
+        ws
+    };
     let xb = gpu.upload(&x[..rows * k], &[rows, k]);
     let rb = gpu.upload(&residual[..rows * widths[0]], &[rows, widths[0]]);
     let outs = widths.map(|n| gpu.zeros(&[rows, n.max(1)]));
@@ -366,7 +382,11 @@ fn fused(
         outputs: [gpu.arg(&outs[0]), gpu.arg(&outs[1]), gpu.arg(&outs[2])],
     };
     let eps = norm.then_some(1e-5);
-    launch_fused_rows(&gpu.client, tensors, shape, widths, eps, epilogue, F32);
+    if out_in {
+        launch_fused_out_in(&gpu.client, tensors, shape, widths, eps, epilogue, F32);
+    } else {
+        launch_fused_rows(&gpu.client, tensors, shape, widths, eps, epilogue, F32);
+    }
     outs.map(|o| gpu.read(&o))
 }
 
@@ -448,51 +468,63 @@ fn check_fused(
             }
         })
         .collect();
-    let mut alone: Option<[Vec<f32>; 3]> = None;
-    for rows in [1, 7] {
-        let got = fused(gpu, x, gb, residual, ws, [rows, k], (norm, epilogue));
-        let a: Vec<f64> = if norm {
-            rms_reference(x, gamma, rows, k)
-        } else {
-            x[..rows * k].iter().map(|&v| v as f64).collect()
-        };
-        let what = format!("{epilogue:?} norm {norm} widths {widths:?} rows {rows}");
-        let product = |i: usize| product_reference(&a, &host[i], rows, k, widths[i]);
-        match epilogue {
-            Epilogue::Plain => {
-                for i in 0..3 {
-                    if widths[i] > 0 {
-                        assert_close(&got[i], &product(i), 1e-4, &format!("{what} weight {i}"));
+    for out_in in [false, true] {
+        let mut alone: Option<[Vec<f32>; 3]> = None;
+        for rows in [1, 7] {
+            let got = fused(
+                gpu,
+                x,
+                gb,
+                residual,
+                ws,
+                [rows, k],
+                (norm, epilogue, out_in),
+            );
+            let a: Vec<f64> = if norm {
+                rms_reference(x, gamma, rows, k)
+            } else {
+                x[..rows * k].iter().map(|&v| v as f64).collect()
+            };
+            let what = format!(
+                "{epilogue:?} norm {norm} [out, in] {out_in} widths {widths:?} rows {rows}"
+            );
+            let product = |i: usize| product_reference(&a, &host[i], rows, k, widths[i]);
+            match epilogue {
+                Epilogue::Plain => {
+                    for i in 0..3 {
+                        if widths[i] > 0 {
+                            assert_close(&got[i], &product(i), 1e-4, &format!("{what} weight {i}"));
+                        }
                     }
                 }
+                Epilogue::Residual => {
+                    let want: Vec<f64> = product(0)
+                        .iter()
+                        .zip(residual)
+                        .map(|(p, &r)| p + r as f64)
+                        .collect();
+                    assert_close(&got[0], &want, 1e-4, &what);
+                }
+                Epilogue::SwiGlu => {
+                    let want: Vec<f64> = product(0)
+                        .iter()
+                        .zip(product(1))
+                        .map(|(&g, u)| g / (1.0 + (-g).exp()) * u)
+                        .collect();
+                    assert_close(&got[0], &want, 1e-4, &what);
+                }
             }
-            Epilogue::Residual => {
-                let want: Vec<f64> = product(0)
-                    .iter()
-                    .zip(residual)
-                    .map(|(p, &r)| p + r as f64)
-                    .collect();
-                assert_close(&got[0], &want, 1e-4, &what);
-            }
-            Epilogue::SwiGlu => {
-                let want: Vec<f64> = product(0)
-                    .iter()
-                    .zip(product(1))
-                    .map(|(&g, u)| g / (1.0 + (-g).exp()) * u)
-                    .collect();
-                assert_close(&got[0], &want, 1e-4, &what);
-            }
-        }
-        match &alone {
-            None => alone = Some(got),
-            Some(one) => {
-                for i in 0..3 {
-                    let n = widths[i];
-                    assert_eq!(
-                        got[i][..n],
-                        one[i][..n],
-                        "{what}: row 0 alone vs with 6 others ({i})"
-                    );
+            match &alone {
+                None => alone = Some(got),
+                Some(one) => {
+                    for i in 0..3 {
+                        let n = widths[i];
+                        assert_eq!(
+                            got[i][..n],
+                            one[i][..n],
+                            "{what}: row 0 alone vs with 6 others ({i})"
+                        );
+                    }
                 }
             }
         }
@@ -517,13 +549,23 @@ fn head_products_match_f64_and_do_not_depend_on_the_other_rows() {
                 gpu.upload(&x[..rows * k], &[rows, k]),
                 gpu.zeros(&[rows, cols]),
             );
-            let bufs = [&xb, &gb, &eb, &ob].map(|b| gpu.arg(b));
-            launch_rows_out_in(
+            let scratch = gpu.zeros(&[1]);
+            let tensors = FusedRows {
+                x: gpu.arg(&xb),
+                gamma: gpu.arg(&gb),
+                residual: gpu.arg(&xb),
+                weights: [gpu.arg(&eb), gpu.arg(&xb), gpu.arg(&xb)],
+                outputs: [gpu.arg(&ob), gpu.arg(&scratch), gpu.arg(&scratch)],
+            };
+            let (widths, eps) = ([cols, 0, 0], norm.then_some(1e-5));
+            let shape = [rows, k];
+            launch_fused_out_in(
                 &gpu.client,
-                bufs,
-                [rows, k],
-                cols,
-                norm.then_some(1e-5),
+                tensors,
+                shape,
+                widths,
+                eps,
+                Epilogue::Plain,
                 F32,
             );
             let got = gpu.read(&ob);

@@ -16,6 +16,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::layer::{Attention, DecoderLayer, Mlp};
 use crate::model::LlamaModel;
+use crate::ops::LayerSkipBackend;
 
 /// The memory-mapped safetensors files of one checkpoint, indexed by tensor name.
 pub struct SafetensorsFiles {
@@ -148,8 +149,10 @@ impl SafetensorsFiles {
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
 
-    /// A Hugging Face `[out, in]` weight as a Burn linear layer (`[in, out]`).
-    fn linear<B: Backend>(
+    /// A Hugging Face `[out, in]` weight as a Burn linear layer (`[in, out]`): transposed on
+    /// the host, or kept as stored behind a transposed view where the backend asks for it
+    /// ([`LayerSkipBackend::WEIGHTS_OUT_IN`]).
+    fn linear<B: LayerSkipBackend>(
         &self,
         name: &str,
         d_in: usize,
@@ -157,6 +160,13 @@ impl SafetensorsFiles {
         device: &B::Device,
     ) -> Result<Linear<B>> {
         let hf = self.read_f32(name, &[d_out, d_in])?;
+        if B::WEIGHTS_OUT_IN {
+            let stored = Tensor::<B, 2>::from_data(TensorData::new(hf, [d_out, d_in]), device);
+            return Ok(Linear {
+                weight: Param::from_tensor(stored.transpose()),
+                bias: None,
+            });
+        }
         // Transpose on the host: a transposed *view* as the weight makes every matmul take a
         // strided path (measured 13-34x slower on Flex for decode-sized products).
         let mut values = vec![0.0f32; hf.len()];
@@ -186,7 +196,7 @@ impl SafetensorsFiles {
     }
 }
 
-impl<B: Backend> LlamaModel<B> {
+impl<B: LayerSkipBackend> LlamaModel<B> {
     /// Loads a Hugging Face Llama checkpoint directory (`config.json` + safetensors).
     pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
         if !dir.is_dir() {
@@ -256,7 +266,7 @@ impl<B: Backend> LlamaModel<B> {
     }
 }
 
-fn load_layer<B: Backend>(
+fn load_layer<B: LayerSkipBackend>(
     files: &SafetensorsFiles,
     c: &LlamaConfig,
     l: usize,

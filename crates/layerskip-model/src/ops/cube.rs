@@ -85,24 +85,76 @@ fn norm_of<
     (raw(norm.gamma.val()), norm.epsilon as f32)
 }
 
-/// One launch of [`kernels::launch_fused_rows`] on `x` `[batch, seq, k]` with 1 to 3
-/// `weights`: one output per weight (one for the residual and SwiGLU epilogues), `[batch, seq,
-/// n_i]`. Unused inputs are bound to `x`, unused outputs to one-element scratch tensors.
+/// Weights as the product kernels read them, all in one layout.
+struct Weights<R: CubeRuntime> {
+    tensors: Vec<CubeTensor<R>>,
+    /// Stored `[out, in]` (rows are outputs) rather than `[in, out]`.
+    out_in: bool,
+}
+
+impl<R: CubeRuntime> Weights<R> {
+    /// `weights` (the model's `[in, out]` views): their `[out, in]` storage where they are
+    /// transposed views of it (checkpoints loaded with [`LayerSkipBackend::WEIGHTS_OUT_IN`]),
+    /// else contiguous `[in, out]`; `None` when the layouts differ.
+    fn of<B, const N: usize>(weights: [Tensor<B, 2>; N]) -> Option<Self>
+    where
+        B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    {
+        let stored = |w: &Tensor<B, 2>| {
+            let t = w.clone().transpose().into_primitive().tensor();
+            t.is_contiguous().then_some(t)
+        };
+        let out_in: Vec<CubeTensor<R>> = weights.iter().filter_map(stored).collect();
+        if out_in.len() == N {
+            return Some(Self {
+                tensors: out_in,
+                out_in: true,
+            });
+        }
+        out_in.is_empty().then(|| Self {
+            tensors: weights.into_iter().map(raw).collect(),
+            out_in: false,
+        })
+    }
+
+    /// An embedding `[vocab, hidden]`: already rows per output.
+    fn embedding(e: CubeTensor<R>) -> Self {
+        Self {
+            tensors: vec![e],
+            out_in: true,
+        }
+    }
+
+    /// Each weight's outputs.
+    fn widths(&self) -> [usize; 3] {
+        let mut widths = [0; 3];
+        let axis = if self.out_in { 0 } else { 1 };
+        for (w, t) in widths.iter_mut().zip(&self.tensors) {
+            *w = t.meta.shape()[axis];
+        }
+        widths
+    }
+}
+
+/// One product launch on `x` `[batch, seq, k]` with 1 to 3 weights: one output per weight (one
+/// for the residual and SwiGLU epilogues), `[batch, seq, n_i]`; `cols` cuts the first weight's
+/// outputs to a prefix (`[out, in]` weights only). Unused inputs are bound to `x`, unused
+/// outputs to one-element scratch tensors.
 fn fused<R: CubeRuntime>(
     x: CubeTensor<R>,
     norm: Option<(CubeTensor<R>, f32)>,
     residual: Option<CubeTensor<R>>,
-    weights: &[CubeTensor<R>],
+    (weights, cols): (&Weights<R>, Option<usize>),
     epilogue: Epilogue,
 ) -> Vec<CubeTensor<R>> {
     let shape = x.meta.shape().clone();
     let (b, s, k) = (shape[0], shape[1], shape[2]);
-    let mut widths = [0; 3];
-    for (w, t) in widths.iter_mut().zip(weights) {
-        *w = t.meta.shape()[1];
+    let mut widths = weights.widths();
+    if let Some(cols) = cols {
+        widths[0] = cols;
     }
     let outputs = match epilogue {
-        Epilogue::Plain => weights.len(),
+        Epilogue::Plain => weights.tensors.len(),
         _ => 1,
     };
     let outs: Vec<CubeTensor<R>> = (0..3)
@@ -113,7 +165,7 @@ fn fused<R: CubeRuntime>(
         .collect();
     let (client, dtype) = (x.client.clone(), x.dtype.into());
     let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
-    let weight = |i: usize| weights.get(i).map_or_else(|| arg(&x), arg);
+    let weight = |i: usize| weights.tensors.get(i).map_or_else(|| arg(&x), arg);
     let tensors = FusedRows {
         x: arg(&x),
         gamma: norm.as_ref().map_or_else(|| arg(&x), |n| arg(&n.0)),
@@ -121,27 +173,13 @@ fn fused<R: CubeRuntime>(
         weights: [weight(0), weight(1), weight(2)],
         outputs: [arg(&outs[0]), arg(&outs[1]), arg(&outs[2])],
     };
-    let eps = norm.map(|n| n.1);
-    kernels::launch_fused_rows(&client, tensors, [b * s, k], widths, eps, epilogue, dtype);
+    let (eps, rows) = (norm.map(|n| n.1), [b * s, k]);
+    if weights.out_in {
+        kernels::launch_fused_out_in(&client, tensors, rows, widths, eps, epilogue, dtype);
+    } else {
+        kernels::launch_fused_rows(&client, tensors, rows, widths, eps, epilogue, dtype);
+    }
     outs.into_iter().take(outputs).collect()
-}
-
-/// `norm(x) · Eᵀ` (or `x · Eᵀ` without a norm) over the first `vocab` rows of the embedding `e`.
-fn tied<R: CubeRuntime>(
-    x: CubeTensor<R>,
-    norm: Option<(CubeTensor<R>, f32)>,
-    e: CubeTensor<R>,
-    vocab: usize,
-) -> CubeTensor<R> {
-    let shape = x.meta.shape().clone();
-    let (b, s, k) = (shape[0], shape[1], shape[2]);
-    let out = empty(&x, vec![b, s, vocab]);
-    let (client, dtype) = (x.client.clone(), x.dtype.into());
-    let eps = norm.as_ref().map(|n| n.1);
-    let gamma = norm.map_or_else(|| x.clone(), |n| n.0);
-    let args = [x, gamma, e, out.clone()].map(CubeTensor::into_tensor_arg);
-    kernels::launch_rows_out_in(&client, args, [b * s, k], vocab, eps, dtype);
-    out
 }
 
 /// The one output of a single-output launch.
@@ -152,22 +190,28 @@ fn single<R: CubeRuntime>(outputs: Vec<CubeTensor<R>>) -> CubeTensor<R> {
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipBackend
     for CubeBackend<R, F, I, BT>
 {
+    /// A warp reads an `[out, in]` weight row contiguously: one cube per 8 outputs keeps every
+    /// multiprocessor busy where the `[in, out]` kernel has a cube per 32 columns.
+    const WEIGHTS_OUT_IN: bool = true;
+
     fn product(
         x: Tensor<Self, 3>,
         weight: Tensor<Self, 2>,
         _: &Packed,
         cols: usize,
     ) -> Tensor<Self, 3> {
-        if cols != weight.dims()[1] || !fusable(x.dims(), &[x.dtype(), weight.dtype()]) {
-            return burn_ops::product(x, weight, cols);
+        let full = cols == weight.dims()[1];
+        let dtypes = [x.dtype(), weight.dtype()];
+        match Weights::of([weight.clone()]).filter(|_| full && fusable(x.dims(), &dtypes)) {
+            Some(w) => wrap(single(fused(
+                raw(x),
+                None,
+                None,
+                (&w, None),
+                Epilogue::Plain,
+            ))),
+            None => burn_ops::product(x, weight, cols),
         }
-        wrap(single(fused(
-            raw(x),
-            None,
-            None,
-            &[raw(weight)],
-            Epilogue::Plain,
-        )))
     }
 
     fn tied_product(
@@ -179,7 +223,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
         if !fusable(x.dims(), &[x.dtype(), embed.dtype()]) {
             return burn_ops::tied_product(x, embed, vocab);
         }
-        wrap(tied(raw(x), None, raw(embed), vocab))
+        let e = Weights::embedding(raw(embed));
+        wrap(single(fused(
+            raw(x),
+            None,
+            None,
+            (&e, Some(vocab)),
+            Epilogue::Plain,
+        )))
     }
 
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
@@ -317,14 +368,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
     ) -> [Tensor<Self, 3>; 3] {
         let mut dtypes = vec![x.dtype(), norm.gamma.dtype()];
         dtypes.extend(weights.iter().map(Tensor::dtype));
-        if !fusable(x.dims(), &dtypes) {
+        let w = Weights::of(weights.clone()).filter(|_| fusable(x.dims(), &dtypes));
+        let Some(w) = w else {
             return burn_ops::attention_inputs::<Self>(x, norm, weights, packed);
-        }
+        };
         let out = fused(
             raw(x),
             Some(norm_of(norm)),
             None,
-            &weights.map(raw),
+            (&w, None),
             Epilogue::Plain,
         );
         let mut out = out.into_iter().map(wrap);
@@ -337,18 +389,20 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
         packed: &Packed,
         residual: Tensor<Self, 3>,
     ) -> Tensor<Self, 3> {
-        if !fusable(x.dims(), &[x.dtype(), weight.dtype(), residual.dtype()]) {
+        let dtypes = [x.dtype(), weight.dtype(), residual.dtype()];
+        let w = Weights::of([weight.clone()]).filter(|_| fusable(x.dims(), &dtypes));
+        let Some(w) = w else {
             let n = weight.dims()[1];
             return residual + Self::product(x, weight, packed, n);
-        }
-        let (x, w, residual) = (raw(x), raw(weight), raw(residual));
-        wrap(single(fused(
-            x,
+        };
+        let out = fused(
+            raw(x),
             None,
-            Some(residual),
-            &[w],
+            Some(raw(residual)),
+            (&w, None),
             Epilogue::Residual,
-        )))
+        );
+        wrap(single(out))
     }
 
     fn swiglu(
@@ -363,17 +417,18 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
             weights[0].dtype(),
             weights[1].dtype(),
         ];
-        if !fusable(x.dims(), &dtypes) {
+        let w = Weights::of(weights.clone()).filter(|_| fusable(x.dims(), &dtypes));
+        let Some(w) = w else {
             return burn_ops::swiglu::<Self>(x, norm, weights, packed);
-        }
-        let norm = Some(norm_of(norm));
-        wrap(single(fused(
+        };
+        let out = fused(
             raw(x),
-            norm,
+            Some(norm_of(norm)),
             None,
-            &weights.map(raw),
+            (&w, None),
             Epilogue::SwiGlu,
-        )))
+        );
+        wrap(single(out))
     }
 
     fn exit_logits(
@@ -384,15 +439,25 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
         vocab: usize,
     ) -> Tensor<Self, 3> {
         let (Head::Tied(w) | Head::Untied(w)) = &head;
-        // An untied head's column prefix (a draft over part of the vocabulary) is left to Burn.
-        let prefix = matches!(&head, Head::Untied(w) if w.dims()[1] != vocab);
-        if prefix || !fusable(x.dims(), &[x.dtype(), norm.gamma.dtype(), w.dtype()]) {
+        let dtypes = [x.dtype(), norm.gamma.dtype(), w.dtype()];
+        let weights = match &head {
+            Head::Tied(e) => Some(Weights::embedding(raw(e.clone()))),
+            Head::Untied(w) => Weights::of([w.clone()]),
+        };
+        // A column prefix of an `[in, out]` head (a draft over part of the vocabulary) is left to
+        // Burn; an `[out, in]` head reads its first rows.
+        let weights =
+            weights.filter(|w| fusable(x.dims(), &dtypes) && (w.out_in || w.widths()[0] == vocab));
+        let Some(w) = weights else {
             return burn_ops::exit_logits::<Self>(x, norm, head, packed, vocab);
-        }
+        };
         let norm = Some(norm_of(norm));
-        wrap(match head {
-            Head::Tied(e) => tied(raw(x), norm, raw(e), vocab),
-            Head::Untied(w) => single(fused(raw(x), norm, None, &[raw(w)], Epilogue::Plain)),
-        })
+        wrap(single(fused(
+            raw(x),
+            norm,
+            None,
+            (&w, Some(vocab)),
+            Epilogue::Plain,
+        )))
     }
 }
