@@ -181,7 +181,7 @@ struct Resave {
 }
 
 impl backend::BackendTask for Resave {
-    fn run<B: layerskip_model::LayerSkipBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<()> {
         let model = layerskip_model::LlamaModel::<B>::from_pretrained(&self.dir, &device)
             .with_context(|| format!("loading {}", self.dir.display()))?;
         model.save_pretrained(&self.out, self.dtype)?;

@@ -16,7 +16,6 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::layer::{Attention, DecoderLayer, Mlp};
 use crate::model::LlamaModel;
-use crate::ops::LayerSkipBackend;
 
 /// The memory-mapped safetensors files of one checkpoint, indexed by tensor name.
 pub struct SafetensorsFiles {
@@ -149,10 +148,8 @@ impl SafetensorsFiles {
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
 
-    /// A Hugging Face `[out, in]` weight as a Burn linear layer (`[in, out]`): transposed on
-    /// the host, or kept as stored behind a transposed view where the backend asks for it
-    /// ([`LayerSkipBackend::WEIGHTS_OUT_IN`]).
-    fn linear<B: LayerSkipBackend>(
+    /// A Hugging Face `[out, in]` weight as a Burn linear layer (`[in, out]`).
+    fn linear<B: Backend>(
         &self,
         name: &str,
         d_in: usize,
@@ -160,15 +157,9 @@ impl SafetensorsFiles {
         device: &B::Device,
     ) -> Result<Linear<B>> {
         let hf = self.read_f32(name, &[d_out, d_in])?;
-        if B::WEIGHTS_OUT_IN {
-            let stored = Tensor::<B, 2>::from_data(TensorData::new(hf, [d_out, d_in]), device);
-            return Ok(Linear {
-                weight: Param::from_tensor(stored.transpose()),
-                bias: None,
-            });
-        }
         // Transpose on the host: a transposed *view* as the weight makes every matmul take a
-        // strided path (measured 13-34x slower on Flex for decode-sized products).
+        // strided path (measured 13-34x slower on Flex for decode-sized products; on CUDA,
+        // training at a third of the speed, see docs/results/gpu-2026-11-27-h200-run3).
         let mut values = vec![0.0f32; hf.len()];
         for (o, row) in hf.chunks_exact(d_in).enumerate() {
             for (i, v) in row.iter().enumerate() {
@@ -196,7 +187,7 @@ impl SafetensorsFiles {
     }
 }
 
-impl<B: LayerSkipBackend> LlamaModel<B> {
+impl<B: Backend> LlamaModel<B> {
     /// Loads a Hugging Face Llama checkpoint directory (`config.json` + safetensors).
     pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
         if !dir.is_dir() {
@@ -266,7 +257,7 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
     }
 }
 
-fn load_layer<B: LayerSkipBackend>(
+fn load_layer<B: Backend>(
     files: &SafetensorsFiles,
     c: &LlamaConfig,
     l: usize,

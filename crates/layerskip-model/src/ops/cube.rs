@@ -93,9 +93,8 @@ struct Weights<R: CubeRuntime> {
 }
 
 impl<R: CubeRuntime> Weights<R> {
-    /// `weights` (the model's `[in, out]` views): their `[out, in]` storage where they are
-    /// transposed views of it (checkpoints loaded with [`LayerSkipBackend::WEIGHTS_OUT_IN`]),
-    /// else contiguous `[in, out]`; `None` when the layouts differ.
+    /// `weights` (the model's `[in, out]` tensors): their `[out, in]` storage where they are
+    /// transposed views of one, else contiguous `[in, out]`; `None` when the layouts differ.
     fn of<B, const N: usize>(weights: [Tensor<B, 2>; N]) -> Option<Self>
     where
         B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
@@ -190,10 +189,6 @@ fn single<R: CubeRuntime>(outputs: Vec<CubeTensor<R>>) -> CubeTensor<R> {
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipBackend
     for CubeBackend<R, F, I, BT>
 {
-    /// A warp reads an `[out, in]` weight row contiguously: one cube per 8 outputs keeps every
-    /// multiprocessor busy where the `[in, out]` kernel has a cube per 32 columns.
-    const WEIGHTS_OUT_IN: bool = true;
-
     fn product(
         x: Tensor<Self, 3>,
         weight: Tensor<Self, 2>,

@@ -55,12 +55,6 @@ impl std::fmt::Debug for Packed {
 /// The ops of the LayerSkip decoder that backends may run with their own kernels. Every method
 /// defaults to Burn's ops ([`burn_ops`]).
 pub trait LayerSkipBackend: Backend {
-    /// Whether checkpoint loading keeps linear weights in Hugging Face's `[out, in]` storage
-    /// (the model still sees `[in, out]`, a transposed view): the layout whose rows this
-    /// backend's decode products read contiguously. Off by default: on Flex a strided weight
-    /// would send every Burn matmul down a slow path.
-    const WEIGHTS_OUT_IN: bool = false;
-
     /// `x · W[:, ..cols]` for a bias-free linear layer's weight `W` `[in, out]` (`packed`: the
     /// backend's state for `W`).
     ///
