@@ -2,12 +2,93 @@
 //! over `Backend`; this is the one place that names concrete backends.
 
 use layerskip_model::LayerSkipBackend;
+use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
+use std::str::FromStr;
 
 use anyhow::{Result, anyhow, bail};
 use burn::tensor::Tensor;
 use clap::Args;
-use layerskip_model::backend::{DeviceSpec, Precision};
+use layerskip_model::backend::Precision;
+
+/// A device named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The Flex CPU backend.
+    Cpu,
+    /// CUDA device `n`.
+    Cuda(usize),
+    /// The default wgpu adapter (Vulkan, Metal, DX12 or GL, whichever the system offers).
+    Wgpu,
+    /// wgpu through Vulkan with the SPIR-V compiler.
+    Vulkan,
+    /// wgpu through Metal.
+    Metal,
+}
+
+impl DeviceSpec {
+    /// The cargo feature that compiles this device's backend in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            DeviceSpec::Cpu => "flex",
+            DeviceSpec::Cuda(_) => "cuda",
+            DeviceSpec::Wgpu => "wgpu",
+            DeviceSpec::Vulkan => "vulkan",
+            DeviceSpec::Metal => "metal",
+        }
+    }
+
+    /// Whether this build includes the backend; otherwise an error that says how to enable it.
+    pub fn ensure_compiled(self) -> Result<()> {
+        let compiled = match self {
+            DeviceSpec::Cpu => cfg!(feature = "flex"),
+            DeviceSpec::Cuda(_) => cfg!(feature = "cuda"),
+            DeviceSpec::Wgpu => cfg!(feature = "wgpu"),
+            DeviceSpec::Vulkan => cfg!(feature = "vulkan"),
+            DeviceSpec::Metal => cfg!(feature = "metal"),
+        };
+        if compiled {
+            Ok(())
+        } else {
+            bail!(
+                "device {self} is not compiled into this build; rebuild with `--features {}`",
+                self.feature()
+            )
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Wgpu => write!(f, "wgpu"),
+            DeviceSpec::Vulkan => write!(f, "vulkan"),
+            DeviceSpec::Metal => write!(f, "metal"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad =
+            || format!("unknown device {s:?}: expected cpu, cuda, cuda:N, wgpu, vulkan or metal");
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "wgpu" => Ok(DeviceSpec::Wgpu),
+            "vulkan" => Ok(DeviceSpec::Vulkan),
+            "metal" => Ok(DeviceSpec::Metal),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
 
 /// A command body that can run on any backend.
 pub trait BackendTask {

@@ -14,8 +14,9 @@ mod sweep;
 mod train;
 
 use anyhow::{Context, Result};
+use backend::DeviceSpec;
 use clap::{Parser, Subcommand, ValueEnum};
-use layerskip_model::backend::{DeviceSpec, Precision};
+use layerskip_model::backend::Precision;
 use layerskip_model::{SaveDtype, convert_gguf};
 
 #[derive(Parser)]

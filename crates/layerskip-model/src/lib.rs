@@ -12,7 +12,9 @@
 //! - [`LlamaModel::from_pretrained`] / [`LlamaModel::save_pretrained`] read and write the Hugging
 //!   Face layout (`config.json`, safetensors in f32/f16/bf16, memory-mapped).
 //!
-//! The same code runs on every Burn backend; [`backend`] names the ones compiled in.
+//! The same code runs on every Burn backend: fast paths plug in behind one seam,
+//! [`ops::LayerSkipBackend`] (Flex kernels on the CPU, CubeCL kernels on CUDA and wgpu, Burn's ops
+//! elsewhere); [`backend::Precision`] is the compute dtype.
 //!
 //! ```
 //! use burn::backend::Flex;
