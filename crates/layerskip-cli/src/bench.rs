@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use layerskip_infer::bench::{SampleRun, StrategyReport, keep_fastest, run_samples, summarise};
-use layerskip_infer::metrics::first_difference;
+use layerskip_eval::bench::{SampleRun, StrategyReport, keep_fastest, run_samples, summarise};
+use layerskip_eval::metrics::first_difference;
 use layerskip_infer::{Generator, Strategy};
 use layerskip_model::backend::Precision;
 use serde::Serialize;

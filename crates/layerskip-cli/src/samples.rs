@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use layerskip_infer::dataset::{PromptFormat, Sample, continuation, load_humaneval, load_jsonl};
+use layerskip_eval::dataset::{PromptFormat, Sample, continuation, load_humaneval, load_jsonl};
 use layerskip_infer::{GenerateOptions, SamplingConfig, Strategy};
 use layerskip_model::{LlamaModel, Tokenizer};
 use layerskip_train::TrainConfig;

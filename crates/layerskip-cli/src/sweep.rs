@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use layerskip_infer::bench::{StrategyReport, keep_fastest, summarise};
+use layerskip_eval::bench::{StrategyReport, keep_fastest, summarise};
 use layerskip_infer::{Generator, Strategy};
 
 use crate::backend::BackendTask;

@@ -39,12 +39,9 @@
 //! ```
 
 pub mod accept;
-pub mod bench;
 pub mod chat;
-pub mod dataset;
 pub mod error;
 pub mod generator;
-pub mod metrics;
 pub mod sampling;
 mod speculative;
 pub mod stats;

@@ -94,8 +94,7 @@ pub fn greedy_grid<B: LayerSkipBackend>(
                 let ss = generator
                     .generate(prompt, &options(strategy, new_tokens), |_| true)
                     .unwrap();
-                let Some(pos) = layerskip_infer::metrics::first_difference(&ss.tokens, &ar.tokens)
-                else {
+                let Some(pos) = first_difference(&ss.tokens, &ar.tokens) else {
                     continue;
                 };
                 let context: Vec<u32> = prompt.iter().chain(&ar.tokens[..pos]).copied().collect();
@@ -113,4 +112,14 @@ pub fn greedy_grid<B: LayerSkipBackend>(
         }
     }
     ties
+}
+
+/// The first position where two token sequences differ (the shorter length when one is a prefix
+/// of the other).
+fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => Some(i),
+        None if a.len() == b.len() => None,
+        None => Some(a.len().min(b.len())),
+    }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{InferError, Result};
+use crate::error::{EvalError, Result};
 
 /// One benchmark prompt and, where the dataset has one, its reference output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,11 +20,11 @@ pub struct Sample {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| InferError::InvalidArgument(format!("{}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| EvalError::Dataset(format!("{}: {e}", path.display())))
 }
 
-fn bad_line(path: &Path, line: usize, message: impl std::fmt::Display) -> InferError {
-    InferError::InvalidArgument(format!("{}:{line}: {message}", path.display()))
+fn bad_line(path: &Path, line: usize, message: impl std::fmt::Display) -> EvalError {
+    EvalError::Dataset(format!("{}:{line}: {message}", path.display()))
 }
 
 /// A JSONL file with one `{"prompt": ..., "response": ...}` object per line (`response` may also

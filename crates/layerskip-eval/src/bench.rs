@@ -6,9 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::Sample;
 use crate::error::Result;
-use crate::generator::{GenerateOptions, Generator, Strategy};
 use crate::metrics::{Bleu, exact_match, first_difference, rouge_l, rouge_n, token_agreement};
-use crate::stats::GenerationStats;
+use layerskip_infer::{GenerateOptions, GenerationStats, Generator, Strategy};
 
 /// The output of one prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
