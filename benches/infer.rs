@@ -8,7 +8,7 @@ use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use criterion::{Criterion, criterion_group, criterion_main};
 use layerskip_benches::smollm2_shaped;
-use layerskip_infer::{GenerateOptions, Generator, SamplingConfig, Strategy};
+use layerskip_infer::{GenerateOptions, Generator, Strategy};
 use layerskip_model::{LlamaModel, Tokenizer};
 
 type B = Flex;
@@ -61,14 +61,7 @@ fn bench_strategies(c: &mut Criterion) {
             },
         ),
     ] {
-        let options = GenerateOptions {
-            strategy,
-            max_new_tokens: 32,
-            sampling: SamplingConfig::default(),
-            stop_tokens: vec![],
-            draft_vocab: None,
-            draft_confidence: None,
-        };
+        let options = GenerateOptions::new(strategy).with_max_new_tokens(32);
         let g = generator.generate(&prompt, &options, |_| true).unwrap();
         println!(
             "{label}: {:.1} tokens/s, {:.1} ms/token, acceptance {:.1}%",

@@ -157,21 +157,20 @@ impl BackendTask for InferArgs {
         let capacity = self
             .context
             .unwrap_or(config.max_position_embeddings.min(4096));
-        let options = GenerateOptions {
-            strategy: self.strategy(config.num_layers)?,
-            max_new_tokens: self.max_new_tokens,
-            sampling: SamplingConfig {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                repetition_penalty: self.repetition_penalty,
-                no_repeat_ngram: self.no_repeat_ngram,
-                seed: self.seed,
-            },
-            stop_tokens: config.eos_token_ids.clone(),
-            draft_vocab: self.draft_vocab,
-            draft_confidence: self.draft_confidence,
+        let sampling = SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram: self.no_repeat_ngram,
+            seed: self.seed,
         };
+        let options = GenerateOptions::new(self.strategy(config.num_layers)?)
+            .with_max_new_tokens(self.max_new_tokens)
+            .with_sampling(sampling)
+            .with_stop_tokens(config.eos_token_ids.clone())
+            .with_draft_vocab(self.draft_vocab)
+            .with_draft_confidence(self.draft_confidence);
         let chat = if self.chat {
             Some(ChatTemplate::from_dir(&dir)?)
         } else {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use layerskip_eval::dataset::{PromptFormat, Sample, continuation, load_humaneval, load_jsonl};
-use layerskip_infer::{GenerateOptions, SamplingConfig, Strategy};
+use layerskip_infer::{GenerateOptions, Strategy};
 use layerskip_model::{LlamaModel, Tokenizer};
 use layerskip_train::TrainConfig;
 use layerskip_train::data::{read_documents, split};
@@ -178,14 +178,11 @@ impl DatasetArgs {
 
     /// Greedy options for `strategy`.
     pub fn options(&self, strategy: Strategy, stop_tokens: Vec<u32>) -> GenerateOptions {
-        GenerateOptions {
-            strategy,
-            max_new_tokens: self.max_new_tokens,
-            sampling: SamplingConfig::default(),
-            stop_tokens,
-            draft_vocab: self.draft_vocab,
-            draft_confidence: self.draft_confidence,
-        }
+        GenerateOptions::new(strategy)
+            .with_max_new_tokens(self.max_new_tokens)
+            .with_stop_tokens(stop_tokens)
+            .with_draft_vocab(self.draft_vocab)
+            .with_draft_confidence(self.draft_confidence)
     }
 }
 

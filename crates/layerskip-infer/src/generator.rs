@@ -35,8 +35,18 @@ pub enum Strategy {
     },
 }
 
-/// Options of one generation.
+/// Options of one generation. Built with [`GenerateOptions::new`] and the `with_*` setters (the
+/// struct is `#[non_exhaustive]`, so that new options do not break callers).
+///
+/// ```
+/// use layerskip_infer::{GenerateOptions, SamplingConfig, Strategy};
+///
+/// let ss = Strategy::SelfSpeculative { exit_layer: 2, speculations: 4 };
+/// let options = GenerateOptions::new(ss).with_max_new_tokens(64).with_stop_tokens(vec![0]);
+/// assert_eq!(options.sampling, SamplingConfig::default());
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct GenerateOptions {
     /// The strategy.
     pub strategy: Strategy,
@@ -64,6 +74,56 @@ pub struct GenerateOptions {
 }
 
 impl GenerateOptions {
+    /// Greedy `strategy` for up to 128 new tokens, no stop tokens, drafts over the whole
+    /// vocabulary and always `speculations` of them.
+    pub fn new(strategy: Strategy) -> Self {
+        Self {
+            strategy,
+            max_new_tokens: 128,
+            sampling: SamplingConfig::default(),
+            stop_tokens: Vec::new(),
+            draft_vocab: None,
+            draft_confidence: None,
+        }
+    }
+
+    /// Stop after `n` new tokens.
+    pub fn with_max_new_tokens(self, n: usize) -> Self {
+        Self {
+            max_new_tokens: n,
+            ..self
+        }
+    }
+
+    /// How tokens are chosen.
+    pub fn with_sampling(self, sampling: SamplingConfig) -> Self {
+        Self { sampling, ..self }
+    }
+
+    /// Tokens that end the generation.
+    pub fn with_stop_tokens(self, stop_tokens: Vec<u32>) -> Self {
+        Self {
+            stop_tokens,
+            ..self
+        }
+    }
+
+    /// Draft over the token ids `0..n` only ([`GenerateOptions::draft_vocab`]).
+    pub fn with_draft_vocab(self, draft_vocab: Option<usize>) -> Self {
+        Self {
+            draft_vocab,
+            ..self
+        }
+    }
+
+    /// Stop drafting below this draft probability ([`GenerateOptions::draft_confidence`]).
+    pub fn with_draft_confidence(self, draft_confidence: Option<f32>) -> Self {
+        Self {
+            draft_confidence,
+            ..self
+        }
+    }
+
     /// Whether every token choice is an argmax of raw logits (greedy, no history penalties, no
     /// draft-confidence threshold), so the device can take it and hand back token ids alone.
     pub fn greedy_on_device(&self) -> bool {

@@ -15,7 +15,7 @@
 //!
 //! ```
 //! use burn::backend::Flex;
-//! use layerskip_infer::{GenerateOptions, Generator, SamplingConfig, Strategy};
+//! use layerskip_infer::{GenerateOptions, Generator, Strategy};
 //! use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
 //!
 //! let config = LlamaConfig {
@@ -26,11 +26,7 @@
 //! };
 //! let model = LlamaModel::<Flex>::init(&config, &Default::default()).unwrap();
 //! let mut generator = Generator::new(&model, 128).unwrap();
-//! let options = |strategy| GenerateOptions {
-//!     strategy, max_new_tokens: 16, sampling: SamplingConfig::default(), stop_tokens: vec![],
-//!     draft_vocab: None,
-//!     draft_confidence: None,
-//! };
+//! let options = |strategy| GenerateOptions::new(strategy).with_max_new_tokens(16);
 //! let ar = generator.generate(&[1, 2, 3], &options(Strategy::Autoregressive), |_| true).unwrap();
 //! let ss = generator
 //!     .generate(&[1, 2, 3], &options(Strategy::SelfSpeculative { exit_layer: 2, speculations: 4 }), |_| true)

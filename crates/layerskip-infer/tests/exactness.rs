@@ -314,21 +314,20 @@ fn check_sampled_marginals(
 ) {
     let mut counts = vec![vec![0usize; 6]; 3];
     for seed in 0..runs {
-        let o = GenerateOptions {
-            strategy: Strategy::SelfSpeculative {
-                exit_layer: 1,
-                speculations: 3,
-            },
-            max_new_tokens: 3,
-            sampling: SamplingConfig {
-                temperature: 1.0,
-                seed,
-                ..Default::default()
-            },
-            stop_tokens: vec![],
-            draft_vocab,
-            draft_confidence,
+        let ss = Strategy::SelfSpeculative {
+            exit_layer: 1,
+            speculations: 3,
         };
+        let sampling = SamplingConfig {
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        };
+        let o = GenerateOptions::new(ss)
+            .with_max_new_tokens(3)
+            .with_sampling(sampling)
+            .with_draft_vocab(draft_vocab)
+            .with_draft_confidence(draft_confidence);
         let g = generator.generate(prompt, &o, |_| true).unwrap();
         for (i, &t) in g.tokens.iter().enumerate() {
             counts[i][t as usize] += 1;

@@ -2,7 +2,7 @@
 //! greedy exactness grid that tells rounding ties from wrong tokens.
 #![allow(dead_code)] // each test binary uses a subset
 
-use layerskip_infer::{GenerateOptions, Generation, Generator, SamplingConfig, Strategy};
+use layerskip_infer::{GenerateOptions, Generation, Generator, Strategy};
 use layerskip_model::LayerSkipBackend;
 use layerskip_model::backend::Precision;
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
@@ -41,14 +41,7 @@ pub fn random_model_on<B: LayerSkipBackend>(
 
 /// Greedy options without stop tokens.
 pub fn options(strategy: Strategy, max_new_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        strategy,
-        max_new_tokens,
-        sampling: SamplingConfig::default(),
-        stop_tokens: vec![],
-        draft_vocab: None,
-        draft_confidence: None,
-    }
+    GenerateOptions::new(strategy).with_max_new_tokens(max_new_tokens)
 }
 
 /// One generation with a fresh generator of capacity 96.
