@@ -6,7 +6,7 @@
 //! - [`dataset`]: HumanEval (gzipped JSONL), JSONL prompt/reference pairs, continuation prompts cut
 //!   from text files, few-shot templates;
 //! - [`metrics`]: ROUGE-1/2/L, BLEU-4, exact match, token agreement, the first differing token;
-//! - [`bench`]: generations over a dataset with a strategy, each prompt's fastest of several runs,
+//! - [`bench`](mod@bench): generations over a dataset with a strategy, each prompt's fastest of several runs,
 //!   and one [`bench::StrategyReport`] per strategy (speed, acceptance, memory, quality, agreement
 //!   with autoregressive decoding).
 //!

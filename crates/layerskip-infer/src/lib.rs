@@ -35,17 +35,19 @@
 //! ```
 
 pub mod accept;
+mod autoregressive;
 pub mod chat;
+mod context;
 pub mod error;
 pub mod generator;
+pub mod options;
 pub mod sampling;
 mod speculative;
 pub mod stats;
 
 pub use chat::ChatTemplate;
 pub use error::{InferError, Result};
-pub use generator::{
-    GenerateOptions, Generation, Generator, StopReason, Strategy, StreamEvent, TokenMargin,
-};
+pub use generator::Generator;
+pub use options::{GenerateOptions, Generation, StopReason, Strategy, StreamEvent, TokenMargin};
 pub use sampling::SamplingConfig;
 pub use stats::GenerationStats;

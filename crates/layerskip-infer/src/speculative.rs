@@ -9,20 +9,40 @@ use burn::tensor::{Int, Tensor, TensorData};
 use layerskip_model::LayerSkipBackend;
 
 use crate::accept::{Acceptance, accept_greedy, accept_greedy_ids, accept_sampled};
+use crate::context::{DecodeContext, Run};
 use crate::error::Result;
-use crate::generator::{Generator, Run, StreamEvent};
+use crate::options::StreamEvent;
 
-impl<B: LayerSkipBackend> Generator<'_, B> {
-    pub(crate) fn self_speculate(
+/// Self-speculative decoding with `exit` draft layers and `speculations` drafts per step: the
+/// prompt's prefill, then steps until a stop condition.
+pub(crate) fn decode<B: LayerSkipBackend>(
+    ctx: &mut DecodeContext<'_, B>,
+    run: &mut Run<'_>,
+    (exit, speculations): (usize, usize),
+    on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+) -> Result<()> {
+    ctx.prefill_for_speculation(run, exit, on_event)?;
+    while run.stop.is_none() {
+        let step = if run.options.greedy_on_device() {
+            ctx.greedy_step(run, exit, speculations)?
+        } else {
+            ctx.speculative_step(run, exit, speculations)?
+        };
+        ctx.finish_step(run, step, speculations, on_event);
+    }
+    Ok(())
+}
+
+impl<B: LayerSkipBackend> DecodeContext<'_, B> {
+    /// The prompt through the early layers, then the deep layers over its exit hidden states
+    /// (the "verification" of the prompt); the last row gives the first token.
+    fn prefill_for_speculation(
         &mut self,
         run: &mut Run<'_>,
         exit: usize,
-        speculations: usize,
         on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
     ) -> Result<()> {
         let layers = self.model.num_layers();
-        // Prefill: the prompt through the early layers, then the deep layers over its exit
-        // hidden states (the "verification" of the prompt); the last row gives the first token.
         let prompt = run.tokens.clone();
         let h = self.layers(self.model.embed_ids(&prompt), 0..exit, 0)?;
         self.exits.append(h)?;
@@ -37,14 +57,6 @@ impl<B: LayerSkipBackend> Generator<'_, B> {
             run.choose(row, &prompt).0
         };
         self.emit(run, &[first], on_event);
-        while run.stop.is_none() {
-            let step = if run.options.greedy_on_device() {
-                self.greedy_step(run, exit, speculations)?
-            } else {
-                self.speculative_step(run, exit, speculations)?
-            };
-            self.finish_step(run, step, speculations, on_event);
-        }
         Ok(())
     }
 

@@ -1,0 +1,189 @@
+//! What a generation is asked to do and what it returns: the strategy, the options, the result.
+
+use serde::{Deserialize, Serialize};
+
+use crate::sampling::{SamplingConfig, argmax};
+use crate::stats::GenerationStats;
+
+/// How the next tokens are produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// The full model, one token per step.
+    Autoregressive,
+    /// Layers `0..exit_layer`, then the shared exit head, one token per step.
+    EarlyExit {
+        /// Number of layers run (`E`).
+        exit_layer: usize,
+    },
+    /// Draft `speculations` tokens with layers `0..exit_layer`, verify them with layers
+    /// `exit_layer..L` in one pass that reuses the drafts' hidden states and early K/V.
+    SelfSpeculative {
+        /// Number of draft layers (`E`).
+        exit_layer: usize,
+        /// Drafts per step (`d`).
+        speculations: usize,
+    },
+}
+
+/// Options of one generation. Built with [`GenerateOptions::new`] and the `with_*` setters (the
+/// struct is `#[non_exhaustive]`, so that new options do not break callers).
+///
+/// ```
+/// use layerskip_infer::{GenerateOptions, SamplingConfig, Strategy};
+///
+/// let ss = Strategy::SelfSpeculative { exit_layer: 2, speculations: 4 };
+/// let options = GenerateOptions::new(ss).with_max_new_tokens(64).with_stop_tokens(vec![0]);
+/// assert_eq!(options.sampling, SamplingConfig::default());
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GenerateOptions {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Stop after this many new tokens.
+    pub max_new_tokens: usize,
+    /// Token choice.
+    pub sampling: SamplingConfig,
+    /// Tokens that end the generation (emitted, then stop). Usually the checkpoint's EOS ids.
+    pub stop_tokens: Vec<u32>,
+    /// Self-speculation drafts over the token ids `0..n` only
+    /// ([`LlamaModel::exit_head_prefix`](layerskip_model::LlamaModel::exit_head_prefix));
+    /// `None` drafts over the whole vocabulary, as the paper does. Verification always uses the
+    /// full head, so the output is the same either way: only the drafts' cost and acceptance
+    /// change.
+    #[serde(default)]
+    pub draft_vocab: Option<usize>,
+    /// Self-speculation stops drafting early once a draft's probability under the draft
+    /// distribution falls below this threshold (that draft is still verified): uncertain drafts
+    /// are mostly rejected, so drafting past them costs more than it returns. `None` always
+    /// drafts the full `speculations`, as the paper does. The draft length only changes speed:
+    /// greedy output equals autoregressive decoding and sampled output keeps the full model's
+    /// distribution either way (Hugging Face's `assistant_confidence_threshold`).
+    #[serde(default)]
+    pub draft_confidence: Option<f32>,
+}
+
+impl GenerateOptions {
+    /// Greedy `strategy` for up to 128 new tokens, no stop tokens, drafts over the whole
+    /// vocabulary and always `speculations` of them.
+    pub fn new(strategy: Strategy) -> Self {
+        Self {
+            strategy,
+            max_new_tokens: 128,
+            sampling: SamplingConfig::default(),
+            stop_tokens: Vec::new(),
+            draft_vocab: None,
+            draft_confidence: None,
+        }
+    }
+
+    /// Stop after `n` new tokens.
+    pub fn with_max_new_tokens(self, n: usize) -> Self {
+        Self {
+            max_new_tokens: n,
+            ..self
+        }
+    }
+
+    /// How tokens are chosen.
+    pub fn with_sampling(self, sampling: SamplingConfig) -> Self {
+        Self { sampling, ..self }
+    }
+
+    /// Tokens that end the generation.
+    pub fn with_stop_tokens(self, stop_tokens: Vec<u32>) -> Self {
+        Self {
+            stop_tokens,
+            ..self
+        }
+    }
+
+    /// Draft over the token ids `0..n` only ([`GenerateOptions::draft_vocab`]).
+    pub fn with_draft_vocab(self, draft_vocab: Option<usize>) -> Self {
+        Self {
+            draft_vocab,
+            ..self
+        }
+    }
+
+    /// Stop drafting below this draft probability ([`GenerateOptions::draft_confidence`]).
+    pub fn with_draft_confidence(self, draft_confidence: Option<f32>) -> Self {
+        Self {
+            draft_confidence,
+            ..self
+        }
+    }
+
+    /// Whether every token choice is an argmax of raw logits (greedy, no history penalties, no
+    /// draft-confidence threshold), so the device can take it and hand back token ids alone.
+    pub fn greedy_on_device(&self) -> bool {
+        let s = &self.sampling;
+        s.is_greedy()
+            && s.repetition_penalty == 1.0
+            && s.no_repeat_ngram == 0
+            && self.draft_confidence.is_none()
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// A stop token was generated.
+    StopToken,
+    /// `max_new_tokens` reached.
+    MaxNewTokens,
+    /// The context is full.
+    ContextFull,
+    /// The caller's callback asked to stop (e.g. a stop string appeared).
+    Callback,
+}
+
+/// The two best next tokens of a logit row and the gap between them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TokenMargin {
+    /// The greedy token.
+    pub first: u32,
+    /// The runner-up.
+    pub second: u32,
+    /// `logit[first] - logit[second]` (>= 0).
+    pub margin: f32,
+    /// The largest absolute logit, the scale rounding errors are relative to.
+    pub scale: f32,
+}
+
+impl TokenMargin {
+    /// The two best entries of `logits` (at least two).
+    pub fn of(logits: &[f32]) -> Self {
+        let first = argmax(logits) as usize;
+        let second = (0..logits.len())
+            .filter(|&i| i != first)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .expect("at least two logits");
+        Self {
+            first: first as u32,
+            second: second as u32,
+            margin: logits[first] - logits[second],
+            scale: logits.iter().fold(0f32, |m, v| m.max(v.abs())),
+        }
+    }
+}
+
+/// What the streaming callback receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvent<'a> {
+    /// Tokens accepted into the output, in order.
+    Accepted(&'a [u32]),
+    /// Drafted tokens that the verifier rejected (for display only).
+    Rejected(&'a [u32]),
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// The generated tokens (a stop token, if one ended the generation, included).
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub stop: StopReason,
+    /// Statistics.
+    pub stats: GenerationStats,
+}
