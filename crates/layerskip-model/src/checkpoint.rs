@@ -159,7 +159,7 @@ impl SafetensorsFiles {
         let hf = self.read_f32(name, &[d_out, d_in])?;
         // Transpose on the host: a transposed *view* as the weight makes every matmul take a
         // strided path (measured 13-34x slower on Flex for decode-sized products; on CUDA,
-        // training at a third of the speed, see docs/results/gpu-2026-11-27-h200-run3).
+        // training at a quarter of the speed, see docs/results/gpu-2026-11-27-h200-run3).
         let mut values = vec![0.0f32; hf.len()];
         for (o, row) in hf.chunks_exact(d_in).enumerate() {
             for (i, v) in row.iter().enumerate() {
