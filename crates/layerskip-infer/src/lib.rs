@@ -16,13 +16,13 @@
 //! ```
 //! use burn::backend::Flex;
 //! use layerskip_infer::{GenerateOptions, Generator, Strategy};
-//! use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
+//! use layerskip_model::{LlamaConfig, LlamaModel};
 //!
 //! let config = LlamaConfig {
 //!     vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_layers: 4,
 //!     num_heads: 4, num_kv_heads: 2, head_dim: 8, max_position_embeddings: 128,
-//!     rms_norm_eps: 1e-5, rope: RopeConfig { theta: 10_000.0, llama3_scaling: None },
-//!     tie_word_embeddings: true, bos_token_id: None, eos_token_ids: vec![],
+//!     eos_token_ids: vec![],
+//!     ..LlamaConfig::default()
 //! };
 //! let model = LlamaModel::<Flex>::init(&config, &Default::default()).unwrap();
 //! let mut generator = Generator::new(&model, 128).unwrap();

@@ -30,7 +30,15 @@ pub struct RopeConfig {
 }
 
 /// The runtime configuration of a Llama decoder. Build it from a checkpoint with
-/// [`LlamaConfig::from_hf_file`] or by hand, then call [`LlamaConfig::validate`].
+/// [`LlamaConfig::from_hf_file`], or from [`LlamaConfig::default`] (the shape of the model that
+/// ships in `models/default`) with the fields you change, then call [`LlamaConfig::validate`].
+///
+/// ```
+/// use layerskip_model::LlamaConfig;
+///
+/// let config = LlamaConfig { num_layers: 12, ..LlamaConfig::default() };
+/// config.validate().unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     /// Vocabulary size (rows of the embedding, columns of the LM head).
@@ -59,6 +67,31 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens (one or several).
     pub eos_token_ids: Vec<u32>,
+}
+
+impl Default for LlamaConfig {
+    /// The shape of `models/default`: 8 layers of width 256 (MLP 768), 8 heads over 4 kv heads
+    /// of 32, a 4096-token vocabulary with a tied head, context 1024, rope theta 10000.
+    fn default() -> Self {
+        Self {
+            vocab_size: 4096,
+            hidden_size: 256,
+            intermediate_size: 768,
+            num_layers: 8,
+            num_heads: 8,
+            num_kv_heads: 4,
+            head_dim: 32,
+            max_position_embeddings: 1024,
+            rms_norm_eps: 1e-5,
+            rope: RopeConfig {
+                theta: 10_000.0,
+                llama3_scaling: None,
+            },
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_ids: vec![0],
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -353,5 +386,22 @@ impl HfLlamaConfig {
             theta,
             llama3_scaling,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default configuration is the shape of the model that ships in `models/default`.
+    #[test]
+    fn default_is_the_shipped_models_config() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/default/config.json"
+        );
+        let shipped = LlamaConfig::from_hf_file(std::path::Path::new(path)).unwrap();
+        assert_eq!(LlamaConfig::default(), shipped);
+        LlamaConfig::default().validate().unwrap();
     }
 }
