@@ -11,6 +11,16 @@
 //!   Vulkan/Metal/DX12): decode attention over the preallocated KV cache, products of a few rows
 //!   with a weight matrix, RMSNorm, rotary embedding with the cache write, SwiGLU's product.
 //!
+//! ```
+//! use layerskip_kernels::cpu::silu_mul;
+//!
+//! let (gate, up) = ([0.0f32, 1.0, -2.0], [3.0f32, 2.0, 1.0]);
+//! let mut out = [0.0f32; 3];
+//! silu_mul(&gate, &up, &mut out);
+//! let silu = |x: f32| x / (1.0 + (-x).exp());
+//! assert!(out.iter().zip([silu(0.0) * 3.0, silu(1.0) * 2.0, silu(-2.0)]).all(|(a, b)| (a - b).abs() < 1e-6));
+//! ```
+//!
 //! Every kernel computes each output row alone, in an order that depends only on the shapes of
 //! the weights and the number of visible positions, never on how many rows share a launch: one
 //! decoded token and a self-speculative verification of several give bit-identical results.

@@ -4,6 +4,32 @@
 //! rates, an early-exit loss through the model's one shared exit head with the paper's and
 //! torchtune's loss scales, and the rotational and gradual curricula. [`schedule`] holds them as
 //! pure functions of (step, layer).
+//!
+//! Two LayerSkip steps on a small model, with the shipped model's tokenizer and recipe:
+//!
+//! ```
+//! use std::path::Path;
+//!
+//! use burn::backend::{Autodiff, Flex};
+//! use layerskip_model::{LlamaConfig, LlamaModel, Tokenizer};
+//! use layerskip_train::{Blocks, Document, TrainConfig, Trainer};
+//!
+//! let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+//! let tokenizer = Tokenizer::from_file(&root.join("models/default")).unwrap();
+//! let mut config = TrainConfig::from_file(&root.join("configs/pretrain_from_scratch.toml")).unwrap();
+//! (config.steps, config.data.seq_len, config.optim.batch_size) = (2, 32, 2);
+//! let text = "def add(a, b):\n    return a + b\n\n".repeat(40);
+//! let docs = vec![Document { prompt: None, text }];
+//! let blocks = Blocks::pack(&docs, &tokenizer, 0, config.data.seq_len).unwrap();
+//! let shape = LlamaConfig { num_layers: 4, hidden_size: 64, intermediate_size: 128,
+//!     num_heads: 4, num_kv_heads: 2, head_dim: 16, ..LlamaConfig::default() };
+//! let device = Default::default();
+//! let model = LlamaModel::<Autodiff<Flex>>::init(&shape, &device).unwrap();
+//! let mut trainer = Trainer::new(config, model, blocks.clone(), blocks, device).unwrap();
+//! let first = trainer.train_step().unwrap();
+//! let second = trainer.train_step().unwrap();
+//! assert!(trainer.finished() && first.loss.is_finite() && second.loss.is_finite());
+//! ```
 
 pub mod config;
 pub mod data;
