@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use criterion::{Criterion, criterion_group, criterion_main};
-use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
+use layerskip_model::{LlamaConfig, LlamaModel};
 use layerskip_train::{Blocks, TrainConfig, Trainer};
 
 type B = Autodiff<Flex>;
@@ -21,24 +21,8 @@ fn trainer(p_max: f64, mixed_precision: &str) -> Trainer<B> {
          [layer_dropout]\np_max = {p_max}\n[early_exit]\ne_scale = 0.2\ncurriculum = {{ type = \"rotational\", period = 4 }}\n"
     );
     let config: TrainConfig = toml::from_str(&text).unwrap();
-    let llama = LlamaConfig {
-        vocab_size: 4096,
-        hidden_size: 256,
-        intermediate_size: 768,
-        num_layers: 8,
-        num_heads: 8,
-        num_kv_heads: 4,
-        head_dim: 32,
-        max_position_embeddings: 1024,
-        rms_norm_eps: 1e-5,
-        rope: RopeConfig {
-            theta: 10_000.0,
-            llama3_scaling: None,
-        },
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![0],
-    };
+    // The shipped model's shape.
+    let llama = LlamaConfig::default();
     let device = Default::default();
     B::seed(&device, 0);
     let model = LlamaModel::init(&llama, &device).unwrap();
