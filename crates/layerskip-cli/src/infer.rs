@@ -236,7 +236,42 @@ struct Printer<'t> {
     quiet: bool,
 }
 
+/// The end of what can be printed of `text[..end]`: all of it at the end of the generation
+/// (`last`), else all but a trailing U+FFFD. A token can end inside a multi-byte character; the
+/// decoder then shows the partial character as U+FFFD, which the next token turns into the real
+/// one, so it is held back rather than printed.
+fn printable_end(text: &str, end: usize, last: bool) -> usize {
+    if last {
+        return end;
+    }
+    text[..end].trim_end_matches('\u{FFFD}').len()
+}
+
 impl Printer<'_> {
+    /// Prints `text[printed..]` up to what [`printable_end`] allows.
+    fn print_until(&mut self, text: &str, end: usize, last: bool) {
+        let end = printable_end(text, end, last);
+        if end > self.printed && text.is_char_boundary(self.printed) {
+            print!("{}", &text[self.printed..end]);
+            self.printed = end;
+        }
+        let _ = std::io::stdout().flush();
+    }
+
+    /// Prints what was held back once the generation has ended.
+    fn finish(&mut self) {
+        if self.quiet {
+            return;
+        }
+        let text = self.tokenizer.decode(&self.tokens).unwrap_or_default();
+        let cut = self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min();
+        self.print_until(&text, cut.unwrap_or(text.len()), true);
+    }
+
     /// Handles one event; returns false once a stop string has appeared.
     fn event(&mut self, event: StreamEvent<'_>) -> bool {
         match event {
@@ -249,11 +284,9 @@ impl Printer<'_> {
                     .filter_map(|s| text.find(s.as_str()))
                     .min();
                 let end = cut.unwrap_or(text.len());
-                if !self.quiet && end > self.printed && text.is_char_boundary(self.printed) {
-                    print!("{}", &text[self.printed..end]);
-                    self.printed = end;
+                if !self.quiet {
+                    self.print_until(&text, end, cut.is_some());
                 }
-                let _ = std::io::stdout().flush();
                 cut.is_none()
             }
             StreamEvent::Rejected(tokens) => {
@@ -294,6 +327,7 @@ fn run_one<B: LayerSkipBackend>(
         quiet: args.json,
     };
     let generation = generator.generate(&ids, options, |e| printer.event(e))?;
+    printer.finish();
     if args.json {
         println!(
             "{}",
@@ -354,4 +388,23 @@ fn json_report(
         "tokens_per_second": s.tokens_per_second(),
         "time_per_token_ms": s.time_per_token_ms(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable_end;
+
+    /// A character split over two tokens: the first decodes to a trailing U+FFFD, which is held
+    /// back; the completed character then prints whole. At the end, whatever remains prints.
+    #[test]
+    fn a_split_character_is_held_back_until_it_is_complete() {
+        let partial = "ab\u{FFFD}";
+        assert_eq!(printable_end(partial, partial.len(), false), 2);
+        let whole = "abあ";
+        assert_eq!(&whole[2..printable_end(whole, whole.len(), false)], "あ");
+        assert_eq!(printable_end(partial, partial.len(), true), partial.len());
+        // A U+FFFD that later text follows is the model's own output: it prints.
+        let inner = "a\u{FFFD}b";
+        assert_eq!(printable_end(inner, inner.len(), false), inner.len());
+    }
 }

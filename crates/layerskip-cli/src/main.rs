@@ -117,6 +117,13 @@ impl From<Dtype> for SaveDtype {
 }
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`| head`): Rust
+    // ignores SIGPIPE, which turns every later print into a panic.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(err) = run(Cli::parse()) {
         eprintln!("error: {err:#}");
         std::process::exit(1);

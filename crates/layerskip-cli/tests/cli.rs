@@ -441,3 +441,66 @@ e_scale = 1.0
     let (code, _, err) = run("cpu,cuda:0");
     assert_one_error_line(code, &err, "different backends");
 }
+
+/// A reader that closes stdout early (`| head -c 5`) ends the program quietly (SIGPIPE, as other
+/// Unix tools), not with a "failed printing to stdout" panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_generation_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_layerskip"))
+        .args(["infer", "--prompt", "def f(x):", "--max-new-tokens", "400"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 5];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The pipe's read end is closed here (the handle was dropped after the read).
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc_sigpipe()),
+        "{:?} {stderr}",
+        out.status
+    );
+}
+
+/// SIGPIPE's number on the platforms this test runs on.
+#[cfg(unix)]
+fn libc_sigpipe() -> i32 {
+    13
+}
+
+/// Streaming prints multi-byte characters whole even when a token ends inside one: the streamed
+/// text equals the `--json` text (the issue's own prompt; skipped without SmolLM2).
+#[test]
+fn streamed_text_keeps_characters_split_over_tokens() {
+    let Some(model) = smollm2() else { return };
+    let prompt = "How do you say 'thank you' in Japanese? Answer with the Japanese characters.";
+    let args = |json: bool| {
+        let mut a = vec!["infer", "--model", &model, "--chat", "--prompt", prompt];
+        a.extend(["--max-new-tokens", "40", "--no-warm-up"]);
+        if json {
+            a.push("--json");
+        }
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| layerskip(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (code, streamed, err) = run(args(false));
+    assert_eq!(code, 0, "{err}");
+    let (code, json, err) = run(args(true));
+    assert_eq!(code, 0, "{err}");
+    let text = serde_json::from_str::<serde_json::Value>(&json).unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !text.is_ascii(),
+        "the answer has non-ASCII characters: {text:?}"
+    );
+    assert_eq!(streamed.trim_end_matches('\n'), text, "streamed vs --json");
+}

@@ -147,6 +147,12 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
             Strategy::SelfSpeculative {
                 speculations: 0, ..
             } => bad("speculations must be >= 1".into()),
+            Strategy::SelfSpeculative { speculations, .. } if speculations >= self.capacity() => {
+                bad(format!(
+                    "{speculations} speculations do not fit the context of {} positions",
+                    self.capacity()
+                ))
+            }
             _ => Ok(()),
         }
     }

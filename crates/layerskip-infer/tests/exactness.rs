@@ -373,6 +373,15 @@ fn invalid_arguments_are_clear_errors() {
         )
         .contains("speculations")
     );
+    // More drafts than the context holds (16 here) are refused, not an overflow or an abort.
+    for huge in [16, 100_000_000_000, usize::MAX] {
+        let ss = Strategy::SelfSpeculative {
+            exit_layer: 2,
+            speculations: huge,
+        };
+        let e = err(ss, &[1]);
+        assert!(e.contains("do not fit the context of 16"), "{e}");
+    }
     for bad in [0, 41] {
         let mut o = options(
             Strategy::SelfSpeculative {
