@@ -64,10 +64,12 @@ fn bench_strategies(c: &mut Criterion) {
         let options = GenerateOptions::new(strategy).with_max_new_tokens(32);
         let g = generator.generate(&prompt, &options, |_| true).unwrap();
         println!(
-            "{label}: {:.1} tokens/s, {:.1} ms/token, acceptance {:.1}%",
+            "{label}: {:.1} tokens/s, {:.1} ms/token, acceptance {}",
             g.stats.tokens_per_second(),
             g.stats.time_per_token_ms(),
-            100.0 * g.stats.acceptance_rate()
+            g.stats
+                .acceptance_rate()
+                .map_or("n/a".into(), |r| format!("{:.1}%", 100.0 * r))
         );
         group.bench_function(label, |b| {
             b.iter(|| {

@@ -216,6 +216,11 @@ fn probe<B: LayerSkipBackend>(spec: DeviceSpec, device: &B::Device) -> Result<()
             DeviceSpec::Cpu => "",
             _ => "is a Vulkan/Metal/DX12 driver installed (on Linux without a GPU: mesa-vulkan-drivers)?",
         };
-        anyhow!("device {spec} is not usable: {why} {hint}")
+        let why = why.trim().trim_end_matches('.');
+        if hint.is_empty() {
+            anyhow!("device {spec} is not usable ({why})")
+        } else {
+            anyhow!("device {spec} is not usable ({why}); {hint}")
+        }
     })
 }

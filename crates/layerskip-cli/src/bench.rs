@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::backend::BackendTask;
 use crate::infer::StrategyName;
+use crate::progress::Progress;
 use crate::samples::{DatasetArgs, GridArgs, Loaded, load, peak_rss, reset_peak_rss, write_output};
 
 /// Runs `strategy` once over the loaded prompts `range` (after `warmup` untimed generations of
@@ -57,6 +58,7 @@ pub fn measure_paired<B: LayerSkipBackend>(
     generator: &mut Generator<'_, B>,
     args: &DatasetArgs,
     strategy: Strategy,
+    progress: &Progress,
 ) -> Result<Paired> {
     reset_peak_rss();
     let same = strategy == Strategy::Autoregressive;
@@ -83,6 +85,7 @@ pub fn measure_paired<B: LayerSkipBackend>(
         }
         base.append(&mut b);
         runs.append(&mut r);
+        progress.inc();
     }
     if same {
         runs = base.clone();
@@ -188,8 +191,10 @@ impl BackendTask for BenchArgs {
             strategy_label(strategy),
             self.data.repeats
         );
+        let progress = Progress::new("bench: prompts", loaded.prompts.len());
         let (base_runs, base, runs, report) =
-            measure_paired(&loaded, &mut generator, &self.data, strategy)?;
+            measure_paired(&loaded, &mut generator, &self.data, strategy, &progress)?;
+        progress.finish();
         let mut reports = vec![base];
         let mut outputs = vec![("AR".to_string(), base_runs)];
         if strategy != Strategy::Autoregressive {
@@ -233,9 +238,15 @@ impl BackendTask for CorrectnessArgs {
         let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
         let eos = loaded.model.config().eos_token_ids.clone();
         let ar_options = self.data.options(Strategy::Autoregressive, eos.clone());
+        let n = loaded.prompts.len();
+        let progress = Progress::new(
+            "correctness: generations",
+            n * (1 + exits.len() * self.grid.speculations.len()),
+        );
         let mut reference = Vec::new();
         for p in &loaded.prompts {
             reference.push(generator.generate(p, &ar_options, |_| true)?.tokens);
+            progress.inc();
         }
         let precision = Precision::of_device::<B>(&device);
         let (mut checked, mut mismatches, mut ties) = (0, 0, 0);
@@ -249,6 +260,7 @@ impl BackendTask for CorrectnessArgs {
                 let (mut bad, mut tied) = (Vec::new(), 0);
                 for ((s, p), want) in loaded.samples.iter().zip(&loaded.prompts).zip(&reference) {
                     let got = generator.generate(p, &options, |_| true)?.tokens;
+                    progress.inc();
                     checked += 1;
                     let Some(pos) = first_difference(&got, want) else {
                         continue;
@@ -267,30 +279,33 @@ impl BackendTask for CorrectnessArgs {
                     );
                     if m.margin <= tol {
                         tied += 1;
-                        println!("  tie: {what}");
+                        progress.suspend(|| println!("  tie: {what}"));
                     } else {
                         bad.push(what);
                     }
                 }
-                println!(
-                    "E={e:<3} d={d:<3} {} / {} outputs identical to autoregressive{}{}",
-                    loaded.samples.len() - bad.len() - tied,
-                    loaded.samples.len(),
-                    if tied > 0 {
-                        format!(", {tied} diverge at a rounding tie")
-                    } else {
-                        String::new()
-                    },
-                    if bad.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; MISMATCH: {}", bad.join("; "))
-                    }
-                );
+                progress.suspend(|| {
+                    println!(
+                        "E={e:<3} d={d:<3} {} / {} outputs identical to autoregressive{}{}",
+                        loaded.samples.len() - bad.len() - tied,
+                        loaded.samples.len(),
+                        if tied > 0 {
+                            format!(", {tied} diverge at a rounding tie")
+                        } else {
+                            String::new()
+                        },
+                        if bad.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; MISMATCH: {}", bad.join("; "))
+                        }
+                    )
+                });
                 mismatches += bad.len();
                 ties += tied;
             }
         }
+        progress.finish();
         println!(
             "{checked} generations checked ({precision}), {mismatches} mismatches, {ties} rounding ties"
         );

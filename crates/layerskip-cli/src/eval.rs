@@ -7,14 +7,15 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use layerskip_model::{LlamaModel, Tokenizer};
-use layerskip_train::data::{Document, read_documents, split};
-use layerskip_train::eval::{ExitReport, exit_quality};
+use layerskip_train::data::{Corpus, Document, read_corpus, split};
+use layerskip_train::eval::{ExitReport, exit_quality_with_progress};
 use layerskip_train::tokenizer::END_OF_TEXT;
 use layerskip_train::{Blocks, TrainConfig};
 use serde::Serialize;
 
 use crate::backend::BackendTask;
 use crate::plot::{Series, line_plot};
+use crate::progress::Progress;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -65,22 +66,33 @@ impl EvalArgs {
             .seq_len
             .or(preset.as_ref().map(|c| c.data.seq_len))
             .unwrap_or(256);
+        if seq_len == 0 {
+            bail!("--seq-len must be at least 1 token");
+        }
         let extensions = match (&preset, self.extensions.is_empty()) {
             (Some(c), true) => c.data.extensions.clone(),
             _ => self.extensions.clone(),
         };
         if !self.data.is_empty() {
-            return Ok((read_documents(&self.data, &extensions)?, seq_len));
+            return Ok((documents(read_corpus(&self.data, &extensions)?), seq_len));
         }
         let Some(c) = preset else {
             bail!(
                 "nothing to evaluate on: give --data PATH or --config PRESET (its held-out split)"
             );
         };
-        let docs = read_documents(&c.data.paths, &extensions)?;
+        let docs = documents(read_corpus(&c.data.paths, &extensions)?);
         let (_, held_out) = split(docs, c.data.eval_fraction, c.seed)?;
         Ok((held_out, seq_len))
     }
+}
+
+/// The corpus's documents, after saying which files were skipped.
+fn documents(corpus: Corpus) -> Vec<Document> {
+    if let Some(note) = corpus.describe_skipped() {
+        eprintln!("{note}");
+    }
+    corpus.documents
 }
 
 impl BackendTask for EvalArgs {
@@ -91,12 +103,32 @@ impl BackendTask for EvalArgs {
             let model = LlamaModel::<B>::from_pretrained(dir, &device)
                 .with_context(|| format!("loading {}", dir.display()))?;
             let tokenizer = Tokenizer::from_file(dir)?;
+            tokenizer.check_fits(model.config().vocab_size, dir)?;
+            let positions = model.config().max_position_embeddings;
+            if seq_len > positions {
+                bail!(
+                    "--seq-len {seq_len} is longer than the context of {} (max_position_embeddings = {positions})",
+                    dir.display()
+                );
+            }
             let eos = tokenizer
                 .token_id(END_OF_TEXT)
                 .or(model.config().eos_token_ids.first().copied())
                 .context("the checkpoint names no eos token to separate documents")?;
             let blocks = Blocks::pack(&docs, &tokenizer, eos, seq_len)?;
-            let report = exit_quality(&model, &blocks, self.batch_size, Some(self.max_blocks))?;
+            let batches = blocks
+                .len()
+                .min(self.max_blocks)
+                .div_ceil(self.batch_size.max(1));
+            let progress = Progress::new(&format!("eval {}: batches", dir.display()), batches);
+            let report = exit_quality_with_progress(
+                &model,
+                &blocks,
+                self.batch_size,
+                Some(self.max_blocks),
+                |_, _| progress.inc(),
+            )?;
+            progress.finish();
             print_table(dir, &report);
             reports.push(ModelReport {
                 model: dir.clone(),

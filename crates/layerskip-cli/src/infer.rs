@@ -53,7 +53,7 @@ pub struct InferArgs {
     /// Self-speculation stops drafting once a draft's probability under the early exit falls
     /// below P (that draft is still verified); the output does not change. Default: always
     /// draft --speculations tokens.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub draft_confidence: Option<f32>,
     /// Maximum new tokens.
     #[arg(long, default_value_t = 128)]
@@ -116,6 +116,9 @@ pub fn strategy_from(
         })
     };
     Ok(match name {
+        StrategyName::Ar if exit_layer.is_some() => bail!(
+            "--exit-layer applies to --strategy early-exit and self-spec; autoregressive decoding runs all {layers} layers"
+        ),
         StrategyName::Ar => Strategy::Autoregressive,
         StrategyName::EarlyExit => Strategy::EarlyExit {
             exit_layer: exit()?,
@@ -153,6 +156,7 @@ impl BackendTask for InferArgs {
         let model = LlamaModel::<B>::from_pretrained(&dir, &device)
             .with_context(|| format!("loading {}", dir.display()))?;
         let tokenizer = Tokenizer::from_file(&dir)?;
+        tokenizer.check_fits(model.config().vocab_size, &dir)?;
         let config = model.config();
         let capacity = self
             .context
@@ -234,6 +238,8 @@ struct Printer<'t> {
     colour: bool,
     show_drafts: bool,
     quiet: bool,
+    /// Whether a stop string ended the generation.
+    stopped_by_string: bool,
 }
 
 /// The end of what can be printed of `text[..end]`: all of it at the end of the generation
@@ -287,6 +293,7 @@ impl Printer<'_> {
                 if !self.quiet {
                     self.print_until(&text, end, cut.is_some());
                 }
+                self.stopped_by_string = cut.is_some();
                 cut.is_none()
             }
             StreamEvent::Rejected(tokens) => {
@@ -325,14 +332,22 @@ fn run_one<B: LayerSkipBackend>(
         colour: std::io::stdout().is_terminal(),
         show_drafts: args.show_drafts,
         quiet: args.json,
+        stopped_by_string: false,
     };
     let generation = generator.generate(&ids, options, |e| printer.event(e))?;
     printer.finish();
+    // The generator only knows that the callback stopped it; the printer knows why.
+    let stop = if printer.stopped_by_string {
+        "StopString".to_string()
+    } else {
+        format!("{:?}", generation.stop)
+    };
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json_report(
                 &generation,
+                &stop,
                 tokenizer,
                 &args.stop,
                 options
@@ -342,17 +357,16 @@ fn run_one<B: LayerSkipBackend>(
         println!();
         let s = &generation.stats;
         eprintln!(
-            "[{} prompt + {} new tokens, stop: {:?}, {:.1} tokens/s, {:.1} ms/token, first token {:.0} ms{}]",
+            "[{} prompt + {} new tokens, stop: {stop}, {:.1} tokens/s, {:.1} ms/token, first token {:.0} ms{}]",
             s.prompt_tokens,
             s.new_tokens,
-            generation.stop,
             s.tokens_per_second(),
             s.time_per_token_ms(),
             s.time_to_first_token_ms,
-            if s.drafted > 0 {
+            if let Some(rate) = s.acceptance_rate() {
                 format!(
                     ", acceptance {:.1}% ({}/{}), accepted per step {:?}",
-                    100.0 * s.acceptance_rate(),
+                    100.0 * rate,
                     s.accepted,
                     s.drafted,
                     s.accepted_histogram
@@ -367,6 +381,7 @@ fn run_one<B: LayerSkipBackend>(
 
 fn json_report(
     g: &Generation,
+    stop: &str,
     tokenizer: &Tokenizer,
     stops: &[String],
     options: &GenerateOptions,
@@ -379,7 +394,7 @@ fn json_report(
     Ok(serde_json::json!({
         "text": text,
         "tokens": g.tokens,
-        "stop": g.stop,
+        "stop": stop,
         "strategy": options.strategy,
         "sampling": options.sampling,
         "stats": s,

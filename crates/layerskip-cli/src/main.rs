@@ -9,6 +9,7 @@ mod eval;
 mod gpu;
 mod infer;
 mod plot;
+mod progress;
 mod samples;
 mod sweep;
 mod train;
@@ -57,6 +58,10 @@ enum Command {
     },
     /// Benchmark a strategy against autoregressive decoding on a dataset (speed, acceptance,
     /// memory, quality).
+    ///
+    /// Figures: ms/tok = decode time per generated token after the first (pooled over prompts);
+    /// speedup = AR's ms/tok / the strategy's ms/tok; tok/s = generated tokens / wall time with
+    /// the first token's time included; ttft = time to the first token (prefill + first step).
     Bench {
         #[command(flatten)]
         args: bench::BenchArgs,
@@ -64,6 +69,10 @@ enum Command {
         device: backend::DeviceArgs,
     },
     /// Benchmark self-speculation over an exit-layer x speculations grid (CSV, heatmaps).
+    ///
+    /// Each point's speedup = the ms/token after the first token of AR runs measured beside it /
+    /// the point's; "best" is the point with the highest speedup. tokens_per_second in the CSV
+    /// includes the time to the first token.
     Sweep {
         #[command(flatten)]
         args: sweep::SweepArgs,
@@ -79,13 +88,10 @@ enum Command {
     },
     /// Convert a GGUF (llama.cpp) Llama checkpoint, or re-save a checkpoint directory in another
     /// dtype (e.g. a training checkpoint as a bf16 release), as a Hugging Face checkpoint directory.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["gguf", "checkpoint"])))]
     Convert {
         /// The .gguf file (F32, F16, BF16, Q4_0, Q4_1 and Q8_0 tensors are dequantised).
-        #[arg(
-            long,
-            required_unless_present = "checkpoint",
-            conflicts_with = "checkpoint"
-        )]
+        #[arg(long)]
         gguf: Option<PathBuf>,
         /// A Hugging Face checkpoint directory to re-save (weights, config, tokenizer files).
         #[arg(long)]
@@ -194,11 +200,7 @@ impl backend::BackendTask for Resave {
             .with_context(|| format!("loading {}", self.dir.display()))?;
         model.save_pretrained(&self.out, self.dtype)?;
         let mut copied = Vec::new();
-        for name in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-        ] {
+        for name in layerskip_model::checkpoint::TOKENIZER_FILES {
             let src = self.dir.join(name);
             if src.is_file() {
                 let bytes =

@@ -70,7 +70,7 @@ pub struct DatasetArgs {
     /// Self-speculation stops drafting once a draft's probability under the early exit falls
     /// below P (that draft is still verified); the output does not change. Default: always
     /// draft --speculations tokens.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub draft_confidence: Option<f32>,
     /// Untimed generations before each measured strategy.
     #[arg(long, default_value_t = 1)]
@@ -117,6 +117,17 @@ impl DatasetArgs {
                 "--shots {} leaves no prompt: the dataset has {} samples",
                 self.shots,
                 all.len()
+            );
+        }
+        if let Some(t) = &self.template
+            && !t.contains("{prompt}")
+        {
+            bail!("--template {t:?} has no {{prompt}}: every sample would get the same prompt");
+        }
+        if self.max_new_tokens < 2 {
+            bail!(
+                "--max-new-tokens {} is too few: the figures are per token after the first, so at least 2 are needed",
+                self.max_new_tokens
             );
         }
         let shots: Vec<Sample> = all.drain(..self.shots).collect();
@@ -203,6 +214,7 @@ pub fn load<B: LayerSkipBackend>(args: &DatasetArgs, device: &B::Device) -> Resu
     let model = LlamaModel::<B>::from_pretrained(&dir, device)
         .with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer = Tokenizer::from_file(&dir)?;
+    tokenizer.check_fits(model.config().vocab_size, &dir)?;
     let samples = args.samples()?;
     let prompts = samples
         .iter()

@@ -14,6 +14,7 @@ use layerskip_infer::{Generator, Strategy};
 use crate::backend::BackendTask;
 use crate::bench::{measure_paired, print_reports, strategy_label};
 use crate::plot::{Heatmap, heatmap};
+use crate::progress::Progress;
 use crate::samples::{DatasetArgs, GridArgs, load, write_output};
 
 #[derive(Args, Debug)]
@@ -69,6 +70,10 @@ impl BackendTask for SweepArgs {
         // each prompt's fastest run over all of them.
         let mut base_runs = Vec::new();
         let mut grid = Vec::new();
+        let progress = Progress::new(
+            "sweep: prompts x grid points",
+            loaded.prompts.len() * exits.len() * self.grid.speculations.len(),
+        );
         for &e in &exits {
             for &d in &self.grid.speculations {
                 let strategy = Strategy::SelfSpeculative {
@@ -76,19 +81,20 @@ impl BackendTask for SweepArgs {
                     speculations: d,
                 };
                 let (ar, ar_report, _, r) =
-                    measure_paired(&loaded, &mut generator, &self.data, strategy)?;
+                    measure_paired(&loaded, &mut generator, &self.data, strategy, &progress)?;
                 keep_fastest(&mut base_runs, ar);
-                eprintln!(
+                progress.println(&format!(
                     "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
                     strategy_label(strategy),
                     r.time_per_token_ms,
                     ar_report.time_per_token_ms,
                     100.0 * r.acceptance_rate,
                     r.speedup
-                );
+                ));
                 grid.push(r);
             }
         }
+        progress.finish();
         let base = summarise(
             Strategy::Autoregressive,
             &loaded.samples,
@@ -156,12 +162,12 @@ impl BackendTask for SweepArgs {
             .max_by(|a, b| a.speedup.total_cmp(&b.speedup))
             .expect("a non-empty grid");
         println!(
-            "best: {} at {:.1} tokens/s, {:.2} ms/token, acceptance {:.1}%, speedup {:.2}x over AR ({} mismatching outputs)",
+            "best: {} at {:.2} ms/token after the first token (AR {:.2}), speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs)",
             strategy_label(best.strategy),
-            best.tokens_per_second,
             best.time_per_token_ms,
-            100.0 * best.acceptance_rate,
+            best.time_per_token_ms * best.speedup,
             best.speedup,
+            100.0 * best.acceptance_rate,
             best.mismatches
         );
         Ok(())

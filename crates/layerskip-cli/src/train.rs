@@ -1,41 +1,51 @@
 //! `layerskip train`: LayerSkip training from a TOML preset, from scratch or from a checkpoint.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
+use burn::module::Module;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use layerskip_model::LayerSkipBackend;
+use layerskip_model::checkpoint::TOKENIZER_FILES;
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
-use layerskip_train::data::{list_files, read_documents, split};
+use layerskip_train::data::{read_corpus, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
-use layerskip_train::{Blocks, EvalReport, StepReport, TrainConfig, Trainer, latest_checkpoint};
+use layerskip_train::{
+    Blocks, EvalReport, RunDir, Start, StepReport, TrainConfig, Trainer, latest_checkpoint,
+    saved_config,
+};
 
 use crate::backend::MultiDeviceTask;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Training preset (TOML), e.g. configs/pretrain_from_scratch.toml.
-    #[arg(long)]
-    pub config: PathBuf,
+    /// Training preset (TOML), e.g. configs/pretrain_from_scratch.toml. With --resume it may be
+    /// left out (the checkpoint holds the run's config); if given, it must equal that config
+    /// except for `steps`.
+    #[arg(long, required_unless_present = "resume")]
+    pub config: Option<PathBuf>,
     /// Continue from this Hugging Face checkpoint instead of training from scratch.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub model: Option<PathBuf>,
     /// Data files or directories (replace the config's `data.paths`).
     #[arg(long)]
     pub data: Vec<PathBuf>,
-    /// Output directory for checkpoints.
+    /// Output directory for checkpoints; a fresh run refuses one that holds an earlier run.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
-    /// Override the number of steps.
+    /// Override the number of steps (with --resume: extend or shorten the run).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Resume from the latest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
+    /// Delete the checkpoints of an earlier run in --out and start a new one.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 impl MultiDeviceTask for TrainArgs {
@@ -44,36 +54,89 @@ impl MultiDeviceTask for TrainArgs {
     }
 }
 
-fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Device>) -> Result<()> {
-    let device = devices[0].clone();
-    let mut config = TrainConfig::from_file(&args.config)?;
-    if let Some(steps) = args.steps {
-        config.steps = steps;
-    }
+/// The run's configuration: the preset with the command line's overrides, or on resume the
+/// checkpoint's, which a preset given again must match (a changed config is refused, listing
+/// every difference, so nothing changes silently in the middle of a run).
+fn run_config(args: &TrainArgs, resume_from: Option<&Path>) -> Result<TrainConfig> {
+    let saved = resume_from.map(saved_config).transpose()?;
+    let mut config = match (&args.config, &saved) {
+        (Some(path), _) => TrainConfig::from_file(path)?,
+        (None, Some(saved)) => saved.clone(),
+        (None, None) => bail!("--config PRESET is required unless --resume is given"),
+    };
     if !args.data.is_empty() {
         config.data.paths = args.data.clone();
     }
+    if let Some(saved) = &saved {
+        config.steps = saved.steps;
+        let changes = saved.differences(&config);
+        if !changes.is_empty() {
+            bail!(
+                "--resume: the run was trained with another config; the checkpoint's value is on \
+                 the left: {} (resume with the run's own config, or start a new run)",
+                changes.join("; ")
+            );
+        }
+    }
+    if let Some(steps) = args.steps {
+        config.steps = steps;
+    }
     config.validate_basic()?;
+    Ok(config)
+}
+
+/// Every tokenizer file of `dir` (`tokenizer.json`, its config with the chat template, ...), to
+/// be carried into each checkpoint of a run that starts from or resumes `dir`.
+fn tokenizer_files(dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for name in TOKENIZER_FILES {
+        let path = dir.join(name);
+        if path.is_file() {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            files.push((name, bytes));
+        }
+    }
+    Ok(files)
+}
+
+fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Device>) -> Result<()> {
+    let device = devices[0].clone();
+    let start = match (args.resume, args.overwrite) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::Overwrite,
+        (false, false) => Start::Fresh,
+    };
+    // Lock, check and (with --overwrite) clear the output directory before any work.
+    let run_dir = RunDir::open(&args.out, start)?;
+    for path in run_dir.removed() {
+        eprintln!("removed {}", path.display());
+    }
+    let resume_from = args.resume.then(|| latest_checkpoint(&args.out)).flatten();
+    let config = run_config(&args, resume_from.as_deref())?;
     if config.data.paths.is_empty() {
         bail!(
             "no data: give --data PATH or data.paths in {}",
-            args.config.display()
+            args.config
+                .as_deref()
+                .unwrap_or(Path::new("the preset"))
+                .display()
         );
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let resume_from = if args.resume {
-        Some(
-            latest_checkpoint(&args.out)
-                .with_context(|| format!("--resume: no checkpoint in {}", args.out.display()))?,
-        )
-    } else {
-        None
-    };
+    let corpus = read_corpus(&config.data.paths, &config.data.extensions)?;
+    eprintln!(
+        "{} documents from {}",
+        corpus.documents.len(),
+        corpus.describe_sources()
+    );
+    if let Some(note) = corpus.describe_skipped() {
+        eprintln!("{note}");
+    }
     // The tokenizer: the checkpoint's, the model's, or one trained on the data.
-    let tokenizer = match (&resume_from, &args.model) {
-        (Some(dir), _) | (None, Some(dir)) => Tokenizer::from_file(dir)?,
-        (None, None) => {
+    let source = resume_from.as_ref().or(args.model.as_ref());
+    let (tokenizer, extra) = match source {
+        Some(dir) => (Tokenizer::from_file(dir)?, tokenizer_files(dir)?),
+        None => {
             let shape = config
                 .model
                 .as_ref()
@@ -82,22 +145,18 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
                 "training a {}-token byte-level BPE tokenizer on the data",
                 shape.vocab_size
             );
-            train_bpe(
-                &list_files(&config.data.paths, &config.data.extensions)?,
-                shape.vocab_size,
-            )?
+            let tokenizer = train_bpe(&corpus.documents, shape.vocab_size)?;
+            let json = tokenizer
+                .inner()
+                .to_string(false)
+                .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+            (tokenizer, vec![("tokenizer.json", json.into_bytes())])
         }
     };
-    let tokenizer_json = tokenizer
-        .inner()
-        .to_string(false)
-        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-    let docs = read_documents(&config.data.paths, &config.data.extensions)?;
-    eprintln!("{} documents from {:?}", docs.len(), config.data.paths);
-    let (train_docs, eval_docs) = split(docs, config.data.eval_fraction, config.seed)?;
+    let (train_docs, eval_docs) = split(corpus.documents, config.data.eval_fraction, config.seed)?;
     let eos = match tokenizer.token_id(END_OF_TEXT) {
         Some(id) => id,
-        None => *tokenizer_eos(&args)?
+        None => *tokenizer_eos(source.map(PathBuf::as_path))?
             .first()
             .context("the checkpoint names no eos_token_id to separate documents")?,
     };
@@ -113,13 +172,13 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
         (Some(dir), _) => {
             eprintln!("resuming from {}", dir.display());
             let mut trainer = Trainer::<B>::resume(dir, train_blocks, eval_blocks, device)?;
-            if let Some(steps) = args.steps {
-                trainer.set_total_steps(steps)?;
-            }
+            trainer.set_total_steps(config.steps)?;
             trainer
         }
         (None, Some(dir)) => {
-            let model = LlamaModel::<B>::from_pretrained(dir, &device)?;
+            let model = LlamaModel::<B>::from_pretrained(dir, &device)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            tokenizer.check_fits(model.config().vocab_size, dir)?;
             Trainer::new(config, model, train_blocks, eval_blocks, device)?
         }
         (None, None) => {
@@ -127,6 +186,8 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
             Trainer::new(config, model, train_blocks, eval_blocks, device)?
         }
     };
+    // Weights (safetensors and Burn record) and AdamW's two moments, all f32.
+    run_dir.check_space(trainer.model().num_params() as u64 * 16 + (1 << 20))?;
     if devices.len() > 1 {
         eprintln!(
             "data parallel over {} devices: each step's batch is split into equal shards",
@@ -134,11 +195,12 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
         );
         trainer = trainer.with_data_parallel(devices)?;
     }
-    run_loop(&mut trainer, &args, tokenizer_json.as_bytes())
+    let extra: Vec<(&str, &[u8])> = extra.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    run_loop(&mut trainer, run_dir.path(), &extra)
 }
 
-fn tokenizer_eos(args: &TrainArgs) -> Result<Vec<u32>> {
-    let dir = args.model.as_ref().context("no model")?;
+fn tokenizer_eos(dir: Option<&Path>) -> Result<Vec<u32>> {
+    let dir = dir.context("no model")?;
     Ok(LlamaConfig::from_hf_file(&dir.join("config.json"))?.eos_token_ids)
 }
 
@@ -183,8 +245,8 @@ fn scratch_model<B: LayerSkipBackend>(
 
 fn run_loop<B: layerskip_train::TrainBackend>(
     trainer: &mut Trainer<B>,
-    args: &TrainArgs,
-    tokenizer: &[u8],
+    out: &Path,
+    extra: &[(&str, &[u8])],
 ) -> Result<()> {
     let total = trainer.config().steps as u64;
     let tty = std::io::stderr().is_terminal();
@@ -201,8 +263,8 @@ fn run_loop<B: layerskip_train::TrainBackend>(
     let log_every = (total / 20).max(1) as usize;
     let start = Instant::now();
     let mut tokens = 0usize;
-    let extra = [("tokenizer.json", tokenizer)];
-    if trainer.step_count() == 0 {
+    let held_out = trainer.has_held_out();
+    if trainer.step_count() == 0 && held_out {
         report_eval(&bar, &trainer.evaluate()?);
     }
     while !trainer.finished() {
@@ -216,17 +278,19 @@ fn run_loop<B: layerskip_train::TrainBackend>(
             eprintln!("step {step}/{total} {msg}");
         }
         let (eval_every, save_every) = (trainer.config().eval_every, trainer.config().save_every);
-        if eval_every > 0 && step.is_multiple_of(eval_every) && !trainer.finished() {
+        if held_out && eval_every > 0 && step.is_multiple_of(eval_every) && !trainer.finished() {
             report_eval(&bar, &trainer.evaluate()?);
         }
         if save_every > 0 && step.is_multiple_of(save_every) && !trainer.finished() {
-            let dir = trainer.save_checkpoint(&args.out, &extra)?;
+            let dir = trainer.save_checkpoint(out, extra)?;
             bar.suspend(|| eprintln!("saved {}", dir.display()));
         }
     }
     bar.finish_and_clear();
-    report_eval(&bar, &trainer.evaluate()?);
-    let dir = trainer.save_checkpoint(&args.out, &extra)?;
+    if held_out {
+        report_eval(&bar, &trainer.evaluate()?);
+    }
+    let dir = trainer.save_checkpoint(out, extra)?;
     eprintln!(
         "saved {} ({:.0} s, {:.0} tokens/s)",
         dir.display(),
@@ -240,10 +304,10 @@ fn step_message(r: &StepReport, tokens_per_s: f64) -> String {
     let exits: Vec<String> = r
         .per_layer
         .iter()
-        .map(|(l, _, ce)| format!("L{l}={ce:.3}"))
+        .map(|(l, _, ce)| format!("{}={ce:.3}", l + 1))
         .collect();
     format!(
-        "loss {:.4} lr {:.2e} skipped {:.0}% {:.0} tok/s exits [{}]",
+        "loss {:.4} lr {:.2e} skipped {:.0}% {:.0} tok/s loss at exit [{}]",
         r.loss,
         r.lr,
         100.0 * r.skipped_fraction,
@@ -257,7 +321,7 @@ fn report_eval(bar: &ProgressBar, e: &EvalReport) {
         .loss
         .iter()
         .enumerate()
-        .map(|(l, v)| format!("L{l}: {v:.3} (ppl {:.1})", v.exp()))
+        .map(|(l, v)| format!("exit {}: {v:.3} (ppl {:.1})", l + 1, v.exp()))
         .collect();
     bar.suspend(|| eprintln!("eval @ step {}: {}", e.step, cells.join(", ")));
 }

@@ -235,6 +235,12 @@ fn correctness_and_sweep_on_the_default_model() {
         out.contains("12 generations checked (f32), 0 mismatches, 0 rounding ties"),
         "{out}"
     );
+    // Off a terminal, progress is plain lines on stderr: the first unit, every tenth, the last.
+    assert!(
+        err.contains("correctness: generations: 1/14 (7%)")
+            && err.contains("correctness: generations: 14/14 (100%)"),
+        "{err}"
+    );
     // bf16 compute on Flex: divergences are allowed only at rounding ties, and are reported.
     let (code, out, err) = layerskip(
         &[
@@ -273,7 +279,16 @@ fn correctness_and_sweep_on_the_default_model() {
         .concat(),
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("best: SS(E="), "{out}");
+    // The best point's figures share one definition: ms/token after the first token.
+    assert!(
+        out.contains("best: SS(E=") && out.contains("ms/token after the first token (AR "),
+        "{out}"
+    );
+    assert!(!out.contains("tokens/s"), "{out}");
+    assert!(
+        err.contains("sweep: prompts x grid points: 8/8 (100%)"),
+        "{err}"
+    );
     let csv = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
     assert!(rows[0].starts_with("exit_layer,speculations,tokens_per_second"));

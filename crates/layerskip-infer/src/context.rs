@@ -9,7 +9,7 @@ use burn::tensor::{Int, Tensor};
 use layerskip_model::{ExitHiddenCache, KvCache, LayerSkipBackend, LlamaModel};
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::Result;
+use crate::error::{InferError, Result};
 use crate::options::{GenerateOptions, StopReason, StreamEvent};
 use crate::sampling::{apply_history_penalties, argmax, probabilities, sample};
 use crate::stats::GenerationStats;
@@ -88,10 +88,10 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     }
 
     /// Logit rows of the exit head applied to `hidden` `[1, seq, hidden]`, read to the host.
-    pub(crate) fn logit_rows(&mut self, hidden: Tensor<B, 3>) -> Vec<Vec<f32>> {
-        let rows = host_rows(self.model.exit_head(hidden));
+    pub(crate) fn logit_rows(&mut self, hidden: Tensor<B, 3>) -> Result<Vec<Vec<f32>>> {
+        let rows = host_rows(self.model.exit_head(hidden))?;
         self.count_read(rows.len() * rows.first().map_or(0, Vec::len));
-        rows
+        Ok(rows)
     }
 
     /// The argmax of each row of `logits` `[1, seq, vocab]`, taken on the device.
@@ -100,12 +100,29 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         logits.argmax(2).reshape([b, s])
     }
 
+    /// [`DecodeContext::device_argmax`] with the id of a row that holds NaN or an infinity
+    /// replaced by -1, which [`DecodeContext::read_ids`] turns into an error. Used on the prompt's
+    /// step, where weights with non-finite values show (a few more launches, no more reads);
+    /// rows read to the host are checked on every step.
+    pub(crate) fn device_argmax_checked(logits: Tensor<B, 3>) -> Tensor<B, 2, Int> {
+        let [b, s, _] = logits.dims();
+        let bad = logits
+            .clone()
+            .is_nan()
+            .bool_or(logits.clone().is_inf())
+            .any_dim(2);
+        logits.argmax(2).mask_fill(bad, -1).reshape([b, s])
+    }
+
     /// Token ids `[1, n]` read to the host.
-    pub(crate) fn read_ids(&mut self, ids: Tensor<B, 2, Int>) -> Vec<u32> {
+    pub(crate) fn read_ids(&mut self, ids: Tensor<B, 2, Int>) -> Result<Vec<u32>> {
         let values = ids.into_data().convert::<i64>();
-        let ids: Vec<u32> = values.iter::<i64>().map(|t| t as u32).collect();
+        let ids = values
+            .iter::<i64>()
+            .map(|t| u32::try_from(t).map_err(|_| InferError::NonFiniteLogits))
+            .collect::<Result<Vec<u32>>>()?;
         self.count_read(ids.len());
-        ids
+        Ok(ids)
     }
 
     fn count_read(&mut self, values: usize) {
@@ -121,7 +138,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         options: &GenerateOptions,
     ) -> Result<Vec<f32>> {
         let vocab = self.model.config().vocab_size;
-        let mut row = host_rows(self.draft_logits(hidden, options)?).remove(0);
+        let mut row = host_rows(self.draft_logits(hidden, options)?)?.remove(0);
         self.count_read(row.len());
         row.resize(vocab, f32::NEG_INFINITY);
         Ok(row)
@@ -172,13 +189,17 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     }
 }
 
-/// Logits `[batch, seq, n]` (any float dtype) as host rows of `n` f32 values.
-pub(crate) fn host_rows<B: LayerSkipBackend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+/// Logits `[batch, seq, n]` (any float dtype) as host rows of `n` f32 values; an error if any
+/// is NaN or infinite.
+pub(crate) fn host_rows<B: LayerSkipBackend>(logits: Tensor<B, 3>) -> Result<Vec<Vec<f32>>> {
     let n = logits.dims()[2];
     let values = logits
         .into_data()
         .convert::<f32>()
         .to_vec::<f32>()
         .expect("f32 logits");
-    values.chunks(n).map(<[f32]>::to_vec).collect()
+    if !values.iter().all(|v| v.is_finite()) {
+        return Err(InferError::NonFiniteLogits);
+    }
+    Ok(values.chunks(n).map(<[f32]>::to_vec).collect())
 }

@@ -18,6 +18,12 @@ pub enum InferError {
         /// Context positions.
         capacity: usize,
     },
+    /// The model's logits hold NaN or an infinity: non-finite weights, or an overflow in the
+    /// compute dtype.
+    #[error(
+        "the model produced non-finite logits (NaN or infinity): its weights hold non-finite values or the computation overflowed"
+    )]
+    NonFiniteLogits,
     /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),

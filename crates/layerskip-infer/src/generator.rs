@@ -69,7 +69,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
         let hidden = model.forward_layers(model.embed_ids(context), layers, 0, None)?;
         let n = context.len();
         let logits = self.ctx.model.exit_head(hidden.slice([0..1, n - 1..n]));
-        Ok(TokenMargin::of(&host_rows(logits).remove(0)))
+        Ok(TokenMargin::of(&host_rows(logits)?.remove(0)))
     }
 
     /// Runs `options`' strategy untimed on two short synthetic prompts (one of a few tokens, one

@@ -50,10 +50,10 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         let n = prompt.len();
         let last = deep.slice([0..1, n - 1..n]);
         let first = if run.options.greedy_on_device() {
-            let ids = Self::device_argmax(self.model.exit_head(last));
-            self.read_ids(ids)[0]
+            let ids = Self::device_argmax_checked(self.model.exit_head(last));
+            self.read_ids(ids)?[0]
         } else {
-            let row = self.logit_rows(last).remove(0);
+            let row = self.logit_rows(last)?.remove(0);
             run.choose(row, &prompt).0
         };
         self.emit(run, &[first], on_event);
@@ -93,7 +93,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         self.exits.append(h)?;
         let deep = self.layers(self.exits.since(c), exit..layers, c)?;
         ids.push(Self::device_argmax(self.model.exit_head(deep)));
-        let ids = self.read_ids(Tensor::cat(ids, 1));
+        let ids = self.read_ids(Tensor::cat(ids, 1))?;
         let (drafts, verify) = ids.split_at(d);
         Ok(Step {
             acceptance: accept_greedy_ids(drafts, verify),
@@ -139,7 +139,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         let h = self.layers(self.model.embed_ids(&[input]), 0..exit, c + n)?;
         self.exits.append(h)?;
         let deep = self.layers(self.exits.since(c), exit..layers, c)?;
-        let rows = self.logit_rows(deep);
+        let rows = self.logit_rows(deep)?;
         let p: Vec<Vec<f32>> = rows
             .into_iter()
             .enumerate()

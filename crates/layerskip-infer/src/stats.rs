@@ -38,22 +38,15 @@ pub struct GenerationStats {
 }
 
 impl GenerationStats {
-    /// Accepted drafts / drafted tokens (0 when nothing was drafted).
-    pub fn acceptance_rate(&self) -> f64 {
-        if self.drafted == 0 {
-            0.0
-        } else {
-            self.accepted as f64 / self.drafted as f64
-        }
+    /// Accepted drafts / drafted tokens; `None` when nothing was drafted (autoregressive
+    /// decoding and early exit have no acceptance).
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.drafted > 0).then(|| self.accepted as f64 / self.drafted as f64)
     }
 
-    /// Mean drafts accepted per verification step.
-    pub fn mean_accepted_length(&self) -> f64 {
-        if self.steps == 0 {
-            0.0
-        } else {
-            self.accepted as f64 / self.steps as f64
-        }
+    /// Mean drafts accepted per verification step; `None` when nothing was drafted.
+    pub fn mean_accepted_length(&self) -> Option<f64> {
+        (self.drafted > 0 && self.steps > 0).then(|| self.accepted as f64 / self.steps as f64)
     }
 
     /// Milliseconds per generated token after the first (the decode rate).

@@ -475,7 +475,7 @@ fn smollm2_greedy_self_speculation_equals_autoregressive() {
         assert_eq!(ss.tokens, ar.tokens, "E={exit_layer} d={speculations}");
         eprintln!(
             "E={exit_layer} d={speculations}: acceptance {:.2}",
-            ss.stats.acceptance_rate()
+            ss.stats.acceptance_rate().unwrap()
         );
     }
     o.strategy = Strategy::EarlyExit { exit_layer: 30 };

@@ -17,6 +17,17 @@ use crate::error::{ModelError, Result};
 use crate::layer::{Attention, DecoderLayer, Mlp};
 use crate::model::LlamaModel;
 
+/// The tokenizer files a Hugging Face checkpoint may carry beside its weights: the vocabulary,
+/// the tokenizer config with the chat template, special tokens, and generation defaults. Tools
+/// that write a checkpoint derived from another (re-saving, training) copy every one present.
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+];
+
 /// The memory-mapped safetensors files of one checkpoint, indexed by tensor name.
 pub struct SafetensorsFiles {
     shards: Vec<(PathBuf, Mmap)>,
@@ -83,6 +94,20 @@ impl SafetensorsFiles {
             index,
             origin,
         })
+    }
+
+    /// The highest decoder layer index among the tensor names (`model.layers.N.*`), if any.
+    pub fn last_layer(&self) -> Option<usize> {
+        self.index
+            .keys()
+            .filter_map(|name| {
+                name.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .max()
     }
 
     /// Whether a tensor of that name exists.
@@ -207,6 +232,18 @@ impl<B: Backend> LlamaModel<B> {
         files: &SafetensorsFiles,
         device: &B::Device,
     ) -> Result<Self> {
+        if let Some(last) = files.last_layer()
+            && last >= config.num_layers
+        {
+            return Err(ModelError::parse(
+                &files.origin,
+                format!(
+                    "holds decoder layer {last} but config.json says num_hidden_layers = {}; \
+                     the config does not describe these weights",
+                    config.num_layers
+                ),
+            ));
+        }
         let (h, v) = (config.hidden_size, config.vocab_size);
         let embed = files.tensor("model.embed_tokens.weight", [v, h], device)?;
         let layers = (0..config.num_layers)
@@ -231,6 +268,9 @@ impl<B: Backend> LlamaModel<B> {
     /// `transformers`' `LlamaForCausalLM.from_pretrained`). Each file is written to a temporary
     /// name and renamed, so a crash never leaves a half-written checkpoint.
     pub fn save_pretrained(&self, dir: &Path, dtype: SaveDtype) -> Result<()> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(ModelError::parse(dir, "exists and is not a directory"));
+        }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let mut tensors: BTreeMap<String, Flat> = BTreeMap::new();
         tensors.insert(

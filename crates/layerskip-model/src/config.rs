@@ -380,7 +380,11 @@ impl HfLlamaConfig {
                         })?,
                 })
             }
-            (other, _) => return Err(ModelError::Unsupported(format!("rope_type {other:?}"))),
+            (other, _) => {
+                return Err(ModelError::Unsupported(format!(
+                    "rope_type {other:?} is not supported (supported: the default rotary embedding and \"llama3\" scaling)"
+                )));
+            }
         };
         Ok(RopeConfig {
             theta,

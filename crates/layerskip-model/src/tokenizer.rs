@@ -59,6 +59,23 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Fails if the tokenizer can produce ids that the model has no embedding for (a vocabulary
+    /// larger than the model's `vocab_size`: a tokenizer of another model). `dir` names the
+    /// checkpoint in the error.
+    pub fn check_fits(&self, model_vocab: usize, dir: &Path) -> Result<()> {
+        let ids = self.vocab_size();
+        if ids > model_vocab {
+            return Err(ModelError::parse(
+                dir,
+                format!(
+                    "the tokenizer has {ids} tokens but the model's vocab_size is {model_vocab}: \
+                     the tokenizer belongs to another model"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

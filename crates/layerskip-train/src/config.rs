@@ -225,6 +225,40 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Every field in which `other` differs from `self`, one `"name: ours -> theirs"` line each
+    /// (dotted names as in the TOML, e.g. `optim.lr: 0.001 -> 0.002`).
+    pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+        fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+            use serde_json::Value::Object;
+            match (a, b) {
+                (Object(x), Object(y)) => {
+                    let keys: std::collections::BTreeSet<&String> =
+                        x.keys().chain(y.keys()).collect();
+                    for k in keys {
+                        let name = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        let null = serde_json::Value::Null;
+                        walk(
+                            &name,
+                            x.get(k).unwrap_or(&null),
+                            y.get(k).unwrap_or(&null),
+                            out,
+                        );
+                    }
+                }
+                _ if a != b => out.push(format!("{prefix}: {a} -> {b}")),
+                _ => {}
+            }
+        }
+        let value = |c: &TrainConfig| serde_json::to_value(c).expect("serialisable config");
+        let mut out = Vec::new();
+        walk("", &value(self), &value(other), &mut out);
+        out
+    }
+
     /// The learning rate at `step`: linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio`.
     pub fn learning_rate(&self, step: usize) -> f64 {
         let o = &self.optim;
@@ -262,6 +296,27 @@ batch_size = 4
         // Halfway through the decay: (lr + min) / 2 with min = 1e-4.
         assert!((c.learning_rate(55) - 5.5e-4).abs() < 1e-12);
         assert!((c.learning_rate(100) - 1e-4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn differences_name_every_changed_field() {
+        let a: TrainConfig = toml::from_str(MINIMAL).unwrap();
+        assert!(a.differences(&a).is_empty());
+        let b: TrainConfig = toml::from_str(
+            &MINIMAL
+                .replace("seq_len = 16", "seq_len = 32")
+                .replace("lr = 1e-3", "lr = 2e-3"),
+        )
+        .unwrap();
+        let with_dropout = format!("{MINIMAL}\n[layer_dropout]\np_max = 0.1\n");
+        let c: TrainConfig = toml::from_str(&with_dropout).unwrap();
+        assert_eq!(
+            a.differences(&b),
+            vec!["data.seq_len: 16 -> 32", "optim.lr: 0.001 -> 0.002"]
+        );
+        let d = a.differences(&c);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("layer_dropout: null -> {"), "{d:?}");
     }
 
     #[test]

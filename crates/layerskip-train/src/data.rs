@@ -22,43 +22,131 @@ pub struct Document {
     pub text: String,
 }
 
+/// A `data.paths` entry that stands for the standard library of the `python3` on the PATH,
+/// resolved when the data are read (presets use it instead of a versioned path such as
+/// `/usr/lib/python3.11`, which exists only where that Python is installed).
+pub const PYTHON_STDLIB: &str = "@python-stdlib";
+
+/// The directory of the standard library of the `python3` on the PATH.
+pub fn python_stdlib() -> Result<PathBuf> {
+    let failed = |m: String| {
+        TrainError::Data(format!(
+            "data.paths names {PYTHON_STDLIB}: {m}; install Python 3 or give --data PATH"
+        ))
+    };
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('stdlib'))",
+        ])
+        .output()
+        .map_err(|e| failed(format!("cannot run python3 ({e})")))?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || !dir.is_dir() {
+        return Err(failed(format!(
+            "python3 did not name its standard library ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(dir)
+}
+
+/// `paths` with [`PYTHON_STDLIB`] replaced by the directory it stands for.
+pub fn resolve_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    paths
+        .iter()
+        .map(|p| {
+            if p.as_os_str() == PYTHON_STDLIB {
+                python_stdlib()
+            } else {
+                Ok(p.clone())
+            }
+        })
+        .collect()
+}
+
+/// The documents read from a set of paths, and what was left out.
+#[derive(Debug, Clone, Default)]
+pub struct Corpus {
+    /// The documents, in file order.
+    pub documents: Vec<Document>,
+    /// The paths read, [`PYTHON_STDLIB`] resolved.
+    pub sources: Vec<PathBuf>,
+    /// Files skipped because they are not UTF-8 text (binary files, other encodings).
+    pub skipped: Vec<PathBuf>,
+}
+
+impl Corpus {
+    /// The paths read, for a log line.
+    pub fn describe_sources(&self) -> String {
+        let names: Vec<String> = self
+            .sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        names.join(", ")
+    }
+
+    /// "skipped N files that are not UTF-8 text (e.g. PATH)", if any was.
+    pub fn describe_skipped(&self) -> Option<String> {
+        let first = self.skipped.first()?;
+        Some(format!(
+            "skipped {} file(s) that are not UTF-8 text (e.g. {})",
+            self.skipped.len(),
+            first.display()
+        ))
+    }
+}
+
 /// Reads documents from files and directories (recursively, sorted). `.jsonl` files give one
 /// document per line; other files are one document each. In directories only files whose
-/// extension is in `extensions` are read (all files when empty).
-pub fn read_documents(paths: &[PathBuf], extensions: &[String]) -> Result<Vec<Document>> {
-    let mut docs = Vec::new();
-    for file in list_files(paths, extensions)? {
+/// extension is in `extensions` are read (all files when empty). Files that are not UTF-8 are
+/// skipped and listed in [`Corpus::skipped`].
+pub fn read_corpus(paths: &[PathBuf], extensions: &[String]) -> Result<Corpus> {
+    let sources = resolve_paths(paths)?;
+    let mut corpus = Corpus::default();
+    for file in list_files(&sources, extensions)? {
         let io = |e: std::io::Error| TrainError::File {
             path: file.clone(),
             message: e.to_string(),
         };
         let bytes = std::fs::read(&file).map_err(io)?;
         let Ok(text) = String::from_utf8(bytes) else {
+            corpus.skipped.push(file);
             continue;
-        }; // binary or non-UTF-8: skip
+        };
         if file.extension().is_some_and(|e| e == "jsonl") {
             for (n, line) in text
                 .lines()
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
             {
-                docs.push(parse_jsonl_line(line).map_err(|m| TrainError::File {
-                    path: file.clone(),
-                    message: format!("line {}: {m}", n + 1),
-                })?);
+                corpus
+                    .documents
+                    .push(parse_jsonl_line(line).map_err(|m| TrainError::File {
+                        path: file.clone(),
+                        message: format!("line {}: {m}", n + 1),
+                    })?);
             }
         } else if !text.trim().is_empty() {
-            docs.push(Document { prompt: None, text });
+            corpus.documents.push(Document { prompt: None, text });
         }
     }
-    Ok(docs)
+    corpus.sources = sources;
+    Ok(corpus)
 }
 
-/// The files under `paths` (recursively, sorted; directories filtered by `extensions`).
+/// The documents of [`read_corpus`].
+pub fn read_documents(paths: &[PathBuf], extensions: &[String]) -> Result<Vec<Document>> {
+    Ok(read_corpus(paths, extensions)?.documents)
+}
+
+/// The files under `paths` (recursively, sorted; directories filtered by `extensions`;
+/// [`PYTHON_STDLIB`] resolved).
 pub fn list_files(paths: &[PathBuf], extensions: &[String]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    for path in paths {
-        collect_files(path, extensions, &mut files)?;
+    for path in resolve_paths(paths)? {
+        collect_files(&path, extensions, &mut files)?;
     }
     Ok(files)
 }
@@ -210,17 +298,43 @@ impl Blocks {
     }
 }
 
-/// Splits documents into (train, held-out) after a seeded shuffle; at least one document each.
+/// Splits documents into (train, held-out) after a seeded shuffle: `eval_fraction` of the
+/// documents (at least one) are held out, none when it is 0. A single document is cut at a line
+/// boundary instead, its last `eval_fraction` held out.
 pub fn split(
     mut docs: Vec<Document>,
     eval_fraction: f64,
     seed: u64,
 ) -> Result<(Vec<Document>, Vec<Document>)> {
-    if docs.len() < 2 {
-        return Err(TrainError::Data(format!(
-            "need at least 2 documents to hold some out, found {}",
-            docs.len()
-        )));
+    if docs.is_empty() {
+        return Err(TrainError::Data("no document to train on".into()));
+    }
+    if eval_fraction <= 0.0 {
+        return Ok((docs, Vec::new()));
+    }
+    if docs.len() == 1 {
+        let doc = docs.pop().expect("one document");
+        let target = (doc.text.len() as f64 * (1.0 - eval_fraction)) as usize;
+        // The line end nearest the target, leaving text on both sides.
+        let cut = doc
+            .text
+            .match_indices('\n')
+            .map(|(i, _)| i + 1)
+            .filter(|&i| i < doc.text.len())
+            .min_by_key(|&i| i.abs_diff(target));
+        let Some(cut) = cut else {
+            return Err(TrainError::Data(
+                "a single one-line document cannot be split into training and held-out text; \
+                 give more data or set data.eval_fraction = 0"
+                    .into(),
+            ));
+        };
+        let (head, tail) = doc.text.split_at(cut);
+        let part = |text: &str| Document {
+            prompt: doc.prompt.clone(),
+            text: text.to_string(),
+        };
+        return Ok((vec![part(head)], vec![part(tail)]));
     }
     docs.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let held = ((docs.len() as f64 * eval_fraction).round() as usize).clamp(1, docs.len() - 1);
@@ -245,6 +359,44 @@ mod tests {
         assert_eq!(d.prompt.as_deref(), Some("q"));
         assert!(parse_jsonl_line(r#"{"prompt": "q"}"#).is_err());
         assert!(parse_jsonl_line("not json").is_err());
+    }
+
+    #[test]
+    fn split_holds_out_a_fraction_cuts_a_single_document_and_honours_zero() {
+        let doc = |t: &str| Document {
+            prompt: None,
+            text: t.into(),
+        };
+        let docs: Vec<Document> = (0..10).map(|i| doc(&format!("doc {i}\n"))).collect();
+        let (train, eval) = split(docs.clone(), 0.2, 7).unwrap();
+        assert_eq!((train.len(), eval.len()), (8, 2));
+        let (train, eval) = split(docs.clone(), 0.0, 7).unwrap();
+        assert_eq!((train.len(), eval.len()), (10, 0));
+
+        let one = doc("a = 1\nb = 2\nc = 3\nd = 4\ne = 5\n");
+        let (train, eval) = split(vec![one], 0.2, 7).unwrap();
+        assert_eq!(train[0].text, "a = 1\nb = 2\nc = 3\nd = 4\n");
+        assert_eq!(eval[0].text, "e = 5\n");
+        assert!(split(vec![doc("one line")], 0.1, 7).is_err());
+        assert!(split(Vec::new(), 0.1, 7).is_err());
+    }
+
+    #[test]
+    fn non_utf8_files_are_skipped_and_named() {
+        let dir = std::env::temp_dir().join(format!("layerskip-corpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.py"), "x = 1\n").unwrap();
+        std::fs::write(dir.join("b.py"), [0xff, 0xfe, 0x00, 0x41]).unwrap();
+        let corpus = read_corpus(&[dir.clone()], &[]).unwrap();
+        assert_eq!(corpus.documents.len(), 1);
+        assert_eq!(corpus.skipped, vec![dir.join("b.py")]);
+        assert!(corpus.describe_skipped().unwrap().contains("b.py"));
+    }
+
+    #[test]
+    fn the_python_stdlib_entry_resolves_to_a_directory_with_python_files() {
+        let paths = resolve_paths(&[PathBuf::from(PYTHON_STDLIB)]).unwrap();
+        assert!(paths[0].join("argparse.py").is_file(), "{paths:?}");
     }
 
     #[test]

@@ -56,6 +56,17 @@ pub fn exit_quality<B: LayerSkipBackend>(
     batch_size: usize,
     max_blocks: Option<usize>,
 ) -> Result<ExitReport> {
+    exit_quality_with_progress(model, blocks, batch_size, max_blocks, |_, _| {})
+}
+
+/// [`exit_quality`], calling `on_batch(done, total)` after each batch of blocks.
+pub fn exit_quality_with_progress<B: LayerSkipBackend>(
+    model: &LlamaModel<B>,
+    blocks: &Blocks,
+    batch_size: usize,
+    max_blocks: Option<usize>,
+    mut on_batch: impl FnMut(usize, usize),
+) -> Result<ExitReport> {
     let n = max_blocks.map_or(blocks.len(), |m| m.min(blocks.len()));
     if n == 0 {
         return Err(TrainError::Data(
@@ -86,6 +97,7 @@ pub fn exit_quality<B: LayerSkipBackend>(
             add(l, model.exit_head(h));
         }
         add(layers - 1, out.logits);
+        on_batch(start / batch_size + 1, n.div_ceil(batch_size));
     }
     let w = weight.max(1.0);
     Ok(ExitReport {

@@ -36,6 +36,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod loss;
+pub mod run_dir;
 pub mod schedule;
 pub mod tokenizer;
 pub mod trainer;
@@ -43,7 +44,8 @@ pub mod trainer;
 pub use config::TrainConfig;
 pub use data::{Blocks, Document};
 pub use error::{Result, TrainError};
-pub use trainer::{EvalReport, StepReport, Trainer, latest_checkpoint};
+pub use run_dir::{RunDir, Start};
+pub use trainer::{EvalReport, StepReport, Trainer, latest_checkpoint, saved_config};
 
 use burn::tensor::backend::AutodiffBackend;
 use layerskip_model::LayerSkipBackend;

@@ -1,7 +1,5 @@
 //! Training a byte-level BPE tokenizer on a corpus, for models trained from scratch.
 
-use std::path::PathBuf;
-
 use layerskip_model::Tokenizer;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
@@ -11,14 +9,15 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
+use crate::data::Document;
 use crate::error::{Result, TrainError};
 
 /// The end-of-text token every trained tokenizer gets (id 0).
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// Trains a GPT-2 style byte-level BPE with `vocab_size` tokens (the 256 byte symbols and
-/// `<|endoftext|>` included) on the given text files.
-pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
+/// `<|endoftext|>` included) on the documents (prompts and texts).
+pub fn train_bpe(docs: &[Document], vocab_size: usize) -> Result<Tokenizer> {
     if vocab_size < 258 {
         return Err(TrainError::Config(format!(
             "tokenizer vocab_size {vocab_size} must be >= 258"
@@ -44,12 +43,11 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
     .with_decoder(Some(byte_level.into()))
     .build()
     .map_err(|e| TrainError::Data(format!("tokenizer: {e}")))?;
-    let names: Vec<String> = files
+    let texts = docs
         .iter()
-        .map(|f| f.to_string_lossy().into_owned())
-        .collect();
+        .flat_map(|d| d.prompt.iter().chain(std::iter::once(&d.text)));
     tokenizer
-        .train_from_files(&mut trainer, names)
+        .train(&mut trainer, texts)
         .map_err(|e| TrainError::Data(format!("training the tokenizer: {e}")))?;
     Ok(Tokenizer::from_inner(tokenizer.into()))
 }

@@ -16,6 +16,7 @@ use burn::optim::{
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::DeviceOps;
 use burn::tensor::{DType, ElementConversion, FloatDType};
+use layerskip_model::checkpoint::write_atomic;
 use layerskip_model::{LlamaModel, SaveDtype, SkipMask};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,6 +26,7 @@ use crate::config::{MixedPrecision, TrainConfig};
 use crate::data::Blocks;
 use crate::error::{Result, TrainError};
 use crate::loss::{early_exit_loss, masked_cross_entropy};
+use crate::run_dir::{DurableMpkRecorder, sync_dir};
 use crate::schedule::{loss_weights, parse_layers};
 
 type Adam<B> = OptimizerAdaptor<AdamW, LlamaModel<B>, B>;
@@ -138,9 +140,18 @@ impl<B: crate::TrainBackend> Trainer<B> {
                 "optim.mixed_precision = \"bf16\": this device cannot compute in bf16".into(),
             ));
         }
-        if train.is_empty() || eval.is_empty() {
+        let positions = model.config().max_position_embeddings;
+        if config.data.seq_len > positions {
+            return Err(TrainError::Config(format!(
+                "data.seq_len = {} is longer than the model's context (max_position_embeddings = {positions})",
+                config.data.seq_len
+            )));
+        }
+        let held_out_needed = config.data.eval_fraction > 0.0;
+        if train.is_empty() || (held_out_needed && eval.is_empty()) {
             return Err(TrainError::Data(format!(
-                "{} training and {} held-out blocks of {} tokens: need at least one of each",
+                "{} training and {} held-out blocks of {} tokens: need at least one of each \
+                 (data.eval_fraction = 0 trains without held-out text)",
                 train.len(),
                 eval.len(),
                 config.data.seq_len + 1
@@ -198,15 +209,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
 
     /// Continues the run saved in checkpoint directory `dir` (model, optimizer, step).
     pub fn resume(dir: &Path, train: Blocks, eval: Blocks, device: B::Device) -> Result<Self> {
-        let state_path = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::File {
-            path: state_path.clone(),
-            message: e.to_string(),
-        })?;
-        let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::File {
-            path: state_path,
-            message: e.to_string(),
-        })?;
+        let state = read_state(dir)?;
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
         let file_err = |path: PathBuf| {
             move |e: burn::record::RecorderError| TrainError::File {
@@ -447,8 +450,18 @@ impl<B: crate::TrainBackend> Trainer<B> {
         Ok(self.finish_step(lr, loss_sum, per_layer, skipped))
     }
 
+    /// Whether the run has held-out text to evaluate on (not with `data.eval_fraction = 0`).
+    pub fn has_held_out(&self) -> bool {
+        !self.eval.is_empty()
+    }
+
     /// Held-out cross-entropy at every exit layer (no dropout, no gradients).
     pub fn evaluate(&mut self) -> Result<EvalReport> {
+        if self.eval.is_empty() {
+            return Err(TrainError::Data(
+                "no held-out text to evaluate on (data.eval_fraction = 0)".into(),
+            ));
+        }
         let model = self.model.valid();
         let layers = model.num_layers();
         let all: Vec<usize> = (0..layers - 1).collect();
@@ -488,7 +501,9 @@ impl<B: crate::TrainBackend> Trainer<B> {
 
     /// Writes `out_dir/checkpoint-NNNNNN` (HF model files, Burn model and optimizer records,
     /// trainer state, and `extra_files` such as the tokenizer) through a temporary directory and
-    /// a rename, and points `out_dir/latest` at it. Returns the checkpoint directory.
+    /// a rename, and points `out_dir/latest` at it. Every file is synced before the rename and the
+    /// directory after it, so a crash leaves the previous checkpoint or this one, whole. Returns
+    /// the checkpoint directory.
     pub fn save_checkpoint(
         &self,
         out_dir: &Path,
@@ -509,17 +524,19 @@ impl<B: crate::TrainBackend> Trainer<B> {
         }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         self.model.save_pretrained(&tmp, SaveDtype::F32)?;
-        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let recorder = DurableMpkRecorder;
         let rec_err = |e: burn::record::RecorderError| TrainError::File {
             path: tmp.clone(),
-            message: e.to_string(),
+            message: match e {
+                burn::record::RecorderError::Unknown(m) => m,
+                other => other.to_string(),
+            },
         };
-        self.model
-            .clone()
-            .save_file(tmp.join("model"), &recorder)
+        recorder
+            .record(self.model.clone().into_record(), tmp.join("model.mpk"))
             .map_err(rec_err)?;
         recorder
-            .record(self.optim.to_record(), tmp.join("optimizer"))
+            .record(self.optim.to_record(), tmp.join("optimizer.mpk"))
             .map_err(rec_err)?;
         let state = TrainerState {
             step: self.step,
@@ -527,17 +544,36 @@ impl<B: crate::TrainBackend> Trainer<B> {
             evals: self.evals.clone(),
         };
         let json = serde_json::to_string_pretty(&state).expect("serialisable state");
-        std::fs::write(tmp.join("trainer_state.json"), json).map_err(io(&tmp))?;
+        write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
         for (name, bytes) in extra_files {
-            std::fs::write(tmp.join(name), bytes).map_err(io(&tmp))?;
+            write_atomic(&tmp.join(name), bytes)?;
         }
+        sync_dir(&tmp)?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
         }
         std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-        layerskip_model::checkpoint::write_atomic(&out_dir.join("latest"), name.as_bytes())?;
+        write_atomic(&out_dir.join("latest"), name.as_bytes())?;
+        sync_dir(out_dir)?;
         Ok(final_dir)
     }
+}
+
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::File {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| TrainError::File {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// The configuration the run saved in checkpoint directory `dir` was trained with.
+pub fn saved_config(dir: &Path) -> Result<TrainConfig> {
+    Ok(read_state(dir)?.config)
 }
 
 /// The checkpoint that `out_dir/latest` points at, if any.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig};
-use layerskip_train::data::{list_files, read_documents, split};
+use layerskip_train::data::{read_documents, split};
 use layerskip_train::schedule::{Curriculum, LayerDropoutConfig, LossScale, Shape};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
 use layerskip_train::trainer::draw_skip_mask;
@@ -36,10 +36,9 @@ struct Data {
 
 fn data(seq_len: usize) -> Data {
     let exts = vec!["rs".to_string()];
-    let files = list_files(&corpus(), &exts).unwrap();
-    let tokenizer = train_bpe(&files, 384).unwrap();
-    let eos = tokenizer.token_id(END_OF_TEXT).unwrap();
     let docs = read_documents(&corpus(), &exts).unwrap();
+    let tokenizer = train_bpe(&docs, 384).unwrap();
+    let eos = tokenizer.token_id(END_OF_TEXT).unwrap();
     let (train, eval) = split(docs, 0.2, 0).unwrap();
     Data {
         train: Blocks::pack(&train, &tokenizer, eos, seq_len).unwrap(),

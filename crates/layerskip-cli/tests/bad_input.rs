@@ -1,0 +1,452 @@
+//! The binary against bad input that used to lose data or give wrong output: training over an
+//! earlier run, a changed config on resume, checkpoints that drop tokenizer files, contexts too
+//! short for the data, non-finite weights, configs and tokenizers that do not describe the weights.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn layerskip(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_layerskip"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_error(code: i32, stderr: &str, needle: &str) {
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: ") && last.contains(needle),
+        "expected an error containing {needle:?}, got:\n{stderr}"
+    );
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("layerskip-bad-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn default_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default")
+}
+
+/// A copy of the shipped model's files in a fresh directory, to damage.
+fn copy_of_default_model(name: &str) -> PathBuf {
+    let dir = tmp(name);
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(default_model().join(file), dir.join(file)).unwrap();
+    }
+    dir
+}
+
+const TINY: &str = r#"
+steps = 2
+eval_every = 0
+save_every = 0
+[model]
+vocab_size = 300
+num_layers = 2
+hidden_size = 32
+intermediate_size = 64
+num_heads = 2
+num_kv_heads = 1
+max_position_embeddings = 64
+[data]
+seq_len = 32
+[optim]
+lr = 1e-3
+warmup_steps = 1
+batch_size = 2
+[early_exit]
+e_scale = 1.0
+"#;
+
+/// Python source from the standard library (a single file: held-out text is cut from its end).
+fn python_file() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import argparse; print(argparse.__file__)"])
+        .output()
+        .expect("python3 on the PATH");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn train(config: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let data = python_file();
+    let mut args = vec![
+        "train",
+        "--config",
+        s(config),
+        "--data",
+        &data,
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    layerskip(&args)
+}
+
+#[test]
+fn a_fresh_run_never_replaces_an_earlier_one_and_a_resume_keeps_its_config() {
+    let dir = tmp("runs");
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, TINY).unwrap();
+    let out = dir.join("run");
+
+    let (code, _, err) = train(&config, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    // Exits are numbered 1..L, as eval, infer and bench number them.
+    assert!(
+        err.contains("exit 1: ") && err.contains("exit 2: ") && !err.contains("L0"),
+        "{err}"
+    );
+    let first = std::fs::read(out.join("checkpoint-000002/model.safetensors")).unwrap();
+
+    // A second fresh run into the same directory is refused and leaves it untouched.
+    let (code, _, err) = train(&config, &out, &["--steps", "3"]);
+    assert_error(
+        code,
+        &err,
+        "holds an earlier run (checkpoint-000002, latest)",
+    );
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("checkpoint-000002/model.safetensors")).unwrap(),
+        first
+    );
+
+    // Resuming with another config lists every difference and changes nothing.
+    let changed = dir.join("changed.toml");
+    std::fs::write(
+        &changed,
+        TINY.replace("seq_len = 32", "seq_len = 16")
+            .replace("lr = 1e-3", "lr = 2e-3"),
+    )
+    .unwrap();
+    let (code, _, err) = train(&changed, &out, &["--resume", "--steps", "3"]);
+    assert_error(
+        code,
+        &err,
+        "data.seq_len: 32 -> 16; optim.lr: 0.001 -> 0.002",
+    );
+    assert!(!out.join("checkpoint-000003").exists());
+
+    // The run's own config (given again, or not at all) resumes; --steps extends it.
+    let (code, _, err) = train(&config, &out, &["--resume", "--steps", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("checkpoint-000003/optimizer.mpk").is_file());
+    let data = python_file();
+    let (code, _, err) = layerskip(&[
+        "train",
+        "--resume",
+        "--out",
+        s(&out),
+        "--data",
+        &data,
+        "--steps",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("latest")).unwrap(),
+        "checkpoint-000004"
+    );
+
+    // --overwrite replaces the earlier run's checkpoints.
+    let (code, _, err) = train(&config, &out, &["--overwrite"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("removed") && err.contains("checkpoint-000004"),
+        "{err}"
+    );
+    assert!(!out.join("checkpoint-000004").exists());
+    assert!(out.join("checkpoint-000002/model.safetensors").is_file());
+
+    // A block longer than the model's context is refused before training.
+    let long = dir.join("long.toml");
+    std::fs::write(&long, TINY.replace("seq_len = 32", "seq_len = 128")).unwrap();
+    let (code, _, err) = train(&long, &dir.join("run-long"), &[]);
+    assert_error(
+        code,
+        &err,
+        "data.seq_len = 128 is longer than the model's context",
+    );
+}
+
+#[test]
+fn checkpoints_carry_the_source_tokenizer_files_and_the_chat_template_survives() {
+    let dir = tmp("chat");
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, TINY).unwrap();
+    let (code, _, err) = train(&config, &dir.join("base"), &[]);
+    assert_eq!(code, 0, "{err}");
+    // Make the tiny checkpoint a "chat model" and fine-tune it one step.
+    let chat_model = dir.join("base/checkpoint-000002");
+    let tokenizer_config = r#"{"chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"}"#;
+    std::fs::write(chat_model.join("tokenizer_config.json"), tokenizer_config).unwrap();
+    let (code, _, err) = train(
+        &config,
+        &dir.join("tuned"),
+        &["--model", s(&chat_model), "--steps", "1"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let tuned = dir.join("tuned/checkpoint-000001");
+    assert_eq!(
+        std::fs::read_to_string(tuned.join("tokenizer_config.json")).unwrap(),
+        tokenizer_config
+    );
+    let (code, out, err) = layerskip(&[
+        "infer",
+        "--model",
+        s(&tuned),
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"text\""), "{out}");
+}
+
+#[test]
+fn non_finite_weights_are_an_error_not_an_empty_generation() {
+    use safetensors::SafeTensors;
+    let dir = copy_of_default_model("nan");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    // The final norm's weights become NaN (bf16 0x7fc0).
+    let nan = vec![0xc0u8, 0x7f].repeat(256);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if name == "model.norm.weight" {
+                let view =
+                    safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), &nan)
+                        .unwrap();
+                (name, view)
+            } else {
+                (name, view)
+            }
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors.new")).unwrap();
+    std::fs::rename(
+        dir.join("model.safetensors.new"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    for extra in [
+        &[][..],
+        &["--temperature", "0.8", "--seed", "1"][..],
+        &[
+            "--strategy",
+            "self-spec",
+            "--exit-layer",
+            "2",
+            "--speculations",
+            "3",
+        ][..],
+    ] {
+        let mut args = vec!["infer", "--model", s(&dir), "--prompt", "def f(x):"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = layerskip(&args);
+        assert_error(code, &err, "non-finite logits");
+        assert!(out.is_empty(), "{out}");
+    }
+}
+
+#[test]
+fn a_config_or_tokenizer_that_does_not_describe_the_weights_is_refused() {
+    // config.json with fewer layers than the weights hold.
+    let dir = copy_of_default_model("layers");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        config.replace("\"num_hidden_layers\": 8", "\"num_hidden_layers\": 6"),
+    )
+    .unwrap();
+    let (code, _, err) = layerskip(&["infer", "--model", s(&dir), "--prompt", "x"]);
+    assert_error(
+        code,
+        &err,
+        "holds decoder layer 7 but config.json says num_hidden_layers = 6",
+    );
+
+    // A tokenizer with more tokens than the model has embeddings.
+    let dir = copy_of_default_model("vocab");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let added = tokenizer["added_tokens"].as_array_mut().unwrap();
+    for id in 4096..4100 {
+        added.push(
+            serde_json::json!({"id": id, "content": format!("<extra_{id}>"),
+            "single_word": false, "lstrip": false, "rstrip": false, "normalized": false,
+            "special": true}),
+        );
+    }
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let (code, _, err) = layerskip(&["infer", "--model", s(&dir), "--prompt", "x"]);
+    assert_error(
+        code,
+        &err,
+        "the tokenizer has 4100 tokens but the model's vocab_size is 4096",
+    );
+}
+
+#[test]
+fn eval_refuses_empty_blocks_and_blocks_longer_than_the_context() {
+    let data = python_file();
+    let model = default_model();
+    let (code, _, err) = layerskip(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        &data,
+        "--seq-len",
+        "0",
+    ]);
+    assert_error(code, &err, "--seq-len must be at least 1");
+    let (code, _, err) = layerskip(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        &data,
+        "--seq-len",
+        "2048",
+    ]);
+    assert_error(code, &err, "max_position_embeddings = 1024");
+}
+
+#[test]
+fn non_utf8_files_are_skipped_and_counted_by_train() {
+    let dir = tmp("utf8");
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, TINY).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::copy(python_file(), data.join("a.py")).unwrap();
+    std::fs::write(data.join("b.py"), [0xff_u8, 0xfe, 0x00, 0x41]).unwrap();
+    let (code, _, err) = layerskip(&[
+        "train",
+        "--config",
+        s(&config),
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.join("run")),
+        "--steps",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("skipped 1 file(s) that are not UTF-8 text") && err.contains("b.py"),
+        "{err}"
+    );
+}
+
+#[test]
+fn messages_name_the_problem_and_reports_say_what_happened() {
+    let model = default_model();
+    let m = s(&model);
+    // A negative number is a value out of range, not an unknown flag.
+    let (code, _, err) = layerskip(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--strategy",
+        "self-spec",
+        "--exit-layer",
+        "2",
+        "--draft-confidence",
+        "-1",
+    ]);
+    assert_error(code, &err, "draft confidence -1 is out of range");
+    // --exit-layer means nothing to autoregressive decoding.
+    let (code, _, err) = layerskip(&["infer", "--model", m, "--prompt", "x", "--exit-layer", "2"]);
+    assert_error(
+        code,
+        &err,
+        "--exit-layer applies to --strategy early-exit and self-spec",
+    );
+    // convert names both of its sources.
+    let (code, _, err) = layerskip(&["convert", "--out", "/tmp/layerskip-unused"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--gguf <GGUF>|--checkpoint <CHECKPOINT>"),
+        "{err}"
+    );
+    // An output path that is a file.
+    let dir = tmp("messages");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, _, err) = layerskip(&["convert", "--checkpoint", m, "--out", s(&file)]);
+    assert_error(code, &err, "a-file: exists and is not a directory");
+    // An unsupported rotary scaling says so.
+    let yarn = copy_of_default_model("yarn");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(yarn.join("config.json")).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    std::fs::write(yarn.join("config.json"), config.to_string()).unwrap();
+    let (code, _, err) = layerskip(&["infer", "--model", s(&yarn), "--prompt", "x"]);
+    assert_error(code, &err, "rope_type \"yarn\" is not supported");
+
+    // Autoregressive decoding has no acceptance (null); a stop string is the stop reason.
+    let json = |extra: &[&str]| {
+        let mut args = vec![
+            "infer",
+            "--model",
+            m,
+            "--prompt",
+            "def f(x):",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = layerskip(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let ar = json(&[]);
+    assert!(ar["acceptance_rate"].is_null(), "{ar}");
+    assert_eq!(ar["stop"], "MaxNewTokens");
+    let ss = json(&["--strategy", "self-spec", "--exit-layer", "4"]);
+    assert!(ss["acceptance_rate"].as_f64().is_some(), "{ss}");
+    let text = ar["text"].as_str().unwrap();
+    let stop: String = text.trim().chars().take(3).collect();
+    let stopped = json(&["--stop", &stop]);
+    assert_eq!(stopped["stop"], "StopString", "{stopped}");
+    assert!(
+        !stopped["text"].as_str().unwrap().contains(&stop),
+        "{stopped}"
+    );
+
+    // bench: a template without {prompt}, and too few tokens for a per-token figure.
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--model", m, "--num-samples", "1", "--warmup", "0"];
+        args.extend_from_slice(extra);
+        layerskip(&args)
+    };
+    let (code, _, err) = bench(&["--template", "hello"]);
+    assert_error(code, &err, "has no {prompt}");
+    let (code, _, err) = bench(&["--max-new-tokens", "0"]);
+    assert_error(code, &err, "--max-new-tokens 0 is too few");
+}
