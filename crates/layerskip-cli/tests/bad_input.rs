@@ -450,3 +450,22 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
     let (code, _, err) = bench(&["--max-new-tokens", "0"]);
     assert_error(code, &err, "--max-new-tokens 0 is too few");
 }
+
+#[test]
+fn eval_fraction_zero_trains_on_everything_without_held_out_text() {
+    let dir = tmp("no-eval");
+    let config = dir.join("tiny.toml");
+    std::fs::write(
+        &config,
+        TINY.replace("seq_len = 32", "seq_len = 32\neval_fraction = 0.0"),
+    )
+    .unwrap();
+    let (code, _, err) = train(&config, &dir.join("run"), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(" 0 held-out blocks"), "{err}");
+    assert!(!err.contains("eval @"), "{err}");
+    assert!(
+        dir.join("run/checkpoint-000002/model.safetensors")
+            .is_file()
+    );
+}

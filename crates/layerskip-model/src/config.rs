@@ -112,6 +112,28 @@ impl LlamaConfig {
                 return Err(ModelError::InvalidConfig(format!("{name} must be > 0")));
             }
         }
+        // Bounds far above any released Llama, so that a corrupt value is an error here rather
+        // than an overflow or an impossible allocation later.
+        let bounded = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 25,
+            ),
+        ];
+        for (name, value, limit) in bounded {
+            if value > limit {
+                return Err(ModelError::InvalidConfig(format!(
+                    "{name} = {value} is implausibly large (at most {limit})"
+                )));
+            }
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",

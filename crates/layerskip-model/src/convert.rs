@@ -181,10 +181,34 @@ fn gguf_tensors(g: &GgufFile, c: &LlamaConfig, dtype: SaveDtype) -> Result<Vec<T
             ));
         }
     }
+    let (h, v, ffn) = (c.hidden_size, c.vocab_size, c.intermediate_size);
+    let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    // The row-major shape the config implies for each tensor (checked before any reshuffle).
+    let expected = |name: &str| -> Vec<usize> {
+        let kind = name.rsplit('.').nth(1).unwrap_or("");
+        match kind {
+            "token_embd" | "output" => vec![v, h],
+            "attn_q" => vec![q, h],
+            "attn_k" | "attn_v" => vec![kv, h],
+            "attn_output" => vec![h, q],
+            "ffn_gate" | "ffn_up" => vec![ffn, h],
+            "ffn_down" => vec![h, ffn],
+            _ => vec![h],
+        }
+    };
     names
         .into_iter()
         .map(|(src, dst)| {
             let shape = g.tensors.get(&src).map(|t| t.shape()).unwrap_or_default();
+            let want = expected(&src);
+            if g.tensors.contains_key(&src) && shape != want {
+                return Err(ModelError::WrongShape {
+                    path: g.path().to_path_buf(),
+                    name: src,
+                    expected: want,
+                    found: shape,
+                });
+            }
             let mut values = g.dequantize(&src)?;
             let cols = shape.last().copied().unwrap_or(1);
             if src.ends_with("attn_q.weight") {

@@ -78,8 +78,9 @@ impl GgufTensorInfo {
         self.dims.iter().rev().copied().collect()
     }
 
-    fn numel(&self) -> usize {
-        self.dims.iter().product()
+    /// Elements, or `None` if the product overflows.
+    fn numel(&self) -> Option<usize> {
+        self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
 }
 
@@ -138,7 +139,8 @@ impl<'a> Cursor<'a> {
             .map_err(|_| ModelError::parse(self.path, "non-UTF-8 string in GGUF header"))
     }
 
-    fn value(&mut self, kind: u32) -> Result<GgufValue> {
+    /// A value of type `kind`; arrays may nest `depth` more levels.
+    fn value(&mut self, kind: u32, depth: usize) -> Result<GgufValue> {
         let b = |c: &mut Self, n| c.take(n).map(|s| s.to_vec());
         Ok(match kind {
             0 => GgufValue::Int(b(self, 1)?[0] as i64),
@@ -150,10 +152,20 @@ impl<'a> Cursor<'a> {
             6 => GgufValue::Float(f32::from_le_bytes(b(self, 4)?.try_into().unwrap()) as f64),
             7 => GgufValue::Bool(b(self, 1)?[0] != 0),
             8 => GgufValue::Str(self.string()?),
+            9 if depth == 0 => {
+                return Err(ModelError::parse(
+                    self.path,
+                    "GGUF arrays nested too deeply",
+                ));
+            }
             9 => {
                 let item = self.u32()?;
                 let n = self.len()?;
-                GgufValue::Array((0..n).map(|_| self.value(item)).collect::<Result<_>>()?)
+                GgufValue::Array(
+                    (0..n)
+                        .map(|_| self.value(item, depth - 1))
+                        .collect::<Result<_>>()?,
+                )
             }
             10 => GgufValue::Int(self.u64()? as i64),
             11 => GgufValue::Int(self.u64()? as i64),
@@ -194,7 +206,7 @@ impl GgufFile {
         for _ in 0..n_kv {
             let key = c.string()?;
             let kind = c.u32()?;
-            metadata.insert(key, c.value(kind)?);
+            metadata.insert(key, c.value(kind, 4)?);
         }
         let mut tensors = BTreeMap::new();
         for _ in 0..n_tensors {
@@ -215,7 +227,14 @@ impl GgufFile {
         let alignment = metadata
             .get("general.alignment")
             .and_then(GgufValue::as_int)
-            .unwrap_or(32) as usize;
+            .unwrap_or(32);
+        if !(1..=1 << 16).contains(&alignment) {
+            return Err(ModelError::parse(
+                path,
+                format!("general.alignment {alignment} is not a plausible alignment"),
+            ));
+        }
+        let alignment = alignment as usize;
         let data_start = c.pos.div_ceil(alignment) * alignment;
         Ok(Self {
             path: path.to_path_buf(),
@@ -251,7 +270,12 @@ impl GgufFile {
                 path: self.path.clone(),
                 name: name.into(),
             })?;
-        let n = info.numel();
+        let n = info.numel().ok_or_else(|| {
+            ModelError::parse(
+                &self.path,
+                format!("{name}: dimensions {:?} overflow", info.dims),
+            )
+        })?;
         let (block, block_bytes) =
             block_layout(info.ggml_type).ok_or_else(|| ModelError::UnsupportedDtype {
                 path: self.path.clone(),
@@ -264,9 +288,11 @@ impl GgufFile {
                 format!("{name}: {n} elements is not a multiple of {block}"),
             ));
         }
-        let start = self.data_start + info.offset;
-        let end = start + n / block * block_bytes;
-        let bytes = self.mmap.get(start..end).ok_or_else(|| {
+        let end = (n / block)
+            .checked_mul(block_bytes)
+            .and_then(|len| len.checked_add(self.data_start)?.checked_add(info.offset));
+        let bytes = end.and_then(|end| self.mmap.get(self.data_start + info.offset..end));
+        let bytes = bytes.ok_or_else(|| {
             ModelError::parse(
                 &self.path,
                 format!("{name}: data lies beyond the end of the file"),
