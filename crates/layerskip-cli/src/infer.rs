@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use layerskip_infer::{
     ChatTemplate, GenerateOptions, Generation, Generator, SamplingConfig, Strategy, StreamEvent,
+    TextStream,
 };
 use layerskip_model::{LlamaModel, Tokenizer};
 
@@ -229,72 +230,37 @@ fn interactive<B: LayerSkipBackend>(
     Ok(())
 }
 
-/// Streams decoded text: prints only what the growing token list adds to the decoded string.
+/// Streams decoded text: prints what each batch of accepted tokens adds ([`TextStream`], the
+/// same text the server streams).
 struct Printer<'t> {
     tokenizer: &'t Tokenizer,
-    tokens: Vec<u32>,
-    printed: usize,
-    stops: &'t [String],
+    stream: TextStream<'t>,
     colour: bool,
     show_drafts: bool,
     quiet: bool,
-    /// Whether a stop string ended the generation.
-    stopped_by_string: bool,
-}
-
-/// The end of what can be printed of `text[..end]`: all of it at the end of the generation
-/// (`last`), else all but a trailing U+FFFD. A token can end inside a multi-byte character; the
-/// decoder then shows the partial character as U+FFFD, which the next token turns into the real
-/// one, so it is held back rather than printed.
-fn printable_end(text: &str, end: usize, last: bool) -> usize {
-    if last {
-        return end;
-    }
-    text[..end].trim_end_matches('\u{FFFD}').len()
 }
 
 impl Printer<'_> {
-    /// Prints `text[printed..]` up to what [`printable_end`] allows.
-    fn print_until(&mut self, text: &str, end: usize, last: bool) {
-        let end = printable_end(text, end, last);
-        if end > self.printed && text.is_char_boundary(self.printed) {
-            print!("{}", &text[self.printed..end]);
-            self.printed = end;
+    fn print(&self, text: &str) {
+        if !self.quiet && !text.is_empty() {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
         }
-        let _ = std::io::stdout().flush();
     }
 
     /// Prints what was held back once the generation has ended.
     fn finish(&mut self) {
-        if self.quiet {
-            return;
-        }
-        let text = self.tokenizer.decode(&self.tokens).unwrap_or_default();
-        let cut = self
-            .stops
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min();
-        self.print_until(&text, cut.unwrap_or(text.len()), true);
+        let rest = self.stream.finish();
+        self.print(&rest);
     }
 
     /// Handles one event; returns false once a stop string has appeared.
     fn event(&mut self, event: StreamEvent<'_>) -> bool {
         match event {
             StreamEvent::Accepted(tokens) => {
-                self.tokens.extend_from_slice(tokens);
-                let text = self.tokenizer.decode(&self.tokens).unwrap_or_default();
-                let cut = self
-                    .stops
-                    .iter()
-                    .filter_map(|s| text.find(s.as_str()))
-                    .min();
-                let end = cut.unwrap_or(text.len());
-                if !self.quiet {
-                    self.print_until(&text, end, cut.is_some());
-                }
-                self.stopped_by_string = cut.is_some();
-                cut.is_none()
+                let delta = self.stream.push(tokens);
+                self.print(&delta);
+                !self.stream.stopped()
             }
             StreamEvent::Rejected(tokens) => {
                 if self.show_drafts && !self.quiet {
@@ -326,18 +292,15 @@ fn run_one<B: LayerSkipBackend>(
     let ids = tokenizer.encode(&text)?;
     let mut printer = Printer {
         tokenizer,
-        tokens: Vec::new(),
-        printed: 0,
-        stops: &args.stop,
+        stream: TextStream::new(tokenizer, args.stop.clone()),
         colour: std::io::stdout().is_terminal(),
         show_drafts: args.show_drafts,
         quiet: args.json,
-        stopped_by_string: false,
     };
     let generation = generator.generate(&ids, options, |e| printer.event(e))?;
     printer.finish();
     // The generator only knows that the callback stopped it; the printer knows why.
-    let stop = if printer.stopped_by_string {
+    let stop = if printer.stream.stopped() {
         "StopString".to_string()
     } else {
         format!("{:?}", generation.stop)
@@ -403,23 +366,4 @@ fn json_report(
         "tokens_per_second": s.tokens_per_second(),
         "time_per_token_ms": s.time_per_token_ms(),
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::printable_end;
-
-    /// A character split over two tokens: the first decodes to a trailing U+FFFD, which is held
-    /// back; the completed character then prints whole. At the end, whatever remains prints.
-    #[test]
-    fn a_split_character_is_held_back_until_it_is_complete() {
-        let partial = "ab\u{FFFD}";
-        assert_eq!(printable_end(partial, partial.len(), false), 2);
-        let whole = "abあ";
-        assert_eq!(&whole[2..printable_end(whole, whole.len(), false)], "あ");
-        assert_eq!(printable_end(partial, partial.len(), true), partial.len());
-        // A U+FFFD that later text follows is the model's own output: it prints.
-        let inner = "a\u{FFFD}b";
-        assert_eq!(printable_end(inner, inner.len(), false), inner.len());
-    }
 }

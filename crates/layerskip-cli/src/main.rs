@@ -11,6 +11,7 @@ mod infer;
 mod plot;
 mod progress;
 mod samples;
+mod serve;
 mod sweep;
 mod train;
 
@@ -79,6 +80,13 @@ enum Command {
         #[command(flatten)]
         device: backend::DeviceArgs,
     },
+    /// Serve the model over HTTP with OpenAI's API (completions, chat, streaming, metrics).
+    Serve {
+        #[command(flatten)]
+        args: serve::ServeArgs,
+        #[command(flatten)]
+        device: backend::DeviceArgs,
+    },
     /// Check that greedy self-speculative decoding reproduces autoregressive decoding.
     Correctness {
         #[command(flatten)]
@@ -143,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Bench { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Sweep { args, device } => backend::dispatch(device.device, device.precision, args),
+        Command::Serve { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Correctness { args, device } => {
             backend::dispatch(device.device, device.precision, args)
         }

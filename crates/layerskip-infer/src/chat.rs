@@ -46,13 +46,22 @@ impl ChatTemplate {
 
     /// Renders one user message, followed by the assistant turn's opening.
     pub fn render_user(&self, message: &str) -> Result<String> {
+        self.render(&[("user", message)])
+    }
+
+    /// Renders a conversation of `(role, content)` messages, followed by the assistant turn's
+    /// opening.
+    pub fn render(&self, messages: &[(&str, &str)]) -> Result<String> {
         let mut env = Environment::new();
         env.add_template("chat", &self.source)
             .map_err(|e| InferError::InvalidArgument(format!("chat template: {e}")))?;
         let template = env.get_template("chat").expect("just added");
         template
             .render(context! {
-                messages => vec![context! { role => "user", content => message }],
+                messages => messages
+                    .iter()
+                    .map(|(role, content)| context! { role => role, content => content })
+                    .collect::<Vec<_>>(),
                 add_generation_prompt => true,
                 bos_token => self.bos_token.clone(),
                 eos_token => self.eos_token.clone(),

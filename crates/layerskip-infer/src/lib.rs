@@ -44,6 +44,7 @@ pub mod options;
 pub mod sampling;
 mod speculative;
 pub mod stats;
+pub mod text;
 
 pub use chat::ChatTemplate;
 pub use error::{InferError, Result};
@@ -51,3 +52,4 @@ pub use generator::Generator;
 pub use options::{GenerateOptions, Generation, StopReason, Strategy, StreamEvent, TokenMargin};
 pub use sampling::SamplingConfig;
 pub use stats::GenerationStats;
+pub use text::TextStream;

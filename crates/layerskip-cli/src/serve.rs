@@ -1,0 +1,134 @@
+//! `layerskip serve`: the OpenAI-compatible server (crate `layerskip-serve`) on one model.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use layerskip_infer::{ChatTemplate, GenerateOptions};
+use layerskip_model::{LayerSkipBackend, LlamaModel, Tokenizer};
+use layerskip_serve::{AppState, Metrics};
+
+use crate::backend::BackendTask;
+use crate::infer::{StrategyName, model_dir, strategy_from};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Hugging Face checkpoint directory (default: the model shipped in models/default).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Address to listen on: localhost by default; 0.0.0.0 opens the server to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Strategy of requests that name none (a request's "layerskip" field overrides it).
+    #[arg(long, value_enum, default_value_t = StrategyName::Ar)]
+    pub strategy: StrategyName,
+    /// Default exit layer E.
+    #[arg(long)]
+    pub exit_layer: Option<usize>,
+    /// Default drafts per self-speculative step.
+    #[arg(long, default_value_t = 4)]
+    pub speculations: usize,
+    /// Context positions per request (prompt + generation); default
+    /// min(max_position_embeddings, 4096).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// The id clients name the model by (default: the model directory's name).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Largest request body accepted, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+}
+
+impl BackendTask for ServeArgs {
+    fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
+        let dir = model_dir(&self.model)?;
+        let model = LlamaModel::<B>::from_pretrained(&dir, &device)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let tokenizer = Tokenizer::from_file(&dir)?;
+        tokenizer.check_fits(model.config().vocab_size, &dir)?;
+        let config = model.config().clone();
+        let strategy = strategy_from(
+            self.strategy,
+            self.exit_layer,
+            self.speculations,
+            config.num_layers,
+        )?;
+        let chat = ChatTemplate::from_dir(&dir).ok();
+        let capacity = self
+            .context
+            .unwrap_or(config.max_position_embeddings.min(4096));
+        let model_id = self.model_id.clone().unwrap_or_else(|| {
+            std::fs::canonicalize(&dir)
+                .unwrap_or(dir.clone())
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+        });
+        let metrics = Arc::new(Metrics::default());
+        let tokenizer = Arc::new(tokenizer);
+        // The engine thread loads the caches and runs one untimed generation with the default
+        // strategy, which also checks it against the model.
+        let engine = layerskip_serve::spawn(
+            model,
+            tokenizer.clone(),
+            capacity,
+            Some(GenerateOptions::new(strategy)),
+            metrics.clone(),
+        )?;
+        let state = Arc::new(AppState::new(
+            engine,
+            tokenizer,
+            chat,
+            model_id.clone(),
+            strategy,
+            config.eos_token_ids.clone(),
+            metrics,
+            self.max_body_bytes,
+        ));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async move {
+            let address = format!("{}:{}", self.host, self.port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("listening on {address}"))?;
+            let local = listener.local_addr()?;
+            eprintln!(
+                "serving {model_id} ({}) on http://{local} (context {capacity}, default {strategy:?})",
+                dir.display()
+            );
+            layerskip_serve::serve(listener, state, shutdown_signal()).await?;
+            eprintln!("shut down");
+            Ok(())
+        })
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+    eprintln!("shutting down: finishing the requests in flight");
+}

@@ -1,0 +1,505 @@
+//! `layerskip serve` end to end: the real server on a loopback port, driven over HTTP by `ureq`
+//! (and by the official `openai` Python package when it is installed), compared with what
+//! `layerskip infer` prints for the same prompt and options.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn layerskip(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_layerskip"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const TEMPLATE: &str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+
+/// The shipped model with a chat template added, in a fresh directory.
+fn chat_model(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("layerskip-serve-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(shipped.join(file), dir.join(file)).unwrap();
+    }
+    let config = json!({ "chat_template": TEMPLATE, "eos_token": "<|endoftext|>" });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// A running `layerskip serve` on a free loopback port, stopped (SIGTERM, then kill) on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_layerskip"))
+            .args(["serve", "--port", "0", "--model", model.to_str().unwrap()])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("the server printed its address")
+                .unwrap();
+            if let Some(i) = line.find("http://") {
+                let rest = &line[i..];
+                break rest[..rest.find(' ').unwrap_or(rest.len())].to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs JSON; returns the status and the body as JSON.
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        response(ureq::post(&self.url(path)).send_json(body.clone()))
+    }
+
+    fn get_text(&self, path: &str) -> String {
+        ureq::get(&self.url(path))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
+    /// A streamed request: the `data:` payloads in order.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        let reader = ureq::post(&self.url(path))
+            .send_json(body)
+            .unwrap()
+            .into_reader();
+        BufReader::new(reader)
+            .lines()
+            .map(Result::unwrap)
+            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: the server finishes what is in flight and exits.
+        #[cfg(unix)]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+fn response(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match result {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The text of streamed completion or chat chunks, and the last chunk before `[DONE]`.
+fn streamed_text(events: &[String]) -> (String, Value) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text = chunks
+        .iter()
+        .map(|c| {
+            let choice = &c["choices"][0];
+            choice["text"]
+                .as_str()
+                .or(choice["delta"]["content"].as_str())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    (text, chunks.last().unwrap().clone())
+}
+
+/// `layerskip infer --json`'s text for the same prompt and options.
+fn infer_text(model: &Path, prompt: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = layerskip(&args);
+    assert_eq!(code, 0, "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    json["text"].as_str().unwrap().to_string()
+}
+
+const PROMPT: &str = "def add(a, b):";
+
+#[test]
+fn completions_and_chat_give_the_text_infer_prints_streamed_or_not() {
+    let model = chat_model("text");
+    let server = Server::start(&model, &[]);
+    let greedy = infer_text(&model, PROMPT, &["--max-new-tokens", "24"]);
+    assert!(!greedy.is_empty());
+    let body =
+        json!({"model": "ignored-below", "prompt": PROMPT, "max_tokens": 24, "temperature": 0});
+    let mut body_ok = body.clone();
+    body_ok.as_object_mut().unwrap().remove("model");
+
+    let (status, r) = server.post("/v1/completions", &body_ok);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], greedy, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 0, true);
+    assert!(r["layerskip"]["acceptance_rate"].is_null(), "{r}");
+
+    let (text, last) = streamed_text(&server.stream("/v1/completions", &body_ok));
+    assert_eq!(text, greedy);
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    assert!(
+        last["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+
+    // Self-speculation per request: the same greedy text, with its acceptance.
+    let mut ss = body_ok.clone();
+    ss["layerskip"] = json!({"strategy": "self-spec", "exit_layer": 4, "speculations": 3});
+    let (status, r) = server.post("/v1/completions", &ss);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], greedy);
+    assert_eq!(r["layerskip"]["strategy"], "self-spec");
+    assert!(r["layerskip"]["acceptance_rate"].as_f64().is_some(), "{r}");
+    let (text, _) = streamed_text(&server.stream("/v1/completions", &ss));
+    assert_eq!(text, greedy);
+
+    // Seeded sampling: the same draws as infer with that seed.
+    let sampled = infer_text(
+        &model,
+        PROMPT,
+        &[
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "5",
+        ],
+    );
+    let body =
+        json!({"prompt": PROMPT, "max_tokens": 24, "temperature": 0.8, "top_p": 0.9, "seed": 5});
+    let (_, r) = server.post("/v1/completions", &body);
+    assert_eq!(r["choices"][0]["text"], sampled);
+    let (text, _) = streamed_text(&server.stream("/v1/completions", &body));
+    assert_eq!(text, sampled);
+
+    // A stop string ends the text before it, with finish_reason "stop".
+    let stop: String = greedy.trim_start().chars().skip(2).take(3).collect();
+    let body = json!({"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop]});
+    let (_, r) = server.post("/v1/completions", &body);
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!(greedy.starts_with(text) && !text.contains(&stop), "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    // Chat: the checkpoint's template, as infer --chat renders it.
+    let chat = infer_text(
+        &model,
+        "Write a function.",
+        &["--chat", "--max-new-tokens", "16"],
+    );
+    let body = json!({"messages": [{"role": "user", "content": "Write a function."}],
+                      "max_tokens": 16, "temperature": 0});
+    let (status, r) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(r["choices"][0]["message"]["content"], chat);
+    let events = server.stream("/v1/chat/completions", &body);
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(streamed_text(&events).0, chat);
+
+    // The other endpoints.
+    let models: Value = serde_json::from_str(&server.get_text("/v1/models")).unwrap();
+    let id = models["data"][0]["id"].as_str().unwrap().to_string();
+    let mut named = body_ok.clone();
+    named["model"] = json!(id);
+    assert_eq!(server.post("/v1/completions", &named).0, 200);
+    assert_eq!(server.get_text("/health"), r#"{"status":"ok"}"#);
+    let metrics = server.get_text("/metrics");
+    for name in [
+        "layerskip_requests_total",
+        "layerskip_tokens_generated_total",
+        "layerskip_acceptance_rate",
+        "layerskip_tokens_per_second",
+        "layerskip_queue_depth 0",
+        "layerskip_time_to_first_token_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+}
+
+#[test]
+fn bad_requests_get_openai_shaped_errors() {
+    let model = chat_model("errors");
+    let server = Server::start(&model, &["--max-body-bytes", "65536"]);
+    let long_prompt = "word ".repeat(3000);
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "model": "gpt-4"}),
+            404,
+            "model_not_found",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": -3}),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": long_prompt}),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 5000}),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "n": 2}),
+            400,
+            "n = 1",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": 3}),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "layerskip": {"strategy": "self-spec", "exit_layer": 99}}),
+            400,
+            "exit layer 99 is out of range",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "layerskip": {"strategy": "ar", "exit_layer": 2}}),
+            400,
+            "exit_layer",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "layerskip": {"strategy": "fast"}}),
+            400,
+            "unknown strategy",
+        ),
+        ("/v1/completions", json!({"max_tokens": 3}), 400, "prompt"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": []}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            400,
+            "roles",
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let (got, r) = server.post(path, &body);
+        assert_eq!(got, status, "{body} -> {r}");
+        assert_eq!(r["error"]["type"], "invalid_request_error", "{r}");
+        assert!(r["error"].to_string().contains(needle), "{body} -> {r}");
+    }
+    // Not JSON, too large, no such endpoint, wrong method.
+    let raw = |body: &str| response(ureq::post(&server.url("/v1/completions")).send_string(body));
+    let (status, r) = raw("{\"prompt\": ");
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid request body")
+    );
+    // A body over the limit is refused from its Content-Length, before it is read (a raw
+    // socket: the server answers and closes while an HTTP client would still be sending).
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n{{\"prompt\": \""
+    );
+    std::io::Write::write_all(&mut socket, head.as_bytes()).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&answer).contains("invalid_request_error") {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("invalid_request_error"), "{answer}");
+    let (status, _) = response(ureq::get(&server.url("/v1/nothing")).call());
+    assert_eq!(status, 404);
+    let (status, _) = response(ureq::get(&server.url("/v1/completions")).call());
+    assert_eq!(status, 405);
+    // After all that, the server still serves.
+    let (status, _) = server.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(status, 200);
+    let metrics = server.get_text("/metrics");
+    assert!(
+        metrics.contains("layerskip_requests_rejected_total 14"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_the_engine_and_others_get_the_same_text() {
+    let model = chat_model("disconnect");
+    let server = Server::start(&model, &[]);
+    let body = json!({"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": true});
+    let reader = ureq::post(&server.url("/v1/completions"))
+        .send_json(body)
+        .unwrap()
+        .into_reader();
+    let mut reader = BufReader::new(reader);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("data: "), "{line}");
+    drop(reader);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = server.get_text("/metrics");
+        if metrics.contains("layerskip_requests_cancelled_total 1") {
+            // The 1000-token generation did not run to the end.
+            assert!(
+                !metrics.contains("layerskip_tokens_generated_total 1000"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "not cancelled:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Several clients at once: queued fairly, each gets the single-client text.
+    let body = json!({"prompt": PROMPT, "max_tokens": 20, "temperature": 0});
+    let (_, alone) = server.post("/v1/completions", &body);
+    let alone = alone["choices"][0]["text"].as_str().unwrap().to_string();
+    let texts: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..6)
+            .map(|i| {
+                let server = &server;
+                let body = body.clone();
+                s.spawn(move || {
+                    if i % 2 == 0 {
+                        streamed_text(&server.stream("/v1/completions", &body)).0
+                    } else {
+                        let (_, r) = server.post("/v1/completions", &body);
+                        r["choices"][0]["text"].as_str().unwrap().to_string()
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert!(texts.iter().all(|t| *t == alone), "{texts:?} vs {alone:?}");
+}
+
+/// The official `openai` Python package against the server: completions, chat and streaming.
+/// It runs where `python3` can import `openai` (`LAYERSKIP_OPENAI_PYTHON` names another
+/// interpreter, e.g. a virtualenv's; CI installs one).
+#[test]
+fn the_openai_python_client_drives_the_server() {
+    let python = std::env::var("LAYERSKIP_OPENAI_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_openai = Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_openai {
+        eprintln!("SKIPPED: {python} cannot import openai (bash scripts/install_openai_client.sh)");
+        return;
+    }
+    let model = chat_model("openai");
+    let server = Server::start(&model, &[]);
+    let greedy = infer_text(&model, PROMPT, &["--max-new-tokens", "24"]);
+    let chat = infer_text(
+        &model,
+        "Write a function.",
+        &["--chat", "--max-new-tokens", "16"],
+    );
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/openai_client_check.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(format!("{}/v1", server.base))
+        .arg(PROMPT)
+        .output()
+        .unwrap();
+    let mut stdout = String::new();
+    out.stdout.as_slice().read_to_string(&mut stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["completion"], greedy, "{r}");
+    assert_eq!(r["completion_stream"], greedy, "{r}");
+    assert_eq!(r["self_spec"], greedy, "{r}");
+    assert_eq!(r["chat"], chat, "{r}");
+    assert_eq!(r["chat_stream"], chat, "{r}");
+    assert_eq!(r["bad_model_status"], 404, "{r}");
+}

@@ -1,0 +1,198 @@
+//! OpenAI's request and response bodies (the fields this server reads and writes), its error
+//! shape, and LayerSkip's extra fields.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use layerskip_infer::{GenerationStats, Strategy};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// The request field at fault, if one is.
+    pub param: Option<&'static str>,
+    /// A machine-readable code (`model_not_found`, `context_length_exceeded`, ...).
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A 400 `invalid_request_error`.
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param,
+            code: None,
+        }
+    }
+
+    /// With a machine-readable code.
+    pub fn with_code(self, code: &'static str) -> Self {
+        Self {
+            code: Some(code),
+            ..self
+        }
+    }
+
+    /// With another status.
+    pub fn with_status(self, status: StatusCode) -> Self {
+        Self { status, ..self }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = if self.status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        let body = json!({"error": {
+            "message": self.message,
+            "type": kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Up to four.
+    Many(Vec<String>),
+}
+
+/// `prompt`: a string, or a list holding one string (`n = 1` and batch prompts of one).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// The prompt.
+    Text(String),
+    /// A list of prompts (only one is served per request).
+    List(Vec<String>),
+}
+
+/// LayerSkip's per-request options (the extra `layerskip` body field).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSkipOptions {
+    /// `"ar"`, `"early-exit"` or `"self-spec"` (default: the server's).
+    pub strategy: Option<String>,
+    /// Exit layer E.
+    pub exit_layer: Option<usize>,
+    /// Drafts per self-speculative step.
+    pub speculations: Option<usize>,
+}
+
+/// What completions and chat completions share.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Common {
+    /// The model id (`GET /v1/models`).
+    pub model: Option<String>,
+    /// Tokens to generate (default 16 for completions, the context for chat).
+    pub max_tokens: Option<i64>,
+    /// The newer spelling of `max_tokens` in chat completions.
+    pub max_completion_tokens: Option<i64>,
+    /// Sampling temperature (0 = greedy; default 1 as in OpenAI's API).
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    pub top_p: Option<f32>,
+    /// Seed of the sampler.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<Stop>,
+    /// Number of choices (only 1).
+    pub n: Option<u32>,
+    /// Server-Sent Events.
+    #[serde(default)]
+    pub stream: bool,
+    /// LayerSkip options.
+    pub layerskip: Option<LayerSkipOptions>,
+    /// Shorthand for `layerskip.strategy`.
+    pub strategy: Option<String>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The rest.
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// The rest.
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// OpenAI's `usage`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Both.
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    /// From a generation's statistics.
+    pub fn of(stats: &GenerationStats) -> Self {
+        Self {
+            prompt_tokens: stats.prompt_tokens,
+            completion_tokens: stats.new_tokens,
+            total_tokens: stats.prompt_tokens + stats.new_tokens,
+        }
+    }
+}
+
+/// The `layerskip` response field: the strategy and what self-speculation accepted.
+pub fn layerskip_report(strategy: Strategy, stats: &GenerationStats) -> Value {
+    let (name, exit_layer, speculations) = match strategy {
+        Strategy::Autoregressive => ("ar", None, None),
+        Strategy::EarlyExit { exit_layer } => ("early-exit", Some(exit_layer), None),
+        Strategy::SelfSpeculative {
+            exit_layer,
+            speculations,
+        } => ("self-spec", Some(exit_layer), Some(speculations)),
+    };
+    json!({
+        "strategy": name,
+        "exit_layer": exit_layer,
+        "speculations": speculations,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "acceptance_rate": stats.acceptance_rate(),
+        "mean_accepted_length": stats.mean_accepted_length(),
+        "time_to_first_token_ms": stats.time_to_first_token_ms,
+        "time_per_token_ms": stats.time_per_token_ms(),
+    })
+}

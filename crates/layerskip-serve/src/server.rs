@@ -1,0 +1,594 @@
+//! The HTTP routes: OpenAI's completions, chat completions and models, plus health and metrics.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use layerskip_infer::{
+    ChatTemplate, GenerateOptions, GenerationStats, InferError, SamplingConfig, Strategy,
+};
+use layerskip_model::Tokenizer;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::{
+    ApiError, ChatRequest, Common, CompletionRequest, Prompt, Stop, Usage, layerskip_report,
+};
+use crate::metrics::Metrics;
+use crate::worker::{EngineHandle, Event, Finish, Job};
+
+/// What the routes share: the engine's queue, the tokenizer and chat template, the defaults.
+pub struct AppState {
+    /// The engine thread's queue.
+    pub engine: EngineHandle,
+    /// The model's tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The checkpoint's chat template, if it has one.
+    pub chat: Option<ChatTemplate>,
+    /// The id clients name the model by.
+    pub model_id: String,
+    /// The strategy of requests that name none.
+    pub default_strategy: Strategy,
+    /// Token ids that end a generation (the checkpoint's eos ids).
+    pub stop_tokens: Vec<u32>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    next_id: AtomicU64,
+    started: u64,
+}
+
+impl AppState {
+    /// The state of a server for `engine`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        chat: Option<ChatTemplate>,
+        model_id: String,
+        default_strategy: Strategy,
+        stop_tokens: Vec<u32>,
+        metrics: Arc<Metrics>,
+        max_body_bytes: usize,
+    ) -> Self {
+        Self {
+            engine,
+            tokenizer,
+            chat,
+            model_id,
+            default_strategy,
+            stop_tokens,
+            metrics,
+            max_body_bytes,
+            next_id: AtomicU64::new(1),
+            started: unix_time(),
+        }
+    }
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The routes, with the body limit applied.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), declared_size))
+        .with_state(state)
+}
+
+/// Refuses a body whose declared length is over the limit before reading any of it (the
+/// extractor's limit also stops bodies without a length once they pass it).
+async fn declared_size(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        state.metrics.refused();
+        return too_large().into_response();
+    }
+    next.run(request).await
+}
+
+fn too_large() -> ApiError {
+    ApiError::invalid("the request body is larger than the server accepts", None)
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; requests in flight (streams
+/// included) are finished before it returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": state.model_id, "object": "model", "created": state.started, "owned_by": "layerskip",
+    }]}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::invalid("no such endpoint", None).with_status(StatusCode::NOT_FOUND)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::invalid("method not allowed on this endpoint", None)
+        .with_status(StatusCode::METHOD_NOT_ALLOWED)
+}
+
+/// The body as JSON of type `T`, or OpenAI-shaped errors (413 for a body over the limit).
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::invalid(r.body_text(), None).with_status(status)
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
+}
+
+/// Which endpoint a generation answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// A validated request, ready to queue.
+struct Prepared {
+    prompt: Vec<u32>,
+    options: GenerateOptions,
+    stops: Vec<String>,
+    strategy: Strategy,
+    stream: bool,
+    id: String,
+}
+
+fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> {
+    let options = common.layerskip.clone().unwrap_or_default();
+    let name = options.strategy.or(common.strategy.clone());
+    let (default_exit, default_d) = match state.default_strategy {
+        Strategy::Autoregressive => (None, 4),
+        Strategy::EarlyExit { exit_layer } => (Some(exit_layer), 4),
+        Strategy::SelfSpeculative {
+            exit_layer,
+            speculations,
+        } => (Some(exit_layer), speculations),
+    };
+    let name = match name.as_deref() {
+        None if options.exit_layer.is_none() && options.speculations.is_none() => {
+            return Ok(state.default_strategy);
+        }
+        None => match state.default_strategy {
+            Strategy::EarlyExit { .. } => "early-exit",
+            _ => "self-spec",
+        },
+        Some(n) => n,
+    };
+    let exit = || {
+        options.exit_layer.or(default_exit).ok_or_else(|| {
+            ApiError::invalid(
+                format!(
+                    "layerskip.exit_layer is required for strategy {name:?} (the model has {} layers)",
+                    state.engine.layers
+                ),
+                Some("layerskip.exit_layer"),
+            )
+        })
+    };
+    match name {
+        "ar" if options.exit_layer.is_some() => Err(ApiError::invalid(
+            "layerskip.exit_layer applies to early-exit and self-spec; \"ar\" runs every layer",
+            Some("layerskip.exit_layer"),
+        )),
+        "ar" => Ok(Strategy::Autoregressive),
+        "early-exit" => Ok(Strategy::EarlyExit {
+            exit_layer: exit()?,
+        }),
+        "self-spec" => Ok(Strategy::SelfSpeculative {
+            exit_layer: exit()?,
+            speculations: options.speculations.unwrap_or(default_d),
+        }),
+        other => Err(ApiError::invalid(
+            format!("unknown strategy {other:?} (ar, early-exit, self-spec)"),
+            Some("layerskip.strategy"),
+        )),
+    }
+}
+
+fn prepare(
+    state: &AppState,
+    common: &Common,
+    text: &str,
+    kind: Kind,
+) -> Result<Prepared, ApiError> {
+    if let Some(model) = &common.model
+        && model != &state.model_id
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "the model {model:?} does not exist; this server serves {:?}",
+                state.model_id
+            ),
+            Some("model"),
+        )
+        .with_code("model_not_found")
+        .with_status(StatusCode::NOT_FOUND));
+    }
+    if common.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+    }
+    let temperature = common.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            format!("temperature {temperature} is out of range [0, 2]"),
+            Some("temperature"),
+        ));
+    }
+    let top_p = common.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            format!("top_p {top_p} is out of range (0, 1]"),
+            Some("top_p"),
+        ));
+    }
+    let stops = match &common.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stops.len() > 4 || stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop takes up to 4 non-empty strings",
+            Some("stop"),
+        ));
+    }
+    let strategy = strategy_of(state, common)?;
+    let prompt = state
+        .tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+    let capacity = state.engine.capacity;
+    if prompt.len() >= capacity {
+        return Err(ApiError::invalid(
+            format!(
+                "the prompt has {} tokens but the context holds {capacity} positions (at least one must remain for generation)",
+                prompt.len()
+            ),
+            Some(if kind == Kind::Chat { "messages" } else { "prompt" }),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = capacity - prompt.len();
+    let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
+        Some(n) if n < 1 => {
+            return Err(ApiError::invalid(
+                format!("max_tokens must be at least 1, got {n}"),
+                Some("max_tokens"),
+            ));
+        }
+        Some(n) if n as u64 > room as u64 => {
+            return Err(ApiError::invalid(
+                format!(
+                    "the prompt ({} tokens) and max_tokens ({n}) exceed the context of {capacity} positions",
+                    prompt.len()
+                ),
+                Some("max_tokens"),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        Some(n) => n as usize,
+        None if kind == Kind::Completion => 16.min(room),
+        None => room,
+    };
+    let number = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let sampling = SamplingConfig {
+        temperature,
+        top_p,
+        seed: common.seed.unwrap_or(number),
+        ..SamplingConfig::default()
+    };
+    let options = GenerateOptions::new(strategy)
+        .with_max_new_tokens(max_tokens)
+        .with_sampling(sampling)
+        .with_stop_tokens(state.stop_tokens.clone());
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    Ok(Prepared {
+        prompt,
+        options,
+        stops,
+        strategy,
+        stream: common.stream,
+        id: format!("{prefix}-{number}"),
+    })
+}
+
+/// Queues a prepared request and waits for the engine to start it (or refuse it).
+async fn start(state: &AppState, p: &Prepared) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    state.metrics.received();
+    let job = Job {
+        prompt: p.prompt.clone(),
+        options: p.options.clone(),
+        stops: p.stops.clone(),
+        events: tx,
+        queued: Instant::now(),
+    };
+    let server_error =
+        |m: String| ApiError::invalid(m, None).with_status(StatusCode::INTERNAL_SERVER_ERROR);
+    state.engine.submit(job).map_err(server_error)?;
+    match rx.recv().await {
+        Some(Event::Started) => Ok(rx),
+        Some(Event::Rejected(e)) => {
+            let code =
+                matches!(e, InferError::PromptTooLong { .. }).then_some("context_length_exceeded");
+            let mut error = ApiError::invalid(e.to_string(), None);
+            error.code = code;
+            Err(error)
+        }
+        Some(Event::Failed(m)) => Err(server_error(m)),
+        _ => Err(server_error("the engine ended the request".into())),
+    }
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse(body).inspect_err(|_| state.metrics.refused())?;
+    let text = match request.prompt {
+        Prompt::Text(t) => t,
+        Prompt::List(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::List(_) => {
+            state.metrics.refused();
+            return Err(ApiError::invalid(
+                "only one prompt per request is supported",
+                Some("prompt"),
+            ));
+        }
+    };
+    generate(state, request.common, text, Kind::Completion).await
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse(body).inspect_err(|_| state.metrics.refused())?;
+    let Some(template) = &state.chat else {
+        state.metrics.refused();
+        return Err(ApiError::invalid(
+            "this model has no chat template (tokenizer_config.json \"chat_template\"); use /v1/completions",
+            Some("messages"),
+        ));
+    };
+    if request.messages.is_empty()
+        || request
+            .messages
+            .iter()
+            .any(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+    {
+        state.metrics.refused();
+        return Err(ApiError::invalid(
+            "messages must be a non-empty list with roles system, user or assistant",
+            Some("messages"),
+        ));
+    }
+    let messages: Vec<(&str, &str)> = request
+        .messages
+        .iter()
+        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .collect();
+    let text = template
+        .render(&messages)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    generate(state, request.common, text, Kind::Chat).await
+}
+
+async fn generate(
+    state: Arc<AppState>,
+    common: Common,
+    text: String,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let prepared =
+        prepare(&state, &common, &text, kind).inspect_err(|_| state.metrics.refused())?;
+    let mut rx = start(&state, &prepared).await?;
+    let created = unix_time();
+    let chunk = Chunk {
+        id: prepared.id.clone(),
+        created,
+        model: state.model_id.clone(),
+        kind,
+    };
+    if prepared.stream {
+        let (tx, sse) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+        let strategy = prepared.strategy;
+        tokio::spawn(async move {
+            if kind == Kind::Chat {
+                let first = chunk.delta(json!({"role": "assistant", "content": ""}), None);
+                if tx
+                    .send(Ok(SseEvent::default().data(first.to_string())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            while let Some(event) = rx.recv().await {
+                let data = match event {
+                    Event::Text(t) => chunk.text(&t, None),
+                    Event::Done { finish, stats } => chunk.last(finish, &stats, strategy),
+                    Event::Failed(m) => json!({"error": {"message": m, "type": "server_error"}}),
+                    Event::Started | Event::Rejected(_) => continue,
+                };
+                // A send fails once the client has gone; dropping `rx` then cancels the job.
+                if tx
+                    .send(Ok(SseEvent::default().data(data.to_string())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        });
+        return Ok(Sse::new(ReceiverStream::new(sse)).into_response());
+    }
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { finish, stats } => {
+                return Ok(
+                    Json(chunk.whole(&text, finish, &stats, prepared.strategy)).into_response()
+                );
+            }
+            Event::Failed(m) => {
+                return Err(
+                    ApiError::invalid(m, None).with_status(StatusCode::INTERNAL_SERVER_ERROR)
+                );
+            }
+            Event::Started | Event::Rejected(_) => {}
+        }
+    }
+    Err(ApiError::invalid("the engine ended the request", None)
+        .with_status(StatusCode::INTERNAL_SERVER_ERROR))
+}
+
+/// Builds the response bodies of one request.
+struct Chunk {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Chunk {
+    fn object(&self, streamed: bool) -> &'static str {
+        match (self.kind, streamed) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Chat, false) => "chat.completion",
+        }
+    }
+
+    fn envelope(&self, choice: Value, streamed: bool) -> Value {
+        json!({
+            "id": self.id, "object": self.object(streamed), "created": self.created,
+            "model": self.model, "choices": [choice],
+        })
+    }
+
+    fn delta(&self, delta: Value, finish: Option<Finish>) -> Value {
+        self.envelope(
+            json!({"index": 0, "delta": delta, "logprobs": null,
+                   "finish_reason": finish.map(Finish::as_str)}),
+            true,
+        )
+    }
+
+    /// A streamed piece of text.
+    fn text(&self, text: &str, finish: Option<Finish>) -> Value {
+        match self.kind {
+            Kind::Completion => self.envelope(
+                json!({"index": 0, "text": text, "logprobs": null,
+                       "finish_reason": finish.map(Finish::as_str)}),
+                true,
+            ),
+            Kind::Chat => self.delta(json!({"content": text}), finish),
+        }
+    }
+
+    /// The last streamed chunk: the finish reason, usage and LayerSkip's statistics.
+    fn last(&self, finish: Finish, stats: &GenerationStats, strategy: Strategy) -> Value {
+        let mut v = match self.kind {
+            Kind::Completion => self.text("", Some(finish)),
+            Kind::Chat => self.delta(json!({}), Some(finish)),
+        };
+        v["usage"] = json!(Usage::of(stats));
+        v["layerskip"] = layerskip_report(strategy, stats);
+        v
+    }
+
+    /// The whole (non-streamed) response.
+    fn whole(
+        &self,
+        text: &str,
+        finish: Finish,
+        stats: &GenerationStats,
+        strategy: Strategy,
+    ) -> Value {
+        let choice = match self.kind {
+            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null,
+                                       "finish_reason": finish.as_str()}),
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": null, "finish_reason": finish.as_str()}),
+        };
+        let mut v = self.envelope(choice, false);
+        v["usage"] = json!(Usage::of(stats));
+        v["layerskip"] = layerskip_report(strategy, stats);
+        v
+    }
+}
