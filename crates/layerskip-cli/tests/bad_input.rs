@@ -5,17 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn layerskip(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_layerskip"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::layerskip;
 
 fn assert_error(code: i32, stderr: &str, needle: &str) {
     assert_eq!(code, 1, "{stderr}");
@@ -227,7 +218,7 @@ fn non_finite_weights_are_an_error_not_an_empty_generation() {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
     // The final norm's weights become NaN (bf16 0x7fc0).
-    let nan = vec![0xc0u8, 0x7f].repeat(256);
+    let nan = [0xc0u8, 0x7f].repeat(256);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .tensors()
         .into_iter()

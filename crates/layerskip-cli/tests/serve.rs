@@ -9,17 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-fn layerskip(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_layerskip"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::layerskip;
 
 const TEMPLATE: &str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
 
@@ -185,7 +176,7 @@ fn completions_and_chat_give_the_text_infer_prints_streamed_or_not() {
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["choices"][0]["text"], greedy, "{r}");
     assert_eq!(r["object"], "text_completion");
-    assert_eq!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 0, true);
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(r["layerskip"]["acceptance_rate"].is_null(), "{r}");
 
     let (text, last) = streamed_text(&server.stream("/v1/completions", &body_ok));

@@ -262,13 +262,13 @@ fn tiny_gguf() -> (Vec<u8>, usize) {
             data.extend(((i % 7) as f32 * 0.1).to_le_bytes());
         }
         offset += n * 4;
-        while data.len() % 32 != 0 {
+        while !data.len().is_multiple_of(32) {
             data.push(0);
             offset += 1;
         }
     }
     let header = out.len();
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend(data);

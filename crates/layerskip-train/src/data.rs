@@ -387,7 +387,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("a.py"), "x = 1\n").unwrap();
         std::fs::write(dir.join("b.py"), [0xff, 0xfe, 0x00, 0x41]).unwrap();
-        let corpus = read_corpus(&[dir.clone()], &[]).unwrap();
+        let corpus = read_corpus(std::slice::from_ref(&dir), &[]).unwrap();
         assert_eq!(corpus.documents.len(), 1);
         assert_eq!(corpus.skipped, vec![dir.join("b.py")]);
         assert!(corpus.describe_skipped().unwrap().contains("b.py"));
