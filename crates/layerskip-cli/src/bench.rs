@@ -154,12 +154,12 @@ pub struct BenchArgs {
     /// The strategy measured against the autoregressive baseline.
     #[arg(long, value_enum, default_value_t = StrategyName::SelfSpec)]
     pub strategy: StrategyName,
-    /// Exit layer E.
+    /// Exit layer E (default: the model's recommendation, layerskip.json).
     #[arg(long)]
     pub exit_layer: Option<usize>,
-    /// Drafts per self-speculative step.
-    #[arg(long, default_value_t = 4)]
-    pub speculations: usize,
+    /// Drafts per self-speculative step (default: the model's recommendation, else 4).
+    #[arg(long)]
+    pub speculations: Option<usize>,
     /// Write the reports, per-sample outputs included, as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -178,8 +178,13 @@ impl BackendTask for BenchArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
-        let strategy =
-            crate::infer::strategy_from(self.strategy, self.exit_layer, self.speculations, layers)?;
+        let strategy = crate::infer::strategy_from(
+            Some(self.strategy),
+            self.exit_layer,
+            self.speculations,
+            layers,
+            layerskip_model::Recommendation::read(&loaded.dir)?.as_ref(),
+        )?;
         let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
         let eos = loaded.model.config().eos_token_ids.clone();
         generator.validate(&loaded.prompts[0], &self.data.options(strategy, eos))?;

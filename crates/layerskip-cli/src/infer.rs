@@ -2,7 +2,7 @@
 
 use layerskip_model::LayerSkipBackend;
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
@@ -10,7 +10,7 @@ use layerskip_infer::{
     ChatTemplate, GenerateOptions, Generation, Generator, SamplingConfig, Strategy, StreamEvent,
     TextStream,
 };
-use layerskip_model::{LlamaModel, Tokenizer};
+use layerskip_model::{LlamaModel, Recommendation, Tokenizer};
 
 use crate::backend::BackendTask;
 
@@ -38,15 +38,17 @@ pub struct InferArgs {
     /// A file whose whole content is the prompt.
     #[arg(long)]
     pub prompt_file: Option<PathBuf>,
-    /// Generation strategy.
-    #[arg(long, value_enum, default_value_t = StrategyName::Ar)]
-    pub strategy: StrategyName,
-    /// Exit layer E (number of layers run by early exit or used to draft).
+    /// Generation strategy (default: self-speculation at the model's recommended E and d if its
+    /// directory records them in layerskip.json, else ar).
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyName>,
+    /// Exit layer E (number of layers run by early exit or used to draft; default: the
+    /// model's recommendation).
     #[arg(long)]
     pub exit_layer: Option<usize>,
-    /// Drafts per self-speculative step.
-    #[arg(long, default_value_t = 4)]
-    pub speculations: usize,
+    /// Drafts per self-speculative step (default: the model's recommendation, else 4).
+    #[arg(long)]
+    pub speculations: Option<usize>,
     /// Draft over the token ids 0..N only (the most frequent merges of a BPE vocabulary);
     /// verification keeps the full head, so the output does not change. Default: all.
     #[arg(long, value_name = "N")]
@@ -99,23 +101,45 @@ pub struct InferArgs {
 }
 
 impl InferArgs {
-    fn strategy(&self, layers: usize) -> Result<Strategy> {
-        strategy_from(self.strategy, self.exit_layer, self.speculations, layers)
+    fn strategy(&self, dir: &Path, layers: usize) -> Result<Strategy> {
+        strategy_from(
+            self.strategy,
+            self.exit_layer,
+            self.speculations,
+            layers,
+            Recommendation::read(dir)?.as_ref(),
+        )
     }
 }
 
-/// The strategy a command line names; `--exit-layer` is required except for `ar`.
+/// The strategy a command line names. Without `--strategy`: self-speculation at the model's
+/// recommendation (`--exit-layer` and `--speculations` override its E and d) if its directory
+/// records one, else autoregressive decoding. `--exit-layer` is required for early exit and
+/// self-speculation unless the recommendation gives it.
 pub fn strategy_from(
-    name: StrategyName,
+    name: Option<StrategyName>,
     exit_layer: Option<usize>,
-    speculations: usize,
+    speculations: Option<usize>,
     layers: usize,
+    recommended: Option<&Recommendation>,
 ) -> Result<Strategy> {
-    let exit = || {
-        exit_layer.with_context(|| {
-            format!("--exit-layer is required for this strategy (the model has {layers} layers)")
-        })
+    let name = match (name, recommended) {
+        (Some(name), _) => name,
+        (None, Some(_)) => StrategyName::SelfSpec,
+        (None, None) => StrategyName::Ar,
     };
+    let exit = || {
+        exit_layer
+            .or(recommended.map(|r| r.exit_layer))
+            .with_context(|| {
+                format!(
+                    "--exit-layer is required for this strategy (the model has {layers} layers)"
+                )
+            })
+    };
+    let speculations = speculations
+        .or(recommended.map(|r| r.speculations))
+        .unwrap_or(4);
     Ok(match name {
         StrategyName::Ar if exit_layer.is_some() => bail!(
             "--exit-layer applies to --strategy early-exit and self-spec; autoregressive decoding runs all {layers} layers"
@@ -170,7 +194,7 @@ impl BackendTask for InferArgs {
             no_repeat_ngram: self.no_repeat_ngram,
             seed: self.seed,
         };
-        let options = GenerateOptions::new(self.strategy(config.num_layers)?)
+        let options = GenerateOptions::new(self.strategy(&dir, config.num_layers)?)
             .with_max_new_tokens(self.max_new_tokens)
             .with_sampling(sampling)
             .with_stop_tokens(config.eos_token_ids.clone())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use layerskip_infer::{ChatTemplate, GenerateOptions};
-use layerskip_model::{LayerSkipBackend, LlamaModel, Tokenizer};
+use layerskip_model::{LayerSkipBackend, LlamaModel, Recommendation, Tokenizer};
 use layerskip_serve::{AppState, Metrics};
 
 use crate::backend::BackendTask;
@@ -23,15 +23,17 @@ pub struct ServeArgs {
     /// Port (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Strategy of requests that name none (a request's "layerskip" field overrides it).
-    #[arg(long, value_enum, default_value_t = StrategyName::Ar)]
-    pub strategy: StrategyName,
-    /// Default exit layer E.
+    /// Strategy of requests that name none (a request's "layerskip" field overrides it);
+    /// default: self-speculation at the model's recommended E and d if its directory records
+    /// them in layerskip.json, else ar.
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyName>,
+    /// Default exit layer E (default: the model's recommendation).
     #[arg(long)]
     pub exit_layer: Option<usize>,
-    /// Default drafts per self-speculative step.
-    #[arg(long, default_value_t = 4)]
-    pub speculations: usize,
+    /// Default drafts per self-speculative step (default: the model's recommendation, else 4).
+    #[arg(long)]
+    pub speculations: Option<usize>,
     /// Context positions per request (prompt + generation); default
     /// min(max_position_embeddings, 4096).
     #[arg(long)]
@@ -57,6 +59,7 @@ impl BackendTask for ServeArgs {
             self.exit_layer,
             self.speculations,
             config.num_layers,
+            Recommendation::read(&dir)?.as_ref(),
         )?;
         let chat = ChatTemplate::from_dir(&dir).ok();
         let capacity = self

@@ -16,6 +16,8 @@ use crate::bench::{measure_paired, print_reports, strategy_label};
 use crate::plot::{Heatmap, heatmap};
 use crate::progress::Progress;
 use crate::samples::{DatasetArgs, GridArgs, load, write_output};
+use layerskip_model::Recommendation;
+use layerskip_model::checkpoint::RECOMMENDATION_FILE;
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -26,6 +28,11 @@ pub struct SweepArgs {
     /// Output directory: sweep.csv, sweep.json, sweep_tokens_per_s.svg, sweep_acceptance.svg.
     #[arg(long, default_value = "sweep")]
     pub out: PathBuf,
+    /// Record the best point in the model directory (layerskip.json), where `infer`, `bench`
+    /// and `serve` take it as the default strategy; nothing is recorded if no point beats
+    /// autoregressive decoding with outputs identical to it.
+    #[arg(long)]
+    pub record: bool,
 }
 
 /// The grid as CSV, one row per point.
@@ -170,6 +177,35 @@ impl BackendTask for SweepArgs {
             100.0 * best.acceptance_rate,
             best.mismatches
         );
+        if self.record {
+            let Strategy::SelfSpeculative {
+                exit_layer,
+                speculations,
+            } = best.strategy
+            else {
+                unreachable!("the grid holds self-speculative points")
+            };
+            if best.mismatches > 0 || best.speedup <= 1.0 {
+                println!("nothing recorded: no point beat AR with identical outputs");
+            } else {
+                let recommendation = Recommendation {
+                    exit_layer,
+                    speculations,
+                    speedup: Some((best.speedup * 1000.0).round() / 1000.0),
+                    measured: Some(format!(
+                        "layerskip sweep: {} prompts x {} new tokens, {:.3} ms/token after the first",
+                        loaded.samples.len(),
+                        self.data.max_new_tokens,
+                        best.time_per_token_ms
+                    )),
+                };
+                recommendation.write(&loaded.dir)?;
+                println!(
+                    "recorded E={exit_layer} d={speculations} in {}",
+                    loaded.dir.join(RECOMMENDATION_FILE).display()
+                );
+            }
+        }
         Ok(())
     }
 }

@@ -510,3 +510,81 @@ fn streamed_text_keeps_characters_split_over_tokens() {
     );
     assert_eq!(streamed.trim_end_matches('\n'), text, "streamed vs --json");
 }
+
+/// `sweep --record` writes the best point into the model directory (when one beats AR with
+/// identical outputs), and infer then self-speculates at the recorded E and d by default,
+/// with the autoregressive text.
+#[test]
+fn a_recorded_recommendation_is_the_default_strategy() {
+    let dir = tmp("recommend");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(PathBuf::from(default_model()).join(file), model.join(file)).unwrap();
+    }
+    let m = model.to_str().unwrap();
+    let out = dir.join("sweep");
+    let (code, stdout, err) = layerskip(&[
+        "sweep",
+        "--model",
+        m,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--warmup",
+        "0",
+        "--exit-layers",
+        "2,5",
+        "--speculations",
+        "1,3",
+        "--out",
+        out.to_str().unwrap(),
+        "--record",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let file = model.join("layerskip.json");
+    if stdout.contains("recorded E=") {
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert!(r["speedup"].as_f64().unwrap() > 1.0, "{r}");
+        assert!(stdout.contains(&format!(
+            "recorded E={} d={}",
+            r["exit_layer"], r["speculations"]
+        )));
+    } else {
+        assert!(stdout.contains("nothing recorded"), "{stdout}");
+        assert!(!file.exists());
+    }
+    std::fs::write(&file, r#"{"exit_layer": 4, "speculations": 2}"#).unwrap();
+    let json = |extra: &[&str]| {
+        let mut args = vec![
+            "infer",
+            "--model",
+            m,
+            "--prompt",
+            "def f(x):",
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = layerskip(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let default = json(&[]);
+    assert_eq!(
+        default["strategy"],
+        serde_json::json!({"SelfSpeculative": {"exit_layer": 4, "speculations": 2}})
+    );
+    let ar = json(&["--strategy", "ar"]);
+    assert_eq!(ar["strategy"], "Autoregressive");
+    assert_eq!(default["text"], ar["text"]);
+    // --speculations overrides the recorded d.
+    let d5 = json(&["--speculations", "5"]);
+    assert_eq!(d5["strategy"]["SelfSpeculative"]["speculations"], 5);
+    std::fs::write(&file, "{not json").unwrap();
+    let (code, _, err) = layerskip(&["infer", "--model", m, "--prompt", "x"]);
+    assert_one_error_line(code, &err, "layerskip.json");
+}

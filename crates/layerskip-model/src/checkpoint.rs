@@ -473,3 +473,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| ModelError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
+
+/// The file in a checkpoint directory that records the self-speculation settings measured best
+/// for the model (written by `layerskip sweep --record`); `infer` and `serve` use them when no
+/// strategy is named.
+pub const RECOMMENDATION_FILE: &str = "layerskip.json";
+
+/// A model's recommended self-speculation settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Recommendation {
+    /// Exit layer E of the drafts.
+    pub exit_layer: usize,
+    /// Drafts per step d.
+    pub speculations: usize,
+    /// The speedup over autoregressive decoding measured for it, if recorded.
+    #[serde(default)]
+    pub speedup: Option<f64>,
+    /// How it was measured (command, machine, date).
+    #[serde(default)]
+    pub measured: Option<String>,
+}
+
+impl Recommendation {
+    /// The recommendation recorded in `dir`, if there is one; a malformed file is an error.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(RECOMMENDATION_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ModelError::io(&path, e)),
+        };
+        let r: Self =
+            serde_json::from_str(&text).map_err(|e| ModelError::parse(&path, e.to_string()))?;
+        if r.exit_layer == 0 || r.speculations == 0 {
+            return Err(ModelError::parse(
+                &path,
+                "exit_layer and speculations must be at least 1",
+            ));
+        }
+        Ok(Some(r))
+    }
+
+    /// Records it in `dir` (atomically).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("serialisable recommendation");
+        write_atomic(&dir.join(RECOMMENDATION_FILE), text.as_bytes())
+    }
+}

@@ -49,7 +49,7 @@ pub mod rope;
 pub mod tokenizer;
 
 pub use cache::{ExitHiddenCache, KvCache, LayerKvCache};
-pub use checkpoint::{SafetensorsFiles, SaveDtype};
+pub use checkpoint::{Recommendation, SafetensorsFiles, SaveDtype};
 pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
 pub use convert::convert_gguf;
 pub use error::{ModelError, Result};
