@@ -41,6 +41,11 @@ pub struct ServeArgs {
     /// The id clients name the model by (default: the model directory's name).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// Engines: requests generated at the same time, each on its own thread with its own KV
+    /// cache over the same weights (on a CPU, up to one per core pays: one decode stream uses
+    /// about one core).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub engines: u16,
     /// Largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -79,6 +84,7 @@ impl BackendTask for ServeArgs {
             model,
             tokenizer.clone(),
             capacity,
+            self.engines as usize,
             Some(GenerateOptions::new(strategy)),
             metrics.clone(),
         )?;
@@ -103,8 +109,9 @@ impl BackendTask for ServeArgs {
                 .with_context(|| format!("listening on {address}"))?;
             let local = listener.local_addr()?;
             eprintln!(
-                "serving {model_id} ({}) on http://{local} (context {capacity}, default {strategy:?})",
-                dir.display()
+                "serving {model_id} ({}) on http://{local} (context {capacity}, default {strategy:?}, {} engine(s))",
+                dir.display(),
+                self.engines
             );
             layerskip_serve::serve(listener, state, shutdown_signal()).await?;
             eprintln!("shut down");

@@ -399,7 +399,8 @@ fn bad_requests_get_openai_shaped_errors() {
 #[test]
 fn a_client_that_disconnects_mid_stream_frees_the_engine_and_others_get_the_same_text() {
     let model = chat_model("disconnect");
-    let server = Server::start(&model, &[]);
+    // Two engines: requests run side by side, each on its own KV cache.
+    let server = Server::start(&model, &["--engines", "2"]);
     let body = json!({"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": true});
     let reader = ureq::post(&server.url("/v1/completions"))
         .send_json(body)
@@ -425,7 +426,7 @@ fn a_client_that_disconnects_mid_stream_frees_the_engine_and_others_get_the_same
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // Several clients at once: queued fairly, each gets the single-client text.
+    // Several clients at once: queued fairly, run two at a time, each gets the single-client text.
     let body = json!({"prompt": PROMPT, "max_tokens": 20, "temperature": 0});
     let (_, alone) = server.post("/v1/completions", &body);
     let alone = alone["choices"][0]["text"].as_str().unwrap().to_string();

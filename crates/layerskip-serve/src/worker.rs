@@ -1,10 +1,11 @@
-//! The engine thread: owns the model and its one KV cache, and runs queued jobs one at a time in
-//! arrival order (a fair FIFO queue). Each job streams its text back over a channel; a job whose
-//! client has gone (the receiver dropped) is skipped if still queued and cancelled at its next
-//! accepted token if running, so a disconnect frees the engine at once.
+//! The engine threads: each owns a view of the model (weights shared, not copied) and its own KV
+//! cache, and they take queued jobs in arrival order (one FIFO queue), one job per engine at a
+//! time. Each job streams its text back over a channel; a job whose client has gone (the
+//! receiver dropped) is skipped if still queued and cancelled at its next accepted token if
+//! running, so a disconnect frees its engine at once.
 
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use layerskip_infer::{
@@ -88,44 +89,69 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread on `model`, with a KV cache of `capacity` positions, and returns
-/// the handle that queues jobs for it. The thread ends when every handle is dropped.
+/// Starts `engines` engine threads on `model`, each with a KV cache of `capacity` positions
+/// (and an untimed `warm_up` generation), and returns the handle that queues jobs for them. The
+/// threads end when every handle is dropped.
 pub fn spawn<B: LayerSkipBackend>(
     model: LlamaModel<B>,
     tokenizer: Arc<Tokenizer>,
     capacity: usize,
+    engines: usize,
     warm_up: Option<GenerateOptions>,
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle, InferError> {
+    if engines == 0 {
+        return Err(InferError::InvalidArgument(
+            "at least one engine is needed".into(),
+        ));
+    }
     let layers = model.num_layers();
     let (jobs, queue) = mpsc::channel::<Job>();
+    let queue = Arc::new(Mutex::new(queue));
     let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("layerskip-engine".into())
-        .spawn(move || {
-            let mut generator = match Generator::new(&model, capacity) {
-                Ok(g) => g,
-                Err(e) => {
+    for i in 0..engines {
+        // Module clones share their tensors (and the CPU's packed weights).
+        let model = model.clone();
+        let (tokenizer, metrics, queue) = (tokenizer.clone(), metrics.clone(), queue.clone());
+        let (ready_tx, warm_up) = (ready_tx.clone(), warm_up.clone());
+        std::thread::Builder::new()
+            .name(format!("layerskip-engine-{i}"))
+            .spawn(move || {
+                let mut generator = match Generator::new(&model, capacity) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Some(options) = &warm_up
+                    && let Err(e) = generator.warm_up(options)
+                {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
-            };
-            if let Some(options) = &warm_up
-                && let Err(e) = generator.warm_up(options)
-            {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-            let _ = ready_tx.send(Ok(()));
-            for job in queue {
-                metrics.dequeued();
-                run(&mut generator, &tokenizer, job, &metrics);
-            }
-        })
-        .expect("spawning the engine thread");
-    ready_rx
-        .recv()
-        .map_err(|_| InferError::InvalidArgument("the engine thread ended".into()))??;
+                let _ = ready_tx.send(Ok(()));
+                drop(ready_tx);
+                loop {
+                    // The lock is held only while waiting for the next job, so jobs start in
+                    // arrival order on whichever engine is free.
+                    let job = match queue.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    metrics.dequeued();
+                    run(&mut generator, &tokenizer, job, &metrics);
+                }
+            })
+            .expect("spawning an engine thread");
+    }
+    drop(ready_tx);
+    for _ in 0..engines {
+        ready_rx
+            .recv()
+            .map_err(|_| InferError::InvalidArgument("an engine thread ended".into()))??;
+    }
     Ok(EngineHandle {
         jobs,
         capacity,
