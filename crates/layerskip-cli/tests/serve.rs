@@ -495,3 +495,44 @@ fn the_openai_python_client_drives_the_server() {
     assert_eq!(r["chat_stream"], chat, "{r}");
     assert_eq!(r["bad_model_status"], 404, "{r}");
 }
+
+/// SIGTERM while a response streams: the server stops accepting, finishes the stream (to its
+/// `[DONE]`), and exits 0.
+#[cfg(unix)]
+#[test]
+fn sigterm_finishes_the_streams_in_flight_and_exits() {
+    let model = chat_model("sigterm");
+    let mut server = Server::start(&model, &[]);
+    let body = json!({"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": true});
+    let reader = ureq::post(&server.url("/v1/completions"))
+        .send_json(body)
+        .unwrap()
+        .into_reader();
+    let mut lines = BufReader::new(reader).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGTERM);
+    }
+    let rest: Vec<String> = lines
+        .map(Result::unwrap)
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect();
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{rest:?}");
+    let last: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
+    assert!(
+        last["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    // New connections are refused once it has gone.
+    assert!(ureq::get(&server.url("/health")).call().is_err());
+}
