@@ -197,6 +197,12 @@ fn completions_and_chat_give_the_text_infer_prints_streamed_or_not() {
     assert!(r["layerskip"]["acceptance_rate"].as_f64().is_some(), "{r}");
     let (text, _) = streamed_text(&server.stream("/v1/completions", &ss));
     assert_eq!(text, greedy);
+    // Drafting options change the speed, never the text.
+    ss["layerskip"]["draft_vocab"] = json!(1024);
+    ss["layerskip"]["draft_confidence"] = json!(0.5);
+    let (status, r) = server.post("/v1/completions", &ss);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], greedy);
 
     // Seeded sampling: the same draws as infer with that seed.
     let sampled = infer_text(
@@ -329,6 +335,18 @@ fn bad_requests_get_openai_shaped_errors() {
         ),
         ("/v1/completions", json!({"max_tokens": 3}), 400, "prompt"),
         (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 3}),
+            400,
+            "logprobs is not supported",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "frequency_penalty": 0.5}),
+            400,
+            "frequency_penalty",
+        ),
+        (
             "/v1/chat/completions",
             json!({"messages": []}),
             400,
@@ -391,7 +409,7 @@ fn bad_requests_get_openai_shaped_errors() {
     assert_eq!(status, 200);
     let metrics = server.get_text("/metrics");
     assert!(
-        metrics.contains("layerskip_requests_rejected_total 14"),
+        metrics.contains("layerskip_requests_rejected_total 16"),
         "{metrics}"
     );
 }

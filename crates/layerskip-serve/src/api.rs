@@ -93,6 +93,10 @@ pub struct LayerSkipOptions {
     pub exit_layer: Option<usize>,
     /// Drafts per self-speculative step.
     pub speculations: Option<usize>,
+    /// Draft over the token ids `0..n` only (the output does not change).
+    pub draft_vocab: Option<usize>,
+    /// Stop drafting below this draft probability (the output does not change).
+    pub draft_confidence: Option<f32>,
 }
 
 /// What completions and chat completions share.
@@ -121,6 +125,61 @@ pub struct Common {
     pub layerskip: Option<LayerSkipOptions>,
     /// Shorthand for `layerskip.strategy`.
     pub strategy: Option<String>,
+    /// Top-k filter (an extension, as in vLLM; 0 = off).
+    pub top_k: Option<usize>,
+    /// Repetition penalty (an extension, as in vLLM; 1 = off).
+    pub repetition_penalty: Option<f32>,
+    /// OpenAI parameters this server does not implement: refused when set to anything but
+    /// their neutral value, never silently ignored.
+    pub frequency_penalty: Option<f32>,
+    /// See `frequency_penalty`.
+    pub presence_penalty: Option<f32>,
+    /// See `frequency_penalty`.
+    pub logprobs: Option<Value>,
+    /// See `frequency_penalty`.
+    pub echo: Option<bool>,
+    /// See `frequency_penalty`.
+    pub best_of: Option<u32>,
+    /// See `frequency_penalty`.
+    pub suffix: Option<String>,
+    /// See `frequency_penalty`.
+    pub logit_bias: Option<Value>,
+}
+
+impl Common {
+    /// The first parameter set that this server does not implement, if any.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        let set = |v: &Option<Value>| {
+            v.as_ref()
+                .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
+        };
+        [
+            (
+                "frequency_penalty",
+                self.frequency_penalty.is_some_and(|p| p != 0.0),
+            ),
+            (
+                "presence_penalty",
+                self.presence_penalty.is_some_and(|p| p != 0.0),
+            ),
+            ("logprobs", set(&self.logprobs)),
+            ("echo", self.echo == Some(true)),
+            ("best_of", self.best_of.is_some_and(|n| n > 1)),
+            (
+                "suffix",
+                self.suffix.as_ref().is_some_and(|s| !s.is_empty()),
+            ),
+            (
+                "logit_bias",
+                self.logit_bias
+                    .as_ref()
+                    .is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty())),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, on)| *on)
+        .map(|(name, _)| name)
+    }
 }
 
 /// `POST /v1/completions`.

@@ -275,6 +275,12 @@ fn prepare(
     if common.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
     }
+    if let Some(name) = common.unsupported() {
+        return Err(ApiError::invalid(
+            format!("{name} is not supported by this server"),
+            Some(name),
+        ));
+    }
     let temperature = common.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
@@ -339,16 +345,24 @@ fn prepare(
         None => room,
     };
     let number = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let defaults = SamplingConfig::default();
     let sampling = SamplingConfig {
         temperature,
         top_p,
+        top_k: common.top_k.unwrap_or(defaults.top_k),
+        repetition_penalty: common
+            .repetition_penalty
+            .unwrap_or(defaults.repetition_penalty),
         seed: common.seed.unwrap_or(number),
-        ..SamplingConfig::default()
+        ..defaults
     };
+    let layerskip = common.layerskip.clone().unwrap_or_default();
     let options = GenerateOptions::new(strategy)
         .with_max_new_tokens(max_tokens)
         .with_sampling(sampling)
-        .with_stop_tokens(state.stop_tokens.clone());
+        .with_stop_tokens(state.stop_tokens.clone())
+        .with_draft_vocab(layerskip.draft_vocab)
+        .with_draft_confidence(layerskip.draft_confidence);
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
     } else {
