@@ -151,7 +151,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Bench { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Sweep { args, device } => backend::dispatch(device.device, device.precision, args),
-        Command::Serve { args, device } => backend::dispatch(device.device, device.precision, args),
+        Command::Serve { args, device } => {
+            let args = args.with_default_engines(device.device);
+            backend::dispatch(device.device, device.precision, args)
+        }
         Command::Correctness { args, device } => {
             backend::dispatch(device.device, device.precision, args)
         }

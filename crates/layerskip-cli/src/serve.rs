@@ -9,7 +9,7 @@ use layerskip_infer::{ChatTemplate, GenerateOptions};
 use layerskip_model::{LayerSkipBackend, LlamaModel, Recommendation, Tokenizer};
 use layerskip_serve::{AppState, Metrics};
 
-use crate::backend::BackendTask;
+use crate::backend::{BackendTask, DeviceSpec};
 use crate::infer::{StrategyName, model_dir, strategy_from};
 
 #[derive(Args, Debug)]
@@ -42,17 +42,30 @@ pub struct ServeArgs {
     #[arg(long)]
     pub model_id: Option<String>,
     /// Engines: requests generated at the same time, each on its own thread with its own KV
-    /// cache over the same weights (on a CPU, up to one per core pays: one decode stream uses
-    /// about one core).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub engines: u16,
+    /// cache over the same weights. Default: one per core (at most 8) on the CPU, where one
+    /// decode stream uses about one core; 1 on a GPU.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub engines: Option<u16>,
     /// Largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
 }
 
+impl ServeArgs {
+    /// `--engines`, or the default for `device`.
+    pub fn with_default_engines(mut self, device: DeviceSpec) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.engines = self.engines.or(Some(match device {
+            DeviceSpec::Cpu => cores.min(8) as u16,
+            _ => 1,
+        }));
+        self
+    }
+}
+
 impl BackendTask for ServeArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
+        let engines = self.engines.unwrap_or(1) as usize;
         let dir = model_dir(&self.model)?;
         let model = LlamaModel::<B>::from_pretrained(&dir, &device)
             .with_context(|| format!("loading {}", dir.display()))?;
@@ -84,7 +97,7 @@ impl BackendTask for ServeArgs {
             model,
             tokenizer.clone(),
             capacity,
-            self.engines as usize,
+            engines,
             Some(GenerateOptions::new(strategy)),
             metrics.clone(),
         )?;
@@ -111,7 +124,7 @@ impl BackendTask for ServeArgs {
             eprintln!(
                 "serving {model_id} ({}) on http://{local} (context {capacity}, default {strategy:?}, {} engine(s))",
                 dir.display(),
-                self.engines
+                engines
             );
             layerskip_serve::serve(listener, state, shutdown_signal()).await?;
             eprintln!("shut down");
