@@ -79,7 +79,14 @@ impl BackendTask for ServeArgs {
             config.num_layers,
             Recommendation::read(&dir)?.as_ref(),
         )?;
-        let chat = ChatTemplate::from_dir(&dir).ok();
+        // Without a template the server still serves completions; say why chat is off.
+        let chat = match ChatTemplate::from_dir(&dir) {
+            Ok(template) => Some(template),
+            Err(e) => {
+                eprintln!("/v1/chat/completions is off: {e}");
+                None
+            }
+        };
         let capacity = self
             .context
             .unwrap_or(config.max_position_embeddings.min(4096));
