@@ -212,14 +212,9 @@ impl backend::BackendTask for Resave {
             .with_context(|| format!("loading {}", self.dir.display()))?;
         model.save_pretrained(&self.out, self.dtype)?;
         let mut copied = Vec::new();
-        for name in layerskip_model::checkpoint::TOKENIZER_FILES {
-            let src = self.dir.join(name);
-            if src.is_file() {
-                let bytes =
-                    std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
-                layerskip_model::checkpoint::write_atomic(&self.out.join(name), &bytes)?;
-                copied.push(name);
-            }
+        for (name, bytes) in layerskip_model::checkpoint::read_tokenizer_files(&self.dir)? {
+            layerskip_model::checkpoint::write_atomic(&self.out.join(name), &bytes)?;
+            copied.push(name);
         }
         println!(
             "wrote {} ({} layers, {:?} weights; copied {})",

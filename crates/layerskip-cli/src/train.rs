@@ -10,7 +10,7 @@ use burn::module::Module;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use layerskip_model::LayerSkipBackend;
-use layerskip_model::checkpoint::TOKENIZER_FILES;
+use layerskip_model::checkpoint::read_tokenizer_files;
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
 use layerskip_train::data::{read_corpus, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
@@ -85,21 +85,6 @@ fn run_config(args: &TrainArgs, resume_from: Option<&Path>) -> Result<TrainConfi
     Ok(config)
 }
 
-/// Every tokenizer file of `dir` (`tokenizer.json`, its config with the chat template, ...), to
-/// be carried into each checkpoint of a run that starts from or resumes `dir`.
-fn tokenizer_files(dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
-    let mut files = Vec::new();
-    for name in TOKENIZER_FILES {
-        let path = dir.join(name);
-        if path.is_file() {
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            files.push((name, bytes));
-        }
-    }
-    Ok(files)
-}
-
 fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Device>) -> Result<()> {
     let device = devices[0].clone();
     let start = match (args.resume, args.overwrite) {
@@ -135,7 +120,9 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
     // The tokenizer: the checkpoint's, the model's, or one trained on the data.
     let source = resume_from.as_ref().or(args.model.as_ref());
     let (tokenizer, extra) = match source {
-        Some(dir) => (Tokenizer::from_file(dir)?, tokenizer_files(dir)?),
+        // Every tokenizer file of the source (its config holds the chat template) goes into
+        // each checkpoint.
+        Some(dir) => (Tokenizer::from_file(dir)?, read_tokenizer_files(dir)?),
         None => {
             let shape = config
                 .model

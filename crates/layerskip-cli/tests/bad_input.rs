@@ -29,15 +29,13 @@ fn s(p: &Path) -> &str {
 }
 
 fn default_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default")
+    common::shipped_model()
 }
 
 /// A copy of the shipped model's files in a fresh directory, to damage.
 fn copy_of_default_model(name: &str) -> PathBuf {
     let dir = tmp(name);
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(default_model().join(file), dir.join(file)).unwrap();
-    }
+    common::copy_shipped_model(&dir);
     dir
 }
 

@@ -518,10 +518,7 @@ fn streamed_text_keeps_characters_split_over_tokens() {
 fn a_recorded_recommendation_is_the_default_strategy() {
     let dir = tmp("recommend");
     let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(PathBuf::from(default_model()).join(file), model.join(file)).unwrap();
-    }
+    common::copy_shipped_model(&model);
     let m = model.to_str().unwrap();
     let out = dir.join("sweep");
     let (code, stdout, err) = layerskip(&[

@@ -18,11 +18,7 @@ const TEMPLATE: &str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] 
 fn chat_model(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("layerskip-serve-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(shipped.join(file), dir.join(file)).unwrap();
-    }
+    common::copy_shipped_model(&dir);
     let config = json!({ "chat_template": TEMPLATE, "eos_token": "<|endoftext|>" });
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
     dir

@@ -28,6 +28,21 @@ pub const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.model",
 ];
 
+/// The [`TOKENIZER_FILES`] present in `dir`, with their bytes.
+pub fn read_tokenizer_files(dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for name in TOKENIZER_FILES {
+        let path = dir.join(name);
+        if path.is_file() {
+            files.push((
+                name,
+                std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?,
+            ));
+        }
+    }
+    Ok(files)
+}
+
 /// The memory-mapped safetensors files of one checkpoint, indexed by tensor name.
 pub struct SafetensorsFiles {
     shards: Vec<(PathBuf, Mmap)>,

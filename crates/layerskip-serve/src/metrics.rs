@@ -29,9 +29,8 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("layerskip");
         let seconds = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let m = Self {
+        let mut m = Self {
             requests: Counter::default(),
             rejected: Counter::default(),
             cancelled: Counter::default(),
@@ -44,8 +43,9 @@ impl Default for Metrics {
             acceptance_rate: Gauge::default(),
             time_to_first_token: seconds(),
             queue_wait: seconds(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("layerskip"),
         };
+        let registry = &mut m.registry;
         registry.register(
             "requests",
             "Generation requests received",
@@ -102,7 +102,7 @@ impl Default for Metrics {
             "Time a request waited in the queue",
             m.queue_wait.clone(),
         );
-        Self { registry, ..m }
+        m
     }
 }
 
