@@ -2,6 +2,7 @@
 //! scalar code): what the Flex backend runs through the model's seam.
 
 pub mod attend;
+pub mod pool;
 pub mod rows;
 
 /// `out = silu(gate) * up = gate / (1 + exp(-gate)) * up`, elementwise (slices of equal length),

@@ -8,6 +8,8 @@
 //! the call. [`portable`] is that order in scalar code; the AVX2 kernels reproduce it bit for
 //! bit.
 
+use super::pool::{Out, Pool};
+
 /// Output columns per panel: two AVX2 vectors, one 64-byte cache line per feature.
 pub const NR: usize = 16;
 
@@ -15,13 +17,22 @@ pub const NR: usize = 16;
 /// vectors + 1 broadcast = 15 of the 16 AVX2 registers).
 const MR: usize = 6;
 
-/// Products of at least this many multiply-adds and more than [`MR`] rows split their panels
-/// over two threads (each output is still one thread's chain, so results do not change).
-/// With fewer rows a product is bound by the weights' trip from memory, which a second
-/// thread on this kind of 2-vCPU machine does not speed up, while waking it costs: 2 and 4
-/// rows of the default model's 8 layers took 1.2-1.4 and 1.7 ms on two threads against
-/// 0.8-0.9 and 1.1 ms on one.
-const PARALLEL_WORK: usize = 1 << 17;
+/// Products of at least this many multiply-adds split their panels over the threads of the
+/// [`Pool`] (each output is still one thread's chain, so results do not change). A second core
+/// pays even for one row: a decode step's weights stream from memory at what one core draws,
+/// and the pool's hand-over costs about a microsecond. Overridden by `LAYERSKIP_PARALLEL_WORK`
+/// (to measure).
+const PARALLEL_WORK: usize = 1 << 16;
+
+fn parallel_work() -> usize {
+    static WORK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WORK.get_or_init(|| {
+        std::env::var("LAYERSKIP_PARALLEL_WORK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PARALLEL_WORK)
+    })
+}
 
 /// One feature's weights for one panel's 16 output columns, on its own cache line.
 #[repr(C, align(64))]
@@ -34,12 +45,37 @@ pub struct Line(pub [f32; NR]);
 #[derive(Clone, Copy)]
 pub struct HalfLine(pub [u16; NR]);
 
+/// Features per block of the 8-bit format ([`Q8Block`]), as in ggml's Q8_0.
+pub const QK: usize = 32;
+
+/// One panel's weights for [`QK`] consecutive features in ggml's Q8_0 format, kept quantized:
+/// per output column a scale `d` (an f16 value, held as f32) and 32 signed bytes `q`, the
+/// weight being `d * q`, which f32 holds exactly (an 11-bit by 8-bit product). 576 bytes for
+/// 512 weights, against 1024 in bfloat16.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Q8Block {
+    scale: [f32; NR],
+    q: [[i8; NR]; QK],
+}
+
 /// The lines of a [`Panels`].
 enum Lines {
     F32(Vec<Line>),
     /// Every weight is a bfloat16 value (a checkpoint stored in bf16, computed in f32): the
     /// same numbers in half the bytes, so the kernels' products do not change.
     Bf16(Vec<HalfLine>),
+    /// Quantized to 8 bits: block `p * k / QK + b` holds panel `p`'s features `b * QK..`.
+    Q8(Vec<Q8Block>),
+}
+
+/// A quantized format the panels can hold weights in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// ggml's Q8_0: blocks of 32 weights along the input features sharing an f16 scale
+    /// (`amax / 127`), each weight a rounded signed byte. Re-quantizing weights that were
+    /// dequantized from Q8_0 gives back the same bytes and scales.
+    Q8_0,
 }
 
 /// A weight matrix with `k` input features and `n` outputs, in panels of [`NR`] output
@@ -52,24 +88,27 @@ pub struct Panels {
 }
 
 impl Panels {
-    fn build(k: usize, n: usize, bf16: bool, weight: impl Fn(usize, usize) -> f32) -> Self {
+    fn build(k: usize, n: usize, bf16: bool, weight: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let count = n.div_ceil(NR);
-        let fill = |set: &mut dyn FnMut(usize, usize, f32)| {
-            for p in 0..count {
-                for i in 0..k {
-                    for j in 0..NR.min(n - p * NR) {
-                        set(p * k + i, j, weight(i, p * NR + j));
-                    }
+        // Panel `p`'s `k` lines, its columns past `n` left zero.
+        let fill = |p: usize, set: &mut dyn FnMut(usize, usize, f32)| {
+            for i in 0..k {
+                for j in 0..NR.min(n - p * NR) {
+                    set(i, j, weight(i, p * NR + j));
                 }
             }
         };
         let lines = if bf16 {
             let mut lines = vec![HalfLine([0; NR]); count * k];
-            fill(&mut |l, j, v| lines[l].0[j] = (v.to_bits() >> 16) as u16);
+            by_panels(&mut lines, k, |p, panel| {
+                fill(p, &mut |i, j, v| panel[i].0[j] = (v.to_bits() >> 16) as u16)
+            });
             Lines::Bf16(lines)
         } else {
             let mut lines = vec![Line([0.0; NR]); count * k];
-            fill(&mut |l, j, v| lines[l].0[j] = v);
+            by_panels(&mut lines, k, |p, panel| {
+                fill(p, &mut |i, j, v| panel[i].0[j] = v)
+            });
             Lines::F32(lines)
         };
         Self { lines, k, n }
@@ -85,9 +124,53 @@ impl Panels {
         Self::build(k, n, exact_in_bf16(w), |i, c| w[c * k + i])
     }
 
+    /// From `w` `[k, n]` (`layout` `InOut`, Burn's `Linear` layout) or `[n, k]` (`OutIn`, an
+    /// embedding read as a tied head), quantized: `None` when `k` is not a multiple of [`QK`].
+    pub fn quantized(
+        w: &[f32],
+        k: usize,
+        n: usize,
+        out_in: bool,
+        format: Quantization,
+    ) -> Option<Self> {
+        let Quantization::Q8_0 = format;
+        if !k.is_multiple_of(QK) {
+            return None;
+        }
+        let at = |i: usize, c: usize| if out_in { w[c * k + i] } else { w[i * n + c] };
+        let count = n.div_ceil(NR);
+        let empty = Q8Block {
+            scale: [0.0; NR],
+            q: [[0; NR]; QK],
+        };
+        let mut blocks = vec![empty; count * (k / QK)];
+        by_panels(&mut blocks, k / QK, |p, panel| {
+            for (b, block) in panel.iter_mut().enumerate() {
+                for j in 0..NR.min(n - p * NR) {
+                    let column: [f32; QK] = std::array::from_fn(|i| at(b * QK + i, p * NR + j));
+                    let (scale, q) = quantize_q8_0(&column);
+                    block.scale[j] = scale;
+                    for (i, v) in q.into_iter().enumerate() {
+                        block.q[i][j] = v;
+                    }
+                }
+            }
+        });
+        Some(Self {
+            lines: Lines::Q8(blocks),
+            k,
+            n,
+        })
+    }
+
     /// Whether the lines hold bfloat16 values.
     pub fn is_bf16(&self) -> bool {
         matches!(self.lines, Lines::Bf16(_))
+    }
+
+    /// The quantized format the panels hold, if any.
+    pub fn quantization(&self) -> Option<Quantization> {
+        matches!(self.lines, Lines::Q8(_)).then_some(Quantization::Q8_0)
     }
 
     /// Weight of feature `i` for output `p * NR + j`.
@@ -95,6 +178,10 @@ impl Panels {
         match &self.lines {
             Lines::F32(lines) => lines[p * self.k + i].0[j],
             Lines::Bf16(lines) => f32::from_bits(u32::from(lines[p * self.k + i].0[j]) << 16),
+            Lines::Q8(blocks) => {
+                let block = &blocks[p * (self.k / QK) + i / QK];
+                block.scale[j] * f32::from(block.q[i % QK][j])
+            }
         }
     }
 
@@ -103,23 +190,44 @@ impl Panels {
     }
 }
 
+/// Calls `fill(p, lines of panel p)` for every panel, the panels split over one thread per
+/// core: a model's weights are packed when it is loaded for decoding, before the first token.
+fn by_panels<L: Send>(lines: &mut [L], k: usize, fill: impl Fn(usize, &mut [L]) + Sync) {
+    let count = lines.len().checked_div(k).unwrap_or(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = count.div_ceil(threads.min(count).max(1)).max(1);
+    if k == 0 || threads == 1 || count < 2 {
+        for (p, panel) in lines.chunks_mut(k.max(1)).enumerate() {
+            fill(p, panel);
+        }
+        return;
+    }
+    std::thread::scope(|s| {
+        for (t, part) in lines.chunks_mut(per * k).enumerate() {
+            let fill = &fill;
+            s.spawn(move || {
+                for (q, panel) in part.chunks_mut(k).enumerate() {
+                    fill(t * per + q, panel);
+                }
+            });
+        }
+    });
+}
+
+/// ggml's `quantize_row_q8_0_ref` for one block: the scale `amax / 127` rounded to f16 (and
+/// returned as f32) and each weight times the inverse of the unrounded scale, rounded half away
+/// from zero.
+pub fn quantize_q8_0(block: &[f32; QK]) -> (f32, [i8; QK]) {
+    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = std::array::from_fn(|i| (block[i] * id).round() as i8);
+    (half::f16::from_f32(d).to_f32(), q)
+}
+
 /// Whether every value is a bfloat16 value (its low 16 bits zero).
 fn exact_in_bf16(w: &[f32]) -> bool {
     w.iter().all(|v| v.to_bits() & 0xffff == 0)
-}
-
-/// A raw output pointer that two threads write through, on disjoint columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the kernels write disjoint column ranges from each thread.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// A kernel over the panels `p0..p1`: `(x, w, out, rows, cols, p0, p1)`.
@@ -129,32 +237,102 @@ type PanelRange = unsafe fn(&[f32], &Panels, *mut f32, usize, usize, usize, usiz
 /// `[rows, cols]`; AVX2 and FMA when the CPU has them, and two threads for large products.
 pub fn x_panels(x: &[f32], w: &Panels, out: &mut [f32], rows: usize, cols: usize) {
     assert!(cols <= w.n && x.len() >= rows * w.k && out.len() >= rows * cols);
-    #[cfg(target_arch = "x86_64")]
-    let kernel: PanelRange = if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        avx2::panels
-    } else {
-        portable::panels
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let kernel: PanelRange = portable::panels;
+    let kernel = Kernel::chosen().function();
     let count = cols.div_ceil(NR);
     let o = Out(out.as_mut_ptr());
     // SAFETY: the shapes are asserted above, `kernel` runs on this CPU (checked above for
-    // the SIMD one), and the two calls write disjoint panels.
+    // the SIMD one), and the parts write disjoint panels.
     let run = |p0: usize, p1: usize| unsafe { kernel(x, w, o.ptr(), rows, cols, p0, p1) };
-    let mid = count / 2;
-    if rows > MR
-        && rows * w.k * cols >= PARALLEL_WORK
-        && mid > 0
-        && rayon::current_num_threads() > 1
-    {
-        rayon::join(|| run(0, mid), || run(mid, count));
+    let pool = Pool::global();
+    let parts = pool.threads().min(count);
+    if parts > 1 && rows * w.k * cols >= parallel_work() {
+        // Panels in `parts` contiguous ranges, as even as possible.
+        let bound = |t: usize| t * count / parts;
+        pool.run(parts, &|t| run(bound(t), bound(t + 1)));
     } else {
         run(0, count);
     }
     debug_assert!(w.count() >= count);
+}
+
+/// The instruction sets the product kernels come in, all computing the same chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Scalar code ([`portable`]).
+    Portable,
+    /// AVX2 and FMA: a panel's line is two 8-lane vectors.
+    Avx2,
+    /// AVX-512F: a panel's line is one 16-lane vector, twice the registers for accumulators.
+    Avx512,
+}
+
+impl Kernel {
+    /// The widest kernel this CPU runs, or the one `LAYERSKIP_KERNEL` names (`portable`,
+    /// `avx2`, `avx512`) if this CPU runs it: for measuring one against another.
+    pub fn chosen() -> Kernel {
+        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let available = Kernel::available();
+            let named = std::env::var("LAYERSKIP_KERNEL").ok().and_then(|v| {
+                available
+                    .iter()
+                    .copied()
+                    .find(|k| format!("{k:?}").eq_ignore_ascii_case(&v))
+            });
+            named.unwrap_or(*available.last().expect("portable always runs"))
+        })
+    }
+
+    /// The kernels this CPU runs, narrowest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                kernels.push(Kernel::Avx2);
+                if has!("avx512f") {
+                    kernels.push(Kernel::Avx512);
+                }
+            }
+        }
+        kernels
+    }
+
+    fn function(self) -> PanelRange {
+        match self {
+            Kernel::Portable => portable::panels,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::panels,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => avx512::panels,
+            #[allow(unreachable_patterns)]
+            _ => portable::panels,
+        }
+    }
+}
+
+/// [`x_panels`] with a given kernel on one thread, for tests and benchmarks.
+///
+/// # Panics
+/// If this CPU does not run `kernel`, or the shapes do not fit.
+pub fn x_panels_with(
+    kernel: Kernel,
+    x: &[f32],
+    w: &Panels,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
+    assert!(
+        Kernel::available().contains(&kernel),
+        "{kernel:?} does not run here"
+    );
+    assert!(cols <= w.n && x.len() >= rows * w.k && out.len() >= rows * cols);
+    // SAFETY: the shapes are asserted above and the CPU runs `kernel`.
+    unsafe {
+        (kernel.function())(x, w, out.as_mut_ptr(), rows, cols, 0, cols.div_ceil(NR));
+    }
 }
 
 /// The reference order, in scalar code: what the SIMD kernels must reproduce bit for bit.
@@ -217,13 +395,14 @@ mod avx2 {
     /// lines): the hardware prefetcher alone falls behind when several rows share each line.
     const PREFETCH: usize = 2048;
 
-    /// How a kernel reads one line of 16 weights as two f32 vectors.
+    /// How a kernel reads one feature's 16 weights of a panel as two f32 vectors.
     trait Load {
-        /// Bytes per line.
+        /// Bytes per feature of a panel (a panel spans `k * BYTES`).
         const BYTES: usize;
         /// # Safety
-        /// `line` is a line of this kind, aligned; the CPU has AVX2.
-        unsafe fn load(line: *const u8) -> [__m256; 2];
+        /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
+        /// AVX2.
+        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2];
     }
 
     /// [`super::Line`]: 16 f32.
@@ -231,10 +410,12 @@ mod avx2 {
     impl Load for F32 {
         const BYTES: usize = 64;
         #[inline(always)]
-        unsafe fn load(line: *const u8) -> [__m256; 2] {
-            let line = line as *const f32;
+        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
             // SAFETY: as promised by the caller.
-            unsafe { [_mm256_load_ps(line), _mm256_load_ps(line.add(8))] }
+            unsafe {
+                let line = panel.add(i * Self::BYTES) as *const f32;
+                [_mm256_load_ps(line), _mm256_load_ps(line.add(8))]
+            }
         }
     }
 
@@ -243,16 +424,37 @@ mod avx2 {
     impl Load for Bf16 {
         const BYTES: usize = 32;
         #[inline(always)]
-        unsafe fn load(line: *const u8) -> [__m256; 2] {
-            let line = line as *const __m128i;
+        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
             // SAFETY: as promised by the caller.
             unsafe {
+                let line = panel.add(i * Self::BYTES) as *const __m128i;
                 let widen = |h: __m128i| {
                     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
                 };
                 [
                     widen(_mm_load_si128(line)),
                     widen(_mm_load_si128(line.add(1))),
+                ]
+            }
+        }
+    }
+
+    /// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
+    struct Q8;
+    impl Load for Q8 {
+        const BYTES: usize = std::mem::size_of::<super::Q8Block>() / super::QK;
+        #[inline(always)]
+        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q8Block>());
+                let scale = block as *const f32;
+                let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(q)));
+                [
+                    _mm256_mul_ps(lo, _mm256_load_ps(scale)),
+                    _mm256_mul_ps(hi, _mm256_load_ps(scale.add(8))),
                 ]
             }
         }
@@ -286,6 +488,9 @@ mod avx2 {
                 }
                 super::Lines::Bf16(l) => {
                     run::<Bf16>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                }
+                super::Lines::Q8(l) => {
+                    run::<Q8>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
                 }
             }
         }
@@ -380,10 +585,11 @@ mod avx2 {
             for i in 0..k {
                 let mut w = [[_mm256_setzero_ps(); 2]; P];
                 for (j, wj) in w.iter_mut().enumerate() {
-                    let line = a.add((j * k + i) * W::BYTES);
+                    let panel = a.add(j * k * W::BYTES);
                     // A hint only: past the end of the lines it reads nothing.
-                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH) as *const i8);
-                    *wj = W::load(line);
+                    let ahead = panel.wrapping_add(i * W::BYTES + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    *wj = W::load(panel, i);
                 }
                 for (g, accg) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*x.add(g * k + i));
@@ -430,6 +636,232 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{NR, Panels};
+
+    /// Bytes ahead of the line in use that the kernel asks the cache to fetch.
+    const PREFETCH: usize = 2048;
+
+    /// Most rows whose accumulators share a pass over the panels: 8 rows x 2 panels = 16 of
+    /// the 32 registers, with room for the weights and a broadcast.
+    const MR: usize = 8;
+
+    /// How a kernel reads one feature's 16 weights of a panel as one f32 vector.
+    trait Load {
+        /// Bytes per feature of a panel (a panel spans `k * BYTES`).
+        const BYTES: usize;
+        /// # Safety
+        /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
+        /// AVX-512F.
+        unsafe fn load(panel: *const u8, i: usize) -> __m512;
+    }
+
+    struct F32;
+    impl Load for F32 {
+        const BYTES: usize = 64;
+        #[inline(always)]
+        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+            // SAFETY: as promised by the caller.
+            unsafe { _mm512_load_ps(panel.add(i * Self::BYTES) as *const f32) }
+        }
+    }
+
+    /// bfloat16 widened exactly: zero-extended to 32 bits, shifted into the upper half.
+    struct Bf16;
+    impl Load for Bf16 {
+        const BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                let h = _mm256_load_si256(panel.add(i * Self::BYTES) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+    }
+
+    /// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
+    struct Q8;
+    impl Load for Q8 {
+        const BYTES: usize = std::mem::size_of::<super::Q8Block>() / super::QK;
+        #[inline(always)]
+        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q8Block>());
+                let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
+                let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                _mm512_mul_ps(q, _mm512_load_ps(block as *const f32))
+            }
+        }
+    }
+
+    /// The panels `p0..p1` of `x · w`: rows in groups of at most [`MR`] (as even as
+    /// possible), each group streaming four panels at a time when it has one or two rows
+    /// (four to eight independent chains hide the FMA latency) and two otherwise.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; as [`super::portable::panels`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn panels(
+        x: &[f32],
+        w: &Panels,
+        out: *mut f32,
+        rows: usize,
+        cols: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            match &w.lines {
+                super::Lines::F32(l) => {
+                    run::<F32>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                }
+                super::Lines::Bf16(l) => {
+                    run::<Bf16>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                }
+                super::Lines::Q8(l) => {
+                    run::<Q8>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                }
+            }
+        }
+    }
+
+    /// [`panels`] over lines of kind `W`.
+    ///
+    /// # Safety
+    /// As [`panels`], `lines` holding the panels' lines.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<W: Load>(
+        x: &[f32],
+        lines: *const u8,
+        k: usize,
+        out: *mut f32,
+        rows: usize,
+        cols: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        let groups = rows.div_ceil(MR);
+        // SAFETY: every offset stays within the shapes promised by the caller.
+        unsafe {
+            let mut p = p0;
+            while p < p1 {
+                let step = (p1 - p).min(4);
+                let mut r = 0;
+                for g in 0..groups {
+                    let size = rows / groups + usize::from(g < rows % groups);
+                    let (xr, or) = (x.as_ptr().add(r * k), out.add(r * cols));
+                    let wide = if size <= 2 { 4 } else { 2 };
+                    let mut q = 0;
+                    while q < step {
+                        let take = match (step - q).min(wide) {
+                            4 => 4,
+                            2 | 3 => 2,
+                            _ => 1,
+                        };
+                        let a = lines.add((p + q) * k * W::BYTES);
+                        group::<W>(size, take, xr, a, or, k, cols, p + q);
+                        q += take;
+                    }
+                    r += size;
+                }
+                p += step;
+            }
+        }
+    }
+
+    /// `block::<W, size, panels>`.
+    ///
+    /// # Safety
+    /// As [`block`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn group<W: Load>(
+        size: usize,
+        panels: usize,
+        x: *const f32,
+        a: *const u8,
+        out: *mut f32,
+        k: usize,
+        cols: usize,
+        p: usize,
+    ) {
+        macro_rules! dispatch {
+            ($($g:literal),*) => {
+                match (size, panels) {
+                    $(
+                        ($g, 4) => block::<W, $g, 4>(x, a, out, k, cols, p),
+                        ($g, 2) => block::<W, $g, 2>(x, a, out, k, cols, p),
+                        ($g, _) => block::<W, $g, 1>(x, a, out, k, cols, p),
+                    )*
+                    _ => unreachable!("groups have 1..={MR} rows"),
+                }
+            };
+        }
+        // SAFETY: as promised by the caller.
+        unsafe { dispatch!(1, 2, 3, 4, 5, 6, 7, 8) }
+    }
+
+    /// `G` rows against the `P` panels from `p` (their lines from `a`): `G P` chains of 16
+    /// lanes.
+    ///
+    /// # Safety
+    /// `x` holds `G` rows of `k`, `a` `P * k` lines, `out` `G` rows of `cols` with
+    /// `p * NR < cols`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn block<W: Load, const G: usize, const P: usize>(
+        x: *const f32,
+        a: *const u8,
+        out: *mut f32,
+        k: usize,
+        cols: usize,
+        p: usize,
+    ) {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); P]; G];
+            for i in 0..k {
+                let mut w = [_mm512_setzero_ps(); P];
+                for (j, wj) in w.iter_mut().enumerate() {
+                    let panel = a.add(j * k * W::BYTES);
+                    // A hint only: past the end of the lines it reads nothing.
+                    let ahead = panel.wrapping_add(i * W::BYTES + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    *wj = W::load(panel, i);
+                }
+                for (g, accg) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(g * k + i));
+                    for (accj, wj) in accg.iter_mut().zip(&w) {
+                        *accj = _mm512_fmadd_ps(xv, *wj, *accj);
+                    }
+                }
+            }
+            for (g, accg) in acc.iter().enumerate() {
+                for (j, accj) in accg.iter().enumerate() {
+                    let c = (p + j) * NR;
+                    if c < cols {
+                        let o = out.add(g * cols + c);
+                        if c + NR <= cols {
+                            _mm512_storeu_ps(o, *accj);
+                        } else {
+                            let mask = ((1u32 << (cols - c)) - 1) as __mmask16;
+                            _mm512_mask_storeu_ps(o, mask, *accj);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,15 +889,14 @@ mod tests {
         out
     }
 
-    fn scalar(x: &[f32], w: &Panels, rows: usize, cols: usize) -> Vec<f32> {
+    fn with(kernel: Kernel, x: &[f32], w: &Panels, rows: usize, cols: usize) -> Vec<f32> {
         let mut out = vec![f32::NAN; rows * cols];
-        // SAFETY: `out` holds rows x cols, `x` rows x k; the panels cover `cols`.
-        unsafe { portable::panels(x, w, out.as_mut_ptr(), rows, cols, 0, cols.div_ceil(NR)) };
+        x_panels_with(kernel, x, w, &mut out, rows, cols);
         out
     }
 
-    /// The dispatched (SIMD, threaded) kernel reproduces the scalar chains on the stored
-    /// layout bit for bit, packed from either layout, in f32 or (for bfloat16 values) half
+    /// The dispatched (SIMD, threaded) kernel and every kernel this CPU runs (scalar, AVX2,
+    /// AVX-512) reproduce the scalar chains on the stored layout bit for bit, packed from either layout, in f32 or (for bfloat16 values) half
     /// the bytes, for every row count (one group, several groups, a remainder) and for widths
     /// with a partial last panel or a prefix of columns.
     #[test]
@@ -488,28 +919,95 @@ mod tests {
             let want_layout = Panels::from_in_out(&w, k, n);
             let from_t = Panels::from_out_in(&transpose(&w, k, n), k, n);
             assert_eq!((want_layout.is_bf16(), from_t.is_bf16()), (bf16, bf16));
-            for rows in [1, 2, 3, 4, 5, 6, 7, 9, 13] {
+            for rows in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17] {
                 let x = values(rows * k, 2 + rows as u64);
                 let want = portable::x_w(&x, &w, rows, k, n);
                 for panels in [&want_layout, &from_t] {
                     assert_eq!(run(&x, panels, rows, n), want, "k {k} n {n} rows {rows}");
-                    assert_eq!(scalar(&x, panels, rows, n), want, "scalar k {k} n {n}");
+                    for kernel in Kernel::available() {
+                        let got = with(kernel, &x, panels, rows, n);
+                        assert_eq!(got, want, "{kernel:?} k {k} n {n} rows {rows}");
+                    }
                 }
                 for cols in [1, n / 2 + 3, n - 1]
                     .into_iter()
                     .filter(|&c| c >= 1 && c <= n)
                 {
-                    let got = run(&x, &want_layout, rows, cols);
-                    for r in 0..rows {
-                        assert_eq!(
-                            &got[r * cols..(r + 1) * cols],
-                            &want[r * n..r * n + cols],
-                            "k {k} n {n} rows {rows} cols {cols}"
-                        );
+                    let mut outputs = vec![run(&x, &want_layout, rows, cols)];
+                    for kernel in Kernel::available() {
+                        outputs.push(with(kernel, &x, &want_layout, rows, cols));
+                    }
+                    for got in outputs {
+                        for r in 0..rows {
+                            assert_eq!(
+                                &got[r * cols..(r + 1) * cols],
+                                &want[r * n..r * n + cols],
+                                "k {k} n {n} rows {rows} cols {cols}"
+                            );
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Q8_0 as ggml computes it, by hand: a block 0, 0.1, ..., 3.1 has amax 3.1, scale
+    /// 3.1 / 127 (0.024409..., stored as the nearest f16, 0.024414062), and weight 0.1 maps to
+    /// round(0.1 * 127 / 3.1) = round(4.0968) = 4, the largest to 127; an all-zero block to
+    /// scale 0.
+    #[test]
+    fn q8_0_quantizes_as_ggml() {
+        let block: [f32; QK] = std::array::from_fn(|i| i as f32 * 0.1);
+        let (d, q) = quantize_q8_0(&block);
+        assert_eq!(d, 0.024414062);
+        assert_eq!((q[0], q[1], q[10], q[31]), (0, 4, 41, 127));
+        let negative: [f32; QK] = std::array::from_fn(|i| -(i as f32) * 0.1);
+        assert_eq!(quantize_q8_0(&negative).1[31], -127);
+        assert_eq!(quantize_q8_0(&[0.0; QK]), (0.0, [0; QK]));
+    }
+
+    /// The dequantized weights of a Q8_0 matrix.
+    fn dequantized(w: &Panels) -> Vec<f32> {
+        let (k, n) = (w.k, w.n);
+        (0..k * n)
+            .map(|e| w.weight(e % n / NR, e / n, e % n % NR))
+            .collect()
+    }
+
+    /// Q8_0 panels: every kernel computes the f32 chains over the dequantized weights bit for
+    /// bit (the scale times a byte is exact in f32), from either layout; quantizing the
+    /// dequantized weights again gives the same panels (a Q8_0 file converted to f32 and packed
+    /// computes with the file's numbers); widths that are not whole blocks are refused.
+    #[test]
+    fn q8_0_panels_compute_the_dequantized_product_bit_for_bit() {
+        for (k, n) in [(64, 48), (256, 300), (96, 5)] {
+            let w = values(k * n, 11);
+            let q = Panels::quantized(&w, k, n, false, Quantization::Q8_0).unwrap();
+            let q_t =
+                Panels::quantized(&transpose(&w, k, n), k, n, true, Quantization::Q8_0).unwrap();
+            assert_eq!(q.quantization(), Some(Quantization::Q8_0));
+            let deq = dequantized(&q);
+            assert_eq!(dequantized(&q_t), deq);
+            // The error: half a step (amax / 127, amax < 0.5 here) plus the scale's f16
+            // rounding (2^-11 relative) over at most 127 steps.
+            for (a, b) in w.iter().zip(&deq) {
+                let bound = 0.5 * 0.5 / 127.0 + 0.5 / 2048.0;
+                assert!((a - b).abs() <= bound, "{a} vs {b}");
+            }
+            let again = Panels::quantized(&deq, k, n, false, Quantization::Q8_0).unwrap();
+            assert_eq!(dequantized(&again), deq, "re-quantized");
+            for rows in [1, 2, 3, 7, 9] {
+                let x = values(rows * k, 20 + rows as u64);
+                let want = portable::x_w(&x, &deq, rows, k, n);
+                assert_eq!(run(&x, &q, rows, n), want, "k {k} n {n} rows {rows}");
+                for kernel in Kernel::available() {
+                    assert_eq!(with(kernel, &x, &q_t, rows, n), want, "{kernel:?} {k} {n}");
+                }
+            }
+        }
+        assert!(
+            Panels::quantized(&values(40 * 16, 1), 40, 16, false, Quantization::Q8_0).is_none()
+        );
     }
 
     /// A row's result does not depend on the rows beside it: row `r` of a many-row call

@@ -1,0 +1,253 @@
+//! A persistent pool of helper threads for the decode products: the caller runs part 0 of a
+//! job and the helpers the others, each helper spinning for a short while after its part so
+//! that the next product (a few microseconds later while decoding) finds it awake.
+//!
+//! Rayon's pool parks idle workers and, called from outside the pool, parks the caller too: a
+//! join cost more than one product of the default model. Here a job is handed over through
+//! two atomics, and a helper parks only after [`SPIN`] without work.
+//!
+//! One job runs at a time; a caller that finds the pool busy (another decoding thread) runs
+//! every part itself. Parts never change results: the kernels split by output columns, each
+//! computed by one thread in a fixed order.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, TryLockError};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+/// A raw output pointer that several threads write through, each on its own part.
+#[derive(Clone, Copy)]
+pub(crate) struct Out(pub(crate) *mut f32);
+// SAFETY: the kernels that share one write disjoint ranges from each thread.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// How long a helper spins waiting for the next job before it parks.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// Most threads a job is split over (the caller included).
+const MAX_THREADS: usize = 16;
+
+/// Low bits of [`Shared::generation`] that hold a job's part count.
+const PART_BITS: u32 = 5;
+
+/// The job of the current generation: a borrowed closure, valid until every helper has
+/// reported its part done.
+type Job = *const (dyn Fn(usize) + Sync);
+
+struct Shared {
+    /// `(sequence number << PART_BITS) | parts` of the current job, written (release) after
+    /// `job`: one word, so that a helper reads the job's part count with its generation.
+    generation: AtomicUsize,
+    /// Helpers that finished their part of the current job.
+    done: AtomicUsize,
+    /// Whether a helper's part panicked (the caller panics in turn).
+    panicked: AtomicBool,
+    job: UnsafeCell<Option<Job>>,
+    /// The helper threads, to unpark them.
+    helpers: OnceLock<Vec<Thread>>,
+}
+
+// SAFETY: `job` is written only by the one caller holding `Pool::busy`, before the
+// generation's release-increment, and read by helpers after their acquire-load of it.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// The helper threads and the lock that admits one job at a time.
+pub struct Pool {
+    shared: &'static Shared,
+    busy: Mutex<()>,
+    threads: usize,
+}
+
+impl Pool {
+    /// The process's pool: `LAYERSKIP_THREADS` threads if set (1 = no helpers), otherwise one
+    /// per core the process may use, at most 16.
+    pub fn global() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let threads = std::env::var("LAYERSKIP_THREADS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&n| n >= 1)
+                .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
+                .min(MAX_THREADS);
+            Pool::new(threads)
+        })
+    }
+
+    fn new(threads: usize) -> Pool {
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            generation: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            job: UnsafeCell::new(None),
+            helpers: OnceLock::new(),
+        }));
+        let helpers = (1..threads)
+            .map(|part| {
+                thread::Builder::new()
+                    .name(format!("layerskip-helper-{part}"))
+                    .spawn(move || helper(shared, part))
+                    .expect("spawn a helper thread")
+                    .thread()
+                    .clone()
+            })
+            .collect();
+        let _ = shared.helpers.set(helpers);
+        Pool {
+            shared,
+            busy: Mutex::new(()),
+            threads,
+        }
+    }
+
+    /// Threads a job may use (the caller included).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f(0)`, ..., `f(parts - 1)`, part 0 on the calling thread and the others on
+    /// helpers, and returns when all are done. With `parts` above [`threads`](Self::threads),
+    /// or when another thread's job holds the pool, the caller runs every part itself.
+    pub fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        let guard = match self.busy.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if guard.is_none() || parts <= 1 || parts > self.threads {
+            (0..parts).for_each(f);
+            return;
+        }
+        let shared = self.shared;
+        shared.done.store(0, Ordering::Relaxed);
+        // SAFETY: the lifetime is erased only while this call waits for every helper below,
+        // so the closure outlives each use; only this caller (holding `busy`) writes `job`.
+        unsafe {
+            let job: Job = std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f);
+            *shared.job.get() = Some(job);
+        }
+        let sequence = (shared.generation.load(Ordering::Relaxed) >> PART_BITS) + 1;
+        shared
+            .generation
+            .store(sequence << PART_BITS | parts, Ordering::Release);
+        for helper in &shared.helpers.get().expect("helpers started")[..parts - 1] {
+            helper.unpark();
+        }
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+        while shared.done.load(Ordering::Acquire) < parts - 1 {
+            std::hint::spin_loop();
+        }
+        // SAFETY: every helper is done with the job.
+        unsafe { *shared.job.get() = None };
+        if let Err(payload) = mine {
+            std::panic::resume_unwind(payload);
+        }
+        if shared.panicked.swap(false, Ordering::Relaxed) {
+            panic!("a layerskip helper thread panicked in a kernel");
+        }
+    }
+}
+
+/// Helper `part`'s loop: wait for a new generation (spinning, then parked), run its part if
+/// the job has one, report done.
+fn helper(shared: &'static Shared, part: usize) {
+    let mut seen = 0;
+    loop {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        let generation = loop {
+            let g = shared.generation.load(Ordering::Acquire);
+            if g != seen {
+                break g;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
+                // `unpark` before this park makes it return at once; spurious wake-ups
+                // come back to the check above.
+                thread::park_timeout(Duration::from_millis(50));
+            } else {
+                std::hint::spin_loop();
+            }
+        };
+        seen = generation;
+        if part < generation & ((1 << PART_BITS) - 1) {
+            // SAFETY: written before the generation this thread acquired, and kept alive
+            // by the caller until `done` counts this part.
+            let job = unsafe { (*shared.job.get()).expect("a job with the generation") };
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job)(part) }));
+            if result.is_err() {
+                shared.panicked.store(true, Ordering::Relaxed);
+            }
+            shared.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every part runs exactly once per job, over many back-to-back jobs, with the parts'
+    /// writes visible to the caller when `run` returns.
+    #[test]
+    fn every_part_runs_once_per_job() {
+        let pool = Pool::new(3);
+        for job in 0..2000usize {
+            let parts = 1 + job % 3;
+            let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(parts, &|p| {
+                hits[p].fetch_add(job + 1, Ordering::Relaxed);
+            });
+            for (p, h) in hits.iter().enumerate() {
+                assert_eq!(h.load(Ordering::Relaxed), job + 1, "job {job} part {p}");
+            }
+        }
+    }
+
+    /// Jobs from several threads at once all complete (a busy pool runs the caller's parts
+    /// on the caller).
+    #[test]
+    fn concurrent_callers_all_complete() {
+        let pool = Pool::new(2);
+        let total = AtomicUsize::new(0);
+        thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..500 {
+                        pool.run(2, &|_| {
+                            total.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 500 * 2);
+    }
+
+    /// A part that panics on a helper makes the caller panic instead of hanging.
+    #[test]
+    fn a_panicking_part_reaches_the_caller() {
+        let pool = Pool::new(2);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(2, &|p| assert!(p == 0, "part {p} fails"));
+        }));
+        assert!(caught.is_err());
+        // The pool still works afterwards.
+        let n = AtomicUsize::new(0);
+        pool.run(2, &|_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 2);
+    }
+}
