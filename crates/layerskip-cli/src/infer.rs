@@ -94,8 +94,9 @@ pub struct InferArgs {
     /// Print one JSON object with the text and the statistics instead of streaming.
     #[arg(long)]
     pub json: bool,
-    /// Skip the untimed warm-up generation before the first prompt (it compiles GPU kernels and
-    /// packs CPU weights, so that the first prompt's time to first token is the steady one).
+    /// Skip the untimed warm-up generation before the first prompt (it compiles GPU kernels, so
+    /// that the first prompt's time to first token is the steady one; CPU weights are packed
+    /// when the model is loaded either way).
     #[arg(long)]
     pub no_warm_up: bool,
 }
@@ -209,7 +210,7 @@ impl BackendTask for InferArgs {
         if !self.no_warm_up {
             let ms = generator.warm_up(&options)?;
             if !self.json {
-                eprintln!("warm-up: {ms:.0} ms (kernels compiled, weights prepared)");
+                eprintln!("warm-up: {ms:.0} ms (kernels compiled)");
             }
         }
         let prompts: Vec<String> = match (&self.prompt, &self.prompt_file) {

@@ -19,7 +19,9 @@ pub struct Generator<'m, B: LayerSkipBackend> {
 }
 
 impl<'m, B: LayerSkipBackend> Generator<'m, B> {
-    /// A generator whose context holds `capacity` positions (prompt + generation).
+    /// A generator whose context holds `capacity` positions (prompt + generation). Prepares
+    /// the model's weights for decoding ([`LlamaModel::prepare_for_decoding`]) if they are not
+    /// yet.
     pub fn new(model: &'m LlamaModel<B>, capacity: usize) -> Result<Self> {
         let config = model.config();
         if capacity == 0 || capacity > config.max_position_embeddings {
@@ -28,6 +30,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
                 config.max_position_embeddings
             )));
         }
+        model.prepare_for_decoding();
         let device = model.embed_tokens.device();
         let ctx = DecodeContext {
             model,
@@ -73,10 +76,9 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     }
 
     /// Runs `options`' strategy untimed on two short synthetic prompts (one of a few tokens, one
-    /// longer than the row kernels take, where the context allows) for a few tokens, so that a
-    /// backend that compiles its kernels on first use (CubeCL: CUDA, wgpu) or prepares weights on
-    /// first use (Flex's packed copies) does it before the first real prompt. Returns the
-    /// milliseconds it took.
+    /// of 40) for a few tokens, so that a backend that compiles its kernels on first use
+    /// (CubeCL: CUDA, wgpu) does it before the first real prompt (weights were prepared by
+    /// [`Generator::new`]). Returns the milliseconds it took.
     pub fn warm_up(&mut self, options: &GenerateOptions) -> Result<f64> {
         let start = Instant::now();
         let vocab = self.ctx.model.config().vocab_size as u32;

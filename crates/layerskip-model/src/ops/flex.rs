@@ -1,12 +1,19 @@
 //! [`LayerSkipBackend`] for the Flex CPU backend: the slice kernels of `layerskip_kernels::cpu`
-//! for decoding and verification, in-place cache writes, Burn's ops for the rest.
+//! for decoding, verification and prefill, in-place cache writes, Burn's ops for the rest.
 //!
-//! - Products of at most [`MAX_ROWS`] f32 rows read a packed copy of the weight (made on first
-//!   use, kept in the module's [`Packed`]): Flex sends 2-16 rows through gemm's packing path,
-//!   which cost several times one row, so verifying `d + 1` drafts in one pass saved nothing.
-//!   The packed copy adds the weights' size again (half of it for bf16-valued weights).
+//! - Products of at most [`MAX_ROWS`] f32 rows read a packed copy of the weight (made when a
+//!   generator is built, `LlamaModel::prepare_for_decoding`, or else on first use; kept in the
+//!   module's [`Packed`]), split by output columns over both cores: Flex sends 2-16 rows
+//!   through gemm's packing path, which cost several times one row, so verifying `d + 1`
+//!   drafts in one pass saved nothing. The packed copy adds the weights' size again (half of it
+//!   for bf16-valued weights).
 //! - Attention of at most [`MAX_ROWS`] f32 rows reads the cache buffers in place; longer inputs
-//!   (prefill) gather the kv heads by block copies and take Burn's attention.
+//!   gather the kv heads by block copies and take Burn's attention.
+//! - Half precision (`--dtype bf16`/`f16`: weights, activations and KV cache in 16 bits): the
+//!   same kernels, inputs widened to f32 exactly, f32 arithmetic, outputs rounded once. Products
+//!   of any length take the row kernels (Flex's half-precision matmul was 7x slower than f32).
+//!   bf16 weights are packed as bf16 (half the bytes streamed); f16 weights are widened into
+//!   f32 panels.
 //! - Cache writes go in place into the preallocated buffers: Burn 0.21's Flex `slice_assign`
 //!   copies the whole destination on every call.
 
@@ -19,13 +26,15 @@ use burn_flex::FlexTensor;
 use half::{bf16, f16};
 use layerskip_kernels::cpu::{self, attend::AttendShape, rows::Panels};
 
-use super::{LayerSkipBackend, Packed, causal_attention};
+use super::{LayerSkipBackend, Packed, WeightLayout as Layout, causal_attention};
 use crate::rope::RopeTables;
 
-/// Most rows the Flex kernels take; longer inputs (prefill, evaluation, training) use Burn's
-/// matmul and attention. Self-speculation with `d` drafts verifies `d + 1` rows, so its logits
-/// are bit-identical to autoregressive decoding's on Flex f32 for every `d < MAX_ROWS`.
-pub const MAX_ROWS: usize = 32;
+/// Most rows the Flex kernels take in f32; longer inputs (evaluation and training batches) use
+/// Burn's matmul and attention. Prompts up to this length are prefilled by the same kernels as
+/// decoding (faster than Burn's here: a 125-token SmolLM2 prompt took 152 ms against 262 ms),
+/// and self-speculation with `d` drafts verifies `d + 1` rows, so its logits are bit-identical
+/// to autoregressive decoding's on Flex f32 for every `d < MAX_ROWS`.
+pub const MAX_ROWS: usize = 512;
 
 /// The packed copy of one weight matrix, once made.
 #[derive(Clone, Default)]
@@ -36,13 +45,21 @@ impl PackedSlot {
         self.0.lock().map(|s| s.is_some()).unwrap_or(false)
     }
 
-    /// The packed copy of `w` (contiguous f32), packing it now if it is not the one held.
+    /// The packed copy of `w` (contiguous; f32, or half precision widened exactly), packing
+    /// it now if it is not the one held.
     fn of(&self, w: FlexTensor, layout: Layout, k: usize, n: usize) -> Arc<Entry> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = slot.as_ref().filter(|e| e.packs(&w)) {
             return entry.clone();
         }
-        let ws: &[f32] = &w.storage::<f32>()[w.layout().start_offset()..][..k * n];
+        let widened;
+        let ws: &[f32] = match w.dtype() {
+            DType::F32 => &values::<f32>(&w)[..k * n],
+            _ => {
+                widened = to_f32(&w, k * n);
+                &widened
+            }
+        };
         let panels = match layout {
             Layout::InOut => Panels::from_in_out(ws, k, n),
             Layout::OutIn => Panels::from_out_in(ws, k, n),
@@ -51,15 +68,6 @@ impl PackedSlot {
         *slot = Some(entry.clone());
         entry
     }
-}
-
-/// How a weight matrix is stored.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Layout {
-    /// `[in, out]`, Burn's `Linear` layout.
-    InOut,
-    /// `[out, in]`, an embedding used as a tied head.
-    OutIn,
 }
 
 /// A packed matrix and the tensor it was packed from.
@@ -73,10 +81,9 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn packs(&self, w: &FlexTensor) -> bool {
-        std::ptr::eq(
-            self.source.storage::<f32>().as_ptr(),
-            w.storage::<f32>().as_ptr(),
-        ) && self.source.layout() == w.layout()
+        std::ptr::eq(self.source.bytes().as_ptr(), w.bytes().as_ptr())
+            && self.source.dtype() == w.dtype()
+            && self.source.layout() == w.layout()
     }
 }
 
@@ -103,8 +110,54 @@ fn all_f32(dtypes: &[DType]) -> bool {
     dtypes.iter().all(|d| *d == DType::F32)
 }
 
-/// The row kernel's `x · W` (the first `cols` outputs) for at most [`MAX_ROWS`] f32 rows;
-/// `None` otherwise.
+/// Whether the row kernels take tensors of `dtype`: f32, or a half type they widen to f32
+/// (weights packed once, activations per call) and compute in f32.
+fn is_row_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// The first `len` values of a contiguous f32, bf16 or f16 tensor, as f32 (exact).
+fn to_f32(t: &FlexTensor, len: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    widen_into(t, 0, len, &mut out);
+    out
+}
+
+/// Appends the values `start..start + len` of a contiguous f32, bf16 or f16 tensor to `out`,
+/// as f32 (exact).
+fn widen_into(t: &FlexTensor, start: usize, len: usize, out: &mut Vec<f32>) {
+    let range = start..start + len;
+    match t.dtype() {
+        DType::F32 => out.extend_from_slice(&values::<f32>(t)[range]),
+        DType::BF16 => out.extend(values::<bf16>(t)[range].iter().map(|v| v.to_f32())),
+        DType::F16 => out.extend(values::<f16>(t)[range].iter().map(|v| v.to_f32())),
+        other => unreachable!("row dtypes are checked by the caller, not {other:?}"),
+    }
+}
+
+/// `values` `[shape]` in `dtype` (rounded to nearest from f32).
+fn from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor {
+    let mut out = FlexTensor::empty(Shape::from(shape), dtype);
+    match dtype {
+        DType::F32 => out.storage_mut::<f32>().copy_from_slice(values),
+        DType::BF16 => out
+            .storage_mut::<bf16>()
+            .iter_mut()
+            .zip(values)
+            .for_each(|(o, v)| *o = bf16::from_f32(*v)),
+        DType::F16 => out
+            .storage_mut::<f16>()
+            .iter_mut()
+            .zip(values)
+            .for_each(|(o, v)| *o = f16::from_f32(*v)),
+        other => unreachable!("row dtypes are checked by the caller, not {other:?}"),
+    }
+    out
+}
+
+/// The row kernel's `x · W` (the first `cols` outputs) for at most [`MAX_ROWS`] rows in f32,
+/// or in bf16/f16 (widened to f32, computed in f32, rounded back: the weights' values and f32
+/// accumulation); `None` otherwise.
 fn try_rows(
     x: &Tensor<Flex, 3>,
     w: &Tensor<Flex, 2>,
@@ -114,16 +167,25 @@ fn try_rows(
 ) -> Option<Tensor<Flex, 3>> {
     let [b, s, k] = x.dims();
     let [w0, w1] = w.dims();
-    if b * s > MAX_ROWS || !all_f32(&[x.dtype(), w.dtype()]) {
+    let dtype = x.dtype();
+    // Half-precision products of any length take the row kernels: Flex's own half-precision
+    // matmul is several times slower than widening to f32.
+    if (b * s > MAX_ROWS && dtype == DType::F32) || w.dtype() != dtype || !is_row_dtype(dtype) {
         return None;
     }
     let n = if layout == Layout::InOut { w1 } else { w0 };
     let entry = packed.flex.of(raw(w.clone()), layout, k, n);
     let x = raw(x.clone());
-    let mut out = FlexTensor::empty(Shape::from(vec![b, s, cols]), DType::F32);
-    let xs = &values::<f32>(&x)[..b * s * k];
-    cpu::rows::x_panels(xs, &entry.panels, out.storage_mut::<f32>(), b * s, cols);
-    Some(wrap(out))
+    let rows = b * s;
+    if dtype == DType::F32 {
+        let mut out = FlexTensor::empty(Shape::from(vec![b, s, cols]), DType::F32);
+        let xs = &values::<f32>(&x)[..rows * k];
+        cpu::rows::x_panels(xs, &entry.panels, out.storage_mut::<f32>(), rows, cols);
+        return Some(wrap(out));
+    }
+    let mut out = vec![0.0f32; rows * cols];
+    cpu::rows::x_panels(&to_f32(&x, rows * k), &entry.panels, &mut out, rows, cols);
+    Some(wrap(from_f32(&out, vec![b, s, cols], dtype)))
 }
 
 /// Copies `outer` blocks of `block` elements of `src` into `dst`, block `o` at `dst_at(o)`.
@@ -246,40 +308,70 @@ impl LayerSkipBackend for Flex {
         }
     }
 
+    fn prepare(weight: Tensor<Self, 2>, layout: Layout, packed: &Packed) {
+        if !is_row_dtype(weight.dtype()) {
+            return;
+        }
+        let [a, b] = weight.dims();
+        let (k, n) = match layout {
+            Layout::InOut => (a, b),
+            Layout::OutIn => (b, a),
+        };
+        packed.flex.of(raw(weight), layout, k, n);
+    }
+
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
         norm.forward(x)
     }
 
     fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
-        if !all_f32(&[gate.dtype(), up.dtype()]) || gate.dims() != up.dims() {
+        let dtype = gate.dtype();
+        if up.dtype() != dtype || !is_row_dtype(dtype) || gate.dims() != up.dims() {
             return super::burn_ops::silu_mul(gate, up);
         }
+        let dims = gate.dims().to_vec();
         let (g, u) = (raw(gate), raw(up));
         let n = g.layout().shape().num_elements();
-        let mut out = FlexTensor::empty(g.layout().shape().clone(), DType::F32);
-        cpu::silu_mul(
-            &values(&g)[..n],
-            &values(&u)[..n],
-            &mut out.storage_mut::<f32>()[..n],
-        );
-        wrap(out)
+        if dtype == DType::F32 {
+            let mut out = FlexTensor::empty(g.layout().shape().clone(), DType::F32);
+            cpu::silu_mul(
+                &values(&g)[..n],
+                &values(&u)[..n],
+                &mut out.storage_mut::<f32>()[..n],
+            );
+            return wrap(out);
+        }
+        let mut out = vec![0.0; n];
+        cpu::silu_mul(&to_f32(&g, n), &to_f32(&u, n), &mut out);
+        wrap(from_f32(&out, dims, dtype))
     }
 
     fn rope(x: Tensor<Self, 4>, tables: &RopeTables<Self>) -> Tensor<Self, 4> {
-        if !all_f32(&[x.dtype(), tables.cos.dtype(), tables.sin.dtype()]) {
+        let dtype = x.dtype();
+        let same = [tables.cos.dtype(), tables.sin.dtype()]
+            .iter()
+            .all(|d| *d == dtype);
+        if !same || !is_row_dtype(dtype) {
             return super::burn_ops::rope(x, tables);
         }
         let dims = x.dims();
         let (x, cos, sin) = (raw(x), raw(tables.cos.clone()), raw(tables.sin.clone()));
-        let mut out = FlexTensor::empty(Shape::from(dims.to_vec()), DType::F32);
-        cpu::rope(
-            values(&x),
-            values(&cos),
-            values(&sin),
-            out.storage_mut::<f32>(),
-            dims,
-        );
-        wrap(out)
+        if dtype == DType::F32 {
+            let mut out = FlexTensor::empty(Shape::from(dims.to_vec()), DType::F32);
+            cpu::rope(
+                values(&x),
+                values(&cos),
+                values(&sin),
+                out.storage_mut::<f32>(),
+                dims,
+            );
+            return wrap(out);
+        }
+        let (n, table) = (dims.iter().product(), dims[1] * dims[3]);
+        let mut out = vec![0.0; n];
+        let (cos, sin) = (to_f32(&cos, table), to_f32(&sin, table));
+        cpu::rope(&to_f32(&x, n), &cos, &sin, &mut out, dims);
+        wrap(from_f32(&out, dims.to_vec(), dtype))
     }
 
     fn write_at<const D: usize>(
@@ -354,6 +446,33 @@ impl LayerSkipBackend for Flex {
                 &shape,
             );
             return wrap(out);
+        }
+        if seq <= MAX_ROWS && dtypes.iter().all(|&t| t == dtypes[0] && is_row_dtype(t)) {
+            // Half precision: the queries and the held prefix of the cache widened to f32,
+            // the f32 kernel, the output rounded back.
+            let dtype = dtypes[0];
+            let (q, k, v) = (raw(q), raw(key_cache.clone()), raw(value_cache.clone()));
+            let shape = AttendShape {
+                batch,
+                seq,
+                heads,
+                kv_heads,
+                capacity: len,
+                d,
+                len,
+                groups,
+            };
+            let prefix = |t: &FlexTensor| {
+                let mut out = Vec::with_capacity(batch * kv_heads * len * d);
+                for block in 0..batch * kv_heads {
+                    widen_into(t, block * capacity * d, len * d, &mut out);
+                }
+                out
+            };
+            let mut out = vec![0.0; batch * seq * heads * d];
+            let q = to_f32(&q, batch * seq * heads * d);
+            cpu::attend::attend(&q, &prefix(&k), &prefix(&v), &mut out, &shape);
+            return wrap(from_f32(&out, vec![batch, seq, heads * d], dtype));
         }
         if dtypes.iter().all(|&t| t == dtypes[0] && is_cache_dtype(t)) {
             let keys = gather_heads(key_cache, len, groups);

@@ -8,7 +8,7 @@
 //!
 //! | backend | implementation |
 //! |---|---|
-//! | Flex (CPU) | [`flex`]: packed row kernels, attention in place over the cache, in-place cache writes |
+//! | Flex (CPU) | [`flex`]: packed row kernels on both cores (f32, or half precision widened to f32), attention in place over the cache, in-place cache writes |
 //! | CubeCL: CUDA, wgpu, Vulkan, Metal | `cube` (feature `cube`): one CubeCL launch per op, fixed launch shapes while decoding |
 //! | `Autodiff<B>` (training) | the defaults (Burn ops, so gradients flow) |
 //!
@@ -31,7 +31,8 @@ pub mod cube;
 pub mod flex;
 
 /// Backend state kept beside one weight matrix (on Flex, the packed copy its row kernels read),
-/// made on first use and shared by clones of the module that holds it.
+/// made by [`LayerSkipBackend::prepare`] or on first use, and shared by clones of the module that
+/// holds it.
 ///
 /// A concrete type rather than an associated type of [`LayerSkipBackend`]: `#[derive(Module)]`
 /// hands skipped fields unchanged between a backend's module and its `Autodiff` wrapper's, so
@@ -83,6 +84,13 @@ pub trait LayerSkipBackend: Backend {
     ) -> Tensor<Self, 3> {
         let _ = packed;
         burn_ops::tied_product(x, embed, vocab)
+    }
+
+    /// Makes the backend's state for a weight now rather than on its first product (on Flex,
+    /// the packed copy the row kernels read), so that the first token of a generation does not
+    /// pay for it. Backends without such state do nothing.
+    fn prepare(weight: Tensor<Self, 2>, layout: WeightLayout, packed: &Packed) {
+        let _ = (weight, layout, packed);
     }
 
     /// RMSNorm of the last dimension.
@@ -202,6 +210,15 @@ pub trait LayerSkipBackend: Backend {
     ) -> Tensor<Self, 3> {
         burn_ops::exit_logits(x, norm, head, packed, vocab)
     }
+}
+
+/// How a weight matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[in, out]`, Burn's `Linear` layout.
+    InOut,
+    /// `[out, in]`, an embedding read as a tied head.
+    OutIn,
 }
 
 /// The LM head's weight as stored.
