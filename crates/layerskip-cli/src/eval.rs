@@ -2,11 +2,12 @@
 //! on held-out text, for one or more checkpoints, as a table, JSON and a line plot.
 
 use layerskip_model::LayerSkipBackend;
+use layerskip_model::Quantization;
 use std::path::PathBuf;
 
+use crate::infer::load_for_decoding;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use layerskip_model::{LlamaModel, Tokenizer};
 use layerskip_train::data::{Corpus, Document, read_corpus, split};
 use layerskip_train::eval::{ExitReport, exit_quality_with_progress};
 use layerskip_train::tokenizer::END_OF_TEXT;
@@ -22,6 +23,10 @@ pub struct EvalArgs {
     /// Checkpoint directories to compare (repeatable); each is evaluated on the same text.
     #[arg(long, required = true)]
     pub model: Vec<PathBuf>,
+    /// Keep the weights quantized for decoding (CPU): q8_0 (ggml's 8-bit blocks; on a checkpoint
+    /// converted from a Q8_0 GGUF, the file's own numbers). Default: the checkpoint's precision.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
     /// A training preset: evaluate on its held-out split (same data, fraction and seed as training).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -98,12 +103,21 @@ fn documents(corpus: Corpus) -> Vec<Document> {
 impl BackendTask for EvalArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let (docs, seq_len) = self.documents()?;
+        // Longer passes take Burn's matmul over the full-precision weights.
+        #[cfg(feature = "flex")]
+        if let Some(q) = self.quantize {
+            let rows = self.batch_size * seq_len;
+            let most = layerskip_model::ops::flex::MAX_ROWS;
+            if rows > most {
+                bail!(
+                    "--quantize {q} evaluates through the decoding kernels, which take at most {most}                      positions per pass: --batch-size {} x --seq-len {seq_len} = {rows}; lower them",
+                    self.batch_size
+                );
+            }
+        }
         let mut reports = Vec::new();
         for dir in &self.model {
-            let model = LlamaModel::<B>::from_pretrained(dir, &device)
-                .with_context(|| format!("loading {}", dir.display()))?;
-            let tokenizer = Tokenizer::from_file(dir)?;
-            tokenizer.check_fits(model.config().vocab_size, dir)?;
+            let (model, tokenizer) = load_for_decoding::<B>(dir, &device, self.quantize)?;
             let positions = model.config().max_position_embeddings;
             if seq_len > positions {
                 bail!(

@@ -1,6 +1,7 @@
 //! `layerskip infer`: generate text with a chosen strategy, streaming tokens as they are accepted.
 
 use layerskip_model::LayerSkipBackend;
+use layerskip_model::Quantization;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,10 @@ pub struct InferArgs {
     /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Keep the weights quantized for decoding (CPU): q8_0 (ggml's 8-bit blocks; on a checkpoint
+    /// converted from a Q8_0 GGUF, the file's own numbers). Default: the checkpoint's precision.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
     /// The prompt; without it and --prompt-file, prompts are read line by line from stdin.
     #[arg(long, conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -157,6 +162,22 @@ pub fn strategy_from(
 }
 
 /// Resolves `--model`, or the default model shipped with the repository.
+/// Loads a checkpoint directory for decoding: the model, its weights prepared for the decode
+/// path (quantized if asked) before the first token, and its tokenizer, checked to fit the
+/// model's vocabulary.
+pub fn load_for_decoding<B: LayerSkipBackend>(
+    dir: &Path,
+    device: &B::Device,
+    quantize: Option<Quantization>,
+) -> Result<(LlamaModel<B>, Tokenizer)> {
+    let model = LlamaModel::<B>::from_pretrained(dir, device)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tokenizer = Tokenizer::from_file(dir)?;
+    tokenizer.check_fits(model.config().vocab_size, dir)?;
+    model.prepare_for_decoding(quantize)?;
+    Ok((model, tokenizer))
+}
+
 pub fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = model {
         return Ok(dir.clone());
@@ -179,10 +200,7 @@ pub fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
 impl BackendTask for InferArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let dir = model_dir(&self.model)?;
-        let model = LlamaModel::<B>::from_pretrained(&dir, &device)
-            .with_context(|| format!("loading {}", dir.display()))?;
-        let tokenizer = Tokenizer::from_file(&dir)?;
-        tokenizer.check_fits(model.config().vocab_size, &dir)?;
+        let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.quantize)?;
         let config = model.config();
         let capacity = self
             .context

@@ -2,6 +2,7 @@
 //! tokenising the prompts, and measuring peak memory.
 
 use layerskip_model::LayerSkipBackend;
+use layerskip_model::Quantization;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -34,6 +35,10 @@ pub struct DatasetArgs {
     /// Hugging Face checkpoint directory (default: the model shipped in models/default).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Keep the weights quantized for decoding (CPU): q8_0 (ggml's 8-bit blocks; on a checkpoint
+    /// converted from a Q8_0 GGUF, the file's own numbers). Default: the checkpoint's precision.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
     /// Which dataset.
     #[arg(long, value_enum, default_value_t = DatasetName::Humaneval)]
     pub dataset: DatasetName,
@@ -211,10 +216,7 @@ pub struct Loaded<B: LayerSkipBackend> {
 /// Loads the model and the dataset, and checks that every prompt fits the context.
 pub fn load<B: LayerSkipBackend>(args: &DatasetArgs, device: &B::Device) -> Result<Loaded<B>> {
     let dir = model_dir(&args.model)?;
-    let model = LlamaModel::<B>::from_pretrained(&dir, device)
-        .with_context(|| format!("loading {}", dir.display()))?;
-    let tokenizer = Tokenizer::from_file(&dir)?;
-    tokenizer.check_fits(model.config().vocab_size, &dir)?;
+    let (model, tokenizer) = crate::infer::load_for_decoding::<B>(&dir, device, args.quantize)?;
     let samples = args.samples()?;
     let prompts = samples
         .iter()

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use layerskip_infer::{ChatTemplate, GenerateOptions};
-use layerskip_model::{LayerSkipBackend, LlamaModel, Recommendation, Tokenizer};
+use layerskip_model::Quantization;
+use layerskip_model::{LayerSkipBackend, Recommendation};
+
+use crate::infer::load_for_decoding;
 use layerskip_serve::{AppState, Metrics};
 
 use crate::backend::{BackendTask, DeviceSpec};
@@ -17,6 +20,10 @@ pub struct ServeArgs {
     /// Hugging Face checkpoint directory (default: the model shipped in models/default).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Keep the weights quantized for decoding (CPU): q8_0 (ggml's 8-bit blocks; on a checkpoint
+    /// converted from a Q8_0 GGUF, the file's own numbers). Default: the checkpoint's precision.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
     /// Address to listen on: localhost by default; 0.0.0.0 opens the server to the network.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -67,10 +74,7 @@ impl BackendTask for ServeArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let engines = self.engines.unwrap_or(1) as usize;
         let dir = model_dir(&self.model)?;
-        let model = LlamaModel::<B>::from_pretrained(&dir, &device)
-            .with_context(|| format!("loading {}", dir.display()))?;
-        let tokenizer = Tokenizer::from_file(&dir)?;
-        tokenizer.check_fits(model.config().vocab_size, &dir)?;
+        let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.quantize)?;
         let config = model.config().clone();
         let strategy = strategy_from(
             self.strategy,

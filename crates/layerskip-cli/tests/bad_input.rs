@@ -296,6 +296,42 @@ fn a_config_or_tokenizer_that_does_not_describe_the_weights_is_refused() {
     );
 }
 
+/// Quantized weights live in the decoding kernels: an evaluation pass longer than they take,
+/// and a format there is no kernel for, are refused instead of silently computing in f32.
+#[test]
+fn quantization_is_refused_where_it_would_not_apply() {
+    let data = python_file();
+    let model = default_model();
+    let (code, _, err) = layerskip(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        &data,
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "4",
+        "--quantize",
+        "q8_0",
+    ]);
+    assert_error(code, &err, "--batch-size 4 x --seq-len 256 = 1024");
+    let (code, _, err) = layerskip(&[
+        "infer",
+        "--model",
+        s(&model),
+        "--prompt",
+        "x",
+        "--quantize",
+        "q4_k",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("unknown quantization \"q4_k\": expected q8_0"),
+        "{err}"
+    );
+}
+
 #[test]
 fn eval_refuses_empty_blocks_and_blocks_longer_than_the_context() {
     let data = python_file();

@@ -253,6 +253,28 @@ fn correctness_and_sweep_on_the_default_model() {
         out.contains("4 generations checked (bf16), 0 mismatches"),
         "{out}"
     );
+    // Weights kept in Q8_0: the same kernels, so self-speculation is still exact (f32 sums of
+    // the dequantised weights).
+    let (code, out, err) = layerskip(
+        &[
+            &["correctness"],
+            &common[..],
+            &[
+                "--exit-layers",
+                "2,6",
+                "--speculations",
+                "2",
+                "--quantize",
+                "q8_0",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("4 generations checked (f32), 0 mismatches, 0 rounding ties"),
+        "{out}"
+    );
     let dir = tmp("sweep");
     let (code, out, err) = layerskip(
         &[

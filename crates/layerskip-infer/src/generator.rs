@@ -21,7 +21,7 @@ pub struct Generator<'m, B: LayerSkipBackend> {
 impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// A generator whose context holds `capacity` positions (prompt + generation). Prepares
     /// the model's weights for decoding ([`LlamaModel::prepare_for_decoding`]) if they are not
-    /// yet.
+    /// yet (weights prepared quantized stay so).
     pub fn new(model: &'m LlamaModel<B>, capacity: usize) -> Result<Self> {
         let config = model.config();
         if capacity == 0 || capacity > config.max_position_embeddings {
@@ -30,7 +30,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
                 config.max_position_embeddings
             )));
         }
-        model.prepare_for_decoding();
+        model.prepare_for_decoding(None)?;
         let device = model.embed_tokens.device();
         let ctx = DecodeContext {
             model,

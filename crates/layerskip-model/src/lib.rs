@@ -54,5 +54,5 @@ pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
 pub use convert::convert_gguf;
 pub use error::{ModelError, Result};
 pub use model::{LlamaModel, SkipMask, TrainOutput};
-pub use ops::LayerSkipBackend;
+pub use ops::{LayerSkipBackend, Quantization};
 pub use tokenizer::Tokenizer;

@@ -13,7 +13,7 @@ use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::layer::{DecoderLayer, init_linear, init_rms_norm, weight};
-use crate::ops::{Head, LayerSkipBackend, Packed, WeightLayout};
+use crate::ops::{Head, LayerSkipBackend, Packed, Quantization, WeightLayout};
 use crate::rope::{Rope, RopeTables};
 
 /// A Llama causal language model. It holds parameters only: caches and positions are passed in,
@@ -198,25 +198,36 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
     /// copies of the row kernels, packed in parallel) now instead of on first use, so that
     /// the first generated token is as fast as the next. Idempotent: weights already prepared
     /// are skipped. Costs memory only on backends that keep such state (Flex: the weights'
-    /// size again, half of it for bfloat16-valued weights).
-    pub fn prepare_for_decoding(&self) {
+    /// size again, half of it for bfloat16-valued weights, 0.28 of it in Q8_0).
+    ///
+    /// With `quantize`, the decode path computes with the weights in that format from then on
+    /// (on Flex: products of up to `ops::flex::MAX_ROWS` rows; longer inputs, as in training
+    /// and batched evaluation, still read the full-precision tensors). Backends without
+    /// quantized kernels refuse it.
+    pub fn prepare_for_decoding(&self, quantize: Option<Quantization>) -> Result<()> {
         for layer in &self.layers {
             let attn = &layer.self_attn;
             let projections = [&attn.q_proj, &attn.k_proj, &attn.v_proj, &attn.o_proj];
             for (linear, packed) in projections.into_iter().zip(&attn.packed) {
-                B::prepare(weight(linear), WeightLayout::InOut, packed);
+                B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
             }
             let mlp = &layer.mlp;
             let projections = [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj];
             for (linear, packed) in projections.into_iter().zip(&mlp.packed) {
-                B::prepare(weight(linear), WeightLayout::InOut, packed);
+                B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
             }
         }
         match &self.lm_head {
-            Some(head) => B::prepare(weight(head), WeightLayout::InOut, &self.head_packed),
+            Some(head) => B::prepare(
+                weight(head),
+                WeightLayout::InOut,
+                quantize,
+                &self.head_packed,
+            ),
             None => B::prepare(
                 self.embed_tokens.val(),
                 WeightLayout::OutIn,
+                quantize,
                 &self.head_packed,
             ),
         }

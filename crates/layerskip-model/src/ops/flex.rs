@@ -24,9 +24,10 @@ use burn::nn::RmsNorm;
 use burn::tensor::{DType, Element, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
-use layerskip_kernels::cpu::{self, attend::AttendShape, rows::Panels};
+use layerskip_kernels::cpu::{self, attend::AttendShape, rows, rows::Panels};
 
-use super::{LayerSkipBackend, Packed, WeightLayout as Layout, causal_attention};
+use super::{LayerSkipBackend, Packed, Quantization, WeightLayout as Layout, causal_attention};
+use crate::error::ModelError;
 use crate::rope::RopeTables;
 
 /// Most rows the Flex kernels take in f32; longer inputs (evaluation and training batches) use
@@ -36,20 +37,47 @@ use crate::rope::RopeTables;
 /// to autoregressive decoding's on Flex f32 for every `d < MAX_ROWS`.
 pub const MAX_ROWS: usize = 512;
 
-/// The packed copy of one weight matrix, once made.
+/// The packed copy of one weight matrix, once made, and the format asked for it.
 #[derive(Clone, Default)]
-pub(crate) struct PackedSlot(Arc<Mutex<Option<Arc<Entry>>>>);
+pub(crate) struct PackedSlot(Arc<Mutex<Slot>>);
+
+#[derive(Default)]
+struct Slot {
+    entry: Option<Arc<Entry>>,
+    /// Set by `prepare` with a quantization: every later packing of this weight (after the
+    /// weight is replaced, or by a clone of the module) uses it too.
+    quantize: Option<rows::Quantization>,
+}
 
 impl PackedSlot {
     pub(crate) fn is_packed(&self) -> bool {
-        self.0.lock().map(|s| s.is_some()).unwrap_or(false)
+        self.0.lock().map(|s| s.entry.is_some()).unwrap_or(false)
     }
 
     /// The packed copy of `w` (contiguous; f32, or half precision widened exactly), packing
-    /// it now if it is not the one held.
-    fn of(&self, w: FlexTensor, layout: Layout, k: usize, n: usize) -> Arc<Entry> {
+    /// it now if it is not the one held. `quantize` (sticky: later calls without one keep it)
+    /// packs in that format where the weight's shape allows (Q8_0 needs whole blocks of 32
+    /// input features; other weights stay plain).
+    fn of(
+        &self,
+        w: FlexTensor,
+        layout: Layout,
+        k: usize,
+        n: usize,
+        quantize: Option<Quantization>,
+    ) -> Arc<Entry> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = slot.as_ref().filter(|e| e.packs(&w)) {
+        if let Some(q) = quantize {
+            slot.quantize = Some(match q {
+                Quantization::Q8_0 => rows::Quantization::Q8_0,
+            });
+        }
+        let wanted = slot.quantize;
+        let held = slot
+            .entry
+            .as_ref()
+            .filter(|e| e.packs(&w) && e.quantized == wanted);
+        if let Some(entry) = held {
             return entry.clone();
         }
         let widened;
@@ -60,12 +88,19 @@ impl PackedSlot {
                 &widened
             }
         };
-        let panels = match layout {
-            Layout::InOut => Panels::from_in_out(ws, k, n),
-            Layout::OutIn => Panels::from_out_in(ws, k, n),
-        };
-        let entry = Arc::new(Entry { source: w, panels });
-        *slot = Some(entry.clone());
+        let out_in = layout == Layout::OutIn;
+        let panels = wanted
+            .and_then(|q| Panels::quantized(ws, k, n, out_in, q))
+            .unwrap_or_else(|| match layout {
+                Layout::InOut => Panels::from_in_out(ws, k, n),
+                Layout::OutIn => Panels::from_out_in(ws, k, n),
+            });
+        let entry = Arc::new(Entry {
+            source: w,
+            quantized: wanted,
+            panels,
+        });
+        slot.entry = Some(entry.clone());
         entry
     }
 }
@@ -76,6 +111,9 @@ pub(crate) struct Entry {
     /// place (Flex writes in place only into storage it holds alone), so a weight replaced by
     /// loading or training is packed again on its next use, never read stale.
     source: FlexTensor,
+    /// The format asked for when packing (the panels may be plain where the shape did not
+    /// allow it; asking again does not repack).
+    quantized: Option<rows::Quantization>,
     panels: Panels,
 }
 
@@ -174,7 +212,7 @@ fn try_rows(
         return None;
     }
     let n = if layout == Layout::InOut { w1 } else { w0 };
-    let entry = packed.flex.of(raw(w.clone()), layout, k, n);
+    let entry = packed.flex.of(raw(w.clone()), layout, k, n, None);
     let x = raw(x.clone());
     let rows = b * s;
     if dtype == DType::F32 {
@@ -308,16 +346,28 @@ impl LayerSkipBackend for Flex {
         }
     }
 
-    fn prepare(weight: Tensor<Self, 2>, layout: Layout, packed: &Packed) {
+    fn prepare(
+        weight: Tensor<Self, 2>,
+        layout: Layout,
+        quantize: Option<Quantization>,
+        packed: &Packed,
+    ) -> Result<(), ModelError> {
         if !is_row_dtype(weight.dtype()) {
-            return;
+            return match quantize {
+                None => Ok(()),
+                Some(q) => Err(ModelError::Unsupported(format!(
+                    "{q} needs f32, bf16 or f16 weights, not {:?}",
+                    weight.dtype()
+                ))),
+            };
         }
         let [a, b] = weight.dims();
         let (k, n) = match layout {
             Layout::InOut => (a, b),
             Layout::OutIn => (b, a),
         };
-        packed.flex.of(raw(weight), layout, k, n);
+        packed.flex.of(raw(weight), layout, k, n, quantize);
+        Ok(())
     }
 
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {

@@ -23,6 +23,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
+use crate::error::ModelError;
 use crate::rope::RopeTables;
 
 #[cfg(feature = "cube")]
@@ -88,9 +89,22 @@ pub trait LayerSkipBackend: Backend {
 
     /// Makes the backend's state for a weight now rather than on its first product (on Flex,
     /// the packed copy the row kernels read), so that the first token of a generation does not
-    /// pay for it. Backends without such state do nothing.
-    fn prepare(weight: Tensor<Self, 2>, layout: WeightLayout, packed: &Packed) {
+    /// pay for it; with `quantize`, that state holds the weight in the quantized format, which
+    /// later products then compute with. Backends without such state do nothing, and refuse
+    /// `quantize`.
+    fn prepare(
+        weight: Tensor<Self, 2>,
+        layout: WeightLayout,
+        quantize: Option<Quantization>,
+        packed: &Packed,
+    ) -> Result<(), ModelError> {
         let _ = (weight, layout, packed);
+        match quantize {
+            None => Ok(()),
+            Some(q) => Err(ModelError::Unsupported(format!(
+                "{q} weights have kernels on the CPU only (--device cpu)"
+            ))),
+        }
     }
 
     /// RMSNorm of the last dimension.
@@ -209,6 +223,36 @@ pub trait LayerSkipBackend: Backend {
         vocab: usize,
     ) -> Tensor<Self, 3> {
         burn_ops::exit_logits(x, norm, head, packed, vocab)
+    }
+}
+
+/// A quantized format that decoding can keep weights in (`--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// ggml's Q8_0: per 32 input features and output, an f16 scale and signed bytes (1.125
+    /// bytes per weight). Computed in f32 on the dequantised values; re-quantizing a checkpoint
+    /// converted from a Q8_0 GGUF gives back the file's numbers.
+    Q8_0,
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quantization::Q8_0 => "q8_0",
+        })
+    }
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" | "q8" => Ok(Quantization::Q8_0),
+            _ => Err(ModelError::InvalidConfig(format!(
+                "unknown quantization {s:?}: expected q8_0"
+            ))),
+        }
     }
 }
 
