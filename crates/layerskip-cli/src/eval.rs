@@ -23,8 +23,9 @@ pub struct EvalArgs {
     /// Checkpoint directories to compare (repeatable); each is evaluated on the same text.
     #[arg(long, required = true)]
     pub model: Vec<PathBuf>,
-    /// Keep the weights quantized for decoding (CPU): q8_0 (ggml's 8-bit blocks; on a checkpoint
-    /// converted from a Q8_0 GGUF, the file's own numbers). Default: the checkpoint's precision.
+    /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
+    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
+    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
     #[arg(long)]
     pub quantize: Option<Quantization>,
     /// A training preset: evaluate on its held-out split (same data, fraction and seed as training).

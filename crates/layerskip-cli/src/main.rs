@@ -18,6 +18,7 @@ mod train;
 use anyhow::{Context, Result};
 use backend::DeviceSpec;
 use clap::{Parser, Subcommand, ValueEnum};
+use layerskip_model::Quantization;
 use layerskip_model::backend::Precision;
 use layerskip_model::{SaveDtype, convert_gguf};
 
@@ -193,6 +194,18 @@ fn run(cli: Cli) -> Result<()> {
                 c.tie_word_embeddings,
                 report.tokenizer
             );
+            match report.quantized {
+                Some(q @ (Quantization::Q8_0 | Quantization::Q4_0)) => println!(
+                    "its layer weights were {q} blocks, written dequantised; decode with \
+                     `--quantize {q}` to compute with the file's own numbers in {q} memory"
+                ),
+                Some(q) => println!(
+                    "its layer weights were {q} blocks, written dequantised (`--quantize {q}` \
+                     quantizes them again with ggml's reference quantizer, which does not \
+                     reproduce this file's blocks)"
+                ),
+                None => {}
+            }
             Ok(())
         }
         Command::Convert { .. } => unreachable!("clap requires --gguf or --checkpoint"),

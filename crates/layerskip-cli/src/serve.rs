@@ -20,8 +20,9 @@ pub struct ServeArgs {
     /// Hugging Face checkpoint directory (default: the model shipped in models/default).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Keep the weights quantized for decoding (CPU): q8_0 (ggml's 8-bit blocks; on a checkpoint
-    /// converted from a Q8_0 GGUF, the file's own numbers). Default: the checkpoint's precision.
+    /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
+    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
+    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
     #[arg(long)]
     pub quantize: Option<Quantization>,
     /// Address to listen on: localhost by default; 0.0.0.0 opens the server to the network.

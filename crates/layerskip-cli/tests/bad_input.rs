@@ -327,7 +327,7 @@ fn quantization_is_refused_where_it_would_not_apply() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("unknown quantization \"q4_k\": expected q8_0"),
+        err.contains("unknown quantization \"q4_k\": expected q8_0, q4_0 or q4_1"),
         "{err}"
     );
 }

@@ -13,6 +13,7 @@ use crate::checkpoint::{SaveDtype, TensorBytes, write_atomic, write_safetensors_
 use crate::config::{HfLlamaConfig, LlamaConfig, RopeConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufValue};
+use crate::ops::Quantization;
 
 /// What a conversion wrote.
 #[derive(Debug, Clone)]
@@ -23,6 +24,10 @@ pub struct ConvertReport {
     pub tensors: usize,
     /// Whether a tokenizer was written.
     pub tokenizer: bool,
+    /// The block format most of the file's layer weights were stored in, if a quantized one
+    /// that decoding can keep (`--quantize`): the safetensors hold its dequantised values,
+    /// and re-quantizing them gives the file's numbers back.
+    pub quantized: Option<Quantization>,
 }
 
 /// Converts a GGUF Llama checkpoint into a Hugging Face checkpoint directory.
@@ -64,7 +69,26 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path, dtype: SaveDtype) -> Resul
         config,
         tensors: count,
         tokenizer,
+        quantized: layer_format(&gguf),
     })
+}
+
+/// The quantized format most `blk.*` tensors of the file are in, if any.
+fn layer_format(g: &GgufFile) -> Option<Quantization> {
+    let mut counts = [0usize; 3];
+    for (name, info) in &g.tensors {
+        let slot = match info.ggml_type {
+            8 => 0,
+            2 => 1,
+            3 => 2,
+            _ => continue,
+        };
+        if name.starts_with("blk.") {
+            counts[slot] += 1;
+        }
+    }
+    let (slot, &most) = counts.iter().enumerate().max_by_key(|(_, c)| **c)?;
+    (most > 0).then(|| [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1][slot])
 }
 
 fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {

@@ -282,7 +282,11 @@ fn mutated_gguf_files_are_errors_naming_the_file() {
     let path = dir.join("tiny.gguf");
     let out = dir.join("out");
     std::fs::write(&path, &original).unwrap();
-    convert_gguf(&path, &out, SaveDtype::F32).expect("the unmutated file converts");
+    let report = convert_gguf(&path, &out, SaveDtype::F32).expect("the unmutated file converts");
+    assert_eq!(
+        report.quantized, None,
+        "an F32 file has no block format to keep"
+    );
     load_dir(&out).expect("and loads");
     let cases = mutations(&original, header, 3, random_cases(600));
     let mut failed = 0;

@@ -1,6 +1,6 @@
-//! Decoding with weights kept in ggml's Q8_0 format (`prepare_for_decoding(Some(Q8_0))`) on the
-//! Flex CPU backend, against an f32 model whose weights were replaced by their Q8_0 values
-//! computed here by the format's definition.
+//! Decoding with weights kept in ggml's block formats (`prepare_for_decoding(Some(format))`) on
+//! the Flex CPU backend, against an f32 model whose weights were replaced by the format's values
+//! computed here by its definition.
 
 use burn::backend::Flex;
 use burn::module::{Module, ModuleMapper, Param};
@@ -33,30 +33,63 @@ fn config() -> LlamaConfig {
     }
 }
 
-/// Q8_0 by its definition (ggml's `quantize_row_q8_0_ref` then dequantisation), for a weight
-/// `[in, out]`: per output column and block of 32 inputs, `d = amax / 127`, `q = round(w / d)`
-/// (half away from zero), and the value `f16(d) * q`.
-fn q8_0_values(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+/// A block format by its definition (ggml's `quantize_row_*_ref`, then dequantisation), for a
+/// weight `[in, out]`: per output column and block of 32 inputs,
+/// - Q8_0: `d = amax / 127`, `q = round(w / d)`, value `f16(d) * q`;
+/// - Q4_0: `d = (value of largest magnitude) / -8`, `q = min(15, trunc(w / d + 8.5))`, value
+///   `(q - 8) * f16(d)`;
+/// - Q4_1: `d = (max - min) / 15`, `q = min(15, trunc((w - min) / d + 0.5))`, value
+///   `q * f16(d) + f16(min)`.
+fn format_values(format: Quantization, w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
     let mut out = vec![0.0; k * n];
     for c in 0..n {
         for b in 0..k / 32 {
-            let rows = b * 32..(b + 1) * 32;
-            let amax = rows.clone().map(|i| w[i * n + c].abs()).fold(0.0, f32::max);
-            let d = amax / 127.0;
-            let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-            let stored = half::f16::from_f32(d).to_f32();
-            for i in rows {
-                out[i * n + c] = stored * (w[i * n + c] * inv).round();
+            let rows: Vec<usize> = (b * 32..(b + 1) * 32).collect();
+            let block: Vec<f32> = rows.iter().map(|&i| w[i * n + c]).collect();
+            let values: Vec<f32> = match format {
+                Quantization::Q8_0 => {
+                    let d = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+                    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+                    block.iter().map(|v| f16(d) * (v * inv).round()).collect()
+                }
+                Quantization::Q4_0 => {
+                    let extreme = block
+                        .iter()
+                        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    let d = extreme / -8.0;
+                    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+                    block
+                        .iter()
+                        .map(|v| (((v * inv + 8.5) as i32).min(15) - 8) as f32 * f16(d))
+                        .collect()
+                }
+                Quantization::Q4_1 => {
+                    let min = block.iter().fold(f32::MAX, |m, &v| m.min(v));
+                    let max = block.iter().fold(-f32::MAX, |m, &v| m.max(v));
+                    let d = (max - min) / 15.0;
+                    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+                    block
+                        .iter()
+                        .map(|v| {
+                            (((v - min) * inv + 0.5) as i32).min(15) as f32 * f16(d) + f16(min)
+                        })
+                        .collect()
+                }
+            };
+            for (i, v) in rows.into_iter().zip(values) {
+                out[i * n + c] = v;
             }
         }
     }
     out
 }
 
-/// Replaces every 2-D weight but the embedding by its Q8_0 values.
-struct ToQ8;
-impl ModuleMapper<B> for ToQ8 {
+/// Replaces every 2-D weight but the embedding by its values in a block format.
+struct ToFormat(Quantization);
+impl ModuleMapper<B> for ToFormat {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let format = self.0;
         param.map(|t| {
             let dims = t.dims();
             if D != 2 || dims[..] == [70, 64] {
@@ -65,7 +98,8 @@ impl ModuleMapper<B> for ToQ8 {
             let (k, n) = (dims[0], dims[1]);
             let values = t.into_data().to_vec::<f32>().unwrap();
             let device = Default::default();
-            Tensor::from_data(TensorData::new(q8_0_values(&values, k, n), dims), &device)
+            let values = format_values(format, &values, k, n);
+            Tensor::from_data(TensorData::new(values, dims), &device)
         })
     }
 }
@@ -92,35 +126,39 @@ fn decode(model: &LlamaModel<B>, ids: &[i64]) -> Vec<Vec<f32>> {
     out
 }
 
-/// The quantized model's logits, prompt and one token at a time, equal bit for bit those of the
-/// f32 model holding the Q8_0 values (the kernels multiply each scale by its byte exactly and
-/// sum in the f32 order), and differ from the unquantized model's.
+/// For each format, the quantized model's logits, prompt and one token at a time, equal bit for
+/// bit those of the f32 model holding the format's values computed here (the kernels rebuild
+/// each value exactly and sum in the f32 order), and differ from the unquantized model's.
 #[test]
-fn q8_0_decoding_computes_with_the_q8_0_values_bit_for_bit() {
+fn quantized_decoding_computes_with_the_formats_values_bit_for_bit() {
     let device = Default::default();
     let init = || {
         B::seed(&device, 11);
         LlamaModel::<B>::init(&config(), &device).unwrap()
     };
-    let model = init();
-    // A model of its own (clones share their packed copies and their format).
-    let reference = init().map(&mut ToQ8);
-    let plain = decode(&model, &[3, 9, 27, 14, 5, 61, 2, 40]);
-    model
-        .prepare_for_decoding(Some(Quantization::Q8_0))
-        .unwrap();
-    // Preparing again without a format keeps the quantized copies.
-    model.prepare_for_decoding(None).unwrap();
     let ids = [3, 9, 27, 14, 5, 61, 2, 40];
-    let quantized = decode(&model, &ids);
-    assert_eq!(quantized, decode(&reference, &ids));
-    assert_ne!(quantized, plain);
-    let gap = quantized
-        .iter()
-        .flatten()
-        .zip(plain.iter().flatten())
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(gap < 0.05, "Q8_0 moved a logit by {gap}");
+    let plain = decode(&init(), &ids);
+    for (format, bound) in [
+        (Quantization::Q8_0, 0.05),
+        (Quantization::Q4_0, 0.5),
+        (Quantization::Q4_1, 0.5),
+    ] {
+        let model = init();
+        model.prepare_for_decoding(Some(format)).unwrap();
+        // Preparing again without a format keeps the quantized copies.
+        model.prepare_for_decoding(None).unwrap();
+        // A model of its own (clones share their packed copies and their format).
+        let reference = init().map(&mut ToFormat(format));
+        let quantized = decode(&model, &ids);
+        assert_eq!(quantized, decode(&reference, &ids), "{format}");
+        assert_ne!(quantized, plain, "{format}");
+        let gap = quantized
+            .iter()
+            .flatten()
+            .zip(plain.iter().flatten())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(gap < bound, "{format} moved a logit by {gap}");
+    }
 }
 
 /// Unknown formats are refused with the ones there are.
@@ -129,5 +167,6 @@ fn quantization_names_parse() {
     assert_eq!("q8_0".parse::<Quantization>().unwrap(), Quantization::Q8_0);
     assert_eq!("Q8_0".parse::<Quantization>().unwrap(), Quantization::Q8_0);
     let err = "q3_k".parse::<Quantization>().unwrap_err().to_string();
-    assert!(err.contains("expected q8_0"), "{err}");
+    assert!(err.contains("expected q8_0, q4_0 or q4_1"), "{err}");
+    assert_eq!("q4_1".parse::<Quantization>().unwrap(), Quantization::Q4_1);
 }

@@ -59,6 +59,20 @@ pub struct Q8Block {
     q: [[i8; NR]; QK],
 }
 
+/// One panel's weights for [`QK`] consecutive features in a 4-bit format (ggml's Q4_0 or
+/// Q4_1), kept quantized: per output column a scale `d` and an offset `m` (f16 values, held as
+/// f32) and 32 nibbles `q`, the weight being `fma(q, d, m)` (`q * d` is exact, so this is the
+/// value ggml's dequantisation computes; Q4_0 is the case `m = -8 d`). Byte `q[t][j]` holds
+/// feature `2t`'s nibble for column `j` in its low half and feature `2t + 1`'s in its high half.
+/// 384 bytes for 512 weights.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Q4Block {
+    scale: [f32; NR],
+    min: [f32; NR],
+    q: [[u8; NR]; QK / 2],
+}
+
 /// The lines of a [`Panels`].
 enum Lines {
     F32(Vec<Line>),
@@ -67,6 +81,8 @@ enum Lines {
     Bf16(Vec<HalfLine>),
     /// Quantized to 8 bits: block `p * k / QK + b` holds panel `p`'s features `b * QK..`.
     Q8(Vec<Q8Block>),
+    /// Quantized to 4 bits, blocks as [`Lines::Q8`].
+    Q4(Vec<Q4Block>, Quantization),
 }
 
 /// A quantized format the panels can hold weights in.
@@ -76,6 +92,12 @@ pub enum Quantization {
     /// (`amax / 127`), each weight a rounded signed byte. Re-quantizing weights that were
     /// dequantized from Q8_0 gives back the same bytes and scales.
     Q8_0,
+    /// ggml's Q4_0: blocks of 32 weights sharing an f16 scale `d` (the value of largest
+    /// magnitude over -8), each weight `d * (q - 8)` for a nibble `q`.
+    Q4_0,
+    /// ggml's Q4_1: blocks of 32 weights sharing an f16 scale `d = (max - min) / 15` and an f16
+    /// offset `m = min`, each weight `q * d + m` for a nibble `q`.
+    Q4_1,
 }
 
 /// A weight matrix with `k` input features and `n` outputs, in panels of [`NR`] output
@@ -133,12 +155,42 @@ impl Panels {
         out_in: bool,
         format: Quantization,
     ) -> Option<Self> {
-        let Quantization::Q8_0 = format;
         if !k.is_multiple_of(QK) {
             return None;
         }
         let at = |i: usize, c: usize| if out_in { w[c * k + i] } else { w[i * n + c] };
         let count = n.div_ceil(NR);
+        if format != Quantization::Q8_0 {
+            let empty = Q4Block {
+                scale: [0.0; NR],
+                min: [0.0; NR],
+                q: [[0; NR]; QK / 2],
+            };
+            let mut blocks = vec![empty; count * (k / QK)];
+            by_panels(&mut blocks, k / QK, |p, panel| {
+                for (b, block) in panel.iter_mut().enumerate() {
+                    for j in 0..NR.min(n - p * NR) {
+                        let column: [f32; QK] = std::array::from_fn(|i| at(b * QK + i, p * NR + j));
+                        let (scale, min, q) = if format == Quantization::Q4_0 {
+                            let (d, q) = quantize_q4_0(&column);
+                            (d, -8.0 * d, q)
+                        } else {
+                            quantize_q4_1(&column)
+                        };
+                        block.scale[j] = scale;
+                        block.min[j] = min;
+                        for t in 0..QK / 2 {
+                            block.q[t][j] = q[2 * t] | q[2 * t + 1] << 4;
+                        }
+                    }
+                }
+            });
+            return Some(Self {
+                lines: Lines::Q4(blocks, format),
+                k,
+                n,
+            });
+        }
         let empty = Q8Block {
             scale: [0.0; NR],
             q: [[0; NR]; QK],
@@ -170,7 +222,11 @@ impl Panels {
 
     /// The quantized format the panels hold, if any.
     pub fn quantization(&self) -> Option<Quantization> {
-        matches!(self.lines, Lines::Q8(_)).then_some(Quantization::Q8_0)
+        match self.lines {
+            Lines::Q8(_) => Some(Quantization::Q8_0),
+            Lines::Q4(_, format) => Some(format),
+            _ => None,
+        }
     }
 
     /// Weight of feature `i` for output `p * NR + j`.
@@ -181,6 +237,12 @@ impl Panels {
             Lines::Q8(blocks) => {
                 let block = &blocks[p * (self.k / QK) + i / QK];
                 block.scale[j] * f32::from(block.q[i % QK][j])
+            }
+            Lines::Q4(blocks, _) => {
+                let block = &blocks[p * (self.k / QK) + i / QK];
+                let byte = block.q[i % QK / 2][j];
+                let q = if i.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 };
+                f32::from(q).mul_add(block.scale[j], block.min[j])
             }
         }
     }
@@ -223,6 +285,37 @@ pub fn quantize_q8_0(block: &[f32; QK]) -> (f32, [i8; QK]) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let q = std::array::from_fn(|i| (block[i] * id).round() as i8);
     (half::f16::from_f32(d).to_f32(), q)
+}
+
+/// ggml's `quantize_row_q4_0_ref` for one block: `d` = the value of largest magnitude over -8
+/// (rounded to f16, returned as f32) and each nibble `min(15, trunc(w / d + 8.5))`.
+pub fn quantize_q4_0(block: &[f32; QK]) -> (f32, [u8; QK]) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in block {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = std::array::from_fn(|i| ((block[i] * id + 8.5) as i8).min(15) as u8);
+    (half::f16::from_f32(d).to_f32(), q)
+}
+
+/// ggml's `quantize_row_q4_1_ref` for one block: `d = (max - min) / 15` and `m = min` (both
+/// rounded to f16, returned as f32) and each nibble `min(15, trunc((w - min) / d + 0.5))`.
+pub fn quantize_q4_1(block: &[f32; QK]) -> (f32, f32, [u8; QK]) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in block {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = std::array::from_fn(|i| (((block[i] - min) * id + 0.5) as i8).min(15) as u8);
+    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+    (f16(d), f16(min), q)
 }
 
 /// Whether every value is a bfloat16 value (its low 16 bits zero).
@@ -439,6 +532,33 @@ mod avx2 {
         }
     }
 
+    /// [`super::Q4Block`]s: 16 nibbles, `fma(q, d, m)` per column.
+    struct Q4;
+    impl Load for Q4 {
+        const BYTES: usize = std::mem::size_of::<super::Q4Block>() / super::QK;
+        #[inline(always)]
+        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q4Block>());
+                let (d, m) = (block as *const f32, block.add(64) as *const f32);
+                let bytes =
+                    _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
+                let nibbles = if i.is_multiple_of(2) {
+                    _mm_and_si128(bytes, _mm_set1_epi8(0x0f))
+                } else {
+                    _mm_and_si128(_mm_srli_epi16::<4>(bytes), _mm_set1_epi8(0x0f))
+                };
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(nibbles)));
+                [
+                    _mm256_fmadd_ps(lo, _mm256_load_ps(d), _mm256_load_ps(m)),
+                    _mm256_fmadd_ps(hi, _mm256_load_ps(d.add(8)), _mm256_load_ps(m.add(8))),
+                ]
+            }
+        }
+    }
+
     /// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
     struct Q8;
     impl Load for Q8 {
@@ -491,6 +611,9 @@ mod avx2 {
                 }
                 super::Lines::Q8(l) => {
                     run::<Q8>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                }
+                super::Lines::Q4(l, _) => {
+                    run::<Q4>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
                 }
             }
         }
@@ -683,6 +806,30 @@ mod avx512 {
         }
     }
 
+    /// [`super::Q4Block`]s: 16 nibbles, `fma(q, d, m)` per column.
+    struct Q4;
+    impl Load for Q4 {
+        const BYTES: usize = std::mem::size_of::<super::Q4Block>() / super::QK;
+        #[inline(always)]
+        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q4Block>());
+                let bytes =
+                    _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
+                let q = _mm512_cvtepu8_epi32(bytes);
+                let q = if i.is_multiple_of(2) {
+                    _mm512_and_si512(q, _mm512_set1_epi32(0x0f))
+                } else {
+                    _mm512_srli_epi32::<4>(q)
+                };
+                let d = _mm512_load_ps(block as *const f32);
+                let m = _mm512_load_ps(block.add(64) as *const f32);
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
+            }
+        }
+    }
+
     /// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
     struct Q8;
     impl Load for Q8 {
@@ -726,6 +873,9 @@ mod avx512 {
                 }
                 super::Lines::Q8(l) => {
                     run::<Q8>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
+                }
+                super::Lines::Q4(l, _) => {
+                    run::<Q4>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
                 }
             }
         }
@@ -966,7 +1116,61 @@ mod tests {
         assert_eq!(quantize_q8_0(&[0.0; QK]), (0.0, [0; QK]));
     }
 
-    /// The dequantized weights of a Q8_0 matrix.
+    /// Q4_0 and Q4_1 as ggml computes them, by hand.
+    #[test]
+    fn q4_quantizes_as_ggml() {
+        // Q4_0: the largest magnitude is -4, so d = -4 / -8 = 0.5; 1.0 -> trunc(2 + 8.5) = 10,
+        // -4 -> 0, 3.9 -> trunc(7.8 + 8.5) = 16, clamped to 15.
+        let mut block = [0.0f32; QK];
+        block[..3].copy_from_slice(&[1.0, -4.0, 3.9]);
+        let (d, q) = quantize_q4_0(&block);
+        assert_eq!((d, q[0], q[1], q[2], q[3]), (0.5, 10, 0, 15, 8));
+        // Q4_1 of 0, 0.1, ..., 3.1: m = 0, d = 3.1 / 15 (f16: 0.20666504); 0.1 -> trunc(0.48 +
+        // 0.5) = 0, 0.2 -> 1, 0.4 -> 2, 3.1 -> 15.
+        let block: [f32; QK] = std::array::from_fn(|i| i as f32 * 0.1);
+        let (d, m, q) = quantize_q4_1(&block);
+        assert_eq!((d, m), (0.20666504, 0.0));
+        assert_eq!((q[1], q[2], q[4], q[31]), (0, 1, 2, 15));
+    }
+
+    /// 4-bit panels: every kernel computes the f32 chains over `fma(q, d, m)` bit for bit, and
+    /// re-quantizing the dequantized weights gives them back (a Q4 file converted to f32 and
+    /// packed computes with the file's numbers).
+    #[test]
+    fn q4_panels_compute_the_dequantized_product_bit_for_bit() {
+        for format in [Quantization::Q4_0, Quantization::Q4_1] {
+            for (k, n) in [(64, 48), (256, 300), (96, 5)] {
+                let w = values(k * n, 13);
+                let q = Panels::quantized(&w, k, n, false, format).unwrap();
+                let q_t = Panels::quantized(&transpose(&w, k, n), k, n, true, format).unwrap();
+                assert_eq!(q.quantization(), Some(format));
+                let deq = dequantized(&q);
+                assert_eq!(dequantized(&q_t), deq);
+                for (a, b) in w.iter().zip(&deq) {
+                    // At most a step (Q4_1: half of range / 15; Q4_0: amax / 8 where its top
+                    // nibble clamps), weights below 0.5 here, plus the f16 roundings.
+                    assert!((a - b).abs() <= 0.07, "{format:?} {a} vs {b}");
+                }
+                let again = Panels::quantized(&deq, k, n, false, format).unwrap();
+                assert_eq!(dequantized(&again), deq, "{format:?} re-quantized");
+                for rows in [1, 2, 3, 7, 9] {
+                    let x = values(rows * k, 30 + rows as u64);
+                    let want = portable::x_w(&x, &deq, rows, k, n);
+                    assert_eq!(
+                        run(&x, &q, rows, n),
+                        want,
+                        "{format:?} k {k} n {n} rows {rows}"
+                    );
+                    for kernel in Kernel::available() {
+                        let got = with(kernel, &x, &q_t, rows, n);
+                        assert_eq!(got, want, "{format:?} {kernel:?} {k} {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dequantized weights of a quantized matrix.
     fn dequantized(w: &Panels) -> Vec<f32> {
         let (k, n) = (w.k, w.n);
         (0..k * n)

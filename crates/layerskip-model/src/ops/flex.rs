@@ -56,8 +56,8 @@ impl PackedSlot {
 
     /// The packed copy of `w` (contiguous; f32, or half precision widened exactly), packing
     /// it now if it is not the one held. `quantize` (sticky: later calls without one keep it)
-    /// packs in that format where the weight's shape allows (Q8_0 needs whole blocks of 32
-    /// input features; other weights stay plain).
+    /// packs in that format where the weight's shape allows (whole blocks of 32 input
+    /// features; other weights stay plain).
     fn of(
         &self,
         w: FlexTensor,
@@ -70,6 +70,8 @@ impl PackedSlot {
         if let Some(q) = quantize {
             slot.quantize = Some(match q {
                 Quantization::Q8_0 => rows::Quantization::Q8_0,
+                Quantization::Q4_0 => rows::Quantization::Q4_0,
+                Quantization::Q4_1 => rows::Quantization::Q4_1,
             });
         }
         let wanted = slot.quantize;
