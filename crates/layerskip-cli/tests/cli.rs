@@ -232,45 +232,21 @@ fn correctness_and_sweep_on_the_default_model() {
             && err.contains("correctness: generations: 14/14 (100%)"),
         "{err}"
     );
+    let two_points = |extra: &[&str]| {
+        let grid = ["--exit-layers", "2,6", "--speculations", "2"];
+        let (code, out, err) = layerskip(&[&["correctness"], &common[..], &grid, extra].concat());
+        assert_eq!(code, 0, "{err}");
+        out
+    };
     // bf16 compute on Flex: divergences are allowed only at rounding ties, and are reported.
-    let (code, out, err) = layerskip(
-        &[
-            &["correctness"],
-            &common[..],
-            &[
-                "--exit-layers",
-                "2,6",
-                "--speculations",
-                "2",
-                "--dtype",
-                "bf16",
-            ],
-        ]
-        .concat(),
-    );
-    assert_eq!(code, 0, "{err}");
+    let out = two_points(&["--dtype", "bf16"]);
     assert!(
         out.contains("4 generations checked (bf16), 0 mismatches"),
         "{out}"
     );
     // Weights kept in Q8_0: the same kernels, so self-speculation is still exact (f32 sums of
     // the dequantised weights).
-    let (code, out, err) = layerskip(
-        &[
-            &["correctness"],
-            &common[..],
-            &[
-                "--exit-layers",
-                "2,6",
-                "--speculations",
-                "2",
-                "--quantize",
-                "q8_0",
-            ],
-        ]
-        .concat(),
-    );
-    assert_eq!(code, 0, "{err}");
+    let out = two_points(&["--quantize", "q8_0"]);
     assert!(
         out.contains("4 generations checked (f32), 0 mismatches, 0 rounding ties"),
         "{out}"

@@ -241,7 +241,11 @@ impl Panels {
             Lines::Q4(blocks, _) => {
                 let block = &blocks[p * (self.k / QK) + i / QK];
                 let byte = block.q[i % QK / 2][j];
-                let q = if i.is_multiple_of(2) { byte & 0x0f } else { byte >> 4 };
+                let q = if i.is_multiple_of(2) {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                };
                 f32::from(q).mul_add(block.scale[j], block.min[j])
             }
         }
@@ -428,6 +432,29 @@ pub fn x_panels_with(
     }
 }
 
+/// The body of each SIMD module's `panels`: that module's `run` with its loader for the
+/// panels' format (`F32`, `Bf16`, `Q8`, `Q4`), the lines passed as bytes.
+#[cfg(target_arch = "x86_64")]
+macro_rules! run_by_format {
+    ($x:expr, $w:expr, $out:expr, $rows:expr, $cols:expr, $p0:expr, $p1:expr) => {{
+        let k = $w.k;
+        match &$w.lines {
+            super::Lines::F32(l) => {
+                run::<F32>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+            }
+            super::Lines::Bf16(l) => {
+                run::<Bf16>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+            }
+            super::Lines::Q8(l) => {
+                run::<Q8>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+            }
+            super::Lines::Q4(l, _) => {
+                run::<Q4>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+            }
+        }
+    }};
+}
+
 /// The reference order, in scalar code: what the SIMD kernels must reproduce bit for bit.
 pub mod portable {
     use super::{NR, Panels};
@@ -601,22 +628,7 @@ mod avx2 {
         p1: usize,
     ) {
         // SAFETY: as promised by the caller.
-        unsafe {
-            match &w.lines {
-                super::Lines::F32(l) => {
-                    run::<F32>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-                super::Lines::Bf16(l) => {
-                    run::<Bf16>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-                super::Lines::Q8(l) => {
-                    run::<Q8>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-                super::Lines::Q4(l, _) => {
-                    run::<Q4>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-            }
-        }
+        unsafe { run_by_format!(x, w, out, rows, cols, p0, p1) }
     }
 
     /// [`panels`] over lines of kind `W` from `lines`.
@@ -863,22 +875,7 @@ mod avx512 {
         p1: usize,
     ) {
         // SAFETY: as promised by the caller.
-        unsafe {
-            match &w.lines {
-                super::Lines::F32(l) => {
-                    run::<F32>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-                super::Lines::Bf16(l) => {
-                    run::<Bf16>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-                super::Lines::Q8(l) => {
-                    run::<Q8>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-                super::Lines::Q4(l, _) => {
-                    run::<Q4>(x, l.as_ptr() as *const u8, w.k, out, rows, cols, p0, p1)
-                }
-            }
-        }
+        unsafe { run_by_format!(x, w, out, rows, cols, p0, p1) }
     }
 
     /// [`panels`] over lines of kind `W`.
