@@ -6,12 +6,12 @@
 //! join cost more than one product of the default model. Here a job is handed over through
 //! two atomics, and a helper parks only after [`SPIN`] without work.
 //!
-//! One job runs at a time; a caller that finds the pool busy (another decoding thread) runs
-//! every part itself. Parts never change results: the kernels split by output columns, each
+//! One job runs at a time; a caller that finds the pool busy, or that another thread used within
+//! the last 2 ms (several decoders at once, as a server's engines), runs every part itself. Parts never change results: the kernels split by output columns, each
 //! computed by one thread in a fixed order.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, TryLockError};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -66,7 +66,20 @@ pub struct Pool {
     shared: &'static Shared,
     busy: Mutex<()>,
     threads: usize,
+    /// The thread (numbered from 1) that last called [`Pool::run`].
+    last_caller: AtomicU64,
+    /// Nanoseconds from `epoch` until which callers keep to their own threads.
+    contended_until: AtomicU64,
+    epoch: Instant,
+    /// [`CONTENDED`] (longer in tests).
+    window: Duration,
 }
+
+/// Numbers the threads that call [`Pool::run`].
+static NEXT_CALLER: AtomicU64 = AtomicU64::new(1);
+
+/// How recent another thread's job must be for a caller to keep to its own thread.
+const CONTENDED: Duration = Duration::from_millis(2);
 
 impl Pool {
     /// The process's pool: `LAYERSKIP_THREADS` threads if set (1 = no helpers), otherwise one
@@ -80,11 +93,11 @@ impl Pool {
                 .filter(|&n| n >= 1)
                 .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
                 .min(MAX_THREADS);
-            Pool::new(threads)
+            Pool::new(threads, CONTENDED)
         })
     }
 
-    fn new(threads: usize) -> Pool {
+    fn new(threads: usize, window: Duration) -> Pool {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             generation: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
@@ -107,7 +120,30 @@ impl Pool {
             shared,
             busy: Mutex::new(()),
             threads,
+            last_caller: AtomicU64::new(0),
+            contended_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            window,
         }
+    }
+
+    /// Whether two threads' jobs interleaved within the last [`CONTENDED`]: several decoders
+    /// at once (a server's engines) then each keep to their own thread, since a job split over
+    /// threads that other decoders' work occupies waits for them.
+    fn contended(&self) -> bool {
+        thread_local! {
+            static ME: u64 = NEXT_CALLER.fetch_add(1, Ordering::Relaxed);
+        }
+        let me = ME.with(|id| *id);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let previous = self.last_caller.swap(me, Ordering::Relaxed);
+        if previous != me && previous != 0 {
+            // Another thread ran jobs: stay on our own threads until it has been quiet for
+            // the window (each interleaving extends it).
+            let until = now + self.window.as_nanos() as u64;
+            self.contended_until.fetch_max(until, Ordering::Relaxed);
+        }
+        now < self.contended_until.load(Ordering::Relaxed)
     }
 
     /// Threads a job may use (the caller included).
@@ -117,14 +153,19 @@ impl Pool {
 
     /// Runs `f(0)`, ..., `f(parts - 1)`, part 0 on the calling thread and the others on
     /// helpers, and returns when all are done. With `parts` above [`threads`](Self::threads),
-    /// or when another thread's job holds the pool, the caller runs every part itself.
+    /// when another thread's job holds the pool, or when another thread ran a job within the
+    /// last 2 ms, the caller runs every part itself.
     pub fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        if parts <= 1 || parts > self.threads || self.contended() {
+            (0..parts).for_each(f);
+            return;
+        }
         let guard = match self.busy.try_lock() {
             Ok(guard) => Some(guard),
             Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(TryLockError::WouldBlock) => None,
         };
-        if guard.is_none() || parts <= 1 || parts > self.threads {
+        if guard.is_none() {
             (0..parts).for_each(f);
             return;
         }
@@ -202,7 +243,7 @@ mod tests {
     /// writes visible to the caller when `run` returns.
     #[test]
     fn every_part_runs_once_per_job() {
-        let pool = Pool::new(3);
+        let pool = Pool::new(3, CONTENDED);
         for job in 0..2000usize {
             let parts = 1 + job % 3;
             let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
@@ -219,7 +260,7 @@ mod tests {
     /// on the caller).
     #[test]
     fn concurrent_callers_all_complete() {
-        let pool = Pool::new(2);
+        let pool = Pool::new(2, CONTENDED);
         let total = AtomicUsize::new(0);
         thread::scope(|s| {
             for _ in 0..4 {
@@ -235,10 +276,46 @@ mod tests {
         assert_eq!(total.load(Ordering::Relaxed), 4 * 500 * 2);
     }
 
+    /// A caller runs its parts on helpers while it is the only one using the pool, on its own
+    /// thread once another thread's jobs interleaved with its own, and on helpers again when
+    /// the other has been quiet for the window.
+    #[test]
+    fn a_caller_keeps_to_its_thread_while_another_decodes() {
+        let window = Duration::from_millis(50);
+        let pool = Pool::new(2, window);
+        let threads_of = |pool: &Pool| {
+            let ids = Mutex::new(Vec::new());
+            pool.run(2, &|_| ids.lock().unwrap().push(thread::current().id()));
+            ids.into_inner().unwrap()
+        };
+        let me = thread::current().id();
+        threads_of(&pool);
+        assert!(
+            threads_of(&pool).iter().any(|id| *id != me),
+            "alone: helpers"
+        );
+        thread::scope(|s| {
+            s.spawn(|| threads_of(&pool));
+        });
+        assert!(
+            threads_of(&pool).iter().all(|id| *id == me),
+            "another caller: alone"
+        );
+        assert!(
+            threads_of(&pool).iter().all(|id| *id == me),
+            "within the window: alone"
+        );
+        thread::sleep(2 * window);
+        assert!(
+            threads_of(&pool).iter().any(|id| *id != me),
+            "alone again: helpers"
+        );
+    }
+
     /// A part that panics on a helper makes the caller panic instead of hanging.
     #[test]
     fn a_panicking_part_reaches_the_caller() {
-        let pool = Pool::new(2);
+        let pool = Pool::new(2, CONTENDED);
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             pool.run(2, &|p| assert!(p == 0, "part {p} fails"));
         }));
