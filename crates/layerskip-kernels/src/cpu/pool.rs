@@ -4,7 +4,7 @@
 //!
 //! Rayon's pool parks idle workers and, called from outside the pool, parks the caller too: a
 //! join cost more than one product of the default model. Here a job is handed over through
-//! two atomics, and a helper parks only after [`SPIN`] without work.
+//! two atomics, and a helper parks only after 300 us without work.
 //!
 //! One job runs at a time; a caller that finds the pool busy, or that another thread used within
 //! the last 2 ms (several decoders at once, as a server's engines), runs every part itself. Parts never change results: the kernels split by output columns, each
