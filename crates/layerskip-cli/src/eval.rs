@@ -2,10 +2,8 @@
 //! on held-out text, for one or more checkpoints, as a table, JSON and a line plot.
 
 use layerskip_model::LayerSkipBackend;
-use layerskip_model::Quantization;
 use std::path::PathBuf;
 
-use crate::infer::load_for_decoding;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use layerskip_train::data::{Corpus, Document, read_corpus, split};
@@ -15,6 +13,7 @@ use layerskip_train::{Blocks, TrainConfig};
 use serde::Serialize;
 
 use crate::backend::BackendTask;
+use crate::infer::{WeightArgs, load_for_decoding};
 use crate::plot::{Series, line_plot};
 use crate::progress::Progress;
 
@@ -23,11 +22,8 @@ pub struct EvalArgs {
     /// Checkpoint directories to compare (repeatable); each is evaluated on the same text.
     #[arg(long, required = true)]
     pub model: Vec<PathBuf>,
-    /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
-    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
-    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
-    #[arg(long)]
-    pub quantize: Option<Quantization>,
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// A training preset: evaluate on its held-out split (same data, fraction and seed as training).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -106,7 +102,7 @@ impl BackendTask for EvalArgs {
         let (docs, seq_len) = self.documents()?;
         // Longer passes take Burn's matmul over the full-precision weights.
         #[cfg(feature = "flex")]
-        if let Some(q) = self.quantize {
+        if let Some(q) = self.weights.quantize {
             let rows = self.batch_size * seq_len;
             let most = layerskip_model::ops::flex::MAX_ROWS;
             if rows > most {
@@ -118,7 +114,7 @@ impl BackendTask for EvalArgs {
         }
         let mut reports = Vec::new();
         for dir in &self.model {
-            let (model, tokenizer) = load_for_decoding::<B>(dir, &device, self.quantize)?;
+            let (model, tokenizer) = load_for_decoding::<B>(dir, &device, self.weights.quantize)?;
             let positions = model.config().max_position_embeddings;
             if seq_len > positions {
                 bail!(

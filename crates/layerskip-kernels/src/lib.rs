@@ -4,9 +4,10 @@
 //! them through its one backend seam (`layerskip_model::ops::LayerSkipBackend`), which converts
 //! its tensors to the kernels' arguments.
 //!
-//! - [`cpu`]: kernels on plain slices (AVX2 and FMA where the CPU has them, the same order in
-//!   scalar code elsewhere): products of a few rows with a packed weight matrix, attention over a
-//!   KV cache buffer, SwiGLU's product, rotary embedding.
+//! - [`cpu`]: kernels on plain slices (AVX-512 or AVX2 and FMA where the CPU has them, the same
+//!   order in scalar code elsewhere): products of up to a few hundred rows with a packed weight
+//!   matrix (f32, bf16, or ggml's Q8_0/Q4_0/Q4_1 blocks) split over every core by a persistent
+//!   pool, attention over a KV cache buffer, SwiGLU's product, rotary embedding.
 //! - `cube` (feature `cube`): CubeCL kernels that run on every CubeCL runtime (CUDA, wgpu on
 //!   Vulkan/Metal/DX12): decode attention over the preallocated KV cache, products of a few rows
 //!   with a weight matrix, RMSNorm, rotary embedding with the cache write, SwiGLU's product.

@@ -25,8 +25,8 @@ pub struct ConvertReport {
     /// Whether a tokenizer was written.
     pub tokenizer: bool,
     /// The block format most of the file's layer weights were stored in, if a quantized one
-    /// that decoding can keep (`--quantize`): the safetensors hold its dequantised values,
-    /// and re-quantizing them gives the file's numbers back.
+    /// that decoding can keep (`--quantize`): the safetensors hold its dequantised values
+    /// (re-quantizing them gives a Q8_0 or Q4_0 file's blocks back, see [`Quantization`]).
     pub quantized: Option<Quantization>,
 }
 
@@ -75,20 +75,22 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path, dtype: SaveDtype) -> Resul
 
 /// The quantized format most `blk.*` tensors of the file are in, if any.
 fn layer_format(g: &GgufFile) -> Option<Quantization> {
-    let mut counts = [0usize; 3];
-    for (name, info) in &g.tensors {
-        let slot = match info.ggml_type {
-            8 => 0,
-            2 => 1,
-            3 => 2,
-            _ => continue,
-        };
-        if name.starts_with("blk.") {
-            counts[slot] += 1;
-        }
-    }
-    let (slot, &most) = counts.iter().enumerate().max_by_key(|(_, c)| **c)?;
-    (most > 0).then(|| [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1][slot])
+    let format = |ggml_type| match ggml_type {
+        8 => Some(Quantization::Q8_0),
+        2 => Some(Quantization::Q4_0),
+        3 => Some(Quantization::Q4_1),
+        _ => None,
+    };
+    let count = |q: Quantization| {
+        g.tensors
+            .iter()
+            .filter(|(name, info)| name.starts_with("blk.") && format(info.ggml_type) == Some(q))
+            .count()
+    };
+    [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1]
+        .into_iter()
+        .max_by_key(|&q| count(q))
+        .filter(|&q| count(q) > 0)
 }
 
 fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {

@@ -6,8 +6,9 @@
 //! join cost more than one product of the default model. Here a job is handed over through
 //! two atomics, and a helper parks only after 300 us without work.
 //!
-//! One job runs at a time; a caller that finds the pool busy, or that another thread used within
-//! the last 2 ms (several decoders at once, as a server's engines), runs every part itself. Parts never change results: the kernels split by output columns, each
+//! One job runs at a time; a caller that finds the pool busy, or whose jobs interleaved with
+//! another thread's within the last 2 ms (several decoders at once, as a server's engines), runs
+//! every part itself. Parts never change results: the kernels split by output columns, each
 //! computed by one thread in a fixed order.
 
 use std::cell::UnsafeCell;
@@ -52,8 +53,6 @@ struct Shared {
     /// Whether a helper's part panicked (the caller panics in turn).
     panicked: AtomicBool,
     job: UnsafeCell<Option<Job>>,
-    /// The helper threads, to unpark them.
-    helpers: OnceLock<Vec<Thread>>,
 }
 
 // SAFETY: `job` is written only by the one caller holding `Pool::busy`, before the
@@ -64,6 +63,8 @@ unsafe impl Send for Shared {}
 /// The helper threads and the lock that admits one job at a time.
 pub struct Pool {
     shared: &'static Shared,
+    /// The helper threads, to unpark them.
+    helpers: Vec<Thread>,
     busy: Mutex<()>,
     threads: usize,
     /// The thread (numbered from 1) that last called [`Pool::run`].
@@ -103,7 +104,6 @@ impl Pool {
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             job: UnsafeCell::new(None),
-            helpers: OnceLock::new(),
         }));
         let helpers = (1..threads)
             .map(|part| {
@@ -115,9 +115,9 @@ impl Pool {
                     .clone()
             })
             .collect();
-        let _ = shared.helpers.set(helpers);
         Pool {
             shared,
+            helpers,
             busy: Mutex::new(()),
             threads,
             last_caller: AtomicU64::new(0),
@@ -160,15 +160,11 @@ impl Pool {
             (0..parts).for_each(f);
             return;
         }
-        let guard = match self.busy.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
+        let _held = match self.busy.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return (0..parts).for_each(f),
         };
-        if guard.is_none() {
-            (0..parts).for_each(f);
-            return;
-        }
         let shared = self.shared;
         shared.done.store(0, Ordering::Relaxed);
         // SAFETY: the lifetime is erased only while this call waits for every helper below,
@@ -181,7 +177,7 @@ impl Pool {
         shared
             .generation
             .store(sequence << PART_BITS | parts, Ordering::Release);
-        for helper in &shared.helpers.get().expect("helpers started")[..parts - 1] {
+        for helper in &self.helpers[..parts - 1] {
             helper.unpark();
         }
         let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));

@@ -5,8 +5,9 @@
 //!
 //! Each output is `fma(x[k-1], w[k-1], ... fma(x[0], w[0], 0))`, the same operations in the same
 //! order for any number of rows, so a row's result does not depend on which other rows share
-//! the call. [`portable`] is that order in scalar code; the AVX2 kernels reproduce it bit for
-//! bit.
+//! the call. [`portable`] is that order in scalar code; the SIMD kernels (AVX2, AVX-512) reproduce
+//! it bit for bit, for every panel format (f32, bf16, and the quantized blocks, whose values are
+//! rebuilt exactly before the multiply-add).
 
 use super::pool::{Out, Pool};
 
@@ -85,19 +86,48 @@ enum Lines {
     Q4(Vec<Q4Block>, Quantization),
 }
 
-/// A quantized format the panels can hold weights in.
+/// A quantized format the panels can hold weights in (`--quantize`): ggml's block formats,
+/// quantized by ggml's reference quantizers, dequantised in registers and summed in f32. Weights
+/// dequantised from a Q8_0 or Q4_0 file (formats llama.cpp writes with those reference
+/// quantizers) quantize back to the file's blocks; Q4_1 files are written by an
+/// error-minimising search, so re-quantizing one does not reproduce its blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantization {
-    /// ggml's Q8_0: blocks of 32 weights along the input features sharing an f16 scale
-    /// (`amax / 127`), each weight a rounded signed byte. Re-quantizing weights that were
-    /// dequantized from Q8_0 gives back the same bytes and scales.
+    /// ggml's Q8_0: per 32 input features and output, an f16 scale (`amax / 127`) and rounded
+    /// signed bytes (1.125 bytes per weight).
     Q8_0,
-    /// ggml's Q4_0: blocks of 32 weights sharing an f16 scale `d` (the value of largest
-    /// magnitude over -8), each weight `d * (q - 8)` for a nibble `q`.
+    /// ggml's Q4_0: per 32 input features and output, an f16 scale `d` (the value of largest
+    /// magnitude over -8) and nibbles `q`, each weight `d * (q - 8)` (0.625 bytes per weight).
     Q4_0,
-    /// ggml's Q4_1: blocks of 32 weights sharing an f16 scale `d = (max - min) / 15` and an f16
-    /// offset `m = min`, each weight `q * d + m` for a nibble `q`.
+    /// ggml's Q4_1: per 32 input features and output, an f16 scale `d = (max - min) / 15`, an
+    /// f16 offset `m = min` and nibbles `q`, each weight `q * d + m` (0.75 bytes per weight in
+    /// the panels, which hold the scales as f32).
     Q4_1,
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quantization::Q8_0 => "q8_0",
+            Quantization::Q4_0 => "q4_0",
+            Quantization::Q4_1 => "q4_1",
+        })
+    }
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" => Ok(Quantization::Q8_0),
+            "q4_0" => Ok(Quantization::Q4_0),
+            "q4_1" => Ok(Quantization::Q4_1),
+            _ => Err(format!(
+                "unknown quantization {s:?}: expected q8_0, q4_0 or q4_1"
+            )),
+        }
+    }
 }
 
 /// A weight matrix with `k` input features and `n` outputs, in panels of [`NR`] output
@@ -158,61 +188,49 @@ impl Panels {
         if !k.is_multiple_of(QK) {
             return None;
         }
-        let at = |i: usize, c: usize| if out_in { w[c * k + i] } else { w[i * n + c] };
-        let count = n.div_ceil(NR);
-        if format != Quantization::Q8_0 {
-            let empty = Q4Block {
-                scale: [0.0; NR],
-                min: [0.0; NR],
-                q: [[0; NR]; QK / 2],
-            };
-            let mut blocks = vec![empty; count * (k / QK)];
-            by_panels(&mut blocks, k / QK, |p, panel| {
-                for (b, block) in panel.iter_mut().enumerate() {
-                    for j in 0..NR.min(n - p * NR) {
-                        let column: [f32; QK] = std::array::from_fn(|i| at(b * QK + i, p * NR + j));
-                        let (scale, min, q) = if format == Quantization::Q4_0 {
-                            let (d, q) = quantize_q4_0(&column);
-                            (d, -8.0 * d, q)
-                        } else {
-                            quantize_q4_1(&column)
-                        };
+        let lines = match format {
+            Quantization::Q8_0 => {
+                let empty = Q8Block {
+                    scale: [0.0; NR],
+                    q: [[0; NR]; QK],
+                };
+                Lines::Q8(quantized_blocks(
+                    w,
+                    (k, n),
+                    out_in,
+                    empty,
+                    |block, j, column| {
+                        let (scale, q) = quantize_q8_0(column);
                         block.scale[j] = scale;
-                        block.min[j] = min;
-                        for t in 0..QK / 2 {
-                            block.q[t][j] = q[2 * t] | q[2 * t + 1] << 4;
+                        for (i, v) in q.into_iter().enumerate() {
+                            block.q[i][j] = v;
                         }
-                    }
-                }
-            });
-            return Some(Self {
-                lines: Lines::Q4(blocks, format),
-                k,
-                n,
-            });
-        }
-        let empty = Q8Block {
-            scale: [0.0; NR],
-            q: [[0; NR]; QK],
-        };
-        let mut blocks = vec![empty; count * (k / QK)];
-        by_panels(&mut blocks, k / QK, |p, panel| {
-            for (b, block) in panel.iter_mut().enumerate() {
-                for j in 0..NR.min(n - p * NR) {
-                    let column: [f32; QK] = std::array::from_fn(|i| at(b * QK + i, p * NR + j));
-                    let (scale, q) = quantize_q8_0(&column);
-                    block.scale[j] = scale;
-                    for (i, v) in q.into_iter().enumerate() {
-                        block.q[i][j] = v;
-                    }
-                }
+                    },
+                ))
             }
-        });
-        Some(Self {
-            lines: Lines::Q8(blocks),
-            k,
-            n,
-        })
+            Quantization::Q4_0 | Quantization::Q4_1 => {
+                let empty = Q4Block {
+                    scale: [0.0; NR],
+                    min: [0.0; NR],
+                    q: [[0; NR]; QK / 2],
+                };
+                let set = |block: &mut Q4Block, j: usize, column: &[f32; QK]| {
+                    let (scale, min, q) = if format == Quantization::Q4_0 {
+                        let (d, q) = quantize_q4_0(column);
+                        (d, -8.0 * d, q)
+                    } else {
+                        quantize_q4_1(column)
+                    };
+                    block.scale[j] = scale;
+                    block.min[j] = min;
+                    for t in 0..QK / 2 {
+                        block.q[t][j] = q[2 * t] | q[2 * t + 1] << 4;
+                    }
+                };
+                Lines::Q4(quantized_blocks(w, (k, n), out_in, empty, set), format)
+            }
+        };
+        Some(Self { lines, k, n })
     }
 
     /// Whether the lines hold bfloat16 values.
@@ -254,6 +272,31 @@ impl Panels {
     fn count(&self) -> usize {
         self.n.div_ceil(NR)
     }
+}
+
+/// The quantized blocks of `w` (`[k, n]`, or `[n, k]` when `out_in`): every panel's `k / QK`
+/// blocks, column `j` of each set by `set(block, j, its 32 weights)`.
+fn quantized_blocks<B: Copy + Send>(
+    w: &[f32],
+    (k, n): (usize, usize),
+    out_in: bool,
+    empty: B,
+    set: impl Fn(&mut B, usize, &[f32; QK]) + Sync,
+) -> Vec<B> {
+    let at = |i: usize, c: usize| if out_in { w[c * k + i] } else { w[i * n + c] };
+    let mut blocks = vec![empty; n.div_ceil(NR) * (k / QK)];
+    by_panels(&mut blocks, k / QK, |p, panel| {
+        for (b, block) in panel.iter_mut().enumerate() {
+            for j in 0..NR.min(n - p * NR) {
+                set(
+                    block,
+                    j,
+                    &std::array::from_fn(|i| at(b * QK + i, p * NR + j)),
+                );
+            }
+        }
+    });
+    blocks
 }
 
 /// Calls `fill(p, lines of panel p)` for every panel, the panels split over one thread per
@@ -331,7 +374,8 @@ fn exact_in_bf16(w: &[f32]) -> bool {
 type PanelRange = unsafe fn(&[f32], &Panels, *mut f32, usize, usize, usize, usize);
 
 /// `out[r, c] = x[r, :] · w[:, c]` for the first `cols` outputs, `x` `[rows, k]`, `out`
-/// `[rows, cols]`; AVX2 and FMA when the CPU has them, and two threads for large products.
+/// `[rows, cols]`; the widest kernel this CPU runs ([`Kernel::chosen`]), large products split
+/// over the threads of the [`Pool`].
 pub fn x_panels(x: &[f32], w: &Panels, out: &mut [f32], rows: usize, cols: usize) {
     assert!(cols <= w.n && x.len() >= rows * w.k && out.len() >= rows * cols);
     let kernel = Kernel::chosen().function();

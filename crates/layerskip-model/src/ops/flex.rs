@@ -24,7 +24,7 @@ use burn::nn::RmsNorm;
 use burn::tensor::{DType, Element, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
-use layerskip_kernels::cpu::{self, attend::AttendShape, rows, rows::Panels};
+use layerskip_kernels::cpu::{self, attend::AttendShape, rows::Panels};
 
 use super::{LayerSkipBackend, Packed, Quantization, WeightLayout as Layout, causal_attention};
 use crate::error::ModelError;
@@ -46,7 +46,7 @@ struct Slot {
     entry: Option<Arc<Entry>>,
     /// Set by `prepare` with a quantization: every later packing of this weight (after the
     /// weight is replaced, or by a clone of the module) uses it too.
-    quantize: Option<rows::Quantization>,
+    quantize: Option<Quantization>,
 }
 
 impl PackedSlot {
@@ -67,12 +67,8 @@ impl PackedSlot {
         quantize: Option<Quantization>,
     ) -> Arc<Entry> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(q) = quantize {
-            slot.quantize = Some(match q {
-                Quantization::Q8_0 => rows::Quantization::Q8_0,
-                Quantization::Q4_0 => rows::Quantization::Q4_0,
-                Quantization::Q4_1 => rows::Quantization::Q4_1,
-            });
+        if quantize.is_some() {
+            slot.quantize = quantize;
         }
         let wanted = slot.quantize;
         let held = slot
@@ -115,7 +111,7 @@ pub(crate) struct Entry {
     source: FlexTensor,
     /// The format asked for when packing (the panels may be plain where the shape did not
     /// allow it; asking again does not repack).
-    quantized: Option<rows::Quantization>,
+    quantized: Option<Quantization>,
     panels: Panels,
 }
 

@@ -226,49 +226,7 @@ pub trait LayerSkipBackend: Backend {
     }
 }
 
-/// A quantized format that decoding can keep weights in (`--quantize`): ggml's block formats,
-/// quantized from the loaded weights by ggml's reference quantizers, dequantised in registers and
-/// summed in f32. A checkpoint converted from a Q8_0 or Q4_0 GGUF (formats llama.cpp writes with
-/// those reference quantizers) gets the file's numbers back; Q4_1 files are written by an
-/// error-minimising search, so re-quantizing one does not reproduce its blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quantization {
-    /// ggml's Q8_0: per 32 input features and output, an f16 scale and signed bytes (1.125
-    /// bytes per weight). Computed in f32 on the dequantised values; re-quantizing a checkpoint
-    /// converted from a Q8_0 GGUF gives back the file's numbers.
-    Q8_0,
-    /// ggml's Q4_0: per 32 input features and output, an f16 scale and 4-bit values centred
-    /// on 8 (0.625 bytes per weight).
-    Q4_0,
-    /// ggml's Q4_1: per 32 input features and output, an f16 scale and an f16 minimum, 4-bit
-    /// values (0.75 bytes per weight in our panels, the scales held as f32).
-    Q4_1,
-}
-
-impl std::fmt::Display for Quantization {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Quantization::Q8_0 => "q8_0",
-            Quantization::Q4_0 => "q4_0",
-            Quantization::Q4_1 => "q4_1",
-        })
-    }
-}
-
-impl std::str::FromStr for Quantization {
-    type Err = ModelError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "q8_0" => Ok(Quantization::Q8_0),
-            "q4_0" => Ok(Quantization::Q4_0),
-            "q4_1" => Ok(Quantization::Q4_1),
-            _ => Err(ModelError::InvalidConfig(format!(
-                "unknown quantization {s:?}: expected q8_0, q4_0 or q4_1"
-            ))),
-        }
-    }
-}
+pub use layerskip_kernels::cpu::rows::Quantization;
 
 /// How a weight matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
