@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
@@ -15,8 +15,8 @@ use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
 use layerskip_train::data::{read_corpus, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
 use layerskip_train::{
-    Blocks, EvalReport, RunDir, Start, StepReport, TrainConfig, Trainer, latest_checkpoint,
-    saved_config,
+    Blocks, ClusterConfig, EvalReport, RunDir, Start, StepReport, TrainConfig, Trainer,
+    latest_checkpoint, saved_config,
 };
 
 use crate::backend::MultiDeviceTask;
@@ -46,6 +46,55 @@ pub struct TrainArgs {
     /// Delete the checkpoints of an earlier run in --out and start a new one.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Training across several processes (one per node) through burn-collective.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Number of nodes (processes) training together; with a launcher, e.g. torchrun's
+    /// `$WORLD_SIZE` or Slurm's `$SLURM_NTASKS`.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// This node's rank in 0..nodes (`$RANK`, `$SLURM_PROCID`). Rank 0 hosts the coordinator and
+    /// writes the checkpoints into --out, which every node must be able to read to resume.
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// HOST:PORT of the coordinator, the same on every node (`$MASTER_ADDR:$MASTER_PORT`).
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// HOST:PORT at which the other nodes reach this node [default: this machine's address
+    /// towards the coordinator, port = coordinator's + 1 + rank].
+    #[arg(long)]
+    pub node_address: Option<String>,
+    /// Seconds a node waits for the others (to join, and at each step) before it stops with an
+    /// error naming the nodes that no longer answer.
+    #[arg(long, default_value_t = 300)]
+    pub collective_timeout: u64,
+}
+
+impl ClusterArgs {
+    /// The multi-node settings, or `None` for a single-process run.
+    fn config(&self) -> Result<Option<ClusterConfig>> {
+        if self.nodes <= 1 && self.node_rank.unwrap_or(0) == 0 && self.coordinator.is_none() {
+            return Ok(None);
+        }
+        let config = ClusterConfig {
+            nodes: self.nodes,
+            rank: self
+                .node_rank
+                .context("--node-rank is required with --nodes")?,
+            coordinator: self
+                .coordinator
+                .clone()
+                .context("--coordinator HOST:PORT is required with --nodes")?,
+            address: self.node_address.clone(),
+            timeout: Duration::from_secs(self.collective_timeout),
+        };
+        config.validate()?;
+        Ok(Some(config))
+    }
 }
 
 impl MultiDeviceTask for TrainArgs {
@@ -87,15 +136,32 @@ fn run_config(args: &TrainArgs, resume_from: Option<&Path>) -> Result<TrainConfi
 
 fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Device>) -> Result<()> {
     let device = devices[0].clone();
+    let cluster = args.cluster.config()?;
+    if cluster.is_some() && devices.len() > 1 {
+        bail!(
+            "several devices in one process and several nodes do not combine: give each node one --device"
+        );
+    }
     let start = match (args.resume, args.overwrite) {
         (true, _) => Start::Resume,
         (false, true) => Start::Overwrite,
         (false, false) => Start::Fresh,
     };
-    // Lock, check and (with --overwrite) clear the output directory before any work.
-    let run_dir = RunDir::open(&args.out, start)?;
-    for path in run_dir.removed() {
+    // Lock, check and (with --overwrite) clear the output directory before any work; in a
+    // multi-node run only rank 0 writes it (the others read it to resume).
+    let primary = cluster.as_ref().is_none_or(|c| c.rank == 0);
+    let run_dir = primary
+        .then(|| RunDir::open(&args.out, start))
+        .transpose()?;
+    for path in run_dir.iter().flat_map(RunDir::removed) {
         eprintln!("removed {}", path.display());
+    }
+    if args.resume && !primary && latest_checkpoint(&args.out).is_none() {
+        bail!(
+            "--resume: no checkpoint in {} on this node (rank 0 writes them: put --out on a file \
+             system every node reads, or copy the checkpoint here)",
+            args.out.display()
+        );
     }
     let resume_from = args.resume.then(|| latest_checkpoint(&args.out)).flatten();
     let config = run_config(&args, resume_from.as_deref())?;
@@ -174,7 +240,28 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
         }
     };
     // Weights (safetensors and Burn record) and AdamW's two moments, all f32.
-    run_dir.check_space(trainer.model().num_params() as u64 * 16 + (1 << 20))?;
+    if let Some(run_dir) = &run_dir {
+        run_dir.check_space(trainer.model().num_params() as u64 * 16 + (1 << 20))?;
+    }
+    if let Some(cluster) = cluster {
+        // burn-collective logs every connection at info level (installing its own subscriber
+        // when none is set): show its warnings and errors only.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_writer(std::io::stderr)
+            .try_init();
+        let (rank, nodes) = (cluster.rank, cluster.nodes);
+        eprintln!(
+            "node {rank} of {nodes}: joining through the coordinator at {}",
+            cluster.coordinator
+        );
+        trainer = trainer.join_cluster(cluster)?;
+        let c = trainer.cluster().expect("joined");
+        eprintln!(
+            "node {rank} of {nodes}: joined ({}); each step's batch is split into {nodes} shards",
+            c.addresses().join(", ")
+        );
+    }
     if devices.len() > 1 {
         eprintln!(
             "data parallel over {} devices: each step's batch is split into equal shards",
@@ -183,7 +270,10 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
         trainer = trainer.with_data_parallel(devices)?;
     }
     let extra: Vec<(&str, &[u8])> = extra.iter().map(|(n, b)| (*n, b.as_slice())).collect();
-    run_loop(&mut trainer, run_dir.path(), &extra)
+    let out = run_dir.as_ref().map(RunDir::path);
+    run_loop(&mut trainer, out, &extra)?;
+    trainer.barrier("finishing the run")?;
+    Ok(())
 }
 
 fn tokenizer_eos(dir: Option<&Path>) -> Result<Vec<u32>> {
@@ -230,13 +320,15 @@ fn scratch_model<B: LayerSkipBackend>(
     Ok(LlamaModel::init(&llama, device)?)
 }
 
+/// Trains to the last step, evaluating and saving on the config's schedule. `out` is `None` on
+/// the nodes of a multi-node run that do not write checkpoints (they train and stay quiet).
 fn run_loop<B: layerskip_train::TrainBackend>(
     trainer: &mut Trainer<B>,
-    out: &Path,
+    out: Option<&Path>,
     extra: &[(&str, &[u8])],
 ) -> Result<()> {
     let total = trainer.config().steps as u64;
-    let tty = std::io::stderr().is_terminal();
+    let tty = std::io::stderr().is_terminal() && out.is_some();
     let bar = if tty {
         ProgressBar::new(total)
     } else {
@@ -252,7 +344,10 @@ fn run_loop<B: layerskip_train::TrainBackend>(
     let mut tokens = 0usize;
     let held_out = trainer.has_held_out();
     if trainer.step_count() == 0 && held_out {
-        report_eval(&bar, &trainer.evaluate()?);
+        let eval = trainer.evaluate()?;
+        if out.is_some() {
+            report_eval(&bar, &eval);
+        }
     }
     while !trainer.finished() {
         let r = trainer.train_step()?;
@@ -261,22 +356,40 @@ fn run_loop<B: layerskip_train::TrainBackend>(
         bar.set_message(msg.clone());
         bar.inc(1);
         let step = trainer.step_count();
-        if !tty && (step.is_multiple_of(log_every) || step == 1) {
+        if !tty && out.is_some() && (step.is_multiple_of(log_every) || step == 1) {
             eprintln!("step {step}/{total} {msg}");
         }
         let (eval_every, save_every) = (trainer.config().eval_every, trainer.config().save_every);
         if held_out && eval_every > 0 && step.is_multiple_of(eval_every) && !trainer.finished() {
-            report_eval(&bar, &trainer.evaluate()?);
+            let eval = trainer.evaluate()?;
+            if out.is_some() {
+                report_eval(&bar, &eval);
+            }
         }
-        if save_every > 0 && step.is_multiple_of(save_every) && !trainer.finished() {
+        if let Some(out) = out
+            && save_every > 0
+            && step.is_multiple_of(save_every)
+            && !trainer.finished()
+        {
             let dir = trainer.save_checkpoint(out, extra)?;
             bar.suspend(|| eprintln!("saved {}", dir.display()));
         }
     }
     bar.finish_and_clear();
     if held_out {
-        report_eval(&bar, &trainer.evaluate()?);
+        let eval = trainer.evaluate()?;
+        if out.is_some() {
+            report_eval(&bar, &eval);
+        }
     }
+    let Some(out) = out else {
+        eprintln!(
+            "node {} finished ({:.0} s)",
+            trainer.cluster().map_or(0, |c| c.rank()),
+            start.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    };
     let dir = trainer.save_checkpoint(out, extra)?;
     eprintln!(
         "saved {} ({:.0} s, {:.0} tokens/s)",

@@ -21,6 +21,9 @@ pub enum TrainError {
     /// The data yield no training block.
     #[error("data: {0}")]
     Data(String),
+    /// A multi-node run could not start or lost a node.
+    #[error("multi-node training: {0}")]
+    Cluster(String),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),

@@ -33,6 +33,7 @@
 
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod loss;
@@ -43,6 +44,7 @@ pub mod trainer;
 
 pub use config::TrainConfig;
 pub use data::{Blocks, Document};
+pub use distributed::{Cluster, ClusterConfig};
 pub use error::{Result, TrainError};
 pub use run_dir::{RunDir, Start};
 pub use trainer::{EvalReport, StepReport, Trainer, latest_checkpoint, saved_config};

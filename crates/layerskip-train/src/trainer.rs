@@ -5,6 +5,7 @@
 //! checkpoint holds the model with its parameter ids and the optimizer state, so N steps straight
 //! and N/2 + resume + N/2 give the same weights bit for bit.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use burn::grad_clipping::GradientClippingConfig;
@@ -24,6 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{MixedPrecision, TrainConfig};
 use crate::data::Blocks;
+use crate::distributed::{
+    Cluster, ClusterConfig, Fingerprint, fill_missing_gradients, gradient_presence, number_params,
+};
 use crate::error::{Result, TrainError};
 use crate::loss::{early_exit_loss, masked_cross_entropy};
 use crate::run_dir::{DurableMpkRecorder, sync_dir};
@@ -77,6 +81,8 @@ pub struct Trainer<B: crate::TrainBackend> {
     device: B::Device,
     /// Data-parallel devices (the first is `device`); empty for single-device training.
     replicas: Vec<B::Device>,
+    /// The other processes of a multi-node run, if any.
+    cluster: Option<Cluster<B::InnerBackend>>,
 }
 
 /// What one data-parallel worker returns for its shard of a micro-batch.
@@ -85,6 +91,64 @@ struct ShardOutput {
     /// `(layer, weight, CE * shard tokens / micro-batch tokens)`.
     per_layer: Vec<(usize, f64, f64)>,
     loss: f64,
+}
+
+/// What every shard of a step shares: the exits and their loss weights, the compute precision,
+/// and the number of micro-batches the loss is averaged over.
+struct StepPlan<'a> {
+    weights: &'a [(usize, f64)],
+    exits: &'a [usize],
+    precision: MixedPrecision,
+    accum: usize,
+}
+
+/// One shard of a micro-batch: its blocks, their layer-dropout draws, and the loss tokens of the
+/// whole micro-batch (each shard's loss is scaled by its share of them).
+struct Shard<'a> {
+    indices: &'a [usize],
+    mask: SkipMask,
+    micro_tokens: f64,
+}
+
+/// The draws of the sequences `rows` of a micro-batch.
+fn shard_mask(mask: &SkipMask, rows: Range<usize>) -> SkipMask {
+    SkipMask {
+        skip: mask.skip.iter().map(|r| r[rows.clone()].to_vec()).collect(),
+    }
+}
+
+/// Forward and backward of one shard on `model` (on the shard's device): the gradient of the
+/// shard's share of the micro-batch loss, so the shards' gradients sum to the micro-batch's.
+fn shard_output<B: crate::TrainBackend>(
+    model: &LlamaModel<B>,
+    train: &Blocks,
+    shard: Shard,
+    plan: &StepPlan,
+) -> Result<ShardOutput> {
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .expect("a model has parameters");
+    let compute = compute_copy(model, plan.precision);
+    let share = train.loss_tokens(shard.indices) / shard.micro_tokens;
+    let (inputs, targets, loss_mask) = train.tensors::<B>(shard.indices, &device);
+    let any_skip = shard.mask.skip.iter().flatten().any(|&s| s);
+    let output = compute.forward_train(inputs, plan.exits, any_skip.then_some(&shard.mask))?;
+    let loss = early_exit_loss(&compute, output, targets, loss_mask, plan.weights);
+    let per_layer = loss
+        .per_layer
+        .iter()
+        .map(|(l, w, ce)| (*l, *w, share * ce.clone().into_scalar().elem::<f64>()))
+        .collect();
+    let total = loss.total * (share / plan.accum as f64);
+    let value = total.clone().into_scalar().elem::<f64>();
+    let grads = GradientsParams::from_grads(total.backward(), model);
+    Ok(ShardOutput {
+        grads,
+        per_layer,
+        loss: value,
+    })
 }
 
 fn optimizer<B: crate::TrainBackend>(config: &TrainConfig) -> Adam<B> {
@@ -168,6 +232,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
             evals: Vec::new(),
             device,
             replicas: Vec::new(),
+            cluster: None,
         })
     }
 
@@ -200,6 +265,70 @@ impl<B: crate::TrainBackend> Trainer<B> {
         }
         self.replicas = if n == 1 { Vec::new() } else { devices };
         Ok(self)
+    }
+
+    /// Joins a multi-node run (one process per node, see [`crate::distributed`]): each node
+    /// computes the gradient of its `1/nodes` shard of every micro-batch (the same blocks and
+    /// layer-dropout draws as single-process training, cut by rank), the nodes sum the gradients
+    /// through burn-collective, and each applies the same update. The result equals
+    /// single-process training up to float summation order. Refused unless every node starts
+    /// the same run (config, data, weights, step: compared at start).
+    ///
+    /// `batch_size` must be divisible by the number of nodes; in-process data parallelism
+    /// ([`Trainer::with_data_parallel`]) and multiple nodes do not combine.
+    pub fn join_cluster(mut self, config: ClusterConfig) -> Result<Self> {
+        config.validate()?;
+        if !self.replicas.is_empty() {
+            return Err(TrainError::Config(
+                "several devices in one process and several nodes do not combine: give each \
+                 node one device"
+                    .into(),
+            ));
+        }
+        if !self.config.optim.batch_size.is_multiple_of(config.nodes) {
+            return Err(TrainError::Config(format!(
+                "optim.batch_size = {} is not divisible by the {} nodes",
+                self.config.optim.batch_size, config.nodes
+            )));
+        }
+        if self.step == 0 {
+            self.model = number_params(self.model);
+        }
+        let config_json = serde_json::to_vec(&self.config).expect("serialisable config");
+        let mut print = Fingerprint::default()
+            .mix(&config_json)
+            .mix(&self.step.to_le_bytes());
+        for blocks in [&self.train, &self.eval] {
+            print = print.mix(&blocks.len().to_le_bytes());
+            for block in &blocks.tokens {
+                print = print.mix(&token_bytes(block));
+            }
+        }
+        let print = print
+            .mix_param_ids(&self.model)
+            .mix_weights(&self.model.valid())
+            .value();
+        self.cluster = Some(Cluster::join(config, &self.device, print)?);
+        Ok(self)
+    }
+
+    /// The multi-node run this trainer is part of, if any.
+    pub fn cluster(&self) -> Option<&Cluster<B::InnerBackend>> {
+        self.cluster.as_ref()
+    }
+
+    /// Whether this process writes the run's checkpoints and logs: rank 0 of a multi-node run,
+    /// or the only process.
+    pub fn is_primary(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.rank() == 0)
+    }
+
+    /// Waits for every node of a multi-node run (see [`Cluster::barrier`]); nothing without one.
+    pub fn barrier(&self, what: &str) -> Result<()> {
+        match &self.cluster {
+            Some(cluster) => cluster.barrier(&self.device, what),
+            None => Ok(()),
+        }
     }
 
     /// Number of devices the batch is split across (1 without data parallelism).
@@ -297,6 +426,9 @@ impl<B: crate::TrainBackend> Trainer<B> {
         if !self.replicas.is_empty() {
             return self.data_parallel_step(lr, &rates, &weights, &exits);
         }
+        if self.cluster.is_some() {
+            return self.cluster_step(lr, &rates, &weights, &exits);
+        }
         let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
         let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
         for micro in 0..accum {
@@ -377,7 +509,13 @@ impl<B: crate::TrainBackend> Trainer<B> {
             skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
             let micro_tokens = self.train.loss_tokens(&indices).max(1.0);
             let (model, train) = (&self.model, &self.train);
-            let precision = c.optim.mixed_precision;
+            let step = StepPlan {
+                weights,
+                exits,
+                precision: c.optim.mixed_precision,
+                accum,
+            };
+            let step = &step;
             let outputs: Vec<Result<ShardOutput>> = std::thread::scope(|scope| {
                 let workers: Vec<_> = self
                     .replicas
@@ -385,35 +523,14 @@ impl<B: crate::TrainBackend> Trainer<B> {
                     .enumerate()
                     .map(|(i, device)| {
                         let rows = i * shard..(i + 1) * shard;
-                        let indices = &indices[rows.clone()];
-                        let mask = SkipMask {
-                            skip: mask.skip.iter().map(|r| r[rows.clone()].to_vec()).collect(),
+                        let shard = Shard {
+                            indices: &indices[rows.clone()],
+                            mask: shard_mask(&mask, rows),
+                            micro_tokens,
                         };
-                        scope.spawn(move || -> Result<ShardOutput> {
+                        scope.spawn(move || {
                             let replica = model.clone().fork(device);
-                            let compute = compute_copy(&replica, precision);
-                            let share = train.loss_tokens(indices) / micro_tokens;
-                            let (inputs, targets, loss_mask) = train.tensors::<B>(indices, device);
-                            let any_skip = mask.skip.iter().flatten().any(|&s| s);
-                            let output =
-                                compute.forward_train(inputs, exits, any_skip.then_some(&mask))?;
-                            let loss =
-                                early_exit_loss(&compute, output, targets, loss_mask, weights);
-                            let per_layer = loss
-                                .per_layer
-                                .iter()
-                                .map(|(l, w, ce)| {
-                                    (*l, *w, share * ce.clone().into_scalar().elem::<f64>())
-                                })
-                                .collect();
-                            let total = loss.total * (share / accum as f64);
-                            let value = total.clone().into_scalar().elem::<f64>();
-                            let grads = GradientsParams::from_grads(total.backward(), &replica);
-                            Ok(ShardOutput {
-                                grads,
-                                per_layer,
-                                loss: value,
-                            })
+                            shard_output(&replica, train, shard, step)
                         })
                     })
                     .collect();
@@ -448,6 +565,63 @@ impl<B: crate::TrainBackend> Trainer<B> {
         // trainer's device for evaluation, checkpoints and the next step's replicas.
         self.model = updated.fork(&self.device);
         Ok(self.finish_step(lr, loss_sum, per_layer, skipped))
+    }
+
+    /// [`Trainer::train_step`] of one node of a multi-node run: this node's shard of every
+    /// micro-batch, then the gradients and the reported losses summed over the nodes.
+    fn cluster_step(
+        &mut self,
+        lr: f64,
+        rates: &[f64],
+        weights: &[(usize, f64)],
+        exits: &[usize],
+    ) -> Result<StepReport> {
+        let cluster = self.cluster.as_ref().expect("a cluster step has a cluster");
+        let c = &self.config;
+        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
+        let shard = batch / cluster.nodes();
+        let rows = cluster.rank() * shard..(cluster.rank() + 1) * shard;
+        let plan = StepPlan {
+            weights,
+            exits,
+            precision: c.optim.mixed_precision,
+            accum,
+        };
+        let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
+        let (mut loss, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
+        for micro in 0..accum {
+            let (mask, indices) = self.micro_batch(micro, rates);
+            skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
+            let shard = Shard {
+                indices: &indices[rows.clone()],
+                mask: shard_mask(&mask, rows.clone()),
+                micro_tokens: self.train.loss_tokens(&indices).max(1.0),
+            };
+            let out = shard_output(&self.model, &self.train, shard, &plan)?;
+            loss += out.loss;
+            per_layer = out.per_layer;
+            accumulator.accumulate(&self.model, out.grads);
+        }
+        // One small all-reduce first: the losses, and which parameters have a gradient on any
+        // node (layer dropout can leave a layer out of one node's shard).
+        let mut grads = accumulator.grads();
+        let presence = gradient_presence(&self.model, &grads);
+        let mut values = vec![loss];
+        values.extend(per_layer.iter().map(|(_, _, ce)| *ce));
+        values.extend(presence.iter().map(|&p| f64::from(u8::from(p))));
+        let what = format!("summing the losses of step {}", self.step);
+        let summed = cluster.all_reduce_values(&values, &self.device, &what)?;
+        for (p, ce) in per_layer.iter_mut().zip(&summed[1..]) {
+            p.2 = *ce;
+        }
+        let needed: Vec<bool> = summed[1 + per_layer.len()..]
+            .iter()
+            .map(|&n| n > 0.0)
+            .collect();
+        fill_missing_gradients(&self.model, &mut grads, &needed, &self.device);
+        let grads = cluster.all_reduce_grads(grads, self.step)?;
+        self.model = self.optim.step(lr, self.model.clone(), grads);
+        Ok(self.finish_step(lr, summed[0], per_layer, skipped))
     }
 
     /// Whether the run has held-out text to evaluate on (not with `data.eval_fraction = 0`).
@@ -557,6 +731,11 @@ impl<B: crate::TrainBackend> Trainer<B> {
         sync_dir(out_dir)?;
         Ok(final_dir)
     }
+}
+
+/// The bytes of token ids, little-endian.
+fn token_bytes(tokens: &[u32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
 }
 
 fn read_state(dir: &Path) -> Result<TrainerState> {
