@@ -5,6 +5,11 @@
 //! torchtune's loss scales, and the rotational and gradual curricula. [`schedule`] holds them as
 //! pure functions of (step, layer).
 //!
+//! [`Trainer`] runs on one device, data-parallel over several devices of one process
+//! ([`Trainer::with_data_parallel`]), or as one node of a multi-process run
+//! ([`Trainer::join_cluster`], [`distributed`]: gradients summed between processes by Burn's
+//! burn-collective); all three give the same training up to float summation order.
+//!
 //! Two LayerSkip steps on a small model, with the shipped model's tokenizer and recipe:
 //!
 //! ```
