@@ -208,8 +208,8 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
         let mut stats = std::mem::take(&mut self.ctx.stats);
         stats.new_tokens = run.tokens.len() - run.prompt_len;
         stats.total_ms = run.start.elapsed().as_secs_f64() * 1e3;
-        stats.kv_peak_used_bytes =
-            self.ctx.cache.allocated_bytes() / self.capacity() * self.ctx.peak_positions;
+        stats.kv_allocated_bytes = self.ctx.cache.allocated_bytes();
+        stats.kv_peak_used_bytes = self.ctx.cache.position_bytes() * self.ctx.peak_positions;
         Ok(Generation {
             tokens: run.tokens[run.prompt_len..].to_vec(),
             stop: run.stop.unwrap_or(StopReason::MaxNewTokens),

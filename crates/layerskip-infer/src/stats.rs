@@ -31,7 +31,8 @@ pub struct GenerationStats {
     /// Values those reads carried (token ids, or whole logit rows when the host chooses).
     #[serde(default)]
     pub host_read_values: usize,
-    /// Bytes preallocated for the KV cache.
+    /// Bytes allocated for the KV cache when the generation ended (its buffers start small and
+    /// double up to the context as positions need them).
     pub kv_allocated_bytes: usize,
     /// Bytes of KV cache holding positions at the peak (rejected drafts included).
     pub kv_peak_used_bytes: usize,

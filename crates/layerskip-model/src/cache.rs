@@ -1,7 +1,9 @@
 //! Preallocated caches: the per-layer KV cache and the exit-hidden cache of self-speculation.
 //!
-//! Both are written at positions into buffers allocated once, so rolling back after a rejected
-//! draft is only a change of length ([`KvCache::truncate`]).
+//! Both are written at positions into buffers, so rolling back after a rejected draft is only a
+//! change of length ([`KvCache::truncate`]). The KV buffers start at room for
+//! [`KV_FIRST_ALLOCATION`] positions and double when a store needs more, up to the capacity:
+//! a short generation in a long context does not hold (or touch) memory for the whole context.
 
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -21,25 +23,62 @@ fn check_room(len: usize, added: usize, capacity: usize) -> Result<()> {
     Ok(())
 }
 
-/// The keys and values of one decoder layer: preallocated buffers and the number of positions
-/// they hold. Attention reads the buffers ([`LayerKvCache::buffers`]); the cache only stores.
+/// Positions a layer's KV buffers hold room for at first (or the capacity, if smaller); they
+/// double from there as stores need more.
+pub const KV_FIRST_ALLOCATION: usize = 256;
+
+/// The keys and values of one decoder layer: buffers and the number of positions they hold.
+/// Attention reads the buffers ([`LayerKvCache::buffers`]); the cache only stores.
 ///
 /// # Shapes
-/// - buffers: `[batch, num_kv_heads, capacity, head_dim]`
+/// - buffers: `[batch, num_kv_heads, allocated, head_dim]`, `allocated <= capacity`
 #[derive(Debug, Clone)]
 pub struct LayerKvCache<B: Backend> {
     /// Keys and values. `None` only inside [`LayerKvCache::store`], which moves them out so that
     /// a backend can write into storage the cache holds alone.
     buffers: Option<[Tensor<B, 4>; 2]>,
     len: usize,
+    /// The most positions the buffers may grow to.
+    capacity: usize,
 }
 
 impl<B: LayerSkipBackend> LayerKvCache<B> {
+    /// Buffers of `[batch, kv_heads, capacity, head_dim]` = `shape`, allocated for
+    /// [`KV_FIRST_ALLOCATION`] positions at first.
     fn new(shape: [usize; 4], device: &B::Device) -> Self {
+        let [batch, heads, capacity, dim] = shape;
+        let first = [batch, heads, capacity.min(KV_FIRST_ALLOCATION), dim];
         Self {
-            buffers: Some([Tensor::zeros(shape, device), Tensor::zeros(shape, device)]),
+            buffers: Some([Tensor::zeros(first, device), Tensor::zeros(first, device)]),
             len: 0,
+            capacity,
         }
+    }
+
+    /// Positions the buffers have room for now.
+    pub fn allocated(&self) -> usize {
+        self.buffers()[0].dims()[2]
+    }
+
+    /// Reallocates the buffers with room for at least `needed` positions (doubling, at most the
+    /// capacity), the held positions copied over.
+    fn grow(&mut self, needed: usize) {
+        let mut allocated = self.allocated();
+        while allocated < needed {
+            allocated *= 2;
+        }
+        let allocated = allocated.min(self.capacity);
+        let len = self.len;
+        let buffers = self
+            .buffers
+            .take()
+            .expect("buffers are back after every store");
+        self.buffers = Some(buffers.map(|old| {
+            let [batch, heads, _, dim] = old.dims();
+            let rest = Tensor::<B, 4>::zeros([batch, heads, allocated - len, dim], &old.device())
+                .cast(old.dtype());
+            Tensor::cat(vec![old.slice_dim(2, 0..len), rest], 2)
+        }));
     }
 
     /// Positions held.
@@ -73,8 +112,10 @@ impl<B: LayerSkipBackend> LayerKvCache<B> {
         tables: &RopeTables<B>,
     ) -> Result<()> {
         let added = keys.dims()[1];
-        let capacity = self.buffers()[0].dims()[2];
-        check_room(self.len, added, capacity)?;
+        check_room(self.len, added, self.capacity)?;
+        if self.len + added > self.allocated() {
+            self.grow(self.len + added);
+        }
         let buffers = self
             .buffers
             .take()
@@ -85,17 +126,19 @@ impl<B: LayerSkipBackend> LayerKvCache<B> {
     }
 }
 
-/// A KV cache for every decoder layer, preallocated to a fixed capacity. Each layer keeps its own
-/// length, so early layers can run ahead of the deep ones during self-speculative drafting.
+/// A KV cache for every decoder layer, of a fixed capacity (its buffers grow to it as needed).
+/// Each layer keeps its own length, so early layers can run ahead of the deep ones during
+/// self-speculative drafting.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<LayerKvCache<B>>,
     capacity: usize,
-    bytes: usize,
+    /// Bytes of one position's keys and values in one layer.
+    layer_position_bytes: usize,
 }
 
 impl<B: LayerSkipBackend> KvCache<B> {
-    /// Allocates a cache for `batch` sequences of up to `capacity` positions.
+    /// A cache for `batch` sequences of up to `capacity` positions.
     pub fn new(config: &LlamaConfig, batch: usize, capacity: usize, device: &B::Device) -> Self {
         let shape = [batch, config.num_kv_heads, capacity, config.head_dim];
         let layers: Vec<LayerKvCache<B>> = (0..config.num_layers)
@@ -103,22 +146,27 @@ impl<B: LayerSkipBackend> KvCache<B> {
             .collect();
         // The device's compute dtype (f32 unless set to f16/bf16), not the backend's nominal one.
         let elem = layers.first().map_or(4, |l| l.buffers()[0].dtype().size());
-        let bytes = 2 * config.num_layers * shape.iter().product::<usize>() * elem;
         Self {
             layers,
             capacity,
-            bytes,
+            layer_position_bytes: 2 * batch * config.num_kv_heads * config.head_dim * elem,
         }
     }
 
-    /// Positions each buffer can hold.
+    /// Positions each layer can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Bytes allocated for keys and values of all layers.
+    /// Bytes allocated now for keys and values of all layers.
     pub fn allocated_bytes(&self) -> usize {
-        self.bytes
+        let positions: usize = self.layers.iter().map(LayerKvCache::allocated).sum();
+        positions * self.layer_position_bytes
+    }
+
+    /// Bytes of one position's keys and values in every layer.
+    pub fn position_bytes(&self) -> usize {
+        self.layers.len() * self.layer_position_bytes
     }
 
     /// Positions held by `layer`.

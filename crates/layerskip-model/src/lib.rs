@@ -8,7 +8,8 @@
 //!   output of any layer;
 //! - [`LlamaModel::forward_train`] returns the hidden states of chosen exit layers and the final
 //!   logits, and takes a per-layer, per-sequence [`SkipMask`] (layer dropout as a mechanism);
-//! - [`KvCache`] and [`ExitHiddenCache`] are preallocated, so rollback is a change of length;
+//! - [`KvCache`] and [`ExitHiddenCache`] are written at positions (the KV buffers growing to the
+//!   capacity as needed), so rollback is a change of length;
 //! - [`LlamaModel::from_pretrained`] / [`LlamaModel::save_pretrained`] read and write the Hugging
 //!   Face layout (`config.json`, safetensors in f32/f16/bf16, memory-mapped).
 //!
@@ -48,7 +49,7 @@ pub mod ops;
 pub mod rope;
 pub mod tokenizer;
 
-pub use cache::{ExitHiddenCache, KvCache, LayerKvCache};
+pub use cache::{ExitHiddenCache, KV_FIRST_ALLOCATION, KvCache, LayerKvCache};
 pub use checkpoint::{Recommendation, SafetensorsFiles, SaveDtype};
 pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
 pub use convert::convert_gguf;

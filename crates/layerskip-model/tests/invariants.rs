@@ -6,7 +6,8 @@ use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use layerskip_model::{
-    ExitHiddenCache, KvCache, LlamaConfig, LlamaModel, ModelError, RopeConfig, SaveDtype, SkipMask,
+    ExitHiddenCache, KV_FIRST_ALLOCATION, KvCache, LlamaConfig, LlamaModel, ModelError, RopeConfig,
+    SaveDtype, SkipMask,
 };
 
 type B = Flex;
@@ -78,6 +79,43 @@ fn decode_over_cache(m: &LlamaModel<B>, cache: &mut KvCache<B>, prefill: usize) 
         );
     }
     Tensor::cat(parts, 1)
+}
+
+/// A cache whose buffers grow while decoding (from `KV_FIRST_ALLOCATION` positions to twice
+/// that, then to the capacity) gives the full forward's logits: the held positions move over
+/// intact, and attention reads the grown buffers.
+#[test]
+fn cached_decoding_through_buffer_growth_equals_full_forward() {
+    let device = Default::default();
+    B::seed(&device, 5);
+    let c = LlamaConfig {
+        max_position_embeddings: 1024,
+        ..config(false)
+    };
+    let m = LlamaModel::<B>::init(&c, &device).unwrap();
+    let first = KV_FIRST_ALLOCATION;
+    let n = 2 * first + 20;
+    let ids: Vec<i64> = (0..n as i64).map(|i| (i * 7 + 3) % 50).collect();
+    let full = m.forward(tokens(&ids, 1), 0, None).unwrap();
+    let mut cache = KvCache::new(m.config(), 1, 2 * first + 100, &device);
+    let per_position = cache.position_bytes();
+    assert_eq!(cache.allocated_bytes(), first * per_position);
+    // A prefill that fits, one token that overflows it, a prefill-sized chunk, then one at a time.
+    let cuts = [0, first - 3, first + 1, 2 * first - 2];
+    let mut parts = Vec::new();
+    for w in cuts.windows(2) {
+        let chunk = tokens(&ids[w[0]..w[1]], 1);
+        parts.push(m.forward(chunk, w[0], Some(&mut cache)).unwrap());
+    }
+    assert_eq!(cache.allocated_bytes(), 2 * first * per_position);
+    for pos in cuts[3]..n {
+        let token = tokens(&ids[pos..pos + 1], 1);
+        parts.push(m.forward(token, pos, Some(&mut cache)).unwrap());
+    }
+    assert_eq!(cache.allocated_bytes(), (2 * first + 100) * per_position);
+    assert_eq!(cache.len(0), n);
+    let diff = max_diff(Tensor::cat(parts, 1), full);
+    assert!(diff < 1e-5, "{diff}");
 }
 
 /// The same over the cache for head dims that the AVX2 attention kernel does not take (12: not
