@@ -423,11 +423,17 @@ impl<B: crate::TrainBackend> Trainer<B> {
             .filter(|&l| l + 1 < layers)
             .collect();
         let accum = c.optim.grad_accum;
+        let plan = StepPlan {
+            weights: &weights,
+            exits: &exits,
+            precision: c.optim.mixed_precision,
+            accum,
+        };
         if !self.replicas.is_empty() {
-            return self.data_parallel_step(lr, &rates, &weights, &exits);
+            return self.data_parallel_step(lr, &rates, &plan);
         }
         if self.cluster.is_some() {
-            return self.cluster_step(lr, &rates, &weights, &exits);
+            return self.cluster_step(lr, &rates, &plan);
         }
         let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
         let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
@@ -491,8 +497,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
         &mut self,
         lr: f64,
         rates: &[f64],
-        weights: &[(usize, f64)],
-        exits: &[usize],
+        plan: &StepPlan,
     ) -> Result<StepReport> {
         let c = &self.config;
         let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
@@ -509,13 +514,6 @@ impl<B: crate::TrainBackend> Trainer<B> {
             skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
             let micro_tokens = self.train.loss_tokens(&indices).max(1.0);
             let (model, train) = (&self.model, &self.train);
-            let step = StepPlan {
-                weights,
-                exits,
-                precision: c.optim.mixed_precision,
-                accum,
-            };
-            let step = &step;
             let outputs: Vec<Result<ShardOutput>> = std::thread::scope(|scope| {
                 let workers: Vec<_> = self
                     .replicas
@@ -530,7 +528,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
                         };
                         scope.spawn(move || {
                             let replica = model.clone().fork(device);
-                            shard_output(&replica, train, shard, step)
+                            shard_output(&replica, train, shard, plan)
                         })
                     })
                     .collect();
@@ -569,24 +567,12 @@ impl<B: crate::TrainBackend> Trainer<B> {
 
     /// [`Trainer::train_step`] of one node of a multi-node run: this node's shard of every
     /// micro-batch, then the gradients and the reported losses summed over the nodes.
-    fn cluster_step(
-        &mut self,
-        lr: f64,
-        rates: &[f64],
-        weights: &[(usize, f64)],
-        exits: &[usize],
-    ) -> Result<StepReport> {
+    fn cluster_step(&mut self, lr: f64, rates: &[f64], plan: &StepPlan) -> Result<StepReport> {
         let cluster = self.cluster.as_ref().expect("a cluster step has a cluster");
         let c = &self.config;
         let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
         let shard = batch / cluster.nodes();
         let rows = cluster.rank() * shard..(cluster.rank() + 1) * shard;
-        let plan = StepPlan {
-            weights,
-            exits,
-            precision: c.optim.mixed_precision,
-            accum,
-        };
         let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
         let (mut loss, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
         for micro in 0..accum {
@@ -597,7 +583,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
                 mask: shard_mask(&mask, rows.clone()),
                 micro_tokens: self.train.loss_tokens(&indices).max(1.0),
             };
-            let out = shard_output(&self.model, &self.train, shard, &plan)?;
+            let out = shard_output(&self.model, &self.train, shard, plan)?;
             loss += out.loss;
             per_layer = out.per_layer;
             accumulator.accumulate(&self.model, out.grads);
