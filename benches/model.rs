@@ -1,6 +1,7 @@
 //! Criterion benches of the model on SmolLM2-135M-shaped layers (30 layers, hidden 576, GQA 9/3,
-//! vocab 49152; random weights, so nothing is downloaded): one prefill of 128 tokens, and one
-//! decode step at a context of 128 through the full model and through an early exit at layer 8.
+//! vocab 49152; random weights, so nothing is downloaded): one prefill of 128 tokens, one decode
+//! step at a context of 128 through the full model and through an early exit at layer 8, and one
+//! through the full model at a context of 1024.
 //!
 //! `smollm2-shaped/verify_4_rows_30_layers` is the same model's pass over 4 new rows (verifying
 //! 3 drafts). The `default-model` group loads the model shipped in `models/default` and times one pass
@@ -69,6 +70,22 @@ fn bench_model(c: &mut Criterion) {
                     128,
                     Some(&mut cache),
                 )
+                .unwrap();
+            model.exit_head(x).argmax(2).into_data()
+        })
+    });
+    // A decode step deep into a generation, where attention over the cache is a large part of
+    // the step (at 128 positions it is a small one).
+    let long: Vec<u32> = (0..1024).map(|i| (i * 7919 % 49152) as u32).collect();
+    let mut long_cache = KvCache::new(&config, 1, 1100, &device);
+    model
+        .forward_layers(model.embed_ids(&long), 0..30, 0, Some(&mut long_cache))
+        .unwrap();
+    group.bench_function("decode_step_full_30_layers_context_1024", |b| {
+        b.iter(|| {
+            long_cache.truncate(1024);
+            let x = model
+                .forward_layers(model.embed_ids(&[42]), 0..30, 1024, Some(&mut long_cache))
                 .unwrap();
             model.exit_head(x).argmax(2).into_data()
         })
