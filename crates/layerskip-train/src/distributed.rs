@@ -21,7 +21,7 @@ use std::time::Duration;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData, TensorPrimitive};
 use burn_collective::{CollectiveConfig, CollectiveError, PeerId, ReduceOperation};
 use layerskip_model::LlamaModel;
 
@@ -262,13 +262,80 @@ impl<B: Backend> Cluster<B> {
         Ok(())
     }
 
-    /// Sums `grads` (this node's shard of the step) over the nodes.
-    pub fn all_reduce_grads(&self, grads: GradientsParams, step: usize) -> Result<GradientsParams> {
+    /// Sums `grads` (this node's shard of the step, the same parameters on every node) over the
+    /// nodes as one flat tensor: every gradient in `model`'s visiting order flattened and
+    /// concatenated, one all-reduce, cut back into shape. burn-collective's per-tensor
+    /// `GradientsParams::all_reduce` pays a ring pass and a sync (a fresh connection to every
+    /// peer) per tensor.
+    pub fn all_reduce_grads<A: AutodiffBackend<InnerBackend = B>>(
+        &self,
+        model: &LlamaModel<A>,
+        mut grads: GradientsParams,
+        step: usize,
+    ) -> Result<GradientsParams> {
+        struct Flatten<'a, B: Backend> {
+            grads: &'a mut GradientsParams,
+            parts: Vec<Tensor<B, 1>>,
+            /// Each gradient taken out: its parameter, dims and dtype, in order.
+            taken: Vec<(ParamId, Vec<usize>, DType)>,
+        }
+        impl<A: AutodiffBackend> ModuleVisitor<A> for Flatten<'_, A::InnerBackend> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+                if let Some(grad) = self.grads.remove::<A::InnerBackend, D>(param.id) {
+                    self.taken
+                        .push((param.id, grad.dims().to_vec(), grad.dtype()));
+                    let n = grad.shape().num_elements();
+                    self.parts.push(grad.cast(FloatDType::F32).reshape([n]));
+                }
+            }
+        }
+        struct Unflatten<'a, B: Backend> {
+            grads: &'a mut GradientsParams,
+            flat: Tensor<B, 1>,
+            taken: std::vec::IntoIter<(ParamId, Vec<usize>, DType)>,
+            next: Option<(ParamId, Vec<usize>, DType)>,
+            offset: usize,
+        }
+        impl<A: AutodiffBackend> ModuleVisitor<A> for Unflatten<'_, A::InnerBackend> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+                if self.next.as_ref().is_some_and(|(id, _, _)| *id == param.id) {
+                    let (id, dims, dtype) = self.next.take().expect("checked");
+                    let n: usize = dims.iter().product();
+                    let dims: [usize; D] =
+                        dims.try_into().expect("a gradient has its param's rank");
+                    let part = self.flat.clone().slice(self.offset..self.offset + n);
+                    self.grads.register(id, part.reshape(dims).cast(dtype));
+                    self.offset += n;
+                    self.next = self.taken.next();
+                }
+            }
+        }
+        let mut flatten = Flatten {
+            grads: &mut grads,
+            parts: Vec::new(),
+            taken: Vec::new(),
+        };
+        model.visit(&mut flatten);
+        let Flatten { parts, taken, .. } = flatten;
+        if parts.is_empty() {
+            return Ok(grads);
+        }
+        let flat = Tensor::cat(parts, 0).into_primitive().tensor();
         let peer = self.peer();
-        self.call(
+        let summed = self.call(
             format_args!("summing the gradients of step {step}"),
-            move || grads.all_reduce::<B>(peer, ReduceOperation::Sum),
-        )
+            move || burn_collective::all_reduce::<B>(peer, flat, ReduceOperation::Sum),
+        )?;
+        let mut taken = taken.into_iter();
+        let next = taken.next();
+        model.visit(&mut Unflatten {
+            grads: &mut grads,
+            flat: Tensor::from_primitive(TensorPrimitive::Float(summed)),
+            taken,
+            next,
+            offset: 0,
+        });
+        Ok(grads)
     }
 
     /// Sums `values` over the nodes (at f32 precision).

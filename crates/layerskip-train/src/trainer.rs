@@ -605,7 +605,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
             .map(|&n| n > 0.0)
             .collect();
         fill_missing_gradients(&self.model, &mut grads, &needed, &self.device);
-        let grads = cluster.all_reduce_grads(grads, self.step)?;
+        let grads = cluster.all_reduce_grads(&self.model, grads, self.step)?;
         self.model = self.optim.step(lr, self.model.clone(), grads);
         Ok(self.finish_step(lr, summed[0], per_layer, skipped))
     }
