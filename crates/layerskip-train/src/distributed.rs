@@ -1,9 +1,9 @@
 //! Training across processes, one per node, on Burn's distributed engine (burn-collective).
 //!
 //! Every node holds the whole model and computes the gradient of its shard of each step's
-//! batch; [`GradientsParams::all_reduce`] sums the shards' gradients between the nodes, and every
-//! node applies the same optimizer step to the same sum, so the replicas stay identical without
-//! ever sending weights. Rank 0 hosts burn-collective's orchestrator (which introduces the nodes
+//! batch; one `burn_collective::all_reduce` of them, flattened into one tensor, sums the shards'
+//! gradients between the nodes, and every node applies the same optimizer step to the same sum,
+//! so the replicas stay identical without ever sending weights. Rank 0 hosts burn-collective's orchestrator (which introduces the nodes
 //! to each other) at the coordinator address; the tensors themselves travel between the nodes'
 //! data services over WebSocket (burn-collective's ring all-reduce), which works for any backend,
 //! Flex included.
