@@ -226,15 +226,16 @@ impl<B: Backend> Cluster<B> {
         let mut prints = Vec::with_capacity(n);
         for (rank, row) in table.chunks_exact(width).enumerate() {
             let len = row[0] as usize;
-            let bytes: Option<Vec<u8>> = row[1..=len.min(MAX_ADDRESS)]
-                .iter()
-                .map(|&v| (v.fract() == 0.0 && (0.0..=255.0).contains(&v)).then_some(v as u8))
-                .collect();
-            let address = bytes.and_then(|b| String::from_utf8(b).ok());
-            let print: Option<Vec<u8>> = row[1 + MAX_ADDRESS..]
-                .iter()
-                .map(|&v| (v.fract() == 0.0 && (0.0..=255.0).contains(&v)).then_some(v as u8))
-                .collect();
+            // Cells that hold whole numbers 0..=255, as bytes (`None` if any does not).
+            let bytes = |cells: &[f32]| -> Option<Vec<u8>> {
+                cells
+                    .iter()
+                    .map(|&v| (v.fract() == 0.0 && (0.0..=255.0).contains(&v)).then_some(v as u8))
+                    .collect()
+            };
+            let address =
+                bytes(&row[1..=len.min(MAX_ADDRESS)]).and_then(|b| String::from_utf8(b).ok());
+            let print = bytes(&row[1 + MAX_ADDRESS..]);
             match (len, address, print) {
                 (1..=MAX_ADDRESS, Some(a), Some(p)) => {
                     self.addresses[rank] = a;
@@ -262,31 +263,44 @@ impl<B: Backend> Cluster<B> {
         Ok(())
     }
 
-    /// Sums `grads` (this node's shard of the step, the same parameters on every node) over the
-    /// nodes as one flat tensor: every gradient in `model`'s visiting order flattened and
-    /// concatenated, one all-reduce, cut back into shape. burn-collective's per-tensor
+    /// Sums `grads` (this node's shard of the step) over the nodes as one flat tensor: the
+    /// gradient of every parameter flagged in `needed` (some node has one; see
+    /// [`gradient_presence`]), zeros where this node has none, in `model`'s visiting order,
+    /// flattened and concatenated, so every node sends the same layout; one all-reduce; cut back
+    /// into shape. Parameters no node has a gradient for stay without one, as in single-process
+    /// training (AdamW then leaves them and their moments alone). burn-collective's per-tensor
     /// `GradientsParams::all_reduce` pays a ring pass and a sync (a fresh connection to every
     /// peer) per tensor.
     pub fn all_reduce_grads<A: AutodiffBackend<InnerBackend = B>>(
         &self,
         model: &LlamaModel<A>,
         mut grads: GradientsParams,
+        needed: &[bool],
         step: usize,
     ) -> Result<GradientsParams> {
         struct Flatten<'a, B: Backend> {
             grads: &'a mut GradientsParams,
+            needed: std::slice::Iter<'a, bool>,
             parts: Vec<Tensor<B, 1>>,
             /// Each gradient taken out: its parameter, dims and dtype, in order.
             taken: Vec<(ParamId, Vec<usize>, DType)>,
         }
         impl<A: AutodiffBackend> ModuleVisitor<A> for Flatten<'_, A::InnerBackend> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
-                if let Some(grad) = self.grads.remove::<A::InnerBackend, D>(param.id) {
-                    self.taken
-                        .push((param.id, grad.dims().to_vec(), grad.dtype()));
-                    let n = grad.shape().num_elements();
-                    self.parts.push(grad.cast(FloatDType::F32).reshape([n]));
+                if !self.needed.next().copied().unwrap_or(false) {
+                    return;
                 }
+                let grad = self
+                    .grads
+                    .remove::<A::InnerBackend, D>(param.id)
+                    .unwrap_or_else(|| {
+                        let device = param.val().device();
+                        Tensor::zeros(param.shape(), &device)
+                    });
+                self.taken
+                    .push((param.id, grad.dims().to_vec(), grad.dtype()));
+                let n = grad.shape().num_elements();
+                self.parts.push(grad.cast(FloatDType::F32).reshape([n]));
             }
         }
         struct Unflatten<'a, B: Backend> {
@@ -312,6 +326,7 @@ impl<B: Backend> Cluster<B> {
         }
         let mut flatten = Flatten {
             grads: &mut grads,
+            needed: needed.iter(),
             parts: Vec::new(),
             taken: Vec::new(),
         };
@@ -510,37 +525,6 @@ pub fn gradient_presence<A: AutodiffBackend>(
     let mut presence = Presence(grads, Vec::new());
     model.visit(&mut presence);
     presence.1
-}
-
-/// Registers a zero gradient for every parameter flagged in `needed` (some node has a gradient
-/// for it) that `grads` lacks, so every node all-reduces the same tensors in the same order.
-/// Parameters no node has a gradient for stay without one, as in single-process training
-/// (AdamW then leaves them and their moments alone).
-pub fn fill_missing_gradients<A: AutodiffBackend>(
-    model: &LlamaModel<A>,
-    grads: &mut GradientsParams,
-    needed: &[bool],
-    device: &A::Device,
-) {
-    struct Fill<'a, A: AutodiffBackend> {
-        grads: &'a mut GradientsParams,
-        needed: std::slice::Iter<'a, bool>,
-        device: &'a A::Device,
-    }
-    impl<A: AutodiffBackend> ModuleVisitor<A> for Fill<'_, A> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
-            let needed = self.needed.next().copied().unwrap_or(false);
-            if needed && self.grads.get::<A::InnerBackend, D>(param.id).is_none() {
-                let zeros = Tensor::<A::InnerBackend, D>::zeros(param.shape(), self.device);
-                self.grads.register(param.id, zeros);
-            }
-        }
-    }
-    model.visit(&mut Fill {
-        grads,
-        needed: needed.iter(),
-        device,
-    });
 }
 
 /// FNV-1a, stable across builds and machines (unlike std's hasher, which may change).

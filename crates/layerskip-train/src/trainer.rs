@@ -25,9 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{MixedPrecision, TrainConfig};
 use crate::data::Blocks;
-use crate::distributed::{
-    Cluster, ClusterConfig, Fingerprint, fill_missing_gradients, gradient_presence, number_params,
-};
+use crate::distributed::{Cluster, ClusterConfig, Fingerprint, gradient_presence, number_params};
 use crate::error::{Result, TrainError};
 use crate::loss::{early_exit_loss, masked_cross_entropy};
 use crate::run_dir::{DurableMpkRecorder, sync_dir};
@@ -590,7 +588,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
         }
         // One small all-reduce first: the losses, and which parameters have a gradient on any
         // node (layer dropout can leave a layer out of one node's shard).
-        let mut grads = accumulator.grads();
+        let grads = accumulator.grads();
         let presence = gradient_presence(&self.model, &grads);
         let mut values = vec![loss];
         values.extend(per_layer.iter().map(|(_, _, ce)| *ce));
@@ -604,8 +602,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
             .iter()
             .map(|&n| n > 0.0)
             .collect();
-        fill_missing_gradients(&self.model, &mut grads, &needed, &self.device);
-        let grads = cluster.all_reduce_grads(&self.model, grads, self.step)?;
+        let grads = cluster.all_reduce_grads(&self.model, grads, &needed, self.step)?;
         self.model = self.optim.step(lr, self.model.clone(), grads);
         Ok(self.finish_step(lr, summed[0], per_layer, skipped))
     }
