@@ -4,11 +4,14 @@
 # are skipped once the time budget (CHECK_BUDGET_S, default 420 s) is spent. Writes one log
 # (check.log) and one summary (gpu_check.json, from summarize.py) into $OUT (default
 # target/gpu/out). Ours and Hugging Face's figures come from the same run on the same card.
+# GPU_DIR (default target/gpu) holds the binary to check, CHECK_WORK (default
+# /tmp/layerskip-gpu-check) the step outputs, CKPT_DIR (default $CHECK_WORK/ckpt) the
+# random-weight checkpoints: scripts/gpu/compare.sh runs two builds through this script.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 G=${GPU_DIR:-target/gpu}
 OUT=${OUT:-$G/out}
-W=/tmp/layerskip-gpu-check
+W=${CHECK_WORK:-/tmp/layerskip-gpu-check}
 mkdir -p "$OUT" "$W"
 LOG=$OUT/check.log
 : >"$LOG"
@@ -72,9 +75,10 @@ step kernels_off 240 env LAYERSKIP_CUBE_KERNELS=0 "$BIN" bench --device "$DEV" -
     --strategy self-spec --exit-layer 3 --speculations 4 --json "$W/kernels_off.json"
 HE=datasets/humaneval/HumanEval.jsonl.gz
 step hf_default 180 env HF_PROMPTS=5 HF_CONFIGS=2 python3 $G/hf_ref.py $M cuda f32 $HE
-step make_checkpoints 240 python3 scripts/gpu/make_checkpoints.py "$W/ckpt" $G/smollm2-tokenizer.json
-S=$W/ckpt/smollm2-135m-shaped
-L=$W/ckpt/llama3.2-1b-shaped
+CKPT=${CKPT_DIR:-$W/ckpt}
+step make_checkpoints 240 python3 scripts/gpu/make_checkpoints.py "$CKPT" $G/smollm2-tokenizer.json
+S=$CKPT/smollm2-135m-shaped
+L=$CKPT/llama3.2-1b-shaped
 AR=(--strategy ar --num-samples 3 --max-new-tokens 64 --repeats 1 --warmup 1)
 step smollm2_f32 180 "$BIN" bench --device "$DEV" --model "$S" "${AR[@]}" --json "$W/smollm2_f32.json"
 step smollm2_bf16 180 "$BIN" bench --device "$DEV" --dtype bf16 --model "$S" "${AR[@]}" --json "$W/smollm2_bf16.json"
@@ -96,5 +100,7 @@ for batch in 8 64; do
         --data "$stdlib/email" --data "$stdlib/asyncio" --device "$DEV" --out "$W/run_b$batch"
 done
 step launches 180 bash scripts/count_launches.sh "$BIN" "$PWD/$M" "$DEV"
+step profile_smollm2 120 bash scripts/gpu/kernel_profile.sh "$BIN" "$S" "$DEV"
+step profile_llama1b_bf16 120 bash scripts/gpu/kernel_profile.sh "$BIN" "$L" "$DEV" --dtype bf16
 python3 scripts/gpu/summarize.py "$W" "$OUT/gpu_check.json" 2>&1 | tee -a "$LOG"
 echo "total $(($(date +%s) - t0)) s" | tee -a "$LOG"

@@ -2,10 +2,11 @@
 # Builds what the GPU check needs into target/gpu/ (git-ignored; at most 64 MiB travels to a GPU
 # machine): the stripped, gzipped CUDA binary, SmolLM2's tokenizer (for the random checkpoints of
 # real shapes written there) and Hugging Face's reference timer. Run here, then on the GPU
-# machine: `bash scripts/gpu/check.sh` (see docs/GPU.md).
+# machine: `bash scripts/gpu/check.sh` (see docs/GPU.md). `package.sh base` puts them in
+# target/gpu/base instead, for scripts/gpu/compare.sh (build the earlier commit that way first).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=target/gpu
+out=target/gpu${1:+/$1}
 mkdir -p "$out"
 cargo build --release -p layerskip-cli --features cuda
 strip -o "$out/layerskip" target/release/layerskip

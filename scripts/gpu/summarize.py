@@ -72,5 +72,7 @@ for batch in [8, 64]:
         return {"batch": b, "tokens_per_s_last_steps": rates[-5:], "saved": re.findall(r"saved .*", err)[-1:]}
     section(f"train_b{batch}", train)
 section("launches", lambda: text("launches.out").strip().splitlines())
+for name in ["profile_smollm2", "profile_llama1b_bf16"]:
+    section(name, lambda n=name: text(n + ".out").strip().splitlines()[:40])
 json.dump(summary, open(out, "w"), indent=1)
 print(json.dumps({k: v for k, v in summary.items() if k not in ("steps",)}, indent=None)[:6000])

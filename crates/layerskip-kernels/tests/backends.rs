@@ -403,7 +403,8 @@ fn widths_of(ws: &[Buf; 3]) -> [usize; 3] {
 
 /// The fused products against f64: RMSNorm then three weights in one launch (q, k, v), a
 /// residual added, SwiGLU's product; for one row and several (a partial last pass), each row
-/// equal to itself computed alone; both feature splits (few and many column tiles).
+/// equal to itself computed alone; both feature splits (few and many column tiles); widths
+/// that take vectors of 4 columns, of 2 and of 1.
 #[test]
 fn fused_products_match_f64_and_do_not_depend_on_the_other_rows() {
     let gpu = Gpu::new();
@@ -411,7 +412,7 @@ fn fused_products_match_f64_and_do_not_depend_on_the_other_rows() {
     let x: Vec<f32> = values(7 * k, 20).iter().map(|v| v * 3.0).collect();
     let gamma = values(k, 21);
     let gb = gpu.upload(&gamma, &[k]);
-    for widths in [[200, 40, 40], [8200, 0, 0]] {
+    for widths in [[200, 40, 40], [8200, 0, 0], [66, 10, 10], [37, 0, 0]] {
         let ws: Vec<Vec<f32>> = widths
             .iter()
             .enumerate()

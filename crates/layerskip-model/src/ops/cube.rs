@@ -164,7 +164,7 @@ fn fused<R: CubeRuntime>(
         .collect();
     let (client, dtype) = (x.client.clone(), x.dtype.into());
     let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
-    let weight = |i: usize| weights.tensors.get(i).map_or_else(|| arg(&x), arg);
+    let weight = |i: usize| arg(weights.tensors.get(i).unwrap_or(&weights.tensors[0]));
     let tensors = FusedRows {
         x: arg(&x),
         gamma: norm.as_ref().map_or_else(|| arg(&x), |n| arg(&n.0)),

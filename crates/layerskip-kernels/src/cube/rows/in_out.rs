@@ -1,70 +1,171 @@
-//! The products for weights stored `[in, out]` (Burn's `Linear` layout): a cube computes 32
-//! output columns, its threads' rows splitting the input features.
+//! The products for weights stored `[in, out]` (Burn's `Linear` layout): a thread reads a vector
+//! of `N` consecutive output columns per load (16 bytes where the widths allow: 4 `f32`, 8
+//! `bf16`), a cube's 32 lanes cover `32 N` columns, its thread rows split the input features.
 
 use cubecl::prelude::*;
 
-use super::{
-    Epilogue, FusedRows, Pass, ROWS_PER_PASS, Sums, TILE, add_feature, gather, norm_factors,
-    pass_at, stash,
-};
+use super::{Epilogue, FusedRows, Pass, ROWS_PER_PASS, TILE, input, norm_factors, pass_at};
 
-/// The pass's sums for column `col` of `w` `[k, n]` over the features `≡ slice (mod slices)`,
-/// in order, four weight loads at a time.
+/// Four rows' partial sums of a vector of columns.
+#[derive(CubeType, Clone, Copy)]
+struct Sums<N: Size> {
+    s0: Vector<f32, N>,
+    s1: Vector<f32, N>,
+    s2: Vector<f32, N>,
+    s3: Vector<f32, N>,
+}
+
+/// Zero sums.
+#[cube]
+fn zeros<N: Size>() -> Sums<N> {
+    let zero = Vector::<f32, N>::new(f32::new(0.0));
+    Sums::<N> {
+        s0: zero,
+        s1: zero,
+        s2: zero,
+        s3: zero,
+    }
+}
+
+/// Pass row `p`'s sums.
+#[cube]
+fn row_of<N: Size>(sums: &Sums<N>, #[comptime] p: usize) -> Vector<f32, N> {
+    if comptime!(p == 0) {
+        sums.s0
+    } else if comptime!(p == 1) {
+        sums.s1
+    } else if comptime!(p == 2) {
+        sums.s2
+    } else {
+        sums.s3
+    }
+}
+
+/// `sums.s_p += input(row p, f) * wv` (row 0 only when `single`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn column_sums<F: Float>(
+fn add_feature<F: Float, N: Size>(
+    sums: &mut Sums<N>,
     x: &Tensor<F>,
     gamma: &Tensor<F>,
-    w: &Tensor<F>,
+    pass: &Pass,
+    f: usize,
+    wv: Vector<f32, N>,
+    #[comptime] norm: bool,
+    #[comptime] single: bool,
+) {
+    sums.s0 += Vector::new(input::<F>(x, gamma, pass.x0, f, pass.inv0, norm)) * wv;
+    if comptime!(!single) {
+        sums.s1 += Vector::new(input::<F>(x, gamma, pass.x1, f, pass.inv1, norm)) * wv;
+        sums.s2 += Vector::new(input::<F>(x, gamma, pass.x2, f, pass.inv2, norm)) * wv;
+        sums.s3 += Vector::new(input::<F>(x, gamma, pass.x3, f, pass.inv3, norm)) * wv;
+    }
+}
+
+/// Vector `i` of the weight of `segment` (uniform over a cube).
+#[cube]
+fn weight<F: Float, N: Size>(
+    w0: &Tensor<Vector<F, N>>,
+    w1: &Tensor<Vector<F, N>>,
+    w2: &Tensor<Vector<F, N>>,
+    segment: usize,
+    i: usize,
+) -> Vector<f32, N> {
+    let mut v = Vector::<f32, N>::new(f32::new(0.0));
+    if segment == 0usize {
+        v = Vector::<f32, N>::cast_from(w0[i]);
+    } else if segment == 1usize {
+        v = Vector::<f32, N>::cast_from(w1[i]);
+    } else if segment == 2usize {
+        v = Vector::<f32, N>::cast_from(w2[i]);
+    }
+    v
+}
+
+/// The pass's sums for the column vector `col` of the weight of `segment` `[k, n]` (`nv = n / N`
+/// vectors a row) over the features `≡ slice (mod slices)`, in order, four weight loads at a
+/// time.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn column_sums<F: Float, N: Size>(
+    x: &Tensor<F>,
+    gamma: &Tensor<F>,
+    w0: &Tensor<Vector<F, N>>,
+    w1: &Tensor<Vector<F, N>>,
+    w2: &Tensor<Vector<F, N>>,
+    segment: usize,
     pass: &Pass,
     k: usize,
-    n: usize,
+    nv: usize,
     col: usize,
     slice: usize,
     #[comptime] slices: usize,
     #[comptime] norm: bool,
-) -> Sums {
-    let mut sums = Sums {
-        s0: f32::new(0.0),
-        s1: f32::new(0.0),
-        s2: f32::new(0.0),
-        s3: f32::new(0.0),
-    };
+    #[comptime] single: bool,
+) -> Sums<N> {
+    let mut sums = zeros::<N>();
     let mut f = slice;
     while f + 3 * slices < k {
-        let wa = f32::cast_from(w[f * n + col]);
-        let wb = f32::cast_from(w[(f + slices) * n + col]);
-        let wc = f32::cast_from(w[(f + 2 * slices) * n + col]);
-        let wd = f32::cast_from(w[(f + 3 * slices) * n + col]);
-        add_feature::<F>(&mut sums, x, gamma, pass, f, wa, norm);
-        add_feature::<F>(&mut sums, x, gamma, pass, f + slices, wb, norm);
-        add_feature::<F>(&mut sums, x, gamma, pass, f + 2 * slices, wc, norm);
-        add_feature::<F>(&mut sums, x, gamma, pass, f + 3 * slices, wd, norm);
+        let wa = weight::<F, N>(w0, w1, w2, segment, f * nv + col);
+        let wb = weight::<F, N>(w0, w1, w2, segment, (f + slices) * nv + col);
+        let wc = weight::<F, N>(w0, w1, w2, segment, (f + 2 * slices) * nv + col);
+        let wd = weight::<F, N>(w0, w1, w2, segment, (f + 3 * slices) * nv + col);
+        add_feature::<F, N>(&mut sums, x, gamma, pass, f, wa, norm, single);
+        add_feature::<F, N>(&mut sums, x, gamma, pass, f + slices, wb, norm, single);
+        add_feature::<F, N>(&mut sums, x, gamma, pass, f + 2 * slices, wc, norm, single);
+        add_feature::<F, N>(&mut sums, x, gamma, pass, f + 3 * slices, wd, norm, single);
         f += 4 * slices;
     }
     while f < k {
-        let wa = f32::cast_from(w[f * n + col]);
-        add_feature::<F>(&mut sums, x, gamma, pass, f, wa, norm);
+        let wa = weight::<F, N>(w0, w1, w2, segment, f * nv + col);
+        add_feature::<F, N>(&mut sums, x, gamma, pass, f, wa, norm, single);
         f += slices;
     }
     sums
 }
 
+/// The slices' sums of column `col * N + e` for thread row `e < N`, added in slice order: each
+/// thread stashes its vector, thread row `e` adds element `e` of every slice's.
+#[cube]
+fn reduce<N: Size>(
+    partial: &mut SharedMemory<f32>,
+    v: Vector<f32, N>,
+    lane: usize,
+    slice: usize,
+    #[comptime] slices: usize,
+) -> f32 {
+    let size = N::value();
+    let tile = TILE as usize;
+    #[unroll]
+    for e in 0..size {
+        partial[(slice * tile + lane) * size + e] = v[e];
+    }
+    sync_cube();
+    let mut sum = f32::new(0.0);
+    if slice < size {
+        for s in 0..slices {
+            sum += partial[(s * tile + lane) * size + slice];
+        }
+    }
+    sync_cube();
+    sum
+}
+
 /// Products of `x` `[rows, k]` (RMSNorm'd with `gamma` first when `norm`) with up to three
-/// weights `w_i` `[k, n_i]` (Burn's `Linear` layout), with an [`Epilogue`]. Cube `(32,
-/// slices)`: x = a column of the tile (consecutive threads read consecutive weights), y = the
-/// slice of features `≡ y (mod slices)`. Cubes `0..tiles(n0)` compute `w0`'s columns, the next
-/// `w1`'s, then `w2`'s ([`Epilogue::Plain`]); with [`Epilogue::SwiGlu`] each cube computes the
-/// same columns of `w0` and `w1`.
+/// weights `w_i` `[k, n_i]` (Burn's `Linear` layout, `n_i` a multiple of `N`), with an
+/// [`Epilogue`]. Cube `(32, slices)`: x = a vector of `N` columns (consecutive threads read
+/// consecutive vectors), y = the slice of features `≡ y (mod slices)`. Cubes `0..tiles(n0)`
+/// compute `w0`'s columns, the next `w1`'s, then `w2`'s ([`Epilogue::Plain`]); with
+/// [`Epilogue::SwiGlu`] each cube computes the same columns of `w0` and `w1`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn fused_rows<F: Float>(
+fn fused_rows<F: Float, N: Size>(
     x: &Tensor<F>,
     gamma: &Tensor<F>,
     residual: &Tensor<F>,
-    w0: &Tensor<F>,
-    w1: &Tensor<F>,
-    w2: &Tensor<F>,
+    w0: &Tensor<Vector<F, N>>,
+    w1: &Tensor<Vector<F, N>>,
+    w2: &Tensor<Vector<F, N>>,
     out0: &mut Tensor<F>,
     out1: &mut Tensor<F>,
     out2: &mut Tensor<F>,
@@ -77,14 +178,16 @@ fn fused_rows<F: Float>(
     #[comptime] slices: usize,
     #[comptime] norm: bool,
     #[comptime] epilogue: Epilogue,
+    #[comptime] single: bool,
     #[define(F)] _dtype: StorageType,
 ) {
+    let size = N::value();
     let lane = UNIT_POS_X as usize;
     let slice = UNIT_POS_Y as usize;
     let tile_size = TILE as usize;
     let (m, k) = (rows as usize, k_dim as usize);
-    let tiles0 = (n0 as usize).div_ceil(tile_size);
-    let tiles1 = (n1 as usize).div_ceil(tile_size);
+    let tiles0 = (n0 as usize / size).div_ceil(tile_size);
+    let tiles1 = (n1 as usize / size).div_ceil(tile_size);
     let tile = CUBE_POS_X as usize;
     let mut segment: usize = 0;
     let mut local = tile;
@@ -100,57 +203,71 @@ fn fused_rows<F: Float>(
             n = n2 as usize;
         }
     }
+    let nv = n / size;
     let col = local * tile_size + lane;
-    let halves = comptime!(if epilogue == Epilogue::SwiGlu { 2 } else { 1 });
-    let mut partial = SharedMemory::<f32>::new(slices * ROWS_PER_PASS * TILE as usize * halves);
+    // Room for the vectors of every thread, and for four rows' norm sums of every thread.
+    let mut partial = SharedMemory::<f32>::new(comptime!(
+        slices * TILE as usize * usize::max(size, ROWS_PER_PASS)
+    ));
+    let rows_per_pass = comptime!(if single { 1 } else { ROWS_PER_PASS });
     let mut r0 = 0usize;
     while r0 < m {
         let mut pass = pass_at(r0, m, k);
         if norm {
-            norm_factors::<F>(x, &mut partial, &mut pass, k, eps);
+            norm_factors::<F>(x, &mut partial, &mut pass, k, eps, single);
         }
-        let live = col < n;
-        let at = slice * ROWS_PER_PASS * halves;
-        if live {
-            if segment == 0usize {
-                let sums = column_sums::<F>(x, gamma, w0, &pass, k, n, col, slice, slices, norm);
-                stash(&mut partial, &sums, at, lane);
-            } else if segment == 1usize {
-                let sums = column_sums::<F>(x, gamma, w1, &pass, k, n, col, slice, slices, norm);
-                stash(&mut partial, &sums, at, lane);
-            } else {
-                let sums = column_sums::<F>(x, gamma, w2, &pass, k, n, col, slice, slices, norm);
-                stash(&mut partial, &sums, at, lane);
+        let live = col < nv;
+        // Threads past the last column compute the last one again and store nothing.
+        let c = min(col, nv - 1);
+        if comptime!(epilogue == Epilogue::SwiGlu) {
+            let gate = column_sums::<F, N>(
+                x, gamma, w0, w0, w0, 0usize, &pass, k, nv, c, slice, slices, norm, single,
+            );
+            let up = column_sums::<F, N>(
+                x, gamma, w1, w1, w1, 0usize, &pass, k, nv, c, slice, slices, norm, single,
+            );
+            // Pass row `p`: thread row `e < N` finishes column `col * N + e`.
+            #[unroll]
+            for p in 0..rows_per_pass {
+                let g = reduce::<N>(&mut partial, row_of::<N>(&gate, p), lane, slice, slices);
+                let u = reduce::<N>(&mut partial, row_of::<N>(&up, p), lane, slice, slices);
+                let r = r0 + p;
+                if slice < size && r < m && live {
+                    let g = f32::cast_from(F::cast_from(g));
+                    let u = f32::cast_from(F::cast_from(u));
+                    out0[r * n + col * size + slice] =
+                        F::cast_from(g / (f32::new(1.0) + f32::exp(f32::new(0.0) - g)) * u);
+                }
             }
-            if comptime!(epilogue == Epilogue::SwiGlu) {
-                let up = column_sums::<F>(x, gamma, w1, &pass, k, n, col, slice, slices, norm);
-                stash(&mut partial, &up, at + ROWS_PER_PASS, lane);
+        } else {
+            let sums = column_sums::<F, N>(
+                x, gamma, w0, w1, w2, segment, &pass, k, nv, c, slice, slices, norm, single,
+            );
+            #[unroll]
+            for p in 0..rows_per_pass {
+                let sum = F::cast_from(reduce::<N>(
+                    &mut partial,
+                    row_of::<N>(&sums, p),
+                    lane,
+                    slice,
+                    slices,
+                ));
+                let r = r0 + p;
+                if slice < size && r < m && live {
+                    let at = r * n + col * size + slice;
+                    if comptime!(epilogue == Epilogue::Residual) {
+                        out0[at] = sum + residual[at];
+                    } else if segment == 0usize {
+                        out0[at] = sum;
+                    } else if segment == 1usize {
+                        out1[at] = sum;
+                    } else {
+                        out2[at] = sum;
+                    }
+                }
             }
         }
-        sync_cube();
-        // Thread row `y < 4` finishes pass row `y`.
-        let r = r0 + slice;
-        if slice < ROWS_PER_PASS && r < m && live {
-            let stride = ROWS_PER_PASS * halves;
-            let sum = F::cast_from(gather(&partial, slice, lane, stride, 0, slices));
-            let at = r * n + col;
-            if comptime!(epilogue == Epilogue::Residual) {
-                out0[at] = sum + residual[at];
-            } else if comptime!(epilogue == Epilogue::SwiGlu) {
-                let g = f32::cast_from(sum);
-                let up = gather(&partial, slice, lane, stride, ROWS_PER_PASS, slices);
-                let u = f32::cast_from(F::cast_from(up));
-                out0[at] = F::cast_from(g / (f32::new(1.0) + f32::exp(f32::new(0.0) - g)) * u);
-            } else if segment == 0usize {
-                out0[at] = sum;
-            } else if segment == 1usize {
-                out1[at] = sum;
-            } else {
-                out2[at] = sum;
-            }
-        }
-        sync_cube();
-        r0 += ROWS_PER_PASS;
+        r0 += rows_per_pass;
     }
 }
 
@@ -158,6 +275,19 @@ fn fused_rows<F: Float>(
 /// few cubes busy.
 fn slices_for(tiles: usize) -> usize {
     if tiles < 256 { 32 } else { 8 }
+}
+
+/// The widest vector (in elements) that the client loads well for this dtype and that divides
+/// every width.
+fn vector_size<R: Runtime>(
+    client: &ComputeClient<R>,
+    widths: [usize; 3],
+    dtype: StorageType,
+) -> usize {
+    client
+        .io_optimized_vector_sizes(dtype.size())
+        .find(|&v| v <= 8 && widths.iter().all(|w| w % v == 0))
+        .unwrap_or(1)
 }
 
 /// Runs [`fused_rows`]: `rows` rows of `k` features; `widths` the weights' output widths (0 for
@@ -171,7 +301,8 @@ pub fn launch_fused_rows<R: Runtime>(
     epilogue: Epilogue,
     dtype: StorageType,
 ) {
-    let tile = TILE as usize;
+    let size = vector_size(client, widths, dtype);
+    let tile = TILE as usize * size;
     let tiles = match epilogue {
         Epilogue::Plain => widths.iter().map(|w| w.div_ceil(tile)).sum(),
         _ => widths[0].div_ceil(tile),
@@ -188,6 +319,7 @@ pub fn launch_fused_rows<R: Runtime>(
         client,
         CubeCount::Static(tiles as u32, 1, 1),
         CubeDim::new_2d(TILE, slices as u32),
+        size,
         x,
         gamma,
         residual,
@@ -206,6 +338,7 @@ pub fn launch_fused_rows<R: Runtime>(
         slices,
         eps.is_some(),
         epilogue,
+        rows == 1,
         dtype,
     );
 }

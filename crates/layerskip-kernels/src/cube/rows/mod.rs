@@ -7,7 +7,9 @@
 //! (chosen from the weights' shapes alone), each slice summed in order, the slices added in
 //! order; each row's RMSNorm is a fixed-order sum too. A row's result is the same whether it is
 //! computed alone or with others. Rows go through in passes of [`ROWS_PER_PASS`]; the weights
-//! stream from memory once per pass, four loads in flight per thread.
+//! stream from memory once per pass, four loads in flight per thread. A launch of one row (a
+//! decode step) is compiled with one-row passes, so it does a quarter of the work of a pass of
+//! four; every row's arithmetic is the same in both.
 
 use cubecl::prelude::*;
 
@@ -92,8 +94,14 @@ pub(super) fn input<F: Float>(
     }
 }
 
-/// `sums.s_p += input(row p, f) * wv`.
+/// Rows per pass: 1 for a one-row launch, else [`ROWS_PER_PASS`].
+pub(super) fn pass_rows(single: bool) -> usize {
+    if single { 1 } else { ROWS_PER_PASS }
+}
+
+/// `sums.s_p += input(row p, f) * wv` (row 0 only when `single`).
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn add_feature<F: Float>(
     sums: &mut Sums,
     x: &Tensor<F>,
@@ -102,21 +110,32 @@ pub(super) fn add_feature<F: Float>(
     f: usize,
     wv: f32,
     #[comptime] norm: bool,
+    #[comptime] single: bool,
 ) {
     sums.s0 += input::<F>(x, gamma, pass.x0, f, pass.inv0, norm) * wv;
-    sums.s1 += input::<F>(x, gamma, pass.x1, f, pass.inv1, norm) * wv;
-    sums.s2 += input::<F>(x, gamma, pass.x2, f, pass.inv2, norm) * wv;
-    sums.s3 += input::<F>(x, gamma, pass.x3, f, pass.inv3, norm) * wv;
+    if comptime!(!single) {
+        sums.s1 += input::<F>(x, gamma, pass.x1, f, pass.inv1, norm) * wv;
+        sums.s2 += input::<F>(x, gamma, pass.x2, f, pass.inv2, norm) * wv;
+        sums.s3 += input::<F>(x, gamma, pass.x3, f, pass.inv3, norm) * wv;
+    }
 }
 
-/// Stores four rows' sums at `partial[(base + p) * TILE + lane]`.
+/// Stores the pass rows' sums at `partial[(base + p) * TILE + lane]`.
 #[cube]
-pub(super) fn stash(partial: &mut SharedMemory<f32>, sums: &Sums, base: usize, lane: usize) {
+pub(super) fn stash(
+    partial: &mut SharedMemory<f32>,
+    sums: &Sums,
+    base: usize,
+    lane: usize,
+    #[comptime] single: bool,
+) {
     let tile = TILE as usize;
     partial[base * tile + lane] = sums.s0;
-    partial[(base + 1) * tile + lane] = sums.s1;
-    partial[(base + 2) * tile + lane] = sums.s2;
-    partial[(base + 3) * tile + lane] = sums.s3;
+    if comptime!(!single) {
+        partial[(base + 1) * tile + lane] = sums.s1;
+        partial[(base + 2) * tile + lane] = sums.s2;
+        partial[(base + 3) * tile + lane] = sums.s3;
+    }
 }
 
 /// The slices' sums of pass row `p` (stashed at `(s * stride + offset + p)`), added in order.
@@ -140,6 +159,56 @@ pub(super) fn gather(
 /// features `≡ tid (mod threads)` in order, then the partial sums are added by halving.
 #[cube]
 pub(super) fn norm_factors<F: Float>(
+    x: &Tensor<F>,
+    partial: &mut SharedMemory<f32>,
+    pass: &mut Pass,
+    k: usize,
+    eps: f32,
+    #[comptime] single: bool,
+) {
+    if comptime!(single) {
+        norm_factor_one::<F>(x, partial, pass, k, eps);
+    } else {
+        norm_factors_four::<F>(x, partial, pass, k, eps);
+    }
+}
+
+/// [`norm_factors`] of a one-row pass.
+#[cube]
+fn norm_factor_one<F: Float>(
+    x: &Tensor<F>,
+    partial: &mut SharedMemory<f32>,
+    pass: &mut Pass,
+    k: usize,
+    eps: f32,
+) {
+    let tid = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+    let mut q0 = f32::new(0.0);
+    let mut f = tid;
+    while f < k {
+        let v0 = f32::cast_from(x[pass.x0 + f]);
+        q0 += v0 * v0;
+        f += threads;
+    }
+    partial[tid] = q0;
+    sync_cube();
+    let mut stride = threads / 2;
+    while stride > 0 {
+        if tid < stride {
+            partial[tid] += partial[tid + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let kf = f32::cast_from(k as u32);
+    pass.inv0 = f32::new(1.0) / f32::sqrt(partial[0] / kf + eps);
+    sync_cube();
+}
+
+/// [`norm_factors`] of a four-row pass.
+#[cube]
+fn norm_factors_four<F: Float>(
     x: &Tensor<F>,
     partial: &mut SharedMemory<f32>,
     pass: &mut Pass,

@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 
 use super::{
     Epilogue, FusedRows, OUT_ROWS, Pass, ROWS_PER_PASS, Sums, TILE, add_feature, norm_factors,
-    pass_at, stash,
+    pass_at, pass_rows, stash,
 };
 
 /// The pass's sums for output `v` of `w` `[n, k]` over the features `≡ lane (mod 32)`, in
@@ -21,6 +21,7 @@ fn row_sums<F: Float>(
     v: usize,
     lane: usize,
     #[comptime] norm: bool,
+    #[comptime] single: bool,
 ) -> Sums {
     let tile = TILE as usize;
     let mut sums = Sums {
@@ -36,15 +37,15 @@ fn row_sums<F: Float>(
         let wb = f32::cast_from(w[row + f + tile]);
         let wc = f32::cast_from(w[row + f + 2 * tile]);
         let wd = f32::cast_from(w[row + f + 3 * tile]);
-        add_feature::<F>(&mut sums, x, gamma, pass, f, wa, norm);
-        add_feature::<F>(&mut sums, x, gamma, pass, f + tile, wb, norm);
-        add_feature::<F>(&mut sums, x, gamma, pass, f + 2 * tile, wc, norm);
-        add_feature::<F>(&mut sums, x, gamma, pass, f + 3 * tile, wd, norm);
+        add_feature::<F>(&mut sums, x, gamma, pass, f, wa, norm, single);
+        add_feature::<F>(&mut sums, x, gamma, pass, f + tile, wb, norm, single);
+        add_feature::<F>(&mut sums, x, gamma, pass, f + 2 * tile, wc, norm, single);
+        add_feature::<F>(&mut sums, x, gamma, pass, f + 3 * tile, wd, norm, single);
         f += 4 * tile;
     }
     while f < k {
         let wa = f32::cast_from(w[row + f]);
-        add_feature::<F>(&mut sums, x, gamma, pass, f, wa, norm);
+        add_feature::<F>(&mut sums, x, gamma, pass, f, wa, norm, single);
         f += tile;
     }
     sums
@@ -73,6 +74,7 @@ fn fused_out_in<F: Float>(
     eps: f32,
     #[comptime] norm: bool,
     #[comptime] epilogue: Epilogue,
+    #[comptime] single: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let lane = UNIT_POS_X as usize;
@@ -105,42 +107,46 @@ fn fused_out_in<F: Float>(
     while r0 < m {
         let mut pass = pass_at(r0, m, k);
         if norm {
-            norm_factors::<F>(x, &mut partial, &mut pass, k, eps);
+            norm_factors::<F>(x, &mut partial, &mut pass, k, eps, single);
         }
         let live = v < n;
         let at = y * ROWS_PER_PASS * halves;
         // A cube row's lanes all compute the same output, so an output past the end is nobody's.
         if live {
             if segment == 0usize {
-                let sums = row_sums::<F>(x, gamma, w0, &pass, k, v, lane, norm);
-                stash(&mut partial, &sums, at, lane);
+                let sums = row_sums::<F>(x, gamma, w0, &pass, k, v, lane, norm, single);
+                stash(&mut partial, &sums, at, lane, single);
             } else if segment == 1usize {
-                let sums = row_sums::<F>(x, gamma, w1, &pass, k, v, lane, norm);
-                stash(&mut partial, &sums, at, lane);
+                let sums = row_sums::<F>(x, gamma, w1, &pass, k, v, lane, norm, single);
+                stash(&mut partial, &sums, at, lane, single);
             } else {
-                let sums = row_sums::<F>(x, gamma, w2, &pass, k, v, lane, norm);
-                stash(&mut partial, &sums, at, lane);
+                let sums = row_sums::<F>(x, gamma, w2, &pass, k, v, lane, norm, single);
+                stash(&mut partial, &sums, at, lane, single);
             }
             if comptime!(epilogue == Epilogue::SwiGlu) {
-                let up = row_sums::<F>(x, gamma, w1, &pass, k, v, lane, norm);
-                stash(&mut partial, &up, at + ROWS_PER_PASS, lane);
+                let up = row_sums::<F>(x, gamma, w1, &pass, k, v, lane, norm, single);
+                stash(&mut partial, &up, at + ROWS_PER_PASS, lane, single);
             }
         }
         sync_cube();
         let mut stride = CUBE_DIM_X as usize / 2;
         while stride > 0 {
             if lane < stride {
-                for p in 0..ROWS_PER_PASS * halves {
+                for p in 0..comptime!(pass_rows(single)) {
                     let i = (at + p) * tile + lane;
                     partial[i] += partial[i + stride];
+                    if comptime!(epilogue == Epilogue::SwiGlu) {
+                        let j = (at + ROWS_PER_PASS + p) * tile + lane;
+                        partial[j] += partial[j + stride];
+                    }
                 }
             }
             sync_cube();
             stride /= 2;
         }
-        // Lane `p < 4` finishes pass row `p`.
+        // Lane `p` finishes pass row `p`.
         let r = r0 + lane;
-        if lane < ROWS_PER_PASS && r < m && live {
+        if lane < comptime!(pass_rows(single)) && r < m && live {
             let sum = F::cast_from(partial[(at + lane) * tile]);
             let o = r * n + v;
             if comptime!(epilogue == Epilogue::Residual) {
@@ -158,7 +164,7 @@ fn fused_out_in<F: Float>(
             }
         }
         sync_cube();
-        r0 += ROWS_PER_PASS;
+        r0 += comptime!(pass_rows(single));
     }
 }
 
@@ -208,6 +214,7 @@ pub fn launch_fused_out_in<R: Runtime>(
         eps.unwrap_or(0.0),
         eps.is_some(),
         epilogue,
+        rows == 1,
         dtype,
     );
 }
