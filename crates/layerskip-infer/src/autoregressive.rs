@@ -10,7 +10,7 @@ use crate::options::StreamEvent;
 /// Autoregressive decoding through layers `0..exit` (the full model when `exit == L`).
 pub(crate) fn decode<B: LayerSkipBackend>(
     ctx: &mut DecodeContext<'_, B>,
-    run: &mut Run<'_>,
+    run: &mut Run,
     exit: usize,
     on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
 ) -> Result<()> {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use burn::tensor::{Int, Tensor};
 use layerskip_model::{ExitHiddenCache, KvCache, LayerSkipBackend, LlamaModel};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{InferError, Result};
@@ -25,8 +26,8 @@ pub(crate) struct DecodeContext<'m, B: LayerSkipBackend> {
 }
 
 /// Per-call state shared by the strategies.
-pub(crate) struct Run<'a> {
-    pub(crate) options: &'a GenerateOptions,
+pub(crate) struct Run {
+    pub(crate) options: GenerateOptions,
     /// Prompt and generated tokens.
     pub(crate) tokens: Vec<u32>,
     pub(crate) prompt_len: usize,
@@ -35,7 +36,19 @@ pub(crate) struct Run<'a> {
     pub(crate) start: Instant,
 }
 
-impl Run<'_> {
+impl Run {
+    /// The state of a new generation from `prompt`.
+    pub(crate) fn new(prompt: &[u32], options: &GenerateOptions) -> Self {
+        Self {
+            options: options.clone(),
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            rng: ChaCha8Rng::seed_from_u64(options.sampling.seed),
+            stop: None,
+            start: Instant::now(),
+        }
+    }
+
     /// New tokens still allowed.
     pub(crate) fn budget(&self) -> usize {
         self.options.max_new_tokens - (self.tokens.len() - self.prompt_len)
@@ -125,7 +138,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         Ok(ids)
     }
 
-    fn count_read(&mut self, values: usize) {
+    pub(crate) fn count_read(&mut self, values: usize) {
         self.stats.host_reads += 1;
         self.stats.host_read_values += values;
     }
@@ -161,7 +174,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     /// Appends accepted tokens, applying the stop conditions, and streams them.
     pub(crate) fn emit(
         &mut self,
-        run: &mut Run<'_>,
+        run: &mut Run,
         new: &[u32],
         on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
     ) {

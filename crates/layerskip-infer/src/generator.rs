@@ -4,8 +4,6 @@
 use std::time::Instant;
 
 use layerskip_model::{ExitHiddenCache, KvCache, LayerSkipBackend, LlamaModel};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use crate::context::{DecodeContext, Run, host_rows};
 use crate::error::{InferError, Result};
@@ -101,62 +99,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// Checks a prompt and options (exit layer range, speculations, sampling, context) without
     /// generating: the error [`Generator::generate`] would return.
     pub fn validate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
-        let layers = self.ctx.model.num_layers();
-        let bad = |m: String| Err(InferError::InvalidArgument(m));
-        options.sampling.validate()?;
-        if prompt.is_empty() {
-            return bad("the prompt is empty".into());
-        }
-        if let Some(t) = prompt
-            .iter()
-            .find(|&&t| t as usize >= self.ctx.model.config().vocab_size)
-        {
-            return bad(format!("prompt token {t} is outside the vocabulary"));
-        }
-        if prompt.len() >= self.capacity() {
-            return Err(InferError::PromptTooLong {
-                prompt: prompt.len(),
-                capacity: self.capacity(),
-            });
-        }
-        let vocab = self.ctx.model.config().vocab_size;
-        if let Some(n) = options.draft_vocab
-            && (n == 0 || n > vocab)
-        {
-            return bad(format!(
-                "draft vocabulary {n} is out of range: the model's vocabulary has {vocab} tokens"
-            ));
-        }
-        if let Some(c) = options.draft_confidence
-            && !(c > 0.0 && c <= 1.0)
-        {
-            return bad(format!(
-                "draft confidence {c} is out of range: it is a probability in (0, 1]"
-            ));
-        }
-        match options.strategy {
-            Strategy::EarlyExit { exit_layer: e }
-            | Strategy::SelfSpeculative { exit_layer: e, .. }
-                if e == 0
-                    || e > layers
-                    || (e == layers
-                        && matches!(options.strategy, Strategy::SelfSpeculative { .. })) =>
-            {
-                bad(format!(
-                    "exit layer {e} is out of range: the model has {layers} layers (early exit: 1..={layers}, self-speculation: 1..{layers})"
-                ))
-            }
-            Strategy::SelfSpeculative {
-                speculations: 0, ..
-            } => bad("speculations must be >= 1".into()),
-            Strategy::SelfSpeculative { speculations, .. } if speculations >= self.capacity() => {
-                bad(format!(
-                    "{speculations} speculations do not fit the context of {} positions",
-                    self.capacity()
-                ))
-            }
-            _ => Ok(()),
-        }
+        validate_request(self.ctx.model, self.capacity(), prompt, options)
     }
 
     /// Generates from `prompt`. `on_event` sees tokens as soon as they are accepted and returns
@@ -178,14 +121,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
             kv_allocated_bytes: self.ctx.cache.allocated_bytes(),
             ..Default::default()
         };
-        let mut run = Run {
-            options,
-            tokens: prompt.to_vec(),
-            prompt_len: prompt.len(),
-            rng: ChaCha8Rng::seed_from_u64(options.sampling.seed),
-            stop: None,
-            start: Instant::now(),
-        };
+        let mut run = Run::new(prompt, options);
         if options.max_new_tokens > 0 {
             match options.strategy {
                 Strategy::Autoregressive => {
@@ -215,5 +151,67 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
             stop: run.stop.unwrap_or(StopReason::MaxNewTokens),
             stats,
         })
+    }
+}
+
+/// The checks of [`Generator::validate`] for a model and a context of `capacity` positions.
+pub(crate) fn validate_request<B: LayerSkipBackend>(
+    model: &LlamaModel<B>,
+    capacity: usize,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> Result<()> {
+    let layers = model.num_layers();
+    let bad = |m: String| Err(InferError::InvalidArgument(m));
+    options.sampling.validate()?;
+    if prompt.is_empty() {
+        return bad("the prompt is empty".into());
+    }
+    if let Some(t) = prompt
+        .iter()
+        .find(|&&t| t as usize >= model.config().vocab_size)
+    {
+        return bad(format!("prompt token {t} is outside the vocabulary"));
+    }
+    if prompt.len() >= capacity {
+        return Err(InferError::PromptTooLong {
+            prompt: prompt.len(),
+            capacity: capacity,
+        });
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(n) = options.draft_vocab
+        && (n == 0 || n > vocab)
+    {
+        return bad(format!(
+            "draft vocabulary {n} is out of range: the model's vocabulary has {vocab} tokens"
+        ));
+    }
+    if let Some(c) = options.draft_confidence
+        && !(c > 0.0 && c <= 1.0)
+    {
+        return bad(format!(
+            "draft confidence {c} is out of range: it is a probability in (0, 1]"
+        ));
+    }
+    match options.strategy {
+        Strategy::EarlyExit { exit_layer: e } | Strategy::SelfSpeculative { exit_layer: e, .. }
+            if e == 0
+                || e > layers
+                || (e == layers
+                    && matches!(options.strategy, Strategy::SelfSpeculative { .. })) =>
+        {
+            bad(format!(
+                "exit layer {e} is out of range: the model has {layers} layers (early exit: 1..={layers}, self-speculation: 1..{layers})"
+            ))
+        }
+        Strategy::SelfSpeculative {
+            speculations: 0, ..
+        } => bad("speculations must be >= 1".into()),
+        Strategy::SelfSpeculative { speculations, .. } if speculations >= capacity => bad(format!(
+            "{speculations} speculations do not fit the context of {} positions",
+            capacity
+        )),
+        _ => Ok(()),
     }
 }

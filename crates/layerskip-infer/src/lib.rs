@@ -11,7 +11,9 @@
 //!   output distribution.
 //!
 //! A [`Generator`] owns the cache, the stop conditions, streaming and timing; acceptance
-//! ([`accept`]) and sampling ([`sampling`]) are pure functions.
+//! ([`accept`]) and sampling ([`sampling`]) are pure functions. A [`Batch`] decodes several
+//! autoregressive generations a step at a time together (a server's concurrent requests), each
+//! token for token what a [`Generator`] gives for it alone.
 //!
 //! ```
 //! use burn::backend::Flex;
@@ -36,6 +38,7 @@
 
 pub mod accept;
 mod autoregressive;
+pub mod batch;
 pub mod chat;
 mod context;
 pub mod error;
@@ -46,6 +49,7 @@ mod speculative;
 pub mod stats;
 pub mod text;
 
+pub use batch::Batch;
 pub use chat::ChatTemplate;
 pub use error::{InferError, Result};
 pub use generator::Generator;

@@ -17,7 +17,7 @@ use crate::options::StreamEvent;
 /// prompt's prefill, then steps until a stop condition.
 pub(crate) fn decode<B: LayerSkipBackend>(
     ctx: &mut DecodeContext<'_, B>,
-    run: &mut Run<'_>,
+    run: &mut Run,
     (exit, speculations): (usize, usize),
     on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
 ) -> Result<()> {
@@ -38,7 +38,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     /// (the "verification" of the prompt); the last row gives the first token.
     fn prefill_for_speculation(
         &mut self,
-        run: &mut Run<'_>,
+        run: &mut Run,
         exit: usize,
         on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
     ) -> Result<()> {
@@ -62,7 +62,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
 
     /// Drafts to propose at this step: `speculations`, fewer near the token budget or the end of
     /// the context (each step emits accepted + 1 tokens and needs positions `c..=c + d`).
-    fn draft_count(&self, run: &Run<'_>, speculations: usize) -> usize {
+    fn draft_count(&self, run: &Run, speculations: usize) -> usize {
         let c = run.tokens.len() - 1;
         speculations
             .min(run.budget() - 1)
@@ -73,7 +73,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     /// next draft's input, and one read brings back the drafts and the verifier's tokens.
     /// Drafting does not stop at a stop token (the host sees the drafts only at the end); the
     /// output is the same, since emitting stops there.
-    fn greedy_step(&mut self, run: &Run<'_>, exit: usize, speculations: usize) -> Result<Step> {
+    fn greedy_step(&mut self, run: &Run, exit: usize, speculations: usize) -> Result<Step> {
         let layers = self.model.num_layers();
         let c = run.tokens.len() - 1;
         let d = self.draft_count(run, speculations);
@@ -84,7 +84,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         for i in 0..d {
             let h = self.layers(self.model.embed(input), 0..exit, c + i)?;
             self.exits.append(h.clone())?;
-            input = Self::device_argmax(self.draft_logits(h, run.options)?);
+            input = Self::device_argmax(self.draft_logits(h, &run.options)?);
             ids.push(input.clone());
         }
         // Verify: the last draft through layers < E, then layers >= E once over the exit hidden
@@ -105,7 +105,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     /// draft-confidence threshold.
     fn speculative_step(
         &mut self,
-        run: &mut Run<'_>,
+        run: &mut Run,
         exit: usize,
         speculations: usize,
     ) -> Result<Step> {
@@ -120,7 +120,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         for i in 0..d {
             let h = self.layers(self.model.embed_ids(&[input]), 0..exit, c + i)?;
             self.exits.append(h.clone())?;
-            let row = self.draft_logit_row(h, run.options)?;
+            let row = self.draft_logit_row(h, &run.options)?;
             let (token, dist) = run.choose(row, &history);
             let unsure = run.options.draft_confidence.is_some_and(|t| {
                 draft_probability(&dist, token, run.options.sampling.is_greedy()) < t
@@ -157,7 +157,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     /// the verifier's next token.
     fn finish_step(
         &mut self,
-        run: &mut Run<'_>,
+        run: &mut Run,
         Step { acceptance, drafts }: Step,
         speculations: usize,
         on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,

@@ -115,6 +115,46 @@ impl<B: LayerSkipBackend> Attention<B> {
         };
         Ok(B::product_add(out, weight(&self.o_proj), po, x))
     }
+
+    /// [`Attention::forward`] for one new position of each of several sequences, each with its
+    /// own cache and position: the products take every sequence's row in one pass, attention
+    /// runs per sequence over its own cache. Row `i` is what `forward` computes for sequence `i`
+    /// alone wherever the backend's products compute each row alone (the fused kernels do).
+    ///
+    /// # Shapes
+    /// - `x`: `[sequences, 1, hidden]`; `ropes[i]` covers sequence `i`'s new position
+    /// - returns `[sequences, 1, hidden]`
+    pub fn forward_each(
+        &self,
+        norm: &RmsNorm<B>,
+        x: Tensor<B, 3>,
+        ropes: &[RopeTables<B>],
+        caches: &mut [&mut LayerKvCache<B>],
+    ) -> Result<Tensor<B, 3>> {
+        let [n, s, _] = x.dims();
+        debug_assert!(s == 1 && ropes.len() == n && caches.len() == n);
+        let [pq, pk, pv, po] = &self.packed;
+        let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
+        let [q, k, v] = B::attention_inputs(x.clone(), norm, weights, [pq, pk, pv]);
+        let heads = |t: Tensor<B, 3>, n_heads: usize| t.reshape([n, 1, n_heads, self.head_dim]);
+        let q = heads(q, self.num_heads);
+        let (k, v) = (heads(k, self.num_kv_heads), heads(v, self.num_kv_heads));
+        let groups = self.num_heads / self.num_kv_heads;
+        let mut outs = Vec::with_capacity(n);
+        for (i, (cache, rope)) in caches.iter_mut().zip(ropes).enumerate() {
+            let one = |t: &Tensor<B, 4>| t.clone().slice_dim(0, i..i + 1);
+            cache.store(one(&k), one(&v), rope)?;
+            outs.push(B::attend_cached(
+                one(&q),
+                rope,
+                cache.buffers(),
+                cache.len(),
+                groups,
+            ));
+        }
+        let out = Tensor::cat(outs, 0);
+        Ok(B::product_add(out, weight(&self.o_proj), po, x))
+    }
 }
 
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
@@ -193,6 +233,23 @@ impl<B: LayerSkipBackend> DecoderLayer<B> {
         let h = self
             .self_attn
             .forward(&self.input_layernorm, x, rope, cache)?;
+        Ok(self.mlp.forward(&self.post_attention_layernorm, h))
+    }
+
+    /// [`DecoderLayer::forward`] for one new position of each of several sequences, each with
+    /// its own cache (see [`Attention::forward_each`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[sequences, 1, hidden]` -> `[sequences, 1, hidden]`
+    pub fn forward_each(
+        &self,
+        x: Tensor<B, 3>,
+        ropes: &[RopeTables<B>],
+        caches: &mut [&mut LayerKvCache<B>],
+    ) -> Result<Tensor<B, 3>> {
+        let h = self
+            .self_attn
+            .forward_each(&self.input_layernorm, x, ropes, caches)?;
         Ok(self.mlp.forward(&self.post_attention_layernorm, h))
     }
 }

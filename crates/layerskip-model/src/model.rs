@@ -9,7 +9,7 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerKvCache};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::layer::{DecoderLayer, init_linear, init_rms_norm, weight};
@@ -279,6 +279,56 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
                 None => None,
             };
             x = self.layers[l].forward(x, &rope, layer_cache)?;
+        }
+        Ok(x)
+    }
+
+    /// Runs layers `range` over one new position of each of several sequences, sequence `i`
+    /// with its own cache `caches[i]`, at the position after the ones that cache holds (the
+    /// same in every layer of `range`, an error otherwise). The products take all sequences'
+    /// rows in one pass (the decode step of a batch of requests); each row is what
+    /// [`LlamaModel::forward_layers`] gives for its sequence alone on backends whose products
+    /// compute each row alone (Flex's and the CubeCL kernels).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[sequences, 1, hidden]` -> `[sequences, 1, hidden]`
+    pub fn forward_layers_each(
+        &self,
+        hidden: Tensor<B, 3>,
+        range: Range<usize>,
+        caches: &mut [&mut KvCache<B>],
+    ) -> Result<Tensor<B, 3>> {
+        self.check_range(&range)?;
+        let [n, seq, _] = hidden.dims();
+        if seq != 1 || n != caches.len() {
+            return Err(ModelError::Unsupported(format!(
+                "forward_layers_each takes one position of each of {} sequences, got [{n}, {seq}, _]",
+                caches.len()
+            )));
+        }
+        let mut ropes = Vec::with_capacity(n);
+        for cache in caches.iter() {
+            let start = cache.len(range.start);
+            if start + 1 > self.config.max_position_embeddings.min(cache.capacity()) {
+                return Err(ModelError::ContextOverflow {
+                    requested: start + 1,
+                    capacity: self.config.max_position_embeddings.min(cache.capacity()),
+                });
+            }
+            if let Some(l) = range.clone().find(|&l| cache.len(l) != start) {
+                return Err(ModelError::CachePosition {
+                    layer: l,
+                    held: cache.len(l),
+                    start,
+                });
+            }
+            ropes.push(self.rope_tables(start, 1));
+        }
+        let mut x = hidden;
+        for l in range {
+            let mut layers: Vec<&mut LayerKvCache<B>> =
+                caches.iter_mut().map(|c| c.layer_mut(l)).collect();
+            x = self.layers[l].forward_each(x, &ropes, &mut layers)?;
         }
         Ok(x)
     }
