@@ -176,7 +176,7 @@ pub(crate) fn validate_request<B: LayerSkipBackend>(
     if prompt.len() >= capacity {
         return Err(InferError::PromptTooLong {
             prompt: prompt.len(),
-            capacity: capacity,
+            capacity,
         });
     }
     let vocab = model.config().vocab_size;
