@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// decode stream uses about one core; 1 on a GPU.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub engines: Option<u16>,
+    /// Autoregressive requests an engine decodes together, one pass through the model per
+    /// step for all of them (1: one request at a time). Requests that use self-speculation or
+    /// early exit run one at a time on an engine, after its batch has drained.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub batch: u16,
     /// Largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -103,7 +108,7 @@ impl BackendTask for ServeArgs {
             model,
             tokenizer.clone(),
             capacity,
-            engines,
+            (engines, self.batch as usize),
             Some(GenerateOptions::new(strategy)),
             metrics.clone(),
         )?;
@@ -128,9 +133,10 @@ impl BackendTask for ServeArgs {
                 .with_context(|| format!("listening on {address}"))?;
             let local = listener.local_addr()?;
             eprintln!(
-                "serving {model_id} ({}) on http://{local} (context {capacity}, default {strategy:?}, {} engine(s))",
+                "serving {model_id} ({}) on http://{local} (context {capacity}, default {strategy:?}, {} engine(s), autoregressive batches of up to {})",
                 dir.display(),
-                engines
+                engines,
+                self.batch
             );
             layerskip_serve::serve(listener, state, shutdown_signal()).await?;
             eprintln!("shut down");

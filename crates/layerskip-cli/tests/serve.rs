@@ -464,6 +464,67 @@ fn a_client_that_disconnects_mid_stream_frees_the_engine_and_others_get_the_same
     assert!(texts.iter().all(|t| *t == alone), "{texts:?} vs {alone:?}");
 }
 
+#[test]
+fn concurrent_requests_decoded_in_one_batch_each_get_their_single_client_text() {
+    let model = chat_model("batch");
+    // One engine decoding up to four autoregressive requests together; self-speculative ones
+    // wait for the batch to drain and run alone.
+    let server = Server::start(&model, &["--engines", "1", "--batch", "4"]);
+    let bodies: Vec<Value> = (0..10)
+        .map(|i| match i % 5 {
+            0 | 1 => json!({"prompt": PROMPT, "max_tokens": 12 + i, "temperature": 0}),
+            2 => json!({"prompt": "import os\n", "max_tokens": 16, "temperature": 0.9,
+                        "top_p": 0.95, "seed": i}),
+            3 => json!({"prompt": "class A:", "max_tokens": 10, "temperature": 0,
+                        "layerskip": {"strategy": "self-spec", "exit_layer": 3, "speculations": 2}}),
+            _ => json!({"prompt": "x = ", "max_tokens": 1, "temperature": 0}),
+        })
+        .collect();
+    let text = |r: &Value| r["choices"][0]["text"].as_str().unwrap().to_string();
+    let alone: Vec<String> = bodies
+        .iter()
+        .map(|b| {
+            let (status, r) = server.post("/v1/completions", b);
+            assert_eq!(status, 200, "{r}");
+            text(&r)
+        })
+        .collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                let server = &server;
+                s.spawn(move || {
+                    if i % 2 == 0 {
+                        streamed_text(&server.stream("/v1/completions", body)).0
+                    } else {
+                        text(&server.post("/v1/completions", body).1)
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    // Some steps decoded several requests together.
+    let metrics = server.get_text("/metrics");
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (sum, count) = (
+        value("layerskip_batch_size_sum"),
+        value("layerskip_batch_size_count"),
+    );
+    assert!(count > 0.0 && sum > count, "{metrics}");
+    // The greedy ones are also `layerskip infer`'s text.
+    assert_eq!(
+        alone[0],
+        infer_text(&model, PROMPT, &["--max-new-tokens", "12"])
+    );
+}
+
 /// The official `openai` Python package against the server: completions, chat and streaming.
 /// It runs where `python3` can import `openai` (`LAYERSKIP_OPENAI_PYTHON` names another
 /// interpreter, e.g. a virtualenv's; CI installs one).

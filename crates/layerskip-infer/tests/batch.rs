@@ -37,9 +37,17 @@ fn sampled(seed: u64, temperature: f32, max_new_tokens: usize) -> GenerateOption
 /// The requests: prompt and options, and the step of the batch at which each joins.
 fn requests() -> Vec<(Vec<u32>, GenerateOptions, usize)> {
     vec![
-        (vec![5, 9, 1, 33, 7], options(Strategy::Autoregressive, 30), 0),
+        (
+            vec![5, 9, 1, 33, 7],
+            options(Strategy::Autoregressive, 30),
+            0,
+        ),
         (vec![3], sampled(7, 0.8, 25), 0),
-        (vec![2, 4, 6, 8, 10, 12, 14], options(Strategy::Autoregressive, 4), 0),
+        (
+            vec![2, 4, 6, 8, 10, 12, 14],
+            options(Strategy::Autoregressive, 4),
+            0,
+        ),
         (vec![11, 2, 30], sampled(8, 1.2, 20), 3),
         (vec![1, 1, 1, 1], options(Strategy::Autoregressive, 12), 6),
         (vec![17, 23], options(Strategy::Autoregressive, 1), 6),
@@ -106,7 +114,11 @@ fn check(model: &LlamaModel<B>) {
 
 #[test]
 fn batched_generations_equal_each_generation_alone() {
-    check(&random_model_on::<B>(4, &config(4, 40, 2, true), &Default::default()));
+    check(&random_model_on::<B>(
+        4,
+        &config(4, 40, 2, true),
+        &Default::default(),
+    ));
 }
 
 #[test]
@@ -140,7 +152,11 @@ fn a_generation_ended_by_its_callback_leaves_the_others_running() {
     }
     let stopped = &finished.iter().find(|(s, _)| *s == first).unwrap().1;
     assert_eq!(stopped.stop, StopReason::Callback);
-    assert_eq!(stopped.tokens.len(), 4, "the prompt's token and three steps");
+    assert_eq!(
+        stopped.tokens.len(),
+        4,
+        "the prompt's token and three steps"
+    );
     let full = &finished.iter().find(|(s, _)| *s == second).unwrap().1;
     assert_eq!(full.tokens, alone(&model, &prompts[1], &opts).tokens);
 }

@@ -25,6 +25,7 @@ pub struct Metrics {
     acceptance_rate: Gauge<f64, AtomicU64>,
     time_to_first_token: Histogram,
     queue_wait: Histogram,
+    batch_size: Histogram,
 }
 
 impl Default for Metrics {
@@ -43,6 +44,7 @@ impl Default for Metrics {
             acceptance_rate: Gauge::default(),
             time_to_first_token: seconds(),
             queue_wait: seconds(),
+            batch_size: Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]),
             registry: Registry::with_prefix("layerskip"),
         };
         let registry = &mut m.registry;
@@ -102,6 +104,11 @@ impl Default for Metrics {
             "Time a request waited in the queue",
             m.queue_wait.clone(),
         );
+        registry.register(
+            "batch_size",
+            "Generations decoded together, per batched step",
+            m.batch_size.clone(),
+        );
         m
     }
 }
@@ -137,6 +144,11 @@ impl Metrics {
     /// Seconds a request waited before its generation began.
     pub fn queue_wait(&self, seconds: f64) {
         self.queue_wait.observe(seconds);
+    }
+
+    /// A batched step decoded `generations` generations together.
+    pub fn batch_step(&self, generations: usize) {
+        self.batch_size.observe(generations as f64);
     }
 
     /// A generation finished.

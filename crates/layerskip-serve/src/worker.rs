@@ -1,15 +1,21 @@
 //! The engine threads: each owns a view of the model (weights shared, not copied) and its own KV
-//! cache, and they take queued jobs in arrival order (one FIFO queue), one job per engine at a
-//! time. Each job streams its text back over a channel; a job whose client has gone (the
-//! receiver dropped) is skipped if still queued and cancelled at its next accepted token if
-//! running, so a disconnect frees its engine at once.
+//! caches, and they take queued jobs in arrival order (one FIFO queue). With a batch size above
+//! one, an engine decodes up to that many autoregressive jobs together, one pass through the
+//! model per step for all of them ([`Batch`]); jobs join and leave between steps. A job that
+//! does not batch (self-speculation, early exit) waits until the engine's batch has drained and
+//! then runs alone, so jobs start in arrival order. Each job streams its text back over a
+//! channel; a job whose client has gone (the receiver dropped) is skipped if still queued and
+//! cancelled at its next token if running, so a disconnect frees its place at once.
+
+use std::collections::HashMap;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use layerskip_infer::{
-    GenerateOptions, GenerationStats, Generator, InferError, StopReason, StreamEvent, TextStream,
+    Batch, GenerateOptions, Generation, GenerationStats, Generator, InferError, StopReason,
+    StreamEvent, TextStream,
 };
 use layerskip_model::{LayerSkipBackend, LlamaModel, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
@@ -89,25 +95,42 @@ impl EngineHandle {
     }
 }
 
-/// Starts `engines` engine threads on `model`, each with a KV cache of `capacity` positions
-/// (and an untimed `warm_up` generation), and returns the handle that queues jobs for them. The
-/// threads end when every handle is dropped.
+/// The jobs of one engine's queue: one FIFO queue shared by the engines.
+type Queue = Arc<Mutex<mpsc::Receiver<Job>>>;
+
+/// The next job: waits for one when `wait`, else only takes one that is queued. `None` when no
+/// job is there (or, waiting, when every handle has been dropped).
+fn next_job(queue: &Queue, wait: bool) -> Option<Job> {
+    // The lock is held only while taking (or waiting for) the next job, so jobs start in
+    // arrival order on whichever engine is free. An engine with a batch running does not wait
+    // for the lock: while another engine holds it waiting, any new job goes to that one.
+    if wait {
+        queue.lock().ok()?.recv().ok()
+    } else {
+        queue.try_lock().ok()?.try_recv().ok()
+    }
+}
+
+/// Starts `engines` engine threads on `model`, each decoding up to `batch` autoregressive jobs
+/// together (1: one job at a time) with KV caches of `capacity` positions (and an untimed
+/// `warm_up` generation), and returns the handle that queues jobs for them. The threads end
+/// when every handle is dropped.
 pub fn spawn<B: LayerSkipBackend>(
     model: LlamaModel<B>,
     tokenizer: Arc<Tokenizer>,
     capacity: usize,
-    engines: usize,
+    (engines, batch): (usize, usize),
     warm_up: Option<GenerateOptions>,
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle, InferError> {
-    if engines == 0 {
+    if engines == 0 || batch == 0 {
         return Err(InferError::InvalidArgument(
-            "at least one engine is needed".into(),
+            "at least one engine and a batch of at least one are needed".into(),
         ));
     }
     let layers = model.num_layers();
     let (jobs, queue) = mpsc::channel::<Job>();
-    let queue = Arc::new(Mutex::new(queue));
+    let queue: Queue = Arc::new(Mutex::new(queue));
     let (ready_tx, ready_rx) = mpsc::channel();
     for i in 0..engines {
         // Module clones share their tensors (and the CPU's packed weights).
@@ -117,32 +140,17 @@ pub fn spawn<B: LayerSkipBackend>(
         std::thread::Builder::new()
             .name(format!("layerskip-engine-{i}"))
             .spawn(move || {
-                let mut generator = match Generator::new(&model, capacity) {
-                    Ok(g) => g,
+                let engine = Engine::new(&model, capacity, batch, warm_up.as_ref());
+                let mut engine = match engine {
+                    Ok(engine) => engine,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                if let Some(options) = &warm_up
-                    && let Err(e) = generator.warm_up(options)
-                {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
                 let _ = ready_tx.send(Ok(()));
                 drop(ready_tx);
-                loop {
-                    // The lock is held only while waiting for the next job, so jobs start in
-                    // arrival order on whichever engine is free.
-                    let job = match queue.lock() {
-                        Ok(queue) => queue.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else { return };
-                    metrics.dequeued();
-                    run(&mut generator, &tokenizer, job, &metrics);
-                }
+                engine.serve(&queue, &tokenizer, &metrics);
             })
             .expect("spawning an engine thread");
     }
@@ -159,59 +167,196 @@ pub fn spawn<B: LayerSkipBackend>(
     })
 }
 
+/// A running job's streaming state.
+struct Streaming<'t> {
+    job: Job,
+    text: TextStream<'t>,
+    /// The client has gone.
+    gone: bool,
+}
+
+impl<'t> Streaming<'t> {
+    fn new(job: Job, tokenizer: &'t Tokenizer) -> Self {
+        let text = TextStream::new(tokenizer, job.stops.clone());
+        Self {
+            job,
+            text,
+            gone: false,
+        }
+    }
+
+    /// Streams a generation event; `false` when the generation should end (its client has
+    /// gone, or a stop string ended the text).
+    fn on_event(&mut self, event: StreamEvent<'_>) -> bool {
+        let StreamEvent::Accepted(tokens) = event else {
+            return true;
+        };
+        let delta = self.text.push(tokens);
+        if self.job.events.is_closed()
+            || (!delta.is_empty() && self.job.events.send(Event::Text(delta)).is_err())
+        {
+            self.gone = true;
+            return false;
+        }
+        !self.text.stopped()
+    }
+
+    /// Reports how the generation ended (an error as its message).
+    fn finish(mut self, result: Result<Generation, String>, metrics: &Metrics) {
+        let events = &self.job.events;
+        match result {
+            Ok(_) if self.gone => metrics.cancelled(),
+            Ok(generation) => {
+                let rest = self.text.finish();
+                if !rest.is_empty() {
+                    let _ = events.send(Event::Text(rest));
+                }
+                let finish = match generation.stop {
+                    StopReason::StopToken | StopReason::Callback => Finish::Stop,
+                    StopReason::MaxNewTokens | StopReason::ContextFull => Finish::Length,
+                };
+                metrics.finished(&generation.stats);
+                let _ = events.send(Event::Done {
+                    finish,
+                    stats: generation.stats,
+                });
+            }
+            Err(e) => {
+                let _ = events.send(Event::Failed(e));
+            }
+        }
+    }
+}
+
+/// Announces a job if it is valid and its client still there; `false` if it ends here.
+fn start(job: &Job, valid: Result<(), InferError>, metrics: &Metrics) -> bool {
+    if job.events.is_closed() {
+        metrics.cancelled();
+        return false;
+    }
+    if let Err(e) = valid {
+        metrics.rejected();
+        let _ = job.events.send(Event::Rejected(e));
+        return false;
+    }
+    if job.events.send(Event::Started).is_err() {
+        metrics.cancelled();
+        return false;
+    }
+    metrics.queue_wait(job.queued.elapsed().as_secs_f64());
+    true
+}
+
+/// One engine: a generator for jobs that run alone and, with a batch size above one, a batch.
+struct Engine<'m, B: LayerSkipBackend> {
+    generator: Generator<'m, B>,
+    batch: Option<Batch<'m, B>>,
+}
+
+impl<'m, B: LayerSkipBackend> Engine<'m, B> {
+    fn new(
+        model: &'m LlamaModel<B>,
+        capacity: usize,
+        batch: usize,
+        warm_up: Option<&GenerateOptions>,
+    ) -> Result<Self, InferError> {
+        let mut generator = Generator::new(model, capacity)?;
+        if let Some(options) = warm_up {
+            generator.warm_up(options)?;
+        }
+        let batch = match batch {
+            1 => None,
+            n => Some(Batch::new(model, capacity, n)?),
+        };
+        Ok(Self { generator, batch })
+    }
+
+    /// Takes and runs jobs until every handle has been dropped.
+    fn serve(&mut self, queue: &Queue, tokenizer: &Tokenizer, metrics: &Metrics) {
+        let Some(batch) = self.batch.as_mut() else {
+            while let Some(job) = next_job(queue, true) {
+                metrics.dequeued();
+                run(&mut self.generator, tokenizer, job, metrics);
+            }
+            return;
+        };
+        let mut running: HashMap<usize, Streaming<'_>> = HashMap::new();
+        // A job that does not batch, waiting for the batch to drain.
+        let mut held: Option<Job> = None;
+        loop {
+            while held.is_none() && !batch.is_full() {
+                let Some(job) = next_job(queue, batch.is_empty()) else {
+                    if batch.is_empty() {
+                        return;
+                    }
+                    break;
+                };
+                metrics.dequeued();
+                if !Batch::<B>::batches(&job.options) {
+                    held = Some(job);
+                    break;
+                }
+                if !start(&job, batch.validate(&job.prompt, &job.options), metrics) {
+                    continue;
+                }
+                let mut streaming = Streaming::new(job, tokenizer);
+                let (prompt, options) =
+                    (streaming.job.prompt.clone(), streaming.job.options.clone());
+                match batch.admit(&prompt, &options, |event| streaming.on_event(event)) {
+                    Ok(slot) => {
+                        running.insert(slot, streaming);
+                    }
+                    Err(e) => streaming.finish(Err(e.to_string()), metrics),
+                }
+                finish_batched(batch, &mut running, metrics);
+            }
+            if batch.is_empty() {
+                if let Some(job) = held.take() {
+                    run(&mut self.generator, tokenizer, job, metrics);
+                }
+                continue;
+            }
+            metrics.batch_step(batch.len());
+            let stepped = batch.step(|slot, event| {
+                running
+                    .get_mut(&slot)
+                    .is_none_or(|streaming| streaming.on_event(event))
+            });
+            if let Err(e) = stepped {
+                for (_, streaming) in running.drain() {
+                    streaming.finish(Err(e.to_string()), metrics);
+                }
+                continue;
+            }
+            finish_batched(batch, &mut running, metrics);
+        }
+    }
+}
+
+/// Reports the batch's finished jobs.
+fn finish_batched<B: LayerSkipBackend>(
+    batch: &mut Batch<'_, B>,
+    running: &mut HashMap<usize, Streaming<'_>>,
+    metrics: &Metrics,
+) {
+    for (slot, generation) in batch.take_finished() {
+        if let Some(streaming) = running.remove(&slot) {
+            streaming.finish(Ok(generation), metrics);
+        }
+    }
+}
+
 fn run<B: LayerSkipBackend>(
     generator: &mut Generator<'_, B>,
     tokenizer: &Tokenizer,
     job: Job,
     metrics: &Metrics,
 ) {
-    let events = &job.events;
-    if events.is_closed() {
-        metrics.cancelled();
+    if !start(&job, generator.validate(&job.prompt, &job.options), metrics) {
         return;
     }
-    if let Err(e) = generator.validate(&job.prompt, &job.options) {
-        metrics.rejected();
-        let _ = events.send(Event::Rejected(e));
-        return;
-    }
-    if events.send(Event::Started).is_err() {
-        metrics.cancelled();
-        return;
-    }
-    metrics.queue_wait(job.queued.elapsed().as_secs_f64());
-    let mut text = TextStream::new(tokenizer, job.stops.clone());
-    let mut gone = false;
-    let result = generator.generate(&job.prompt, &job.options, |event| {
-        let StreamEvent::Accepted(tokens) = event else {
-            return true;
-        };
-        let delta = text.push(tokens);
-        if !delta.is_empty() && events.send(Event::Text(delta)).is_err() {
-            gone = true;
-            return false;
-        }
-        !text.stopped()
-    });
-    match result {
-        Ok(_) if gone => metrics.cancelled(),
-        Ok(generation) => {
-            let rest = text.finish();
-            if !rest.is_empty() {
-                let _ = events.send(Event::Text(rest));
-            }
-            let finish = match generation.stop {
-                StopReason::StopToken | StopReason::Callback => Finish::Stop,
-                StopReason::MaxNewTokens | StopReason::ContextFull => Finish::Length,
-            };
-            metrics.finished(&generation.stats);
-            let _ = events.send(Event::Done {
-                finish,
-                stats: generation.stats,
-            });
-        }
-        Err(e) => {
-            let _ = events.send(Event::Failed(e.to_string()));
-        }
-    }
+    let (prompt, options) = (job.prompt.clone(), job.options.clone());
+    let mut streaming = Streaming::new(job, tokenizer);
+    let result = generator.generate(&prompt, &options, |event| streaming.on_event(event));
+    streaming.finish(result.map_err(|e| e.to_string()), metrics);
 }
