@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use burn::module::Module;
 use clap::Args;
 use layerskip_infer::{ChatTemplate, GenerateOptions};
 use layerskip_model::{LayerSkipBackend, Recommendation};
@@ -43,9 +44,11 @@ pub struct ServeArgs {
     /// The id clients name the model by (default: the model directory's name).
     #[arg(long)]
     pub model_id: Option<String>,
-    /// Engines: requests generated at the same time, each on its own thread with its own KV
-    /// cache over the same weights. Default: one per core (at most 8) on the CPU, where one
-    /// decode stream uses about one core; 1 on a GPU.
+    /// Engines: threads that generate at the same time, each with its own KV caches over the
+    /// same weights (and each batching its autoregressive requests, see --batch). Default: on
+    /// the CPU, one per core (at most 8) for a model of at most 32M parameters, whose decoding
+    /// is bound by arithmetic, and 1 for larger ones, whose decoding is bound by reading the
+    /// weights, which a batch reads once for all its requests; 1 on a GPU.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub engines: Option<u16>,
     /// Autoregressive requests an engine decodes together, one pass through the model per
@@ -58,23 +61,35 @@ pub struct ServeArgs {
     pub max_body_bytes: usize,
 }
 
+/// Models up to this many parameters get one engine per core on the CPU by default.
+const SMALL_MODEL_PARAMS: usize = 32_000_000;
+
 impl ServeArgs {
-    /// `--engines`, or the default for `device`.
+    /// `--engines` on a GPU defaults to 1; on the CPU it depends on the model (see
+    /// [`ServeArgs::engines_for`]).
     pub fn with_default_engines(mut self, device: DeviceSpec) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.engines = self.engines.or(Some(match device {
-            DeviceSpec::Cpu => cores.min(8) as u16,
-            _ => 1,
-        }));
+        if !matches!(device, DeviceSpec::Cpu) {
+            self.engines = self.engines.or(Some(1));
+        }
         self
+    }
+
+    /// `--engines`, else the CPU default for a model of `params` parameters.
+    fn engines_for(&self, params: usize) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match self.engines {
+            Some(n) => n as usize,
+            None if params <= SMALL_MODEL_PARAMS => cores.min(8),
+            None => 1,
+        }
     }
 }
 
 impl BackendTask for ServeArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
-        let engines = self.engines.unwrap_or(1) as usize;
         let dir = model_dir(&self.model)?;
         let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.weights.quantize)?;
+        let engines = self.engines_for(model.num_params());
         let config = model.config().clone();
         let strategy = strategy_from(
             self.strategy,
