@@ -97,7 +97,7 @@ pub fn measure_paired<B: LayerSkipBackend>(
     Ok((base, base_report, runs, strategy_report))
 }
 
-/// A short name for tables: `AR`, `EE(E)`, `SS(E,d)`.
+/// A short name for tables: `AR`, `EE(E)`, `SS(E,d)`, `ADAPT(d<=D)`.
 pub fn strategy_label(s: Strategy) -> String {
     match s {
         Strategy::Autoregressive => "AR".into(),
@@ -106,6 +106,7 @@ pub fn strategy_label(s: Strategy) -> String {
             exit_layer,
             speculations,
         } => format!("SS(E={exit_layer},d={speculations})"),
+        Strategy::Adaptive { max_speculations } => format!("ADAPT(d<={max_speculations})"),
     }
 }
 

@@ -25,6 +25,9 @@ pub enum StrategyName {
     EarlyExit,
     /// Draft with layers 0..E, verify with E..L.
     SelfSpec,
+    /// Self-speculation choosing E and d at every step from acceptance measured on the fly
+    /// (DEL); --speculations is the most drafts per step.
+    Adaptive,
 }
 
 #[derive(Args, Debug)]
@@ -154,6 +157,12 @@ pub fn strategy_from(
         StrategyName::SelfSpec => Strategy::SelfSpeculative {
             exit_layer: exit()?,
             speculations,
+        },
+        StrategyName::Adaptive if exit_layer.is_some() => bail!(
+            "--exit-layer does not apply to --strategy adaptive, which chooses the exit layer at every step"
+        ),
+        StrategyName::Adaptive => Strategy::Adaptive {
+            max_speculations: speculations,
         },
     })
 }

@@ -1,6 +1,8 @@
 //! `layerskip sweep`: self-speculation over an exit-layer x speculations grid, each point
-//! benchmarked against autoregressive decoding measured beside it; CSV, JSON and heatmaps, and
-//! the best point.
+//! benchmarked against autoregressive decoding measured beside it, and adaptive
+//! self-speculation (exit and drafts chosen at every step, up to the grid's largest d) measured
+//! the same way; CSV, JSON and heatmaps, the best static point and how the adaptive one
+//! compares.
 
 use layerskip_model::LayerSkipBackend;
 use std::fmt::Write as _;
@@ -46,9 +48,10 @@ pub fn csv(reports: &[StrategyReport]) -> String {
             Strategy::SelfSpeculative {
                 exit_layer,
                 speculations,
-            } => (exit_layer, speculations),
-            Strategy::EarlyExit { exit_layer } => (exit_layer, 0),
-            Strategy::Autoregressive => (0, 0),
+            } => (exit_layer.to_string(), speculations),
+            Strategy::EarlyExit { exit_layer } => (exit_layer.to_string(), 0),
+            Strategy::Autoregressive => ("0".into(), 0),
+            Strategy::Adaptive { max_speculations } => ("auto".into(), max_speculations),
         };
         let _ = writeln!(
             out,
@@ -78,8 +81,8 @@ impl BackendTask for SweepArgs {
         let mut base_runs = Vec::new();
         let mut grid = Vec::new();
         let progress = Progress::new(
-            "sweep: prompts x grid points",
-            loaded.prompts.len() * exits.len() * self.grid.speculations.len(),
+            "sweep: prompts x grid points (and the adaptive point)",
+            loaded.prompts.len() * (exits.len() * self.grid.speculations.len() + 1),
         );
         for &e in &exits {
             for &d in &self.grid.speculations {
@@ -101,6 +104,21 @@ impl BackendTask for SweepArgs {
                 grid.push(r);
             }
         }
+        let most = self.grid.speculations.iter().copied().max().unwrap_or(1);
+        let adaptive = Strategy::Adaptive {
+            max_speculations: most,
+        };
+        let (ar, ar_report, _, adaptive) =
+            measure_paired(&loaded, &mut generator, &self.data, adaptive, &progress)?;
+        keep_fastest(&mut base_runs, ar);
+        progress.println(&format!(
+            "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
+            strategy_label(adaptive.strategy),
+            adaptive.time_per_token_ms,
+            ar_report.time_per_token_ms,
+            100.0 * adaptive.acceptance_rate,
+            adaptive.speedup
+        ));
         progress.finish();
         let base = summarise(
             Strategy::Autoregressive,
@@ -111,6 +129,7 @@ impl BackendTask for SweepArgs {
         );
         let mut all = vec![base];
         all.extend(grid.iter().cloned());
+        all.push(adaptive.clone());
         print_reports(&all);
         write_output(&self.out.join("sweep.csv"), &csv(&all))?;
         write_output(
@@ -176,6 +195,15 @@ impl BackendTask for SweepArgs {
             best.speedup,
             100.0 * best.acceptance_rate,
             best.mismatches
+        );
+        println!(
+            "adaptive: {} at {:.2} ms/token after the first token, speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs); {:.2}x the best static point's speedup",
+            strategy_label(adaptive.strategy),
+            adaptive.time_per_token_ms,
+            adaptive.speedup,
+            100.0 * adaptive.acceptance_rate,
+            adaptive.mismatches,
+            adaptive.speedup / best.speedup
         );
         if self.record {
             let Strategy::SelfSpeculative {

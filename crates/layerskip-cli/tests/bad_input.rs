@@ -411,6 +411,15 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
         &err,
         "--exit-layer applies to --strategy early-exit and self-spec",
     );
+    // ... nor to adaptive self-speculation, which chooses it.
+    let adaptive = ["--strategy", "adaptive", "--exit-layer", "2"];
+    let (code, _, err) =
+        layerskip(&[&["infer", "--model", m, "--prompt", "x"], &adaptive[..]].concat());
+    assert_error(
+        code,
+        &err,
+        "--exit-layer does not apply to --strategy adaptive",
+    );
     // convert names both of its sources.
     let (code, _, err) = layerskip(&["convert", "--out", "/tmp/layerskip-unused"]);
     assert_eq!(code, 2, "{err}");
@@ -455,6 +464,10 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
     assert_eq!(ar["stop"], "MaxNewTokens");
     let ss = json(&["--strategy", "self-spec", "--exit-layer", "4"]);
     assert!(ss["acceptance_rate"].as_f64().is_some(), "{ss}");
+    // Adaptive self-speculation: the same text, and which exits it drafted from.
+    let adaptive = json(&["--strategy", "adaptive"]);
+    assert_eq!(adaptive["text"], ar["text"], "{adaptive}");
+    assert!(adaptive["stats"]["exit_histogram"].is_array(), "{adaptive}");
     let text = ar["text"].as_str().unwrap();
     let stop: String = text.trim().chars().take(3).collect();
     let stopped = json(&["--stop", &stop]);

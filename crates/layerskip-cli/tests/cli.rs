@@ -273,16 +273,25 @@ fn correctness_and_sweep_on_the_default_model() {
         out.contains("best: SS(E=") && out.contains("ms/token after the first token (AR "),
         "{out}"
     );
+    assert!(
+        out.contains("adaptive: ADAPT(d<=4) at ")
+            && out.contains("the best static point's speedup"),
+        "{out}"
+    );
     assert!(!out.contains("tokens/s"), "{out}");
     assert!(
-        err.contains("sweep: prompts x grid points: 8/8 (100%)"),
+        err.contains("sweep: prompts x grid points (and the adaptive point): 10/10 (100%)"),
         "{err}"
     );
     let csv = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
     assert!(rows[0].starts_with("exit_layer,speculations,tokens_per_second"));
-    assert_eq!(rows.len(), 1 + 1 + 4, "{csv}");
+    assert_eq!(rows.len(), 1 + 1 + 4 + 1, "{csv}");
     assert!(rows[1].starts_with("0,0,"), "the baseline row comes first");
+    assert!(
+        rows[6].starts_with("auto,4,"),
+        "the adaptive row comes last: {csv}"
+    );
     assert!(
         rows[2..].iter().all(|r| r.ends_with(",0")),
         "no mismatches: {csv}"

@@ -193,6 +193,18 @@ fn completions_and_chat_give_the_text_infer_prints_streamed_or_not() {
     assert!(r["layerskip"]["acceptance_rate"].as_f64().is_some(), "{r}");
     let (text, _) = streamed_text(&server.stream("/v1/completions", &ss));
     assert_eq!(text, greedy);
+    // Adaptive self-speculation chooses its exits: the same greedy text, with the exits used.
+    let mut adaptive = body_ok.clone();
+    adaptive["layerskip"] = json!({"strategy": "adaptive", "speculations": 4});
+    let (status, r) = server.post("/v1/completions", &adaptive);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], greedy);
+    assert_eq!(r["layerskip"]["strategy"], "adaptive");
+    assert!(r["layerskip"]["exit_histogram"].is_array(), "{r}");
+    adaptive["layerskip"]["exit_layer"] = json!(2);
+    let (status, r) = server.post("/v1/completions", &adaptive);
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "layerskip.exit_layer", "{r}");
     // Drafting options change the speed, never the text.
     ss["layerskip"]["draft_vocab"] = json!(1024);
     ss["layerskip"]["draft_confidence"] = json!(0.5);

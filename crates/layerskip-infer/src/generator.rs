@@ -9,7 +9,7 @@ use crate::context::{DecodeContext, Run, host_rows};
 use crate::error::{InferError, Result};
 use crate::options::{GenerateOptions, Generation, StopReason, Strategy, StreamEvent, TokenMargin};
 use crate::stats::GenerationStats;
-use crate::{autoregressive, speculative};
+use crate::{adaptive, autoregressive, speculative};
 
 /// Runs generations on one model with one preallocated KV cache (reused across calls).
 pub struct Generator<'m, B: LayerSkipBackend> {
@@ -139,6 +139,9 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
                     (exit_layer, speculations),
                     &mut on_event,
                 )?,
+                Strategy::Adaptive { max_speculations } => {
+                    adaptive::decode(&mut self.ctx, &mut run, max_speculations, &mut on_event)?
+                }
             }
         }
         let mut stats = std::mem::take(&mut self.ctx.stats);
@@ -211,6 +214,15 @@ pub(crate) fn validate_request<B: LayerSkipBackend>(
         Strategy::SelfSpeculative { speculations, .. } if speculations >= capacity => bad(format!(
             "{speculations} speculations do not fit the context of {} positions",
             capacity
+        )),
+        Strategy::Adaptive { .. } if layers < 2 => bad(format!(
+            "adaptive self-speculation needs at least 2 layers (the model has {layers})"
+        )),
+        Strategy::Adaptive {
+            max_speculations: 0,
+        } => bad("speculations must be >= 1".into()),
+        Strategy::Adaptive { max_speculations } if max_speculations >= capacity => bad(format!(
+            "{max_speculations} speculations do not fit the context of {capacity} positions"
         )),
         _ => Ok(()),
     }

@@ -37,6 +37,7 @@
 //! ```
 
 pub mod accept;
+pub mod adaptive;
 mod autoregressive;
 pub mod batch;
 pub mod chat;

@@ -23,6 +23,12 @@ pub enum Strategy {
         /// Drafts per step (`d`).
         speculations: usize,
     },
+    /// Self-speculation that chooses its exit layer and draft count at every step from
+    /// acceptance measured as it decodes (DEL, arXiv 2504.05598; see [`crate::adaptive`]).
+    Adaptive {
+        /// Most drafts per step.
+        max_speculations: usize,
+    },
 }
 
 /// Options of one generation. Built with [`GenerateOptions::new`] and the `with_*` setters (the

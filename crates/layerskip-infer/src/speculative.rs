@@ -62,7 +62,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
 
     /// Drafts to propose at this step: `speculations`, fewer near the token budget or the end of
     /// the context (each step emits accepted + 1 tokens and needs positions `c..=c + d`).
-    fn draft_count(&self, run: &Run, speculations: usize) -> usize {
+    pub(crate) fn draft_count(&self, run: &Run, speculations: usize) -> usize {
         let c = run.tokens.len() - 1;
         speculations
             .min(run.budget() - 1)
@@ -73,7 +73,12 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     /// next draft's input, and one read brings back the drafts and the verifier's tokens.
     /// Drafting does not stop at a stop token (the host sees the drafts only at the end); the
     /// output is the same, since emitting stops there.
-    fn greedy_step(&mut self, run: &Run, exit: usize, speculations: usize) -> Result<Step> {
+    pub(crate) fn greedy_step(
+        &mut self,
+        run: &Run,
+        exit: usize,
+        speculations: usize,
+    ) -> Result<Step> {
         let layers = self.model.num_layers();
         let c = run.tokens.len() - 1;
         let d = self.draft_count(run, speculations);
@@ -103,7 +108,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
 
     /// A step with the choices made on the host from logit rows: sampling, history penalties, a
     /// draft-confidence threshold.
-    fn speculative_step(
+    pub(crate) fn speculative_step(
         &mut self,
         run: &mut Run,
         exit: usize,
@@ -155,7 +160,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
 
     /// Rolls the caches back to the accepted positions, counts, and emits the accepted drafts and
     /// the verifier's next token.
-    fn finish_step(
+    pub(crate) fn finish_step(
         &mut self,
         run: &mut Run,
         Step { acceptance, drafts }: Step,
@@ -184,9 +189,9 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
 }
 
 /// The drafts of one step and what the verifier made of them.
-struct Step {
-    acceptance: Acceptance,
-    drafts: Vec<u32>,
+pub(crate) struct Step {
+    pub(crate) acceptance: Acceptance,
+    pub(crate) drafts: Vec<u32>,
 }
 
 /// The probability of the drafted `token` under the draft distribution: `dist` holds

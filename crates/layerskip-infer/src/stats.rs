@@ -36,6 +36,12 @@ pub struct GenerationStats {
     pub kv_allocated_bytes: usize,
     /// Bytes of KV cache holding positions at the peak (rejected drafts included).
     pub kv_peak_used_bytes: usize,
+    /// Adaptive self-speculation: `exit_histogram[e]`, the steps that drafted from exit `e`.
+    #[serde(default)]
+    pub exit_histogram: Vec<usize>,
+    /// Adaptive self-speculation: the steps it took without drafting (autoregressive).
+    #[serde(default)]
+    pub autoregressive_steps: usize,
 }
 
 impl GenerationStats {

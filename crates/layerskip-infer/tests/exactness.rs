@@ -72,6 +72,46 @@ fn greedy_self_speculation_equals_autoregressive_for_every_exit_and_d() {
     }
 }
 
+/// Adaptive self-speculation (exit and draft count chosen at every step) gives the full
+/// model's greedy tokens, whatever it chooses, with and without a draft vocabulary; on the
+/// shipped LayerSkip model too. Every step is counted as drafted from one exit or taken
+/// autoregressively, and the layers it computes follow from its steps.
+#[test]
+fn greedy_adaptive_self_speculation_equals_autoregressive() {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let models = [
+        random_model(1, &config(6, 40, 2, false)),
+        random_model(2, &config(4, 40, 4, true)),
+        LlamaModel::<B>::from_pretrained(&shipped, &Default::default()).unwrap(),
+    ];
+    for (m, model) in models.iter().enumerate() {
+        let mut drafted_from = std::collections::BTreeSet::new();
+        for prompt in [vec![3u32], vec![5, 9, 1, 33, 7, 2, 18]] {
+            let ar = run(model, &prompt, &options(Strategy::Autoregressive, 40));
+            for max_speculations in [1, 3, 6] {
+                for draft_vocab in [None, Some(20)] {
+                    let mut o = options(Strategy::Adaptive { max_speculations }, 40);
+                    o.draft_vocab = draft_vocab;
+                    let got = run(model, &prompt, &o);
+                    let what = format!("d <= {max_speculations} {draft_vocab:?} {prompt:?}");
+                    assert_eq!(got.tokens, ar.tokens, "{what}");
+                    let s = &got.stats;
+                    let drafting: usize = s.exit_histogram.iter().sum();
+                    assert_eq!(drafting + s.autoregressive_steps, s.steps, "{what}");
+                    assert!(s.accepted <= s.drafted && s.drafted <= max_speculations * s.steps);
+                    drafted_from
+                        .extend((0..s.exit_histogram.len()).filter(|&e| s.exit_histogram[e] > 0));
+                }
+            }
+        }
+        if m == 2 {
+            // The shipped model's early exits agree with its last layer often enough to draft
+            // from, and the choice moves between exits.
+            assert!(drafted_from.len() >= 2, "{drafted_from:?}");
+        }
+    }
+}
+
 /// Drafting over a vocabulary prefix changes what is drafted, never the output: greedy
 /// self-speculation still equals autoregressive decoding, including when the full model's token
 /// lies outside the prefix (a 40-token model drafting over 10 ids rejects those drafts).

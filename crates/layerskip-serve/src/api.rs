@@ -242,11 +242,13 @@ pub fn layerskip_report(strategy: Strategy, stats: &GenerationStats) -> Value {
             exit_layer,
             speculations,
         } => ("self-spec", Some(exit_layer), Some(speculations)),
+        Strategy::Adaptive { max_speculations } => ("adaptive", None, Some(max_speculations)),
     };
     json!({
         "strategy": name,
         "exit_layer": exit_layer,
         "speculations": speculations,
+        "exit_histogram": (!stats.exit_histogram.is_empty()).then_some(&stats.exit_histogram),
         "drafted": stats.drafted,
         "accepted": stats.accepted,
         "acceptance_rate": stats.acceptance_rate(),

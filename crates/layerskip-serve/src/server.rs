@@ -211,6 +211,7 @@ fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> 
             exit_layer,
             speculations,
         } => (Some(exit_layer), speculations),
+        Strategy::Adaptive { max_speculations } => (None, max_speculations),
     };
     let name = match name.as_deref() {
         None if options.exit_layer.is_none() && options.speculations.is_none() => {
@@ -218,6 +219,7 @@ fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> 
         }
         None => match state.default_strategy {
             Strategy::EarlyExit { .. } => "early-exit",
+            Strategy::Adaptive { .. } if options.exit_layer.is_none() => "adaptive",
             _ => "self-spec",
         },
         Some(n) => n,
@@ -246,8 +248,15 @@ fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> 
             exit_layer: exit()?,
             speculations: options.speculations.unwrap_or(default_d),
         }),
+        "adaptive" if options.exit_layer.is_some() => Err(ApiError::invalid(
+            "layerskip.exit_layer does not apply to \"adaptive\", which chooses the exit layer at every step",
+            Some("layerskip.exit_layer"),
+        )),
+        "adaptive" => Ok(Strategy::Adaptive {
+            max_speculations: options.speculations.unwrap_or(default_d),
+        }),
         other => Err(ApiError::invalid(
-            format!("unknown strategy {other:?} (ar, early-exit, self-spec)"),
+            format!("unknown strategy {other:?} (ar, early-exit, self-spec, adaptive)"),
             Some("layerskip.strategy"),
         )),
     }

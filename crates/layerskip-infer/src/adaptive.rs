@@ -1,0 +1,320 @@
+//! Self-speculation that picks its exit layer `E` and draft count `d` at every step, after DEL
+//! (Zarch et al., arXiv 2504.05598): it keeps an estimate `α_ℓ` of how often a draft made at
+//! each exit `ℓ` would be accepted, and takes the `(E, d)` that maximises DEL's tokens per
+//! loaded layer,
+//!
+//! ```text
+//! TPL(E, d) = (1 - α_E^(d+1)) / (1 - α_E) / (d E + L)
+//! ```
+//!
+//! (expected tokens a step emits over the layers it loads: `d` drafts through `E` layers and
+//! one verification through all `L`). `d = 0` is an autoregressive step (`1 / L`), taken when no
+//! exit is worth drafting with.
+//!
+//! The estimates come from shadow tokens: the exit head's choice at a layer the step computes
+//! anyway, compared with the full model's token at the same position. At the prompt every exit
+//! is measured on its last rows (the prompt runs through the layers one at a time); at each
+//! step the drafts themselves measure `α_E`, and the verification pass, run a layer at a time
+//! (the same arithmetic), measures up to [`PROBES_PER_STEP`] deeper exits on the rows the
+//! verifier accepted. Each estimate is an exponential average of its observations. The tokens
+//! are those of fixed self-speculation with the chosen `(E, d)`: greedy output is
+//! the full model's.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use layerskip_model::LayerSkipBackend;
+
+use crate::accept::accept_greedy_ids;
+use crate::context::{DecodeContext, Run};
+use crate::error::Result;
+use crate::options::StreamEvent;
+use crate::speculative::Step;
+
+/// Deeper exits whose shadow tokens a step measures during verification (each costs one exit
+/// head over the step's rows).
+pub const PROBES_PER_STEP: usize = 2;
+/// Prompt rows (the last ones) on which every exit is measured before the first step.
+pub const CALIBRATION_ROWS: usize = 16;
+/// Weight of a new observation in an estimate.
+const LEARNING_RATE: f64 = 0.1;
+/// Estimates stay inside `[FLOOR, CEILING]` so that the expected lengths stay finite.
+const FLOOR: f64 = 0.01;
+const CEILING: f64 = 0.99;
+
+/// DEL's expected tokens per loaded layer of a step with `d` drafts from exit `e` of `layers`
+/// at acceptance `alpha`.
+pub fn tokens_per_layer(alpha: f64, e: usize, d: usize, layers: usize) -> f64 {
+    let alpha = alpha.clamp(FLOOR, CEILING);
+    let tokens = (1.0 - alpha.powi(d as i32 + 1)) / (1.0 - alpha);
+    tokens / (d * e + layers) as f64
+}
+
+/// The acceptance estimates of every exit `1..L` and the choice they lead to.
+#[derive(Debug, Clone)]
+pub struct ExitEstimates {
+    /// `alpha[ℓ]` for exits `ℓ = 1..L` (index 0 unused).
+    alpha: Vec<f64>,
+    layers: usize,
+    max_speculations: usize,
+    /// The next deeper exit to probe (round robin).
+    next_probe: usize,
+}
+
+impl ExitEstimates {
+    /// Estimates for a model of `layers` layers, all at `prior`.
+    pub fn new(layers: usize, max_speculations: usize, prior: f64) -> Self {
+        Self {
+            alpha: vec![prior.clamp(FLOOR, CEILING); layers],
+            layers,
+            max_speculations,
+            next_probe: 1,
+        }
+    }
+
+    /// The estimate of exit `e`.
+    pub fn alpha(&self, e: usize) -> f64 {
+        self.alpha[e]
+    }
+
+    /// Sets exit `e`'s estimate from `matches` of `rows` shadow tokens (a Laplace estimate).
+    pub fn calibrate(&mut self, e: usize, matches: usize, rows: usize) {
+        self.alpha[e] = ((matches as f64 + 1.0) / (rows as f64 + 2.0)).clamp(FLOOR, CEILING);
+    }
+
+    /// Folds in whether a shadow token of exit `e` matched the full model's.
+    pub fn observe(&mut self, e: usize, matched: bool) {
+        let m = if matched { 1.0 } else { 0.0 };
+        let a = &mut self.alpha[e];
+        *a = ((1.0 - LEARNING_RATE) * *a + LEARNING_RATE * m).clamp(FLOOR, CEILING);
+    }
+
+    /// The `(E, d)` of the largest tokens per layer, `d` up to the maximum (`d = 0`: an
+    /// autoregressive step, `E` then unused). Ties go to the shallower exit and fewer drafts.
+    pub fn choose(&self) -> (usize, usize) {
+        let mut best = (1, 0);
+        let mut best_tpl = 1.0 / self.layers as f64;
+        for e in 1..self.layers {
+            for d in 1..=self.max_speculations {
+                let tpl = tokens_per_layer(self.alpha[e], e, d, self.layers);
+                if tpl > best_tpl * (1.0 + 1e-9) {
+                    best = (e, d);
+                    best_tpl = tpl;
+                }
+            }
+        }
+        best
+    }
+
+    /// Up to [`PROBES_PER_STEP`] exits deeper than `e` to measure at this step, taken in turn.
+    pub fn probes(&mut self, e: usize) -> Vec<usize> {
+        let deeper: Vec<usize> = (e + 1..self.layers).collect();
+        if deeper.is_empty() {
+            return Vec::new();
+        }
+        let start = deeper
+            .iter()
+            .position(|&l| l >= self.next_probe)
+            .unwrap_or(0);
+        let mut chosen: Vec<usize> = (0..PROBES_PER_STEP.min(deeper.len()))
+            .map(|i| deeper[(start + i) % deeper.len()])
+            .collect();
+        self.next_probe = chosen.last().map_or(1, |&l| l + 1);
+        chosen.sort_unstable();
+        chosen
+    }
+}
+
+/// Adaptive self-speculative decoding with at most `max_speculations` drafts per step.
+pub(crate) fn decode<B: LayerSkipBackend>(
+    ctx: &mut DecodeContext<'_, B>,
+    run: &mut Run,
+    max_speculations: usize,
+    on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+) -> Result<()> {
+    let layers = ctx.model.num_layers();
+    let mut estimates = ExitEstimates::new(layers, max_speculations, 0.5);
+    ctx.prefill_calibrating(run, &mut estimates, on_event)?;
+    while run.stop.is_none() {
+        let (exit, speculations) = estimates.choose();
+        let step = if run.options.greedy_on_device() {
+            ctx.probing_step(run, exit, speculations, &mut estimates)?
+        } else {
+            let step = ctx.speculative_step(run, exit, speculations)?;
+            let drafted = step.drafts.len();
+            for i in 0..drafted.min(step.acceptance.accepted + 1) {
+                estimates.observe(exit, i < step.acceptance.accepted);
+            }
+            step
+        };
+        if step.drafts.is_empty() {
+            ctx.stats.autoregressive_steps += 1;
+        } else {
+            let used = &mut ctx.stats.exit_histogram;
+            if used.len() <= exit {
+                used.resize(exit + 1, 0);
+            }
+            used[exit] += 1;
+        }
+        ctx.finish_step(run, step, max_speculations, on_event);
+    }
+    Ok(())
+}
+
+impl<B: LayerSkipBackend> DecodeContext<'_, B> {
+    /// The prompt through the layers one at a time; the exit head on the last
+    /// [`CALIBRATION_ROWS`] rows after each layer gives every exit's first estimate (its
+    /// agreement with the last layer there), and the last row the first token.
+    fn prefill_calibrating(
+        &mut self,
+        run: &mut Run,
+        estimates: &mut ExitEstimates,
+        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+    ) -> Result<()> {
+        let layers = self.model.num_layers();
+        let prompt = run.tokens.clone();
+        let n = prompt.len();
+        let rows = n.min(CALIBRATION_ROWS);
+        let mut h = self.model.embed_ids(&prompt);
+        let mut shadows = Vec::with_capacity(layers);
+        for l in 0..layers {
+            h = self.layers(h, l..l + 1, 0)?;
+            if l == 0 {
+                // Steps read the exit-hidden cache from their own first position on; it only
+                // has to hold the prompt's positions.
+                self.exits.append(h.clone())?;
+            }
+            let tail = h.clone().slice([0..1, n - rows..n]);
+            let logits = self.model.exit_head(tail);
+            shadows.push(if l + 1 == layers {
+                Self::device_argmax_checked(logits)
+            } else {
+                Self::device_argmax(logits)
+            });
+        }
+        let ids = self.read_ids(Tensor::cat(shadows, 1))?;
+        let last = &ids[(layers - 1) * rows..];
+        for e in 1..layers {
+            let shadow = &ids[(e - 1) * rows..e * rows];
+            // Row i's shadow predicts the token after it; the last row's is the first token.
+            let matches = shadow.iter().zip(last).filter(|(a, b)| a == b).count();
+            estimates.calibrate(e, matches, rows);
+        }
+        let first = if run.options.greedy_on_device() {
+            last[rows - 1]
+        } else {
+            let row = self.logit_rows(h.slice([0..1, n - 1..n]))?.remove(0);
+            run.choose(row, &prompt).0
+        };
+        self.emit(run, &[first], on_event);
+        Ok(())
+    }
+
+    /// [`DecodeContext::greedy_step`] with the verification run a layer at a time, the exit
+    /// head taken after each probed exit on the step's rows; the one read brings back the
+    /// drafts, the verifier's tokens and the shadow tokens, which update the estimates.
+    fn probing_step(
+        &mut self,
+        run: &Run,
+        exit: usize,
+        speculations: usize,
+        estimates: &mut ExitEstimates,
+    ) -> Result<Step> {
+        let layers = self.model.num_layers();
+        let c = run.tokens.len() - 1;
+        let d = self.draft_count(run, speculations);
+        let device = self.model.embed_tokens.device();
+        let current = TensorData::new(vec![i64::from(run.tokens[c])], [1, 1]);
+        let mut input = Tensor::<B, 2, Int>::from_data(current, &device);
+        let mut ids = Vec::with_capacity(d + 1);
+        // With no drafts the step is the full model on one token: layers < E, then the rest.
+        let exit = if d == 0 { 1 } else { exit };
+        for i in 0..d {
+            let h = self.layers(self.model.embed(input), 0..exit, c + i)?;
+            self.exits.append(h.clone())?;
+            input = Self::device_argmax(self.draft_logits(h, &run.options)?);
+            ids.push(input.clone());
+        }
+        let h = self.layers(self.model.embed(input), 0..exit, c + d)?;
+        self.exits.append(h)?;
+        let probes = if d == 0 {
+            Vec::new()
+        } else {
+            estimates.probes(exit)
+        };
+        let mut deep = self.exits.since(c);
+        let mut shadows = Vec::with_capacity(probes.len());
+        for l in exit..layers {
+            deep = self.layers(deep, l..l + 1, c)?;
+            if probes.contains(&(l + 1)) {
+                shadows.push(Self::device_argmax(
+                    self.draft_logits(deep.clone(), &run.options)?,
+                ));
+            }
+        }
+        ids.push(Self::device_argmax(self.model.exit_head(deep)));
+        ids.extend(shadows);
+        let ids = self.read_ids(Tensor::cat(ids, 1))?;
+        let (drafts, rest) = ids.split_at(d);
+        let (verify, shadows) = rest.split_at(d + 1);
+        let acceptance = accept_greedy_ids(drafts, verify);
+        // Rows 0..=accepted saw the right tokens; row i's shadow is exit l's choice there.
+        let valid = acceptance.accepted + 1;
+        for i in 0..d.min(valid) {
+            estimates.observe(exit, drafts[i] == verify[i]);
+        }
+        for (p, &l) in probes.iter().enumerate() {
+            let shadow = &shadows[p * (d + 1)..(p + 1) * (d + 1)];
+            for i in 0..valid {
+                estimates.observe(l, shadow[i] == verify[i]);
+            }
+        }
+        Ok(Step {
+            acceptance,
+            drafts: drafts.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TPL by hand: α = 0.5, E = 2, d = 3, L = 8: (1 - 0.5^4) / 0.5 = 1.875 tokens over
+    /// 3 * 2 + 8 = 14 layers.
+    #[test]
+    fn tokens_per_layer_is_dels_formula() {
+        assert!((tokens_per_layer(0.5, 2, 3, 8) - 1.875 / 14.0).abs() < 1e-12);
+        // No drafts: one token per full pass.
+        assert!((tokens_per_layer(0.5, 2, 0, 8) - 1.0 / 8.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_choice_maximises_tokens_per_layer_and_falls_back_to_autoregressive() {
+        let mut estimates = ExitEstimates::new(8, 6, 0.05);
+        // Every exit useless: autoregressive steps.
+        assert_eq!(estimates.choose().1, 0);
+        // A shallow exit that agrees 90% of the time beats a deeper one at 95%.
+        estimates.calibrate(2, 89, 98); // (89 + 1) / 100 = 0.9
+        estimates.calibrate(6, 94, 98); // 0.95
+        let (e, d) = estimates.choose();
+        assert_eq!(e, 2);
+        let best = tokens_per_layer(0.9, 2, d, 8);
+        for dd in 1..=6 {
+            assert!(best >= tokens_per_layer(0.9, 2, dd, 8));
+            assert!(best > tokens_per_layer(0.95, 6, dd, 8));
+        }
+        // Observations move an estimate by the learning rate.
+        let before = estimates.alpha(2);
+        estimates.observe(2, false);
+        assert!((estimates.alpha(2) - 0.9 * before).abs() < 1e-12);
+    }
+
+    #[test]
+    fn probes_take_the_deeper_exits_in_turn() {
+        let mut estimates = ExitEstimates::new(8, 4, 0.5);
+        assert_eq!(estimates.probes(2), vec![3, 4]);
+        assert_eq!(estimates.probes(2), vec![5, 6]);
+        assert_eq!(estimates.probes(2), vec![3, 7]);
+        assert_eq!(estimates.probes(7), Vec::<usize>::new());
+        assert_eq!(estimates.probes(6), vec![7]);
+    }
+}
