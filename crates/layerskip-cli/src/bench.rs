@@ -245,10 +245,23 @@ impl BackendTask for CorrectnessArgs {
         let eos = loaded.model.config().eos_token_ids.clone();
         let ar_options = self.data.options(Strategy::Autoregressive, eos.clone());
         let n = loaded.prompts.len();
-        let progress = Progress::new(
-            "correctness: generations",
-            n * (1 + exits.len() * self.grid.speculations.len()),
-        );
+        // Every point of the grid, then adaptive self-speculation up to the grid's largest d.
+        let mut strategies: Vec<Strategy> = exits
+            .iter()
+            .flat_map(|&e| {
+                self.grid
+                    .speculations
+                    .iter()
+                    .map(move |&d| Strategy::SelfSpeculative {
+                        exit_layer: e,
+                        speculations: d,
+                    })
+            })
+            .collect();
+        strategies.push(Strategy::Adaptive {
+            max_speculations: self.grid.speculations.iter().copied().max().unwrap_or(1),
+        });
+        let progress = Progress::new("correctness: generations", n * (1 + strategies.len()));
         let mut reference = Vec::new();
         for p in &loaded.prompts {
             reference.push(generator.generate(p, &ar_options, |_| true)?.tokens);
@@ -256,60 +269,55 @@ impl BackendTask for CorrectnessArgs {
         }
         let precision = Precision::of_device::<B>(&device);
         let (mut checked, mut mismatches, mut ties) = (0, 0, 0);
-        for &e in &exits {
-            for &d in &self.grid.speculations {
-                let strategy = Strategy::SelfSpeculative {
-                    exit_layer: e,
-                    speculations: d,
+        for &strategy in &strategies {
+            let options = self.data.options(strategy, eos.clone());
+            let (mut bad, mut tied) = (Vec::new(), 0);
+            for ((s, p), want) in loaded.samples.iter().zip(&loaded.prompts).zip(&reference) {
+                let got = generator.generate(p, &options, |_| true)?.tokens;
+                progress.inc();
+                checked += 1;
+                let Some(pos) = first_difference(&got, want) else {
+                    continue;
                 };
-                let options = self.data.options(strategy, eos.clone());
-                let (mut bad, mut tied) = (Vec::new(), 0);
-                for ((s, p), want) in loaded.samples.iter().zip(&loaded.prompts).zip(&reference) {
-                    let got = generator.generate(p, &options, |_| true)?.tokens;
-                    progress.inc();
-                    checked += 1;
-                    let Some(pos) = first_difference(&got, want) else {
-                        continue;
-                    };
-                    let (Some(&a), Some(&b)) = (want.get(pos), got.get(pos)) else {
-                        bad.push(format!("{}: lengths differ at token {pos}", s.id));
-                        continue;
-                    };
-                    let context: Vec<u32> = p.iter().chain(&want[..pos]).copied().collect();
-                    let m = generator.next_token_margin(&context)?;
-                    let tol = precision.tie_tolerance(m.scale);
-                    let what = format!(
-                        "{} at token {pos} (AR {a}, self-spec {b}; full-model logit gap {:.2e}, \
+                let (Some(&a), Some(&b)) = (want.get(pos), got.get(pos)) else {
+                    bad.push(format!("{}: lengths differ at token {pos}", s.id));
+                    continue;
+                };
+                let context: Vec<u32> = p.iter().chain(&want[..pos]).copied().collect();
+                let m = generator.next_token_margin(&context)?;
+                let tol = precision.tie_tolerance(m.scale);
+                let what = format!(
+                    "{} at token {pos} (AR {a}, self-spec {b}; full-model logit gap {:.2e}, \
                          {precision} tie tolerance {tol:.2e})",
-                        s.id, m.margin
-                    );
-                    if m.margin <= tol {
-                        tied += 1;
-                        progress.suspend(|| println!("  tie: {what}"));
-                    } else {
-                        bad.push(what);
-                    }
+                    s.id, m.margin
+                );
+                if m.margin <= tol {
+                    tied += 1;
+                    progress.suspend(|| println!("  tie: {what}"));
+                } else {
+                    bad.push(what);
                 }
-                progress.suspend(|| {
-                    println!(
-                        "E={e:<3} d={d:<3} {} / {} outputs identical to autoregressive{}{}",
-                        loaded.samples.len() - bad.len() - tied,
-                        loaded.samples.len(),
-                        if tied > 0 {
-                            format!(", {tied} diverge at a rounding tie")
-                        } else {
-                            String::new()
-                        },
-                        if bad.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; MISMATCH: {}", bad.join("; "))
-                        }
-                    )
-                });
-                mismatches += bad.len();
-                ties += tied;
             }
+            progress.suspend(|| {
+                println!(
+                    "{:<16} {} / {} outputs identical to autoregressive{}{}",
+                    strategy_label(strategy),
+                    loaded.samples.len() - bad.len() - tied,
+                    loaded.samples.len(),
+                    if tied > 0 {
+                        format!(", {tied} diverge at a rounding tie")
+                    } else {
+                        String::new()
+                    },
+                    if bad.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; MISMATCH: {}", bad.join("; "))
+                    }
+                )
+            });
+            mismatches += bad.len();
+            ties += tied;
         }
         progress.finish();
         println!(

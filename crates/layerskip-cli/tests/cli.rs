@@ -223,13 +223,13 @@ fn correctness_and_sweep_on_the_default_model() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("12 generations checked (f32), 0 mismatches, 0 rounding ties"),
+        out.contains("14 generations checked (f32), 0 mismatches, 0 rounding ties"),
         "{out}"
     );
     // Off a terminal, progress is plain lines on stderr: the first unit, every tenth, the last.
     assert!(
-        err.contains("correctness: generations: 1/14 (7%)")
-            && err.contains("correctness: generations: 14/14 (100%)"),
+        err.contains("correctness: generations: 1/16 (6%)")
+            && err.contains("correctness: generations: 16/16 (100%)"),
         "{err}"
     );
     let two_points = |extra: &[&str]| {
@@ -241,14 +241,14 @@ fn correctness_and_sweep_on_the_default_model() {
     // bf16 compute on Flex: divergences are allowed only at rounding ties, and are reported.
     let out = two_points(&["--dtype", "bf16"]);
     assert!(
-        out.contains("4 generations checked (bf16), 0 mismatches"),
+        out.contains("6 generations checked (bf16), 0 mismatches"),
         "{out}"
     );
     // Weights kept in Q8_0: the same kernels, so self-speculation is still exact (f32 sums of
     // the dequantised weights).
     let out = two_points(&["--quantize", "q8_0"]);
     assert!(
-        out.contains("4 generations checked (f32), 0 mismatches, 0 rounding ties"),
+        out.contains("6 generations checked (f32), 0 mismatches, 0 rounding ties"),
         "{out}"
     );
     let dir = tmp("sweep");
