@@ -11,6 +11,13 @@
 //! one verification through all `L`). `d = 0` is an autoregressive step (`1 / L`), taken when no
 //! exit is worth drafting with.
 //!
+//! DEL's denominator counts layer loads, which is what a step costs where the weights' trip
+//! from memory or the launches dominate (a GPU at batch 1). Where arithmetic does (a CPU), the
+//! verification's `d + 1` rows cost more than one. So the denominator here is a step time
+//! predicted by a [`CostModel`] fitted to the measured steps, `u (d E + L) + w (L - E) d`: it
+//! starts at DEL's (`w = 0`) and learns the extra rows' cost `w` as steps are timed; every
+//! [`EXPLORE_EVERY`]th step tries one draft more or fewer than the best, so that it can.
+//!
 //! The estimates come from shadow tokens: the exit head's choice at a layer the step computes
 //! anyway, compared with the full model's token at the same position. At the prompt every exit
 //! is measured on its last rows (the prompt runs through the layers one at a time); at each
@@ -19,6 +26,8 @@
 //! verifier accepted. Each estimate is an exponential average of its observations. The tokens
 //! are those of fixed self-speculation with the chosen `(E, d)`: greedy output is
 //! the full model's.
+
+use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use layerskip_model::LayerSkipBackend;
@@ -36,6 +45,12 @@ pub const PROBES_PER_STEP: usize = 2;
 pub const CALIBRATION_ROWS: usize = 16;
 /// Weight of a new observation in an estimate.
 const LEARNING_RATE: f64 = 0.1;
+/// Every this many steps the draft count is one off the best, to measure the cost of rows.
+pub const EXPLORE_EVERY: usize = 8;
+/// How much of the cost model's past each new step keeps.
+const COST_MEMORY: f64 = 0.95;
+/// Pseudo-steps of the cost model's prior (DEL's layer count).
+const COST_PRIOR_STEPS: f64 = 2.0;
 /// Estimates stay inside `[FLOOR, CEILING]` so that the expected lengths stay finite.
 const FLOOR: f64 = 0.01;
 const CEILING: f64 = 0.99;
@@ -46,6 +61,87 @@ pub fn tokens_per_layer(alpha: f64, e: usize, d: usize, layers: usize) -> f64 {
     let alpha = alpha.clamp(FLOOR, CEILING);
     let tokens = (1.0 - alpha.powi(d as i32 + 1)) / (1.0 - alpha);
     tokens / (d * e + layers) as f64
+}
+
+/// Expected tokens a step with `d` drafts emits at acceptance `alpha` (accepted drafts and the
+/// verifier's token).
+pub fn expected_tokens(alpha: f64, d: usize) -> f64 {
+    let alpha = alpha.clamp(FLOOR, CEILING);
+    (1.0 - alpha.powi(d as i32 + 1)) / (1.0 - alpha)
+}
+
+/// A step's time as `u (d E + L) + w (L - E) d` (layer loads, and the verification's rows
+/// beyond the first), fitted by least squares to the measured steps, older ones weighing less,
+/// around a prior of DEL's `w = 0` scaled by the first step.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    layers: usize,
+    /// Sums of `x xᵀ` and `x t` over the steps, decayed.
+    xx: [[f64; 2]; 2],
+    xt: [f64; 2],
+    /// The prior's `u` (set by the first step).
+    u0: Option<f64>,
+}
+
+impl CostModel {
+    /// A model for `layers` layers, with no steps yet.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers,
+            xx: [[0.0; 2]; 2],
+            xt: [0.0; 2],
+            u0: None,
+        }
+    }
+
+    fn features(&self, e: usize, d: usize) -> [f64; 2] {
+        let l = self.layers as f64;
+        let (e, d) = (e as f64, d as f64);
+        [d * e + l, (l - e) * d]
+    }
+
+    /// Folds in a step of `d` drafts from exit `e` that took `ms`.
+    pub fn observe(&mut self, e: usize, d: usize, ms: f64) {
+        let x = self.features(e, d);
+        self.u0.get_or_insert(ms / x[0]);
+        for i in 0..2 {
+            self.xt[i] = COST_MEMORY * self.xt[i] + x[i] * ms;
+            for j in 0..2 {
+                self.xx[i][j] = COST_MEMORY * self.xx[i][j] + x[i] * x[j];
+            }
+        }
+    }
+
+    /// The fitted `(u, w)`: DEL's `(1, 0)` before any step.
+    pub fn coefficients(&self) -> (f64, f64) {
+        let Some(u0) = self.u0 else {
+            return (1.0, 0.0);
+        };
+        // The prior as pseudo-steps: a DEL-shaped step of scale u0 on each feature.
+        let l = self.layers as f64;
+        let (p0, p1) = (COST_PRIOR_STEPS * l * l, COST_PRIOR_STEPS * l * l);
+        let a = [
+            [self.xx[0][0] + p0, self.xx[0][1]],
+            [self.xx[1][0], self.xx[1][1] + p1],
+        ];
+        let b = [self.xt[0] + p0 * u0, self.xt[1]];
+        let det = a[0][0] * a[1][1] - a[0][1] * a[1][0];
+        let u = (b[0] * a[1][1] - a[0][1] * b[1]) / det;
+        let w = (a[0][0] * b[1] - a[1][0] * b[0]) / det;
+        if u > 0.0 && w >= 0.0 {
+            (u, w)
+        } else {
+            // Extra rows never save time: refit with w = 0.
+            ((self.xt[0] + p0 * u0) / (self.xx[0][0] + p0), 0.0)
+        }
+    }
+
+    /// The predicted time of a step of `d` drafts from exit `e` (in the units observed).
+    pub fn predict(&self, e: usize, d: usize) -> f64 {
+        let (u, w) = self.coefficients();
+        let x = self.features(e, d);
+        u * x[0] + w * x[1]
+    }
 }
 
 /// The acceptance estimates of every exit `1..L` and the choice they lead to.
@@ -87,21 +183,38 @@ impl ExitEstimates {
         *a = ((1.0 - LEARNING_RATE) * *a + LEARNING_RATE * m).clamp(FLOOR, CEILING);
     }
 
-    /// The `(E, d)` of the largest tokens per layer, `d` up to the maximum (`d = 0`: an
-    /// autoregressive step, `E` then unused). Ties go to the shallower exit and fewer drafts.
-    pub fn choose(&self) -> (usize, usize) {
+    /// The `(E, d)` of the most expected tokens per predicted unit of time under `cost`, `d`
+    /// up to the maximum (`d = 0`: an autoregressive step, `E` then unused). Ties go to the
+    /// shallower exit and fewer drafts. With [`CostModel::new`]'s prior this is DEL's choice.
+    pub fn choose(&self, cost: &CostModel) -> (usize, usize) {
         let mut best = (1, 0);
-        let mut best_tpl = 1.0 / self.layers as f64;
+        let mut best_rate = 1.0 / cost.predict(1, 0);
         for e in 1..self.layers {
             for d in 1..=self.max_speculations {
-                let tpl = tokens_per_layer(self.alpha[e], e, d, self.layers);
-                if tpl > best_tpl * (1.0 + 1e-9) {
+                let rate = expected_tokens(self.alpha[e], d) / cost.predict(e, d);
+                if rate > best_rate * (1.0 + 1e-9) {
                     best = (e, d);
-                    best_tpl = tpl;
+                    best_rate = rate;
                 }
             }
         }
         best
+    }
+
+    /// [`ExitEstimates::choose`], except that every [`EXPLORE_EVERY`]th `step` drafts one more
+    /// or one fewer (alternately, within `1..=max`) from the chosen exit.
+    pub fn choose_exploring(&self, cost: &CostModel, step: usize) -> (usize, usize) {
+        let (e, d) = self.choose(cost);
+        if d == 0 || step % EXPLORE_EVERY != EXPLORE_EVERY - 1 {
+            return (e, d);
+        }
+        let more = (step / EXPLORE_EVERY).is_multiple_of(2);
+        let other = if (more && d < self.max_speculations) || d == 1 {
+            d + 1
+        } else {
+            d - 1
+        };
+        (e, other.min(self.max_speculations))
     }
 
     /// Up to [`PROBES_PER_STEP`] exits deeper than `e` to measure at this step, taken in turn.
@@ -132,9 +245,14 @@ pub(crate) fn decode<B: LayerSkipBackend>(
 ) -> Result<()> {
     let layers = ctx.model.num_layers();
     let mut estimates = ExitEstimates::new(layers, max_speculations, 0.5);
+    let mut cost = CostModel::new(layers);
     ctx.prefill_calibrating(run, &mut estimates, on_event)?;
+    let mut steps = 0;
     while run.stop.is_none() {
-        let (exit, speculations) = estimates.choose();
+        let (exit, speculations) = estimates.choose_exploring(&cost, steps);
+        steps += 1;
+        // The step ends with a read of its tokens, so its time is the device's too.
+        let start = Instant::now();
         let step = if run.options.greedy_on_device() {
             ctx.probing_step(run, exit, speculations, &mut estimates)?
         } else {
@@ -145,6 +263,10 @@ pub(crate) fn decode<B: LayerSkipBackend>(
             }
             step
         };
+        let drafted = step.drafts.len();
+        if drafted == speculations {
+            cost.observe(exit, drafted, start.elapsed().as_secs_f64() * 1e3);
+        }
         if step.drafts.is_empty() {
             ctx.stats.autoregressive_steps += 1;
         } else {
@@ -161,8 +283,9 @@ pub(crate) fn decode<B: LayerSkipBackend>(
 
 impl<B: LayerSkipBackend> DecodeContext<'_, B> {
     /// The prompt through the layers one at a time; the exit head on the last
-    /// [`CALIBRATION_ROWS`] rows after each layer gives every exit's first estimate (its
-    /// agreement with the last layer there), and the last row the first token.
+    /// [`CALIBRATION_ROWS`] rows after each layer (over the draft vocabulary for the early
+    /// exits) gives every exit's first estimate (its agreement with the last layer there), and
+    /// the last row the first token.
     fn prefill_calibrating(
         &mut self,
         run: &mut Run,
@@ -183,11 +306,11 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
                 self.exits.append(h.clone())?;
             }
             let tail = h.clone().slice([0..1, n - rows..n]);
-            let logits = self.model.exit_head(tail);
+            // Early exits choose as their drafts would (over the draft vocabulary, if any).
             shadows.push(if l + 1 == layers {
-                Self::device_argmax_checked(logits)
+                Self::device_argmax_checked(self.model.exit_head(tail))
             } else {
-                Self::device_argmax(logits)
+                Self::device_argmax(self.draft_logits(tail, &run.options)?)
             });
         }
         let ids = self.read_ids(Tensor::cat(shadows, 1))?;
@@ -290,12 +413,13 @@ mod tests {
     #[test]
     fn the_choice_maximises_tokens_per_layer_and_falls_back_to_autoregressive() {
         let mut estimates = ExitEstimates::new(8, 6, 0.05);
+        let del = CostModel::new(8);
         // Every exit useless: autoregressive steps.
-        assert_eq!(estimates.choose().1, 0);
+        assert_eq!(estimates.choose(&del).1, 0);
         // A shallow exit that agrees 90% of the time beats a deeper one at 95%.
         estimates.calibrate(2, 89, 98); // (89 + 1) / 100 = 0.9
         estimates.calibrate(6, 94, 98); // 0.95
-        let (e, d) = estimates.choose();
+        let (e, d) = estimates.choose(&del);
         assert_eq!(e, 2);
         let best = tokens_per_layer(0.9, 2, d, 8);
         for dd in 1..=6 {
@@ -306,6 +430,37 @@ mod tests {
         let before = estimates.alpha(2);
         estimates.observe(2, false);
         assert!((estimates.alpha(2) - 0.9 * before).abs() < 1e-12);
+    }
+
+    /// Steps timed as `0.1 (d E + L) + 0.05 (L - E) d` ms: the fit recovers both terms, and
+    /// with the rows' cost known the choice drafts less than DEL's.
+    #[test]
+    fn the_cost_model_learns_what_extra_rows_cost() {
+        let mut cost = CostModel::new(8);
+        assert_eq!(cost.coefficients(), (1.0, 0.0));
+        let time = |e: usize, d: usize| 0.1 * (d * e + 8) as f64 + 0.05 * ((8 - e) * d) as f64;
+        for step in 0..200 {
+            let (e, d) = (1 + step % 3, step % 5);
+            cost.observe(e, d, time(e, d));
+        }
+        let (u, w) = cost.coefficients();
+        assert!((u - 0.1).abs() < 0.01 && (w - 0.05).abs() < 0.01, "{u} {w}");
+        let mut estimates = ExitEstimates::new(8, 6, 0.05);
+        estimates.calibrate(1, 79, 98); // 0.8
+        let (_, d_del) = estimates.choose(&CostModel::new(8));
+        let (_, d_fit) = estimates.choose(&cost);
+        assert!(d_fit < d_del, "{d_fit} vs {d_del}");
+        // Exploration: one draft off the choice every EXPLORE_EVERY steps.
+        let chosen = estimates.choose(&cost);
+        for step in 0..4 * EXPLORE_EVERY {
+            let (e, d) = estimates.choose_exploring(&cost, step);
+            assert_eq!(e, chosen.0);
+            if step % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
+                assert_eq!(d.abs_diff(chosen.1), 1);
+            } else {
+                assert_eq!(d, chosen.1);
+            }
+        }
     }
 
     #[test]
