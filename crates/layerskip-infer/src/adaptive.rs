@@ -14,16 +14,18 @@
 //! DEL's denominator counts layer loads, which is what a step costs where the weights' trip
 //! from memory or the launches dominate (a GPU at batch 1). Where arithmetic does (a CPU), the
 //! verification's `d + 1` rows cost more than one. So the denominator here is a step time
-//! predicted by a [`CostModel`] fitted to the measured steps, `u (d E + L) + w (L - E) d`: it
-//! starts at DEL's (`w = 0`) and learns the extra rows' cost `w` as steps are timed; every
+//! predicted by a [`CostModel`] fitted to the measured steps, `u (d E + L) + v d + k` (layer
+//! loads; per draft: its head and launches and what the verification's extra row costs; the
+//! step's own overhead): it starts at DEL's and learns the rest as steps are timed; every
 //! [`EXPLORE_EVERY`]th step tries one draft more or fewer than the best, so that it can.
 //!
 //! The estimates come from shadow tokens: the exit head's choice at a layer the step computes
 //! anyway, compared with the full model's token at the same position. At the prompt every exit
 //! is measured on its last rows (the prompt runs through the layers one at a time); at each
-//! step the drafts themselves measure `α_E`, and the verification pass, run a layer at a time
-//! (the same arithmetic), measures up to [`PROBES_PER_STEP`] deeper exits on the rows the
-//! verifier accepted. Each estimate is an exponential average of its observations. The tokens
+//! step the drafts themselves measure `α_E`, and the verification pass, run in pieces that end
+//! at the probed exits (the same arithmetic), measures up to [`PROBES_PER_STEP`] deeper exits on the rows the
+//! verifier accepted (an autoregressive step measures its exit too). Each estimate is an
+//! exponential average of its observations. The tokens
 //! are those of fixed self-speculation with the chosen `(E, d)`: greedy output is
 //! the full model's.
 
@@ -50,7 +52,7 @@ pub const EXPLORE_EVERY: usize = 8;
 /// How much of the cost model's past each new step keeps.
 const COST_MEMORY: f64 = 0.95;
 /// Pseudo-steps of the cost model's prior (DEL's layer count).
-const COST_PRIOR_STEPS: f64 = 2.0;
+const COST_PRIOR_STEPS: f64 = 0.02;
 /// Estimates stay inside `[FLOOR, CEILING]` so that the expected lengths stay finite.
 const FLOOR: f64 = 0.01;
 const CEILING: f64 = 0.99;
@@ -70,15 +72,21 @@ pub fn expected_tokens(alpha: f64, d: usize) -> f64 {
     (1.0 - alpha.powi(d as i32 + 1)) / (1.0 - alpha)
 }
 
-/// A step's time as `u (d E + L) + w (L - E) d` (layer loads, and the verification's rows
-/// beyond the first), fitted by least squares to the measured steps, older ones weighing less,
-/// around a prior of DEL's `w = 0` scaled by the first step.
+/// Features of a step's time: DEL's layer loads `d E + L`, the drafts `d`, and the step itself.
+/// A verification pass whose rows each cost a little (`a + b r` for `r` rows) adds `b L` per
+/// draft and per step (`(d + 1) E` draft rows and `(L - E)(d + 1)` verified ones sum to
+/// `(d + 1) L`), so these three also cover what the rows cost; each draft's exit head and
+/// launches are a cost per draft too.
+const FEATURES: usize = 3;
+
+/// A step's time as `u (d E + L) + v d + k`, fitted by least squares to the measured steps,
+/// older ones weighing less, around a prior of DEL's `u (d E + L)` scaled by the first step.
 #[derive(Debug, Clone)]
 pub struct CostModel {
     layers: usize,
     /// Sums of `x xᵀ` and `x t` over the steps, decayed.
-    xx: [[f64; 2]; 2],
-    xt: [f64; 2],
+    xx: [[f64; FEATURES]; FEATURES],
+    xt: [f64; FEATURES],
     /// The prior's `u` (set by the first step).
     u0: Option<f64>,
 }
@@ -88,59 +96,91 @@ impl CostModel {
     pub fn new(layers: usize) -> Self {
         Self {
             layers,
-            xx: [[0.0; 2]; 2],
-            xt: [0.0; 2],
+            xx: [[0.0; FEATURES]; FEATURES],
+            xt: [0.0; FEATURES],
             u0: None,
         }
     }
 
-    fn features(&self, e: usize, d: usize) -> [f64; 2] {
+    fn features(&self, e: usize, d: usize) -> [f64; FEATURES] {
         let l = self.layers as f64;
         let (e, d) = (e as f64, d as f64);
-        [d * e + l, (l - e) * d]
+        [d * e + l, d, 1.0]
     }
 
     /// Folds in a step of `d` drafts from exit `e` that took `ms`.
     pub fn observe(&mut self, e: usize, d: usize, ms: f64) {
         let x = self.features(e, d);
         self.u0.get_or_insert(ms / x[0]);
-        for i in 0..2 {
+        for i in 0..FEATURES {
             self.xt[i] = COST_MEMORY * self.xt[i] + x[i] * ms;
-            for j in 0..2 {
+            for j in 0..FEATURES {
                 self.xx[i][j] = COST_MEMORY * self.xx[i][j] + x[i] * x[j];
             }
         }
     }
 
-    /// The fitted `(u, w)`: DEL's `(1, 0)` before any step.
-    pub fn coefficients(&self) -> (f64, f64) {
+    /// The fitted coefficients `[u, v, k]`: DEL's `[1, 0, 0]` before any step. Terms
+    /// fitted below zero (no cost is negative) are dropped and the rest refitted.
+    pub fn coefficients(&self) -> [f64; FEATURES] {
         let Some(u0) = self.u0 else {
-            return (1.0, 0.0);
+            return [1.0, 0.0, 0.0];
         };
-        // The prior as pseudo-steps: a DEL-shaped step of scale u0 on each feature.
-        let l = self.layers as f64;
-        let (p0, p1) = (COST_PRIOR_STEPS * l * l, COST_PRIOR_STEPS * l * l);
-        let a = [
-            [self.xx[0][0] + p0, self.xx[0][1]],
-            [self.xx[1][0], self.xx[1][1] + p1],
-        ];
-        let b = [self.xt[0] + p0 * u0, self.xt[1]];
-        let det = a[0][0] * a[1][1] - a[0][1] * a[1][0];
-        let u = (b[0] * a[1][1] - a[0][1] * b[1]) / det;
-        let w = (a[0][0] * b[1] - a[1][0] * b[0]) / det;
-        if u > 0.0 && w >= 0.0 {
-            (u, w)
-        } else {
-            // Extra rows never save time: refit with w = 0.
-            ((self.xt[0] + p0 * u0) / (self.xx[0][0] + p0), 0.0)
+        let mut active = [true; FEATURES];
+        loop {
+            let theta = self.fit(u0, &active);
+            match (1..FEATURES).find(|&i| active[i] && theta[i] < 0.0) {
+                Some(i) => active[i] = false,
+                None if theta[0] > 0.0 => return theta,
+                None => return [u0, 0.0, 0.0],
+            }
         }
+    }
+
+    /// Ridge least squares over the `active` features, each pulled towards the prior (`u0`
+    /// for the layer loads, 0 for the others) with [`COST_PRIOR_STEPS`] typical steps' weight.
+    fn fit(&self, u0: f64, active: &[bool; FEATURES]) -> [f64; FEATURES] {
+        let l = self.layers as f64;
+        let scale = [l * l, 4.0, 1.0];
+        let prior = [u0, 0.0, 0.0];
+        let idx: Vec<usize> = (0..FEATURES).filter(|&i| active[i]).collect();
+        let n = idx.len();
+        let mut a = vec![vec![0.0; n + 1]; n];
+        for (r, &i) in idx.iter().enumerate() {
+            for (c, &j) in idx.iter().enumerate() {
+                a[r][c] = self.xx[i][j];
+            }
+            a[r][r] += COST_PRIOR_STEPS * scale[i];
+            a[r][n] = self.xt[i] + COST_PRIOR_STEPS * scale[i] * prior[i];
+        }
+        // Gaussian elimination with partial pivoting (the matrix is symmetric positive definite).
+        for col in 0..n {
+            let pivot = (col..n)
+                .max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs()))
+                .expect("a non-empty range");
+            a.swap(col, pivot);
+            let pivot_row = a[col].clone();
+            for (row, r) in a.iter_mut().enumerate() {
+                if row != col {
+                    let f = r[col] / pivot_row[col];
+                    for (x, p) in r[col..].iter_mut().zip(&pivot_row[col..]) {
+                        *x -= f * p;
+                    }
+                }
+            }
+        }
+        let mut theta = [0.0; FEATURES];
+        for (r, &i) in idx.iter().enumerate() {
+            theta[i] = a[r][n] / a[r][r];
+        }
+        theta
     }
 
     /// The predicted time of a step of `d` drafts from exit `e` (in the units observed).
     pub fn predict(&self, e: usize, d: usize) -> f64 {
-        let (u, w) = self.coefficients();
+        let theta = self.coefficients();
         let x = self.features(e, d);
-        u * x[0] + w * x[1]
+        (0..FEATURES).map(|i| theta[i] * x[i]).sum()
     }
 }
 
@@ -202,11 +242,19 @@ impl ExitEstimates {
     }
 
     /// [`ExitEstimates::choose`], except that every [`EXPLORE_EVERY`]th `step` drafts one more
-    /// or one fewer (alternately, within `1..=max`) from the chosen exit.
+    /// or one fewer (alternately, within `1..=max`) from the chosen exit, or, after an
+    /// autoregressive choice, one draft from the exit best at one draft.
     pub fn choose_exploring(&self, cost: &CostModel, step: usize) -> (usize, usize) {
         let (e, d) = self.choose(cost);
-        if d == 0 || step % EXPLORE_EVERY != EXPLORE_EVERY - 1 {
+        if step % EXPLORE_EVERY != EXPLORE_EVERY - 1 {
             return (e, d);
+        }
+        if d == 0 {
+            let rate = |e: usize| expected_tokens(self.alpha[e], 1) / cost.predict(e, 1);
+            let e = (1..self.layers)
+                .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
+                .unwrap_or(1);
+            return (e, 1);
         }
         let more = (step / EXPLORE_EVERY).is_multiple_of(2);
         let other = if (more && d < self.max_speculations) || d == 1 {
@@ -217,7 +265,8 @@ impl ExitEstimates {
         (e, other.min(self.max_speculations))
     }
 
-    /// Up to [`PROBES_PER_STEP`] exits deeper than `e` to measure at this step, taken in turn.
+    /// Up to [`PROBES_PER_STEP`] exits deeper than `e` (of `e + 1..L`) to measure at this step,
+    /// taken in turn.
     pub fn probes(&mut self, e: usize) -> Vec<usize> {
         let deeper: Vec<usize> = (e + 1..self.layers).collect();
         if deeper.is_empty() {
@@ -331,8 +380,8 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         Ok(())
     }
 
-    /// [`DecodeContext::greedy_step`] with the verification run a layer at a time, the exit
-    /// head taken after each probed exit on the step's rows; the one read brings back the
+    /// [`DecodeContext::greedy_step`] with the verification run in pieces, the exit head taken
+    /// after each probed exit on the step's rows; the one read brings back the
     /// drafts, the verifier's tokens and the shadow tokens, which update the estimates.
     fn probing_step(
         &mut self,
@@ -358,20 +407,25 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         }
         let h = self.layers(self.model.embed(input), 0..exit, c + d)?;
         self.exits.append(h)?;
-        let probes = if d == 0 {
-            Vec::new()
-        } else {
-            estimates.probes(exit)
-        };
+        // Without drafts the exit's own choice is measured too (from the exit-hidden state).
+        let probes = estimates.probes(if d == 0 { exit - 1 } else { exit });
         let mut deep = self.exits.since(c);
         let mut shadows = Vec::with_capacity(probes.len());
-        for l in exit..layers {
-            deep = self.layers(deep, l..l + 1, c)?;
-            if probes.contains(&(l + 1)) {
+        if probes.contains(&exit) {
+            shadows.push(Self::device_argmax(
+                self.draft_logits(deep.clone(), &run.options)?,
+            ));
+        }
+        // The deep layers in runs that end at the probed exits.
+        let mut from = exit;
+        for end in probes.iter().copied().filter(|&p| p > exit).chain([layers]) {
+            deep = self.layers(deep, from..end, c)?;
+            if end < layers {
                 shadows.push(Self::device_argmax(
                     self.draft_logits(deep.clone(), &run.options)?,
                 ));
             }
+            from = end;
         }
         ids.push(Self::device_argmax(self.model.exit_head(deep)));
         ids.extend(shadows);
@@ -432,19 +486,29 @@ mod tests {
         assert!((estimates.alpha(2) - 0.9 * before).abs() < 1e-12);
     }
 
-    /// Steps timed as `0.1 (d E + L) + 0.05 (L - E) d` ms: the fit recovers both terms, and
-    /// with the rows' cost known the choice drafts less than DEL's.
+    /// Steps timed as `0.1 (d E + L) + 0.4 d + 0.03` ms: the fit predicts them (the prior,
+    /// scaled by the first step, may fold the small constant into the layer term), and with the
+    /// drafts' cost known the choice drafts less than DEL's.
     #[test]
     fn the_cost_model_learns_what_extra_rows_cost() {
         let mut cost = CostModel::new(8);
-        assert_eq!(cost.coefficients(), (1.0, 0.0));
-        let time = |e: usize, d: usize| 0.1 * (d * e + 8) as f64 + 0.05 * ((8 - e) * d) as f64;
-        for step in 0..200 {
+        assert_eq!(cost.coefficients(), [1.0, 0.0, 0.0]);
+        let time = |e: usize, d: usize| 0.1 * (d * e + 8) as f64 + 0.4 * d as f64 + 0.03;
+        for step in 0..300 {
             let (e, d) = (1 + step % 3, step % 5);
             cost.observe(e, d, time(e, d));
         }
-        let (u, w) = cost.coefficients();
-        assert!((u - 0.1).abs() < 0.01 && (w - 0.05).abs() < 0.01, "{u} {w}");
+        let [u, v, k] = cost.coefficients();
+        assert!((v - 0.4).abs() < 0.05, "{u} {v} {k}");
+        for e in 1..8 {
+            for d in 0..7 {
+                let (got, want) = (cost.predict(e, d), time(e, d));
+                assert!(
+                    (got - want).abs() < 0.03 * want,
+                    "E={e} d={d}: {got} vs {want}"
+                );
+            }
+        }
         let mut estimates = ExitEstimates::new(8, 6, 0.05);
         estimates.calibrate(1, 79, 98); // 0.8
         let (_, d_del) = estimates.choose(&CostModel::new(8));
