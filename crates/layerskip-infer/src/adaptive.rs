@@ -31,7 +31,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use layerskip_model::LayerSkipBackend;
 
 use crate::accept::accept_greedy_ids;
@@ -393,20 +393,9 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         let layers = self.model.num_layers();
         let c = run.tokens.len() - 1;
         let d = self.draft_count(run, speculations);
-        let device = self.model.embed_tokens.device();
-        let current = TensorData::new(vec![i64::from(run.tokens[c])], [1, 1]);
-        let mut input = Tensor::<B, 2, Int>::from_data(current, &device);
-        let mut ids = Vec::with_capacity(d + 1);
         // With no drafts the step is the full model on one token: layers < E, then the rest.
         let exit = if d == 0 { 1 } else { exit };
-        for i in 0..d {
-            let h = self.layers(self.model.embed(input), 0..exit, c + i)?;
-            self.exits.append(h.clone())?;
-            input = Self::device_argmax(self.draft_logits(h, &run.options)?);
-            ids.push(input.clone());
-        }
-        let h = self.layers(self.model.embed(input), 0..exit, c + d)?;
-        self.exits.append(h)?;
+        let mut ids = self.draft_on_device(run, exit, d)?;
         // Without drafts the exit's own choice is measured too (from the exit-hidden state).
         let probes = estimates.probes(if d == 0 { exit - 1 } else { exit });
         let mut deep = self.exits.since(c);

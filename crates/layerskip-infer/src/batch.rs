@@ -13,7 +13,7 @@ use layerskip_model::{ExitHiddenCache, KvCache, LayerSkipBackend, LlamaModel};
 
 use crate::context::{DecodeContext, Run, host_rows};
 use crate::error::{InferError, Result};
-use crate::generator::validate_request;
+use crate::generator::{prepare, validate_request};
 use crate::options::{GenerateOptions, Generation, StopReason, Strategy, StreamEvent};
 use crate::stats::GenerationStats;
 
@@ -39,19 +39,12 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
     /// A batch of at most `max_sequences` generations, each with a context of `capacity`
     /// positions. Prepares the model's weights for decoding as [`Generator::new`](crate::Generator::new) does.
     pub fn new(model: &'m LlamaModel<B>, capacity: usize, max_sequences: usize) -> Result<Self> {
-        let config = model.config();
-        if capacity == 0 || capacity > config.max_position_embeddings {
-            return Err(InferError::InvalidArgument(format!(
-                "context capacity {capacity} must be in 1..={}",
-                config.max_position_embeddings
-            )));
-        }
         if max_sequences == 0 {
             return Err(InferError::InvalidArgument(
                 "a batch holds at least one generation".into(),
             ));
         }
-        model.prepare_for_decoding(None)?;
+        prepare(model, capacity)?;
         Ok(Self {
             model,
             capacity,

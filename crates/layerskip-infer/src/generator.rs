@@ -22,13 +22,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// yet (weights prepared quantized stay so).
     pub fn new(model: &'m LlamaModel<B>, capacity: usize) -> Result<Self> {
         let config = model.config();
-        if capacity == 0 || capacity > config.max_position_embeddings {
-            return Err(InferError::InvalidArgument(format!(
-                "context capacity {capacity} must be in 1..={}",
-                config.max_position_embeddings
-            )));
-        }
-        model.prepare_for_decoding(None)?;
+        prepare(model, capacity)?;
         let device = model.embed_tokens.device();
         let ctx = DecodeContext {
             model,
@@ -226,4 +220,17 @@ pub(crate) fn validate_request<B: LayerSkipBackend>(
         )),
         _ => Ok(()),
     }
+}
+
+/// Checks a context capacity against the model and prepares its weights for decoding (kept
+/// quantized if they were prepared so): what a [`Generator`] and a [`Batch`](crate::Batch) need.
+pub(crate) fn prepare<B: LayerSkipBackend>(model: &LlamaModel<B>, capacity: usize) -> Result<()> {
+    let most = model.config().max_position_embeddings;
+    if capacity == 0 || capacity > most {
+        return Err(InferError::InvalidArgument(format!(
+            "context capacity {capacity} must be in 1..={most}"
+        )));
+    }
+    model.prepare_for_decoding(None)?;
+    Ok(())
 }

@@ -82,6 +82,30 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         let layers = self.model.num_layers();
         let c = run.tokens.len() - 1;
         let d = self.draft_count(run, speculations);
+        let mut ids = self.draft_on_device(run, exit, d)?;
+        // Verify: layers >= E once over the exit hidden states of positions c..=c+d (causal,
+        // offset c), appending the deep layers' K/V.
+        let deep = self.layers(self.exits.since(c), exit..layers, c)?;
+        ids.push(Self::device_argmax(self.model.exit_head(deep)));
+        let ids = self.read_ids(Tensor::cat(ids, 1))?;
+        let (drafts, verify) = ids.split_at(d);
+        Ok(Step {
+            acceptance: accept_greedy_ids(drafts, verify),
+            drafts: drafts.to_vec(),
+        })
+    }
+
+    /// Greedy drafts on the device: `d` tokens through layers `0..exit` from the newest token's
+    /// position `c`, each draft the next one's input, then the last draft through the same
+    /// layers, every exit hidden state appended (positions `c..=c + d`). Returns the drafts'
+    /// ids, still on the device.
+    pub(crate) fn draft_on_device(
+        &mut self,
+        run: &Run,
+        exit: usize,
+        d: usize,
+    ) -> Result<Vec<Tensor<B, 2, Int>>> {
+        let c = run.tokens.len() - 1;
         let device = self.model.embed_tokens.device();
         let current = TensorData::new(vec![i64::from(run.tokens[c])], [1, 1]);
         let mut input = Tensor::<B, 2, Int>::from_data(current, &device);
@@ -92,18 +116,9 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
             input = Self::device_argmax(self.draft_logits(h, &run.options)?);
             ids.push(input.clone());
         }
-        // Verify: the last draft through layers < E, then layers >= E once over the exit hidden
-        // states of positions c..=c+d (causal, offset c), appending the deep layers' K/V.
         let h = self.layers(self.model.embed(input), 0..exit, c + d)?;
         self.exits.append(h)?;
-        let deep = self.layers(self.exits.since(c), exit..layers, c)?;
-        ids.push(Self::device_argmax(self.model.exit_head(deep)));
-        let ids = self.read_ids(Tensor::cat(ids, 1))?;
-        let (drafts, verify) = ids.split_at(d);
-        Ok(Step {
-            acceptance: accept_greedy_ids(drafts, verify),
-            drafts: drafts.to_vec(),
-        })
+        Ok(ids)
     }
 
     /// A step with the choices made on the host from logit rows: sampling, history penalties, a
