@@ -92,3 +92,52 @@ fn wgpu_greedy_self_speculation_equals_autoregressive() {
     let ar = run(&model, &[3], &options(Strategy::Autoregressive, 12));
     assert_eq!(ee.tokens, ar.tokens, "early exit at E = L");
 }
+
+/// Batched decoding on wgpu (what `layerskip serve` runs on a GPU): each of three generations
+/// decoded together, one joining late, is token for token the generation alone (the CubeCL
+/// product kernels compute each row alone). Adaptive self-speculation gives the greedy tokens.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_batched_and_adaptive_decoding_equal_each_generation_alone() {
+    use layerskip_infer::{Batch, StreamEvent};
+    type W = burn::backend::Wgpu;
+    let device = Default::default();
+    let model = random_model_on::<W>(2, &config(4, 40, 2, true), &device);
+    let prompts: [&[u32]; 3] = [&[5, 9, 1, 33, 7], &[3], &[2, 4, 6]];
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run(&model, p, &options(Strategy::Autoregressive, 10)).tokens)
+        .collect();
+    let mut batch = Batch::new(&model, 96, 4).unwrap();
+    let mut got = vec![Vec::new(); 3];
+    let ar = options(Strategy::Autoregressive, 10);
+    let mut slots = Vec::new();
+    for p in &prompts[..2] {
+        slots.push(batch.admit(p, &ar, |_| true).unwrap());
+    }
+    let mut step = 0;
+    while !batch.is_empty() || slots.len() < 3 {
+        if step == 2 {
+            slots.push(batch.admit(prompts[2], &ar, |_| true).unwrap());
+        }
+        batch.step(|_, _: StreamEvent<'_>| true).unwrap();
+        for (slot, generation) in batch.take_finished() {
+            let i = slots.iter().position(|&s| s == slot).unwrap();
+            got[i] = generation.tokens;
+        }
+        step += 1;
+        assert!(step < 40);
+    }
+    assert_eq!(got, want);
+    let adaptive = run(
+        &model,
+        prompts[0],
+        &options(
+            Strategy::Adaptive {
+                max_speculations: 3,
+            },
+            10,
+        ),
+    );
+    assert_eq!(adaptive.tokens, want[0]);
+}
