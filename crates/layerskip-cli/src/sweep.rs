@@ -84,41 +84,33 @@ impl BackendTask for SweepArgs {
             "sweep: prompts x grid points (and the adaptive point)",
             loaded.prompts.len() * (exits.len() * self.grid.speculations.len() + 1),
         );
+        // Measures one strategy against AR runs beside it, printing its line.
+        let mut measure = |strategy: Strategy| -> Result<StrategyReport> {
+            let (ar, ar_report, _, r) =
+                measure_paired(&loaded, &mut generator, &self.data, strategy, &progress)?;
+            keep_fastest(&mut base_runs, ar);
+            progress.println(&format!(
+                "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
+                strategy_label(strategy),
+                r.time_per_token_ms,
+                ar_report.time_per_token_ms,
+                100.0 * r.acceptance_rate,
+                r.speedup
+            ));
+            Ok(r)
+        };
         for &e in &exits {
             for &d in &self.grid.speculations {
-                let strategy = Strategy::SelfSpeculative {
+                grid.push(measure(Strategy::SelfSpeculative {
                     exit_layer: e,
                     speculations: d,
-                };
-                let (ar, ar_report, _, r) =
-                    measure_paired(&loaded, &mut generator, &self.data, strategy, &progress)?;
-                keep_fastest(&mut base_runs, ar);
-                progress.println(&format!(
-                    "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
-                    strategy_label(strategy),
-                    r.time_per_token_ms,
-                    ar_report.time_per_token_ms,
-                    100.0 * r.acceptance_rate,
-                    r.speedup
-                ));
-                grid.push(r);
+                })?);
             }
         }
         let most = self.grid.speculations.iter().copied().max().unwrap_or(1);
-        let adaptive = Strategy::Adaptive {
+        let adaptive = measure(Strategy::Adaptive {
             max_speculations: most,
-        };
-        let (ar, ar_report, _, adaptive) =
-            measure_paired(&loaded, &mut generator, &self.data, adaptive, &progress)?;
-        keep_fastest(&mut base_runs, ar);
-        progress.println(&format!(
-            "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
-            strategy_label(adaptive.strategy),
-            adaptive.time_per_token_ms,
-            ar_report.time_per_token_ms,
-            100.0 * adaptive.acceptance_rate,
-            adaptive.speedup
-        ));
+        })?;
         progress.finish();
         let base = summarise(
             Strategy::Autoregressive,

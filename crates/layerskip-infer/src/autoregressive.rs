@@ -20,21 +20,7 @@ pub(crate) fn decode<B: LayerSkipBackend>(
         let h = ctx.layers(ctx.model.embed_ids(&input), 0..exit, pos)?;
         let seq = h.dims()[1];
         let last = h.slice([0..1, seq - 1..seq]);
-        let token = if run.options.greedy_on_device() {
-            let logits = ctx.model.exit_head(last);
-            let ids = if pos == 0 {
-                DecodeContext::<B>::device_argmax_checked(logits)
-            } else {
-                DecodeContext::<B>::device_argmax(logits)
-            };
-            ctx.read_ids(ids)?[0]
-        } else {
-            let row = ctx.logit_rows(last)?.remove(0);
-            let history = std::mem::take(&mut run.tokens);
-            let (token, _) = run.choose(row, &history);
-            run.tokens = history;
-            token
-        };
+        let token = ctx.next_token(run, last, pos == 0)?;
         ctx.stats.steps += 1;
         pos += input.len();
         input = vec![token];

@@ -130,14 +130,7 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
         if options.max_new_tokens > 0 {
             let h = ctx.layers(self.model.embed_ids(prompt), 0..layers, 0)?;
             let n = prompt.len();
-            let last = h.slice([0..1, n - 1..n]);
-            let token = if options.greedy_on_device() {
-                let ids = DecodeContext::<B>::device_argmax_checked(self.model.exit_head(last));
-                ctx.read_ids(ids)?[0]
-            } else {
-                let row = ctx.logit_rows(last)?.remove(0);
-                choose(&mut run, row)
-            };
+            let token = ctx.next_token(&mut run, h.slice([0..1, n - 1..n]), true)?;
             ctx.stats.steps += 1;
             ctx.emit(&mut run, &[token], &mut on_event);
         } else {
@@ -217,7 +210,7 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
                 .ctx
                 .count_read(rows.len() * rows.first().map_or(0, Vec::len));
             for (&i, row) in sampled.iter().zip(rows) {
-                tokens[i] = choose(&mut sequences[i].run, row);
+                tokens[i] = sequences[i].run.choose_next(row);
             }
         }
         for (i, sequence) in sequences.iter_mut().enumerate() {
@@ -269,15 +262,6 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
     pub fn take_finished(&mut self) -> Vec<(usize, Generation)> {
         std::mem::take(&mut self.finished)
     }
-}
-
-/// The token `run` chooses from a logit row, its history penalties applied as the
-/// [`Generator`](crate::Generator) does.
-fn choose(run: &mut Run, row: Vec<f32>) -> u32 {
-    let history = std::mem::take(&mut run.tokens);
-    let (token, _) = run.choose(row, &history);
-    run.tokens = history;
-    token
 }
 
 /// Rows `rows` of `logits` `[n, 1, vocab]` (all of it when that is every row).

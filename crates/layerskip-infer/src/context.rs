@@ -66,6 +66,14 @@ impl Run {
         (sample(&probs, &mut self.rng), probs)
     }
 
+    /// Chooses the token after all of `tokens` from a logit row (see [`Run::choose`]).
+    pub(crate) fn choose_next(&mut self, row: Vec<f32>) -> u32 {
+        let history = std::mem::take(&mut self.tokens);
+        let (token, _) = self.choose(row, &history);
+        self.tokens = history;
+        token
+    }
+
     /// The processed (penalised) distribution of a verifier row, without drawing.
     pub(crate) fn distribution(&self, mut row: Vec<f32>, history: &[u32]) -> Vec<f32> {
         apply_history_penalties(&mut row, history, &self.options.sampling);
@@ -98,6 +106,29 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         Ok(self
             .model
             .forward_layers(x, range, start_pos, Some(&mut self.cache))?)
+    }
+
+    /// The token after the hidden state `last` `[1, 1, hidden]`: the argmax taken on the device
+    /// when the run is greedy (rows with non-finite logits refused when `check`), else chosen on
+    /// the host from the logit row.
+    pub(crate) fn next_token(
+        &mut self,
+        run: &mut Run,
+        last: Tensor<B, 3>,
+        check: bool,
+    ) -> Result<u32> {
+        if run.options.greedy_on_device() {
+            let logits = self.model.exit_head(last);
+            let ids = if check {
+                Self::device_argmax_checked(logits)
+            } else {
+                Self::device_argmax(logits)
+            };
+            Ok(self.read_ids(ids)?[0])
+        } else {
+            let row = self.logit_rows(last)?.remove(0);
+            Ok(run.choose_next(row))
+        }
     }
 
     /// Logit rows of the exit head applied to `hidden` `[1, seq, hidden]`, read to the host.

@@ -92,13 +92,7 @@ impl<B: LayerSkipBackend> Attention<B> {
         rope: &RopeTables<B>,
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
-        let [b, s, _] = x.dims();
-        let [pq, pk, pv, po] = &self.packed;
-        let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
-        let [q, k, v] = B::attention_inputs(x.clone(), norm, weights, [pq, pk, pv]);
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
-        let q = heads(q, self.num_heads);
-        let (k, v) = (heads(k, self.num_kv_heads), heads(v, self.num_kv_heads));
+        let [q, k, v] = self.heads(norm, x.clone());
         let groups = self.num_heads / self.num_kv_heads;
         let out = match cache {
             Some(cache) => {
@@ -113,7 +107,27 @@ impl<B: LayerSkipBackend> Attention<B> {
                 causal_attention(q, repeat_kv(k, groups), repeat_kv(v, groups))
             }
         };
-        Ok(B::product_add(out, weight(&self.o_proj), po, x))
+        Ok(self.output(out, x))
+    }
+
+    /// `norm(x)`'s queries, keys and values split into heads, `[batch, seq, heads, head_dim]`
+    /// (q with `num_heads`, k and v with `num_kv_heads`): one launch of the fused products.
+    fn heads(&self, norm: &RmsNorm<B>, x: Tensor<B, 3>) -> [Tensor<B, 4>; 3] {
+        let [b, s, _] = x.dims();
+        let [pq, pk, pv, _] = &self.packed;
+        let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
+        let [q, k, v] = B::attention_inputs(x, norm, weights, [pq, pk, pv]);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
+        [
+            heads(q, self.num_heads),
+            heads(k, self.num_kv_heads),
+            heads(v, self.num_kv_heads),
+        ]
+    }
+
+    /// The output projection of the attention `out` with the residual `x` added.
+    fn output(&self, out: Tensor<B, 3>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        B::product_add(out, weight(&self.o_proj), &self.packed[3], x)
     }
 
     /// [`Attention::forward`] for one new position of each of several sequences, each with its
@@ -133,12 +147,7 @@ impl<B: LayerSkipBackend> Attention<B> {
     ) -> Result<Tensor<B, 3>> {
         let [n, s, _] = x.dims();
         debug_assert!(s == 1 && ropes.len() == n && caches.len() == n);
-        let [pq, pk, pv, po] = &self.packed;
-        let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
-        let [q, k, v] = B::attention_inputs(x.clone(), norm, weights, [pq, pk, pv]);
-        let heads = |t: Tensor<B, 3>, n_heads: usize| t.reshape([n, 1, n_heads, self.head_dim]);
-        let q = heads(q, self.num_heads);
-        let (k, v) = (heads(k, self.num_kv_heads), heads(v, self.num_kv_heads));
+        let [q, k, v] = self.heads(norm, x.clone());
         let groups = self.num_heads / self.num_kv_heads;
         let mut outs = Vec::with_capacity(n);
         for (i, (cache, rope)) in caches.iter_mut().zip(ropes).enumerate() {
@@ -152,8 +161,7 @@ impl<B: LayerSkipBackend> Attention<B> {
                 groups,
             ));
         }
-        let out = Tensor::cat(outs, 0);
-        Ok(B::product_add(out, weight(&self.o_proj), po, x))
+        Ok(self.output(Tensor::cat(outs, 0), x))
     }
 }
 

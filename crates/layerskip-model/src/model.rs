@@ -309,10 +309,11 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
         let mut ropes = Vec::with_capacity(n);
         for cache in caches.iter() {
             let start = cache.len(range.start);
-            if start + 1 > self.config.max_position_embeddings.min(cache.capacity()) {
+            let capacity = self.config.max_position_embeddings.min(cache.capacity());
+            if start + 1 > capacity {
                 return Err(ModelError::ContextOverflow {
                     requested: start + 1,
-                    capacity: self.config.max_position_embeddings.min(cache.capacity()),
+                    capacity,
                 });
             }
             if let Some(l) = range.clone().find(|&l| cache.len(l) != start) {
