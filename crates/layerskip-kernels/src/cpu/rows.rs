@@ -1,6 +1,7 @@
 //! Products of a few rows with a weight matrix read from a packed copy ([`Panels`]: panels of
-//! [`NR`] output columns, each panel's input features in order, so that a panel streams
-//! contiguously; weights that are all bfloat16 values in half the bytes), with up to six rows'
+//! [`NR`] output columns, each panel's input features in order; weights that are all bfloat16
+//! values in half the bytes, and quantized blocks, with [`TILE`] panels interleaved feature by
+//! feature so that a one-row pass reads one contiguous stream), with up to six rows'
 //! accumulators in registers while a panel streams once.
 //!
 //! Each output is `fma(x[k-1], w[k-1], ... fma(x[0], w[0], 0))`, the same operations in the same
@@ -13,6 +14,59 @@ use super::pool::{Out, Pool};
 
 /// Output columns per panel: two AVX2 vectors, one 64-byte cache line per feature.
 pub const NR: usize = 16;
+
+/// Panels interleaved in memory in the bfloat16 and quantized formats: feature `i`'s lines
+/// (or block `b`'s blocks) of the `TILE` panels of a tile lie side by side, so the four panels
+/// a one-row pass reads at once are one stream, which the hardware prefetcher follows further
+/// than four streams that restart every few kilobytes (what bounds one core's decoding of a
+/// bf16 model). f32 lines (a whole cache line per feature and panel) stay one panel to a tile,
+/// where four streams drew more than one on two cores. Figures: docs/results/cpu-tiles-2026-11-28.md.
+pub const TILE: usize = 4;
+
+/// What a kernel needs of a [`Panels`] besides its units: `k` features, `count` panels in
+/// tiles of `tile`.
+#[derive(Clone, Copy)]
+struct Shape {
+    k: usize,
+    count: usize,
+    tile: usize,
+}
+
+/// Where a kernel's panels lie: `k` features (a row of `x`), `next` bytes from one panel's
+/// first unit to the next panel's, `stride` bytes from a unit of a panel to its next unit.
+#[derive(Clone, Copy)]
+struct Span {
+    k: usize,
+    next: usize,
+    stride: usize,
+}
+
+/// The panels from `p` (before `p1`) that a kernel reads together, at most four and never
+/// past `p`'s tile: the index of the first's first unit, how many, and their [`Span`].
+fn span(
+    p: usize,
+    p1: usize,
+    shape: Shape,
+    (features, unit): (usize, usize),
+) -> (usize, usize, Span) {
+    let Shape { k, count, tile } = shape;
+    let per = k / features;
+    let (start, g) = tile_start(p, count, per, tile);
+    let (step, next) = if tile == 1 {
+        ((p1 - p).min(4), per * unit)
+    } else {
+        (p1.min(p - p % tile + g) - p, unit)
+    };
+    (
+        start,
+        step,
+        Span {
+            k,
+            next,
+            stride: g * unit,
+        },
+    )
+}
 
 /// Most rows whose accumulators stay in registers together (6 rows x 2 vectors + 2 weight
 /// vectors + 1 broadcast = 15 of the 16 AVX2 registers).
@@ -131,49 +185,60 @@ impl std::str::FromStr for Quantization {
 }
 
 /// A weight matrix with `k` input features and `n` outputs, in panels of [`NR`] output
-/// columns: line `p * k + i` holds feature `i`'s weights for outputs `p * NR..`, zero past
-/// `n` in the last panel.
+/// columns, zero past `n` in the last panel, tiles of panels ([`TILE`]; one for f32 lines):
+/// feature `i`'s line of panel `p` is line `start(p) + i * g` (`g` panels in
+/// `p`'s tile; blocks of [`QK`] features likewise, block `b` at `start(p) + b * g`).
 pub struct Panels {
     lines: Lines,
+    /// Panels per tile: [`TILE`] for quantized blocks, and for bfloat16 lines read by the
+    /// AVX-512 kernel (which reads a tile's four panels at once); 1 otherwise (f32 lines, and
+    /// bfloat16 for the AVX2 kernel, which reads one or two panels at a time).
+    tile: usize,
     k: usize,
     n: usize,
 }
 
 impl Panels {
-    fn build(k: usize, n: usize, bf16: bool, weight: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+    /// Panels of `weight(feature, output)`, in bfloat16 lines when `bf16`, `tile` panels to a
+    /// tile (`None`: as [`the `tile` field says for the chosen kernel).
+    fn build(
+        k: usize,
+        n: usize,
+        bf16: bool,
+        tile: Option<usize>,
+        weight: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Self {
         let count = n.div_ceil(NR);
-        // Panel `p`'s `k` lines, its columns past `n` left zero.
-        let fill = |p: usize, set: &mut dyn FnMut(usize, usize, f32)| {
-            for i in 0..k {
-                for j in 0..NR.min(n - p * NR) {
-                    set(i, j, weight(i, p * NR + j));
-                }
-            }
+        // Feature `i`'s weights for panel `p`'s columns, zero past `n`.
+        let line = |p: usize, i: usize| -> [f32; NR] {
+            std::array::from_fn(|j| {
+                let c = p * NR + j;
+                if c < n { weight(i, c) } else { 0.0 }
+            })
         };
-        let lines = if bf16 {
-            let mut lines = vec![HalfLine([0; NR]); count * k];
-            by_panels(&mut lines, k, |p, panel| {
-                fill(p, &mut |i, j, v| panel[i].0[j] = (v.to_bits() >> 16) as u16)
+        let (lines, tile) = if bf16 {
+            let tiled_here = Kernel::chosen() == Kernel::Avx512;
+            let tile = tile.unwrap_or(if tiled_here { TILE } else { 1 });
+            let lines = tiled(count, k, tile, HalfLine([0; NR]), |p, i| {
+                HalfLine(line(p, i).map(|v| (v.to_bits() >> 16) as u16))
             });
-            Lines::Bf16(lines)
+            (Lines::Bf16(lines), tile)
         } else {
-            let mut lines = vec![Line([0.0; NR]); count * k];
-            by_panels(&mut lines, k, |p, panel| {
-                fill(p, &mut |i, j, v| panel[i].0[j] = v)
-            });
-            Lines::F32(lines)
+            let tile = tile.unwrap_or(1);
+            let lines = tiled(count, k, tile, Line([0.0; NR]), |p, i| Line(line(p, i)));
+            (Lines::F32(lines), tile)
         };
-        Self { lines, k, n }
+        Self { lines, tile, k, n }
     }
 
     /// From `w` `[k, n]` (Burn's `Linear` layout).
     pub fn from_in_out(w: &[f32], k: usize, n: usize) -> Self {
-        Self::build(k, n, exact_in_bf16(w), |i, c| w[i * n + c])
+        Self::build(k, n, exact_in_bf16(w), None, |i, c| w[i * n + c])
     }
 
     /// From `w` `[n, k]` (an embedding read as a tied head).
     pub fn from_out_in(w: &[f32], k: usize, n: usize) -> Self {
-        Self::build(k, n, exact_in_bf16(w), |i, c| w[c * k + i])
+        Self::build(k, n, exact_in_bf16(w), None, |i, c| w[c * k + i])
     }
 
     /// From `w` `[k, n]` (`layout` `InOut`, Burn's `Linear` layout) or `[n, k]` (`OutIn`, an
@@ -230,7 +295,12 @@ impl Panels {
                 Lines::Q4(quantized_blocks(w, (k, n), out_in, empty, set), format)
             }
         };
-        Some(Self { lines, k, n })
+        Some(Self {
+            lines,
+            tile: TILE,
+            k,
+            n,
+        })
     }
 
     /// Whether the lines hold bfloat16 values.
@@ -247,17 +317,25 @@ impl Panels {
         }
     }
 
+    /// Index of unit `u` (a line, or a block of [`QK`] features) of panel `p`, for `per`
+    /// units per panel.
+    fn unit(&self, p: usize, u: usize, per: usize) -> usize {
+        let (start, g) = tile_start(p, self.count(), per, self.tile);
+        start + u * g
+    }
+
     /// Weight of feature `i` for output `p * NR + j`.
     fn weight(&self, p: usize, i: usize, j: usize) -> f32 {
+        let k = self.k;
         match &self.lines {
-            Lines::F32(lines) => lines[p * self.k + i].0[j],
-            Lines::Bf16(lines) => f32::from_bits(u32::from(lines[p * self.k + i].0[j]) << 16),
+            Lines::F32(lines) => lines[self.unit(p, i, k)].0[j],
+            Lines::Bf16(lines) => f32::from_bits(u32::from(lines[self.unit(p, i, k)].0[j]) << 16),
             Lines::Q8(blocks) => {
-                let block = &blocks[p * (self.k / QK) + i / QK];
+                let block = &blocks[self.unit(p, i / QK, k / QK)];
                 block.scale[j] * f32::from(block.q[i % QK][j])
             }
             Lines::Q4(blocks, _) => {
-                let block = &blocks[p * (self.k / QK) + i / QK];
+                let block = &blocks[self.unit(p, i / QK, k / QK)];
                 let byte = block.q[i % QK / 2][j];
                 let q = if i.is_multiple_of(2) {
                     byte & 0x0f
@@ -276,7 +354,7 @@ impl Panels {
 
 /// The quantized blocks of `w` (`[k, n]`, or `[n, k]` when `out_in`): every panel's `k / QK`
 /// blocks, column `j` of each set by `set(block, j, its 32 weights)`.
-fn quantized_blocks<B: Copy + Send>(
+fn quantized_blocks<B: Copy + Send + Sync>(
     w: &[f32],
     (k, n): (usize, usize),
     out_in: bool,
@@ -284,43 +362,63 @@ fn quantized_blocks<B: Copy + Send>(
     set: impl Fn(&mut B, usize, &[f32; QK]) + Sync,
 ) -> Vec<B> {
     let at = |i: usize, c: usize| if out_in { w[c * k + i] } else { w[i * n + c] };
-    let mut blocks = vec![empty; n.div_ceil(NR) * (k / QK)];
-    by_panels(&mut blocks, k / QK, |p, panel| {
-        for (b, block) in panel.iter_mut().enumerate() {
-            for j in 0..NR.min(n - p * NR) {
-                set(
-                    block,
-                    j,
-                    &std::array::from_fn(|i| at(b * QK + i, p * NR + j)),
-                );
-            }
+    tiled(n.div_ceil(NR), k / QK, TILE, empty, |p, b| {
+        let mut block = empty;
+        for j in 0..NR.min(n - p * NR) {
+            set(
+                &mut block,
+                j,
+                &std::array::from_fn(|i| at(b * QK + i, p * NR + j)),
+            );
         }
-    });
-    blocks
+        block
+    })
 }
 
-/// Calls `fill(p, lines of panel p)` for every panel, the panels split over one thread per
+/// Where panel `p` of `count` (`per` units each, tiles of `tile`) starts, as a unit index,
+/// and how many panels its tile holds (the stride between its units).
+fn tile_start(p: usize, count: usize, per: usize, tile: usize) -> (usize, usize) {
+    let first = p - p % tile;
+    (first * per + p % tile, tile.min(count - first))
+}
+
+/// The `per` units of each of `count` panels, `unit(p, u)`, laid out in tiles of `size`
+/// panels (unit `u` of a tile's panels side by side), the tiles split over one thread per
 /// core: a model's weights are packed when it is loaded for decoding, before the first token.
-fn by_panels<L: Send>(lines: &mut [L], k: usize, fill: impl Fn(usize, &mut [L]) + Sync) {
-    let count = lines.len().checked_div(k).unwrap_or(0);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = count.div_ceil(threads.min(count).max(1)).max(1);
-    if k == 0 || threads == 1 || count < 2 {
-        for (p, panel) in lines.chunks_mut(k.max(1)).enumerate() {
-            fill(p, panel);
+fn tiled<L: Copy + Send>(
+    count: usize,
+    per: usize,
+    size: usize,
+    empty: L,
+    unit: impl Fn(usize, usize) -> L + Sync,
+) -> Vec<L> {
+    let mut units = vec![empty; count * per];
+    let fill = |t: usize, tile: &mut [L]| {
+        let g = size.min(count - t * size);
+        for (e, slot) in tile.iter_mut().enumerate() {
+            *slot = unit(t * size + e % g, e / g);
         }
-        return;
+    };
+    let tiles = count.div_ceil(size);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let each = tiles.div_ceil(threads.min(tiles).max(1)).max(1);
+    if per == 0 || threads == 1 || tiles < 2 {
+        for (t, tile) in units.chunks_mut((size * per).max(1)).enumerate() {
+            fill(t, tile);
+        }
+        return units;
     }
     std::thread::scope(|s| {
-        for (t, part) in lines.chunks_mut(per * k).enumerate() {
+        for (part, tiles) in units.chunks_mut(each * size * per).enumerate() {
             let fill = &fill;
             s.spawn(move || {
-                for (q, panel) in part.chunks_mut(k).enumerate() {
-                    fill(t * per + q, panel);
+                for (q, tile) in tiles.chunks_mut(size * per).enumerate() {
+                    fill(part * each + q, tile);
                 }
             });
         }
     });
+    units
 }
 
 /// ggml's `quantize_row_q8_0_ref` for one block: the scale `amax / 127` rounded to f16 (and
@@ -388,7 +486,16 @@ pub fn x_panels(x: &[f32], w: &Panels, out: &mut [f32], rows: usize, cols: usize
     let parts = pool.threads().min(count);
     if parts > 1 && rows * w.k * cols >= parallel_work() {
         // Panels in `parts` contiguous ranges, as even as possible.
-        let bound = |t: usize| t * count / parts;
+        // Whole tiles to each thread where the format tiles its panels (two threads reading
+        // alternate units of one tile pull each other's cache lines).
+        let tile = w.tile;
+        let bound = |t: usize| {
+            if t == parts {
+                count
+            } else {
+                (t * count / parts + tile / 2) / tile * tile
+            }
+        };
         pool.run(parts, &|t| run(bound(t), bound(t + 1)));
     } else {
         run(0, count);
@@ -481,19 +588,23 @@ pub fn x_panels_with(
 #[cfg(target_arch = "x86_64")]
 macro_rules! run_by_format {
     ($x:expr, $w:expr, $out:expr, $rows:expr, $cols:expr, $p0:expr, $p1:expr) => {{
-        let k = $w.k;
+        let shape = super::Shape {
+            k: $w.k,
+            count: $w.count(),
+            tile: $w.tile,
+        };
         match &$w.lines {
             super::Lines::F32(l) => {
-                run::<F32>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+                run::<F32>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
             }
             super::Lines::Bf16(l) => {
-                run::<Bf16>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+                run::<Bf16>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
             }
             super::Lines::Q8(l) => {
-                run::<Q8>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+                run::<Q8>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
             }
             super::Lines::Q4(l, _) => {
-                run::<Q4>($x, l.as_ptr().cast(), k, $out, $rows, $cols, $p0, $p1)
+                run::<Q4>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
             }
         }
     }};
@@ -553,31 +664,39 @@ pub mod portable {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, Panels};
+    use super::{MR, NR, Panels, Span};
 
-    /// Bytes ahead of the line in use that the kernel asks the cache to fetch (32 f32
-    /// lines): the hardware prefetcher alone falls behind when several rows share each line.
-    const PREFETCH: usize = 2048;
+    /// Bytes ahead of the line in use that the kernel asks the cache to fetch, in a panel of
+    /// f32 lines (32 lines: the hardware prefetcher alone falls behind when several rows
+    /// share each line) and in a tile of quantized blocks.
+    const PREFETCH_LINES: usize = 2048;
+    const PREFETCH_BLOCKS: usize = 4096;
 
     /// How a kernel reads one feature's 16 weights of a panel as two f32 vectors.
     trait Load {
-        /// Bytes per feature of a panel (a panel spans `k * BYTES`).
-        const BYTES: usize;
+        /// Features per unit of the layout (a line: 1; a block: [`super::QK`]).
+        const FEATURES: usize;
+        /// Bytes per unit.
+        const UNIT: usize;
+        /// Feature `i` of the panel whose first unit is at `panel`, each unit `stride` bytes
+        /// after the one before.
+        ///
         /// # Safety
         /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
         /// AVX2.
-        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2];
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2];
     }
 
     /// [`super::Line`]: 16 f32.
     struct F32;
     impl Load for F32 {
-        const BYTES: usize = 64;
+        const FEATURES: usize = 1;
+        const UNIT: usize = 64;
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
             // SAFETY: as promised by the caller.
             unsafe {
-                let line = panel.add(i * Self::BYTES) as *const f32;
+                let line = panel.add(i * stride) as *const f32;
                 [_mm256_load_ps(line), _mm256_load_ps(line.add(8))]
             }
         }
@@ -586,12 +705,13 @@ mod avx2 {
     /// [`super::HalfLine`]: 16 bfloat16, widened exactly (shifted into the upper half).
     struct Bf16;
     impl Load for Bf16 {
-        const BYTES: usize = 32;
+        const FEATURES: usize = 1;
+        const UNIT: usize = 32;
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
             // SAFETY: as promised by the caller.
             unsafe {
-                let line = panel.add(i * Self::BYTES) as *const __m128i;
+                let line = panel.add(i * stride) as *const __m128i;
                 let widen = |h: __m128i| {
                     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
                 };
@@ -606,12 +726,13 @@ mod avx2 {
     /// [`super::Q4Block`]s: 16 nibbles, `fma(q, d, m)` per column.
     struct Q4;
     impl Load for Q4 {
-        const BYTES: usize = std::mem::size_of::<super::Q4Block>() / super::QK;
+        const FEATURES: usize = super::QK;
+        const UNIT: usize = std::mem::size_of::<super::Q4Block>();
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
             // SAFETY: as promised by the caller.
             unsafe {
-                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q4Block>());
+                let block = panel.add(i / super::QK * stride);
                 let (d, m) = (block as *const f32, block.add(64) as *const f32);
                 let bytes =
                     _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
@@ -633,12 +754,13 @@ mod avx2 {
     /// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
     struct Q8;
     impl Load for Q8 {
-        const BYTES: usize = std::mem::size_of::<super::Q8Block>() / super::QK;
+        const FEATURES: usize = super::QK;
+        const UNIT: usize = std::mem::size_of::<super::Q8Block>();
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> [__m256; 2] {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
             // SAFETY: as promised by the caller.
             unsafe {
-                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q8Block>());
+                let block = panel.add(i / super::QK * stride);
                 let scale = block as *const f32;
                 let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
                 let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
@@ -684,33 +806,35 @@ mod avx2 {
     unsafe fn run<W: Load>(
         x: &[f32],
         lines: *const u8,
-        k: usize,
+        shape: super::Shape,
         out: *mut f32,
         rows: usize,
         cols: usize,
         p0: usize,
         p1: usize,
     ) {
-        let groups = rows.div_ceil(MR);
+        let (k, groups) = (shape.k, rows.div_ceil(MR));
         // SAFETY: every offset stays within the shapes promised by the caller.
         unsafe {
+            let layout = (W::FEATURES, W::UNIT);
             let mut p = p0;
             while p < p1 {
-                let two = p + 2 <= p1;
-                let a = lines.add(p * k * W::BYTES);
+                let (start, step, kt) = super::span(p, p1, shape, layout);
+                let two = step >= 2;
+                let a = lines.add(start * W::UNIT);
                 let mut r = 0;
                 for g in 0..groups {
                     let size = rows / groups + usize::from(g < rows % groups);
                     let (xr, or) = (x.as_ptr().add(r * k), out.add(r * cols));
                     match (size, two) {
-                        (1, true) => block::<W, 1, 2>(xr, a, or, k, cols, p),
-                        (2, true) => block::<W, 2, 2>(xr, a, or, k, cols, p),
-                        (1, false) => block::<W, 1, 1>(xr, a, or, k, cols, p),
-                        (2, false) => block::<W, 2, 1>(xr, a, or, k, cols, p),
-                        (3, _) => each::<W, 3>(xr, a, or, k, cols, p, two),
-                        (4, _) => each::<W, 4>(xr, a, or, k, cols, p, two),
-                        (5, _) => each::<W, 5>(xr, a, or, k, cols, p, two),
-                        _ => each::<W, MR>(xr, a, or, k, cols, p, two),
+                        (1, true) => block::<W, 1, 2>(xr, a, or, kt, cols, p),
+                        (2, true) => block::<W, 2, 2>(xr, a, or, kt, cols, p),
+                        (1, false) => block::<W, 1, 1>(xr, a, or, kt, cols, p),
+                        (2, false) => block::<W, 2, 1>(xr, a, or, kt, cols, p),
+                        (3, _) => each::<W, 3>(xr, a, or, kt, cols, p, two),
+                        (4, _) => each::<W, 4>(xr, a, or, kt, cols, p, two),
+                        (5, _) => each::<W, 5>(xr, a, or, kt, cols, p, two),
+                        _ => each::<W, MR>(xr, a, or, kt, cols, p, two),
                     }
                     r += size;
                 }
@@ -729,32 +853,33 @@ mod avx2 {
         x: *const f32,
         a: *const u8,
         out: *mut f32,
-        k: usize,
+        kt: Span,
         cols: usize,
         p: usize,
         two: bool,
     ) {
         // SAFETY: as promised by the caller.
         unsafe {
-            block::<W, G, 1>(x, a, out, k, cols, p);
+            block::<W, G, 1>(x, a, out, kt, cols, p);
             if two {
-                block::<W, G, 1>(x, a.add(k * W::BYTES), out, k, cols, p + 1);
+                block::<W, G, 1>(x, a.add(kt.next), out, kt, cols, p + 1);
             }
         }
     }
 
-    /// `G` rows against the `P` panels from `p` (their lines from `a`): `2 G P` chains.
+    /// `G` rows against the `P` panels from `p` (the first's units from `a`, laid out as
+    /// `span` says): `2 G P` chains.
     ///
     /// # Safety
-    /// `x` holds `G` rows of `k`, `a` `P * k` lines, `out` `G` rows of `cols` with
-    /// `p * NR < cols`.
+    /// `x` holds `G` rows of `k`, `a` starts the units of `P` panels as `span` lays them out,
+    /// `out` `G` rows of `cols` with `p * NR < cols`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn block<W: Load, const G: usize, const P: usize>(
         x: *const f32,
         a: *const u8,
         out: *mut f32,
-        k: usize,
+        Span { k, next, stride }: Span,
         cols: usize,
         p: usize,
     ) {
@@ -762,14 +887,18 @@ mod avx2 {
         unsafe {
             let mut acc = [[[_mm256_setzero_ps(); 2]; P]; G];
             for i in 0..k {
-                let mut w = [[_mm256_setzero_ps(); 2]; P];
-                for (j, wj) in w.iter_mut().enumerate() {
-                    let panel = a.add(j * k * W::BYTES);
-                    // A hint only: past the end of the lines it reads nothing.
-                    let ahead = panel.wrapping_add(i * W::BYTES + PREFETCH);
+                // Hints as in the AVX-512 kernel.
+                if stride == W::UNIT {
+                    for j in 0..P {
+                        let ahead = a.wrapping_add(j * next + i * stride + PREFETCH_LINES);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                } else if W::FEATURES > 1 {
+                    let ahead = a.wrapping_add(i * stride / W::FEATURES + PREFETCH_BLOCKS);
                     _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    *wj = W::load(panel, i);
                 }
+                let w: [[__m256; 2]; P] =
+                    std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
                 for (g, accg) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*x.add(g * k + i));
                     for (accj, wj) in accg.iter_mut().zip(&w) {
@@ -819,10 +948,12 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{NR, Panels};
+    use super::{NR, Panels, Span};
 
-    /// Bytes ahead of the line in use that the kernel asks the cache to fetch.
-    const PREFETCH: usize = 2048;
+    /// Bytes ahead of the line in use that the kernel asks the cache to fetch, in a panel of
+    /// f32 lines (32 lines) and in a tile of quantized blocks.
+    const PREFETCH_LINES: usize = 2048;
+    const PREFETCH_BLOCKS: usize = 4096;
 
     /// Most rows whose accumulators share a pass over the panels: 8 rows x 2 panels = 16 of
     /// the 32 registers, with room for the weights and a broadcast.
@@ -830,33 +961,40 @@ mod avx512 {
 
     /// How a kernel reads one feature's 16 weights of a panel as one f32 vector.
     trait Load {
-        /// Bytes per feature of a panel (a panel spans `k * BYTES`).
-        const BYTES: usize;
+        /// Features per unit of the layout (a line: 1; a block: [`super::QK`]).
+        const FEATURES: usize;
+        /// Bytes per unit.
+        const UNIT: usize;
+        /// Feature `i` of the panel whose first unit is at `panel`, each unit `stride` bytes
+        /// after the one before.
+        ///
         /// # Safety
         /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
         /// AVX-512F.
-        unsafe fn load(panel: *const u8, i: usize) -> __m512;
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512;
     }
 
     struct F32;
     impl Load for F32 {
-        const BYTES: usize = 64;
+        const FEATURES: usize = 1;
+        const UNIT: usize = 64;
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
             // SAFETY: as promised by the caller.
-            unsafe { _mm512_load_ps(panel.add(i * Self::BYTES) as *const f32) }
+            unsafe { _mm512_load_ps(panel.add(i * stride) as *const f32) }
         }
     }
 
     /// bfloat16 widened exactly: zero-extended to 32 bits, shifted into the upper half.
     struct Bf16;
     impl Load for Bf16 {
-        const BYTES: usize = 32;
+        const FEATURES: usize = 1;
+        const UNIT: usize = 32;
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
             // SAFETY: as promised by the caller.
             unsafe {
-                let h = _mm256_load_si256(panel.add(i * Self::BYTES) as *const __m256i);
+                let h = _mm256_load_si256(panel.add(i * stride) as *const __m256i);
                 _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
             }
         }
@@ -865,12 +1003,13 @@ mod avx512 {
     /// [`super::Q4Block`]s: 16 nibbles, `fma(q, d, m)` per column.
     struct Q4;
     impl Load for Q4 {
-        const BYTES: usize = std::mem::size_of::<super::Q4Block>() / super::QK;
+        const FEATURES: usize = super::QK;
+        const UNIT: usize = std::mem::size_of::<super::Q4Block>();
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
             // SAFETY: as promised by the caller.
             unsafe {
-                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q4Block>());
+                let block = panel.add(i / super::QK * stride);
                 let bytes =
                     _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
                 let q = _mm512_cvtepu8_epi32(bytes);
@@ -889,12 +1028,13 @@ mod avx512 {
     /// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
     struct Q8;
     impl Load for Q8 {
-        const BYTES: usize = std::mem::size_of::<super::Q8Block>() / super::QK;
+        const FEATURES: usize = super::QK;
+        const UNIT: usize = std::mem::size_of::<super::Q8Block>();
         #[inline(always)]
-        unsafe fn load(panel: *const u8, i: usize) -> __m512 {
+        unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
             // SAFETY: as promised by the caller.
             unsafe {
-                let block = panel.add(i / super::QK * std::mem::size_of::<super::Q8Block>());
+                let block = panel.add(i / super::QK * stride);
                 let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
                 let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
                 _mm512_mul_ps(q, _mm512_load_ps(block as *const f32))
@@ -931,33 +1071,40 @@ mod avx512 {
     unsafe fn run<W: Load>(
         x: &[f32],
         lines: *const u8,
-        k: usize,
+        shape: super::Shape,
         out: *mut f32,
         rows: usize,
         cols: usize,
         p0: usize,
         p1: usize,
     ) {
-        let groups = rows.div_ceil(MR);
+        // A tile's panels are read all four at once (two passes over half a tile each were
+        // slower than two row groups each reading it whole): groups of up to six rows, 24
+        // accumulators. Panels of f32 lines, each its own stream, go in pairs for groups of
+        // three or more rows, up to eight rows (16 accumulators).
+        let (k, tiled) = (shape.k, shape.tile > 1);
+        let mr = if tiled { 6 } else { MR };
+        let groups = rows.div_ceil(mr);
         // SAFETY: every offset stays within the shapes promised by the caller.
         unsafe {
+            let layout = (W::FEATURES, W::UNIT);
             let mut p = p0;
             while p < p1 {
-                let step = (p1 - p).min(4);
+                let (start, step, span) = super::span(p, p1, shape, layout);
                 let mut r = 0;
                 for g in 0..groups {
                     let size = rows / groups + usize::from(g < rows % groups);
                     let (xr, or) = (x.as_ptr().add(r * k), out.add(r * cols));
-                    let wide = if size <= 2 { 4 } else { 2 };
                     let mut q = 0;
                     while q < step {
+                        let wide = if !tiled && size > 2 { 2 } else { 4 };
                         let take = match (step - q).min(wide) {
                             4 => 4,
                             2 | 3 => 2,
                             _ => 1,
                         };
-                        let a = lines.add((p + q) * k * W::BYTES);
-                        group::<W>(size, take, xr, a, or, k, cols, p + q);
+                        let a = lines.add(start * W::UNIT + q * span.next);
+                        group::<W>(size, take, xr, a, or, span, cols, p + q);
                         q += take;
                     }
                     r += size;
@@ -980,7 +1127,7 @@ mod avx512 {
         x: *const f32,
         a: *const u8,
         out: *mut f32,
-        k: usize,
+        span: Span,
         cols: usize,
         p: usize,
     ) {
@@ -988,9 +1135,9 @@ mod avx512 {
             ($($g:literal),*) => {
                 match (size, panels) {
                     $(
-                        ($g, 4) => block::<W, $g, 4>(x, a, out, k, cols, p),
-                        ($g, 2) => block::<W, $g, 2>(x, a, out, k, cols, p),
-                        ($g, _) => block::<W, $g, 1>(x, a, out, k, cols, p),
+                        ($g, 4) => block::<W, $g, 4>(x, a, out, span, cols, p),
+                        ($g, 2) => block::<W, $g, 2>(x, a, out, span, cols, p),
+                        ($g, _) => block::<W, $g, 1>(x, a, out, span, cols, p),
                     )*
                     _ => unreachable!("groups have 1..={MR} rows"),
                 }
@@ -1004,15 +1151,15 @@ mod avx512 {
     /// lanes.
     ///
     /// # Safety
-    /// `x` holds `G` rows of `k`, `a` `P * k` lines, `out` `G` rows of `cols` with
-    /// `p * NR < cols`.
+    /// `x` holds `G` rows of `k`, `a` starts the units of `P` panels as `span` lays them out,
+    /// `out` `G` rows of `cols` with `p * NR < cols`.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn block<W: Load, const G: usize, const P: usize>(
         x: *const f32,
         a: *const u8,
         out: *mut f32,
-        k: usize,
+        Span { k, next, stride }: Span,
         cols: usize,
         p: usize,
     ) {
@@ -1020,14 +1167,19 @@ mod avx512 {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); P]; G];
             for i in 0..k {
-                let mut w = [_mm512_setzero_ps(); P];
-                for (j, wj) in w.iter_mut().enumerate() {
-                    let panel = a.add(j * k * W::BYTES);
-                    // A hint only: past the end of the lines it reads nothing.
-                    let ahead = panel.wrapping_add(i * W::BYTES + PREFETCH);
+                // Hints only (past the end of the lines they read nothing): f32 panels stream
+                // side by side, a hint ahead in each; a tile of quantized blocks is one stream
+                // that its unpacking reads too slowly for the hardware prefetcher to run ahead.
+                if stride == W::UNIT {
+                    for j in 0..P {
+                        let ahead = a.wrapping_add(j * next + i * stride + PREFETCH_LINES);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                } else if W::FEATURES > 1 {
+                    let ahead = a.wrapping_add(i * stride / W::FEATURES + PREFETCH_BLOCKS);
                     _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    *wj = W::load(panel, i);
                 }
+                let w: [__m512; P] = std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
                 for (g, accg) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*x.add(g * k + i));
                     for (accj, wj) in accg.iter_mut().zip(&w) {
@@ -1038,15 +1190,8 @@ mod avx512 {
             for (g, accg) in acc.iter().enumerate() {
                 for (j, accj) in accg.iter().enumerate() {
                     let c = (p + j) * NR;
-                    if c < cols {
-                        let o = out.add(g * cols + c);
-                        if c + NR <= cols {
-                            _mm512_storeu_ps(o, *accj);
-                        } else {
-                            let mask = ((1u32 << (cols - c)) - 1) as __mmask16;
-                            _mm512_mask_storeu_ps(o, mask, *accj);
-                        }
-                    }
+                    let mask = ((1u32 << (cols - c).min(NR)) - 1) as __mmask16;
+                    _mm512_mask_storeu_ps(out.add(g * cols + c), mask, *accj);
                 }
             }
         }
@@ -1084,6 +1229,58 @@ mod tests {
         let mut out = vec![f32::NAN; rows * cols];
         x_panels_with(kernel, x, w, &mut out, rows, cols);
         out
+    }
+
+    /// Every kernel over any range of panels (as a thread's share of a product: starting or
+    /// ending inside a tile) reproduces the scalar chains, for every layout: f32 and bfloat16
+    /// lines one panel to a tile or [`TILE`] (whichever the chosen kernel packs for), and
+    /// quantized blocks; tiles whole and partial (19 panels: four tiles and three panels).
+    #[test]
+    fn every_layout_and_range_of_panels_matches_the_scalar_order() {
+        let (k, n): (usize, usize) = (64, 300);
+        let count = n.div_ceil(NR);
+        let w = values(k * n, 5);
+        let w16: Vec<f32> = w
+            .iter()
+            .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
+            .collect();
+        let mut layouts = Vec::new();
+        for tile in [1, 2, TILE] {
+            layouts.push(Panels::build(k, n, false, Some(tile), |i, c| w[i * n + c]));
+            layouts.push(Panels::build(k, n, true, Some(tile), |i, c| w16[i * n + c]));
+        }
+        for format in [Quantization::Q8_0, Quantization::Q4_0] {
+            layouts.push(Panels::quantized(&w, k, n, false, format).unwrap());
+        }
+        for panels in &layouts {
+            let reference: Vec<f32> = (0..k * n)
+                .map(|e| panels.weight(e % n / NR, e / n, e % n % NR))
+                .collect();
+            for rows in [1, 2, 3, 7] {
+                let x = values(rows * k, 40 + rows as u64);
+                let want = portable::x_w(&x, &reference, rows, k, n);
+                for kernel in Kernel::available() {
+                    for (p0, p1) in [(0, count), (1, 3), (2, 7), (3, 4), (5, count), (17, 19)] {
+                        let mut out = vec![f32::NAN; rows * n];
+                        // SAFETY: the shapes fit and the kernel runs on this CPU.
+                        unsafe {
+                            (kernel.function())(&x, panels, out.as_mut_ptr(), rows, n, p0, p1)
+                        };
+                        for r in 0..rows {
+                            let cols = p0 * NR..(p1 * NR).min(n);
+                            assert_eq!(
+                                &out[r * n..][cols.clone()],
+                                &want[r * n..][cols],
+                                "{kernel:?} tile {} bf16 {} {:?} rows {rows} panels {p0}..{p1}",
+                                panels.tile,
+                                panels.is_bf16(),
+                                panels.quantization()
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The dispatched (SIMD, threaded) kernel and every kernel this CPU runs (scalar, AVX2,
