@@ -972,6 +972,22 @@ mod avx512 {
         /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
         /// AVX-512F.
         unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512;
+
+        /// Features `i` and `i + 1` (`i` even, inside one unit): for blocks, one read of their
+        /// bytes and scales.
+        ///
+        /// # Safety
+        /// As [`Load::load`], for features `i` and `i + 1`.
+        #[inline(always)]
+        unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                [
+                    Self::load(panel, i, stride),
+                    Self::load(panel, i + 1, stride),
+                ]
+            }
+        }
     }
 
     struct F32;
@@ -1023,6 +1039,25 @@ mod avx512 {
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
             }
         }
+
+        #[inline(always)]
+        unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
+            // SAFETY: as promised by the caller (`i` even: its byte holds both nibbles).
+            unsafe {
+                let block = panel.add(i / super::QK * stride);
+                let bytes =
+                    _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
+                let q = _mm512_cvtepu8_epi32(bytes);
+                let lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0f));
+                let hi = _mm512_srli_epi32::<4>(q);
+                let d = _mm512_load_ps(block as *const f32);
+                let m = _mm512_load_ps(block.add(64) as *const f32);
+                [
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
+                ]
+            }
+        }
     }
 
     /// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
@@ -1038,6 +1073,22 @@ mod avx512 {
                 let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
                 let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
                 _mm512_mul_ps(q, _mm512_load_ps(block as *const f32))
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
+            // SAFETY: as promised by the caller (features `i`, `i + 1`: 32 bytes in a row).
+            unsafe {
+                let block = panel.add(i / super::QK * stride);
+                let q = _mm256_load_si256(block.add(64 + i % super::QK * 16) as *const __m256i);
+                let scale = _mm512_load_ps(block as *const f32);
+                let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q));
+                let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q));
+                [
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(lo), scale),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(hi), scale),
+                ]
             }
         }
     }
@@ -1166,7 +1217,8 @@ mod avx512 {
         // SAFETY: as promised by the caller.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); P]; G];
-            for i in 0..k {
+            let mut i = 0;
+            while i < k {
                 // Hints only (past the end of the lines they read nothing): f32 panels stream
                 // side by side, a hint ahead in each; a tile of quantized blocks is one stream
                 // that its unpacking reads too slowly for the hardware prefetcher to run ahead.
@@ -1179,6 +1231,25 @@ mod avx512 {
                     let ahead = a.wrapping_add(i * stride / W::FEATURES + PREFETCH_BLOCKS);
                     _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                 }
+                if W::FEATURES > 1 && G <= 2 {
+                    // Blocks (`k` a multiple of 32) two features at a time: one read of each
+                    // pair's bytes and scales (more rows would spill the registers). The tile
+                    // stream moves up to 144 bytes a pair: a second hint a line further.
+                    let ahead = a.wrapping_add(i * stride / W::FEATURES + PREFETCH_BLOCKS + 64);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    let w: [[__m512; 2]; P] =
+                        std::array::from_fn(|j| W::pair(a.add(j * next), i, stride));
+                    for (g, accg) in acc.iter_mut().enumerate() {
+                        let x0 = _mm512_set1_ps(*x.add(g * k + i));
+                        let x1 = _mm512_set1_ps(*x.add(g * k + i + 1));
+                        for (accj, wj) in accg.iter_mut().zip(&w) {
+                            *accj = _mm512_fmadd_ps(x0, wj[0], *accj);
+                            *accj = _mm512_fmadd_ps(x1, wj[1], *accj);
+                        }
+                    }
+                    i += 2;
+                    continue;
+                }
                 let w: [__m512; P] = std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
                 for (g, accg) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*x.add(g * k + i));
@@ -1186,6 +1257,7 @@ mod avx512 {
                         *accj = _mm512_fmadd_ps(xv, *wj, *accj);
                     }
                 }
+                i += 1;
             }
             for (g, accg) in acc.iter().enumerate() {
                 for (j, accj) in accg.iter().enumerate() {
