@@ -200,7 +200,7 @@ pub struct Panels {
 
 impl Panels {
     /// Panels of `weight(feature, output)`, in bfloat16 lines when `bf16`, `tile` panels to a
-    /// tile (`None`: as [`the `tile` field says for the chosen kernel).
+    /// tile (`None`: the chosen kernel's layout, as the `tile` field says).
     fn build(
         k: usize,
         n: usize,
@@ -486,21 +486,23 @@ pub fn x_panels(x: &[f32], w: &Panels, out: &mut [f32], rows: usize, cols: usize
     let parts = pool.threads().min(count);
     if parts > 1 && rows * w.k * cols >= parallel_work() {
         // Panels in `parts` contiguous ranges, as even as possible.
-        // Whole tiles to each thread where the format tiles its panels (two threads reading
-        // alternate units of one tile pull each other's cache lines).
-        let tile = w.tile;
-        let bound = |t: usize| {
-            if t == parts {
-                count
-            } else {
-                (t * count / parts + tile / 2) / tile * tile
-            }
-        };
+        let bound = |t: usize| share_start(t, parts, count, w.tile);
         pool.run(parts, &|t| run(bound(t), bound(t + 1)));
     } else {
         run(0, count);
     }
     debug_assert!(w.count() >= count);
+}
+
+/// Where thread `t`'s share of `count` panels starts when `parts` threads split them as
+/// evenly as whole tiles of `tile` allow (two threads reading alternate units of one tile
+/// would pull each other's cache lines); `share_start(parts, ..)` is `count`.
+fn share_start(t: usize, parts: usize, count: usize, tile: usize) -> usize {
+    if t >= parts {
+        count
+    } else {
+        ((t * count / parts + tile / 2) / tile * tile).min(count)
+    }
 }
 
 /// The instruction sets the product kernels come in, all computing the same chains.
@@ -1301,6 +1303,35 @@ mod tests {
         let mut out = vec![f32::NAN; rows * cols];
         x_panels_with(kernel, x, w, &mut out, rows, cols);
         out
+    }
+
+    /// Threads' shares of the panels cover them once, in order, starting on tile boundaries
+    /// (as evenly as those allow), for any thread count: more threads than tiles included.
+    #[test]
+    fn thread_shares_cover_the_panels_in_whole_tiles() {
+        for tile in [1, TILE] {
+            for count in [1, 2, 3, 5, 9, 19, 36, 3072] {
+                for parts in 1..=count.min(16) {
+                    let starts: Vec<usize> = (0..=parts)
+                        .map(|t| share_start(t, parts, count, tile))
+                        .collect();
+                    assert_eq!((starts[0], starts[parts]), (0, count));
+                    for t in 0..parts {
+                        let (a, b) = (starts[t], starts[t + 1]);
+                        assert!(a <= b && b <= count, "{count} {parts} {tile}: {starts:?}");
+                        assert!(
+                            a % tile == 0 || a == count,
+                            "{count} {parts} {tile}: {starts:?}"
+                        );
+                        let even = count / parts;
+                        assert!(
+                            b - a <= even + 2 * tile,
+                            "{count} {parts} {tile}: {starts:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Every kernel over any range of panels (as a thread's share of a product: starting or
