@@ -505,6 +505,41 @@ fn share_start(t: usize, parts: usize, count: usize, tile: usize) -> usize {
     }
 }
 
+/// Bytes ahead of the line in use that a kernel asks the cache to fetch, in a panel of
+/// untiled lines (32 f32 lines: the hardware prefetcher alone falls behind when several rows
+/// share each line) and in a tile of quantized blocks.
+const PREFETCH_LINES: usize = 2048;
+const PREFETCH_BLOCKS: usize = 4096;
+
+/// The hints a SIMD kernel gives before it reads feature `i` of `panels` panels from `a`
+/// (`next` bytes apart, units `stride` bytes apart, `features` per unit of `unit` bytes).
+/// Untiled panels stream side by side, a hint ahead in each; a tile of quantized blocks is
+/// one stream that its unpacking reads too slowly for the hardware prefetcher to run ahead; a
+/// tile of bfloat16 lines gets none (the hardware prefetcher keeps up, and hints slowed it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(
+    a: *const u8,
+    i: usize,
+    panels: usize,
+    (next, stride): (usize, usize),
+    (features, unit): (usize, usize),
+) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    // SAFETY: hints only: past the end of the units they read nothing.
+    unsafe {
+        if stride == unit {
+            for j in 0..panels {
+                let ahead = a.wrapping_add(j * next + i * stride + PREFETCH_LINES);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            }
+        } else if features > 1 {
+            let ahead = a.wrapping_add(i * stride / features + PREFETCH_BLOCKS);
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+        }
+    }
+}
+
 /// The instruction sets the product kernels come in, all computing the same chains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -667,12 +702,6 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{MR, NR, Panels, Span};
-
-    /// Bytes ahead of the line in use that the kernel asks the cache to fetch, in a panel of
-    /// f32 lines (32 lines: the hardware prefetcher alone falls behind when several rows
-    /// share each line) and in a tile of quantized blocks.
-    const PREFETCH_LINES: usize = 2048;
-    const PREFETCH_BLOCKS: usize = 4096;
 
     /// How a kernel reads one feature's 16 weights of a panel as two f32 vectors.
     trait Load {
@@ -889,16 +918,7 @@ mod avx2 {
         unsafe {
             let mut acc = [[[_mm256_setzero_ps(); 2]; P]; G];
             for i in 0..k {
-                // Hints as in the AVX-512 kernel.
-                if stride == W::UNIT {
-                    for j in 0..P {
-                        let ahead = a.wrapping_add(j * next + i * stride + PREFETCH_LINES);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    }
-                } else if W::FEATURES > 1 {
-                    let ahead = a.wrapping_add(i * stride / W::FEATURES + PREFETCH_BLOCKS);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                }
+                super::prefetch(a, i, P, (next, stride), (W::FEATURES, W::UNIT));
                 let w: [[__m256; 2]; P] =
                     std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
                 for (g, accg) in acc.iter_mut().enumerate() {
@@ -951,11 +971,6 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{NR, Panels, Span};
-
-    /// Bytes ahead of the line in use that the kernel asks the cache to fetch, in a panel of
-    /// f32 lines (32 lines) and in a tile of quantized blocks.
-    const PREFETCH_LINES: usize = 2048;
-    const PREFETCH_BLOCKS: usize = 4096;
 
     /// Most rows whose accumulators share a pass over the panels: 8 rows x 2 panels = 16 of
     /// the 32 registers, with room for the weights and a broadcast.
@@ -1221,24 +1236,13 @@ mod avx512 {
             let mut acc = [[_mm512_setzero_ps(); P]; G];
             let mut i = 0;
             while i < k {
-                // Hints only (past the end of the lines they read nothing): f32 panels stream
-                // side by side, a hint ahead in each; a tile of quantized blocks is one stream
-                // that its unpacking reads too slowly for the hardware prefetcher to run ahead.
-                if stride == W::UNIT {
-                    for j in 0..P {
-                        let ahead = a.wrapping_add(j * next + i * stride + PREFETCH_LINES);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    }
-                } else if W::FEATURES > 1 {
-                    let ahead = a.wrapping_add(i * stride / W::FEATURES + PREFETCH_BLOCKS);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                }
+                super::prefetch(a, i, P, (next, stride), (W::FEATURES, W::UNIT));
                 if W::FEATURES > 1 && G <= 2 {
                     // Blocks (`k` a multiple of 32) two features at a time: one read of each
                     // pair's bytes and scales (more rows would spill the registers). The tile
                     // stream moves up to 144 bytes a pair: a second hint a line further.
-                    let ahead = a.wrapping_add(i * stride / W::FEATURES + PREFETCH_BLOCKS + 64);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    let ahead = i * stride / W::FEATURES + super::PREFETCH_BLOCKS + 64;
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(ahead) as *const i8);
                     let w: [[__m512; 2]; P] =
                         std::array::from_fn(|j| W::pair(a.add(j * next), i, stride));
                     for (g, accg) in acc.iter_mut().enumerate() {
