@@ -1360,9 +1360,7 @@ mod tests {
             layouts.push(Panels::quantized(&w, k, n, false, format).unwrap());
         }
         for panels in &layouts {
-            let reference: Vec<f32> = (0..k * n)
-                .map(|e| panels.weight(e % n / NR, e / n, e % n % NR))
-                .collect();
+            let reference = dequantized(panels);
             for rows in [1, 2, 3, 7] {
                 let x = values(rows * k, 40 + rows as u64);
                 let want = portable::x_w(&x, &reference, rows, k, n);
@@ -1515,7 +1513,8 @@ mod tests {
         }
     }
 
-    /// The dequantized weights of a quantized matrix.
+    /// The weights a matrix's panels hold (for a quantized matrix, its dequantized weights),
+    /// `[k, n]`.
     fn dequantized(w: &Panels) -> Vec<f32> {
         let (k, n) = (w.k, w.n);
         (0..k * n)
