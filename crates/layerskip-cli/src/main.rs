@@ -51,6 +51,12 @@ enum Command {
         #[arg(long, default_value = "cpu", value_delimiter = ',')]
         device: Vec<DeviceSpec>,
     },
+    /// Train the byte-level BPE tokenizer a from-scratch run would train, on a preset's data
+    /// (for `train --tokenizer`: runs that must see the same tokens share one).
+    Tokenizer {
+        #[command(flatten)]
+        args: train::TokenizerArgs,
+    },
     /// Per-exit-layer loss, perplexity and agreement with the full model on held-out text.
     Eval {
         #[command(flatten)]
@@ -149,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Infer { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Train { args, device } => backend::dispatch_many(&device, Precision::F32, args),
+        Command::Tokenizer { args } => train::tokenizer(args),
         Command::Eval { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Bench { args, device } => backend::dispatch(device.device, device.precision, args),
         Command::Sweep { args, device } => backend::dispatch(device.device, device.precision, args),

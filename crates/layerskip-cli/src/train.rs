@@ -34,6 +34,11 @@ pub struct TrainArgs {
     /// Data files or directories (replace the config's `data.paths`).
     #[arg(long)]
     pub data: Vec<PathBuf>,
+    /// From scratch, with this tokenizer (a tokenizer.json or a directory holding one, e.g.
+    /// from `layerskip tokenizer`) instead of one trained on the data: runs that must see the
+    /// same tokens (a baseline beside a LayerSkip run) share it.
+    #[arg(long, conflicts_with_all = ["model", "resume"])]
+    pub tokenizer: Option<PathBuf>,
     /// Output directory for checkpoints; a fresh run refuses one that holds an earlier run.
     #[arg(long, default_value = "runs/latest")]
     pub out: PathBuf,
@@ -174,6 +179,12 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
                 .display()
         );
     }
+    // A given tokenizer is checked before the data are read.
+    let mut given = args
+        .tokenizer
+        .as_deref()
+        .map(|path| given_tokenizer(path, &config))
+        .transpose()?;
     let corpus = read_corpus(&config.data.paths, &config.data.extensions)?;
     eprintln!(
         "{} documents from {}",
@@ -189,6 +200,7 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
         // Every tokenizer file of the source (its config holds the chat template) goes into
         // each checkpoint.
         Some(dir) => (Tokenizer::from_file(dir)?, read_tokenizer_files(dir)?),
+        None if let Some(given) = given.take() => given,
         None => {
             let shape = config
                 .model
@@ -273,6 +285,91 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
     let out = run_dir.as_ref().map(RunDir::path);
     run_loop(&mut trainer, out, &extra)?;
     trainer.barrier("finishing the run")?;
+    Ok(())
+}
+
+/// Tokenizer files (name, bytes) that every checkpoint of a run carries.
+type TokenizerFiles = Vec<(&'static str, Vec<u8>)>;
+
+/// The tokenizer of `--tokenizer` (a file or a directory holding tokenizer.json) and the files
+/// every checkpoint carries with it; an error if it has more tokens than the preset's model.
+fn given_tokenizer(
+    path: &Path,
+    config: &TrainConfig,
+) -> Result<(Tokenizer, TokenizerFiles)> {
+    let tokenizer =
+        Tokenizer::from_file(path).with_context(|| format!("--tokenizer {}", path.display()))?;
+    let files = if path.is_dir() {
+        read_tokenizer_files(path)?
+    } else {
+        vec![("tokenizer.json", std::fs::read(path)?)]
+    };
+    if let Some(shape) = &config.model
+        && tokenizer.vocab_size() > shape.vocab_size
+    {
+        bail!(
+            "--tokenizer {} has {} tokens, more than the preset's model.vocab_size {}",
+            path.display(),
+            tokenizer.vocab_size(),
+            shape.vocab_size
+        );
+    }
+    Ok((tokenizer, files))
+}
+
+/// `layerskip tokenizer`: the byte-level BPE a from-scratch run would train, on the preset's data.
+#[derive(Args, Debug)]
+pub struct TokenizerArgs {
+    /// Training preset (TOML): its `data` section and `model.vocab_size`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Data files or directories (replace the config's `data.paths`).
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    /// Directory to write tokenizer.json into (created; an existing tokenizer.json is refused).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Trains the tokenizer of [`TokenizerArgs`] on the preset's documents, as a from-scratch run
+/// does, and writes it atomically.
+pub fn tokenizer(args: TokenizerArgs) -> Result<()> {
+    let mut config = TrainConfig::from_file(&args.config)?;
+    if !args.data.is_empty() {
+        config.data.paths = args.data;
+    }
+    let shape = config
+        .model
+        .as_ref()
+        .context("the preset has no [model] section to take vocab_size from")?;
+    let target = args.out.join("tokenizer.json");
+    if target.exists() {
+        bail!(
+            "{} exists; give another --out (nothing was overwritten)",
+            target.display()
+        );
+    }
+    let corpus = read_corpus(&config.data.paths, &config.data.extensions)?;
+    eprintln!(
+        "{} documents from {}",
+        corpus.documents.len(),
+        corpus.describe_sources()
+    );
+    let tokenizer = train_bpe(&corpus.documents, shape.vocab_size)?;
+    let json = tokenizer
+        .inner()
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let tmp = args.out.join(".tokenizer.json.tmp");
+    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("writing {}", target.display()))?;
+    eprintln!(
+        "wrote {} ({} tokens)",
+        target.display(),
+        tokenizer.vocab_size()
+    );
     Ok(())
 }
 

@@ -455,6 +455,71 @@ e_scale = 1.0
     assert_one_error_line(code, &err, "different backends");
 }
 
+/// `layerskip tokenizer` trains the tokenizer a from-scratch run trains, and `train --tokenizer`
+/// trains with it (no tokenizer of its own) and ships it in the checkpoint; a tokenizer with more
+/// tokens than the preset's model, or a second tokenizer into the same place, is refused.
+#[test]
+fn a_shared_tokenizer_is_the_one_a_run_trains() {
+    let dir = tmp("tokenizer");
+    let preset = |vocab: usize| {
+        let path = dir.join(format!("tiny-{vocab}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "steps = 1\neval_every = 0\nsave_every = 0\n[model]\nvocab_size = {vocab}\n\
+                 num_layers = 1\nhidden_size = 16\nintermediate_size = 32\nnum_heads = 2\n\
+                 num_kv_heads = 1\nmax_position_embeddings = 64\n[data]\npaths = [\
+                 \"/usr/lib/python3.11/argparse.py\", \"/usr/lib/python3.11/ast.py\"]\n\
+                 seq_len = 32\n[optim]\nlr = 1e-3\nwarmup_steps = 1\nbatch_size = 2\n\
+                 [early_exit]\ne_scale = 1.0\n"
+            ),
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (small, large) = (preset(300), preset(400));
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (code, _, err) = layerskip(&["tokenizer", "--config", &large, "--out", &path("tok")]);
+    assert_eq!(code, 0, "{err}");
+    let shared = std::fs::read(dir.join("tok/tokenizer.json")).unwrap();
+    let (code, _, err) = layerskip(&["tokenizer", "--config", &large, "--out", &path("tok")]);
+    assert_one_error_line(code, &err, "exists");
+    assert_eq!(
+        std::fs::read(dir.join("tok/tokenizer.json")).unwrap(),
+        shared
+    );
+
+    let (code, _, err) = layerskip(&["train", "--config", &large, "--out", &path("own")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("training a 400-token"), "{err}");
+    let own = std::fs::read(dir.join("own/checkpoint-000001/tokenizer.json")).unwrap();
+    assert_eq!(own, shared, "the tokenizer a run trains");
+
+    let tok = path("tok");
+    let given = ["--tokenizer", &tok, "--out", &path("given")];
+    let (code, _, err) = layerskip(&[&["train", "--config", &large][..], &given].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("tokenizer on the data"), "{err}");
+    let got = std::fs::read(dir.join("given/checkpoint-000001/tokenizer.json")).unwrap();
+    assert_eq!(got, shared);
+
+    let args = [
+        "train",
+        "--config",
+        &small,
+        "--tokenizer",
+        &tok,
+        "--out",
+        &path("small"),
+    ];
+    let (code, _, err) = layerskip(&args);
+    assert_one_error_line(code, &err, "more than the preset's model.vocab_size 300");
+    let both = ["--model", &default_model()];
+    let (code, _, err) = layerskip(&[&args[..], &both].concat());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
 /// A reader that closes stdout early (`| head -c 5`) ends the program quietly (SIGPIPE, as other
 /// Unix tools), not with a "failed printing to stdout" panic.
 #[cfg(unix)]

@@ -10,6 +10,7 @@ use layerskip_model::Tokenizer;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::error::{Result, TrainError};
 
@@ -194,6 +195,15 @@ fn parse_jsonl_line(line: &str) -> std::result::Result<Document, String> {
     }
 }
 
+/// The order of `n` blocks in `epoch`: a permutation seeded by `seed + epoch`.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+        seed.wrapping_add(epoch as u64),
+    ));
+    order
+}
+
 /// Fixed-length training blocks: `seq_len + 1` tokens each, with a 0/1 loss mask per target.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Blocks {
@@ -224,15 +234,26 @@ impl Blocks {
         eos: u32,
         seq_len: usize,
     ) -> Result<Self> {
+        // Documents are encoded in parallel (a corpus of a few hundred MB takes minutes on one
+        // core) and concatenated in their order.
+        let encoded = docs
+            .par_iter()
+            .map(|doc| {
+                let prompt = doc
+                    .prompt
+                    .as_deref()
+                    .map(|p| tokenizer.encode(p))
+                    .transpose()?;
+                Ok((prompt, tokenizer.encode(&doc.text)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut stream: Vec<u32> = Vec::new();
         let mut loss: Vec<f32> = Vec::new();
-        for doc in docs {
-            if let Some(p) = &doc.prompt {
-                let ids = tokenizer.encode(p)?;
-                loss.extend(std::iter::repeat_n(0.0, ids.len()));
-                stream.extend(ids);
+        for (prompt, ids) in encoded {
+            if let Some(p) = prompt {
+                loss.extend(std::iter::repeat_n(0.0, p.len()));
+                stream.extend(p);
             }
-            let ids = tokenizer.encode(&doc.text)?;
             loss.extend(std::iter::repeat_n(1.0, ids.len() + 1));
             stream.extend(ids);
             stream.push(eos);
@@ -254,15 +275,16 @@ impl Blocks {
     /// Block indices of batch `batch` (0-based over the whole run): a seeded permutation per epoch.
     pub fn batch_indices(&self, seed: u64, batch: usize, batch_size: usize) -> Vec<usize> {
         let n = self.len();
+        // A batch spans one epoch, or two at a boundary: each epoch's order is drawn once.
+        let mut order: Option<(usize, Vec<usize>)> = None;
         (0..batch_size)
             .map(|i| {
                 let global = batch * batch_size + i;
                 let (epoch, pos) = (global / n, global % n);
-                let mut order: Vec<usize> = (0..n).collect();
-                order.shuffle(&mut ChaCha8Rng::seed_from_u64(
-                    seed.wrapping_add(epoch as u64),
-                ));
-                order[pos]
+                if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    order = Some((epoch, epoch_order(n, seed, epoch)));
+                }
+                order.as_ref().expect("drawn above").1[pos]
             })
             .collect()
     }
@@ -411,5 +433,19 @@ mod tests {
         first_epoch.sort();
         assert_eq!(first_epoch, vec![0, 1, 2, 3, 4]);
         assert_eq!(blocks.batch_indices(9, 3, 2), blocks.batch_indices(9, 3, 2));
+        // A batch across the epoch boundary (blocks 3, 4 of epoch 0 and 0 of epoch 1) holds what
+        // batches of one would: the order does not depend on the batch size.
+        let one_by_one: Vec<usize> = (3..6).flat_map(|b| blocks.batch_indices(9, b, 1)).collect();
+        assert_eq!(blocks.batch_indices(9, 1, 3), one_by_one);
+        // Two epochs differ in order (seed + epoch).
+        let second: Vec<usize> = (5..10)
+            .flat_map(|b| blocks.batch_indices(9, b, 1))
+            .collect();
+        assert_ne!(
+            second,
+            (0..5)
+                .flat_map(|b| blocks.batch_indices(9, b, 1))
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -184,8 +184,9 @@ pub fn loss_weights(
             cumulative += x;
             let f = match scale {
                 LossScale::Paper => {
+                    // (A one-layer model's only layer gets the weight 1, not L - 1 = 0.)
                     return if l == last {
-                        last as f64 + e_scale * tri(last - 1)
+                        (last as f64).max(1.0) + e_scale * tri(last.saturating_sub(1))
                     } else {
                         e_scale * tri(l)
                     };
@@ -321,6 +322,26 @@ mod tests {
         close(
             &loss_weights(LossScale::Inv, &[0, 2, 3], 4, 0.5),
             &[0.5 / t, 1.0 / 6.0 / t, 0.25 / t],
+            1e-12,
+        );
+    }
+
+    /// A one-layer model: its only layer carries the whole loss under every scale (the paper's
+    /// `(L - 1) + ...` would give it 0, and an all-zero loss trains nothing).
+    #[test]
+    fn a_one_layer_model_keeps_its_loss() {
+        for scale in [
+            LossScale::Paper,
+            LossScale::Uniform,
+            LossScale::Sum,
+            LossScale::Inv,
+        ] {
+            close(&loss_weights(scale, &[0], 1, 0.3), &[1.0], 1e-12);
+        }
+        // Two layers are unchanged by the guard: paper [0, 1 + 0] -> [0, 1].
+        close(
+            &loss_weights(LossScale::Paper, &[0, 1], 2, 0.3),
+            &[0.0, 1.0],
             1e-12,
         );
     }
