@@ -293,10 +293,7 @@ type TokenizerFiles = Vec<(&'static str, Vec<u8>)>;
 
 /// The tokenizer of `--tokenizer` (a file or a directory holding tokenizer.json) and the files
 /// every checkpoint carries with it; an error if it has more tokens than the preset's model.
-fn given_tokenizer(
-    path: &Path,
-    config: &TrainConfig,
-) -> Result<(Tokenizer, TokenizerFiles)> {
+fn given_tokenizer(path: &Path, config: &TrainConfig) -> Result<(Tokenizer, TokenizerFiles)> {
     let tokenizer =
         Tokenizer::from_file(path).with_context(|| format!("--tokenizer {}", path.display()))?;
     let files = if path.is_dir() {

@@ -657,3 +657,53 @@ fn a_recorded_recommendation_is_the_default_strategy() {
     let (code, _, err) = layerskip(&["infer", "--model", m, "--prompt", "x"]);
     assert_one_error_line(code, &err, "layerskip.json");
 }
+
+/// `scripts/humaneval_quality.py` (issue 19's plausibility measures): its measures agree with
+/// HumanEval's canonical solutions (all parse, none loops), and it reads the completions of
+/// this binary's `bench --json` (a change of that format fails here, not in a GPU session).
+#[test]
+fn the_humaneval_quality_script_reads_bench_completions() {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/humaneval_quality.py");
+    let run = |args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{text}\n{err}");
+        text
+    };
+    assert!(run(&["--self-test"]).contains("164 canonical solutions parse"));
+    let json = tmp("humaneval-quality").join("quality.json");
+    let model = default_model();
+    let args = [
+        "--layerskip",
+        env!("CARGO_BIN_EXE_layerskip"),
+        "--model",
+        &model,
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "24",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    run(&args);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["summary"]["samples"], 3);
+    let rows = v["completions"].as_array().unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["HumanEval/0", "HumanEval/1", "HumanEval/2"]);
+    for r in rows {
+        let (text, cut) = (
+            r["completion"].as_str().unwrap(),
+            r["cut"].as_str().unwrap(),
+        );
+        assert!(!text.is_empty() && text.starts_with(cut), "{r}");
+        assert!(cut.is_empty() || cut.ends_with('\n'), "{r}");
+    }
+}
