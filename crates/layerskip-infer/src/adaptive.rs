@@ -16,18 +16,25 @@
 //! verification's `d + 1` rows cost more than one. So the denominator here is a step time
 //! predicted by a [`CostModel`] fitted to the measured steps, `u (d E + L) + v d + k` (layer
 //! loads; per draft: its head and launches and what the verification's extra row costs; the
-//! step's own overhead): it starts at DEL's and learns the rest as steps are timed; every
-//! [`EXPLORE_EVERY`]th step tries one draft more or fewer than the best, so that it can.
+//! step's own overhead): it starts at DEL's and learns the rest as steps are timed. The first
+//! steps a [`Generator`](crate::Generator) takes this way follow a small design over exits and
+//! draft counts ([`CostModel::design`]), so that the fit tells the layers' cost from the drafts'
+//! and the step's; after it every [`EXPLORE_EVERY`]th step tries one draft more or fewer, or an
+//! exit one deeper or shallower, than the best, so that it keeps learning.
+//!
+//! A generator remembers ([`Memory`]) the fitted costs (a property of the machine and the model)
+//! and every exit's estimate across its generations; a new prompt's own rows refine the estimates
+//! rather than replace them.
 //!
 //! The estimates come from shadow tokens: the exit head's choice at a layer the step computes
 //! anyway, compared with the full model's token at the same position. At the prompt every exit
 //! is measured on its last rows (the prompt runs through the layers one at a time); at each
-//! step the drafts themselves measure `α_E`, and the verification pass, run in pieces that end
-//! at the probed exits (the same arithmetic), measures up to [`PROBES_PER_STEP`] deeper exits on the rows the
-//! verifier accepted (an autoregressive step measures its exit too). Each estimate is an
-//! exponential average of its observations. The tokens
-//! are those of fixed self-speculation with the chosen `(E, d)`: greedy output is
-//! the full model's.
+//! step the drafts themselves measure `α_E`, and on every [`PROBE_EVERY`]th step the
+//! verification pass, run in pieces that end at the probed exits (the same arithmetic),
+//! measures up to [`PROBES_PER_STEP`] deeper exits on the rows the verifier accepted (an
+//! autoregressive step measures its exit too). Each estimate is an exponential average of its
+//! observations. The tokens are those of fixed self-speculation with the chosen `(E, d)`:
+//! greedy output is the full model's.
 
 use std::time::Instant;
 
@@ -40,17 +47,25 @@ use crate::error::Result;
 use crate::options::StreamEvent;
 use crate::speculative::Step;
 
-/// Deeper exits whose shadow tokens a step measures during verification (each costs one exit
-/// head over the step's rows).
+/// Deeper exits whose shadow tokens a probing step measures during verification (each costs
+/// one exit head over the step's rows).
 pub const PROBES_PER_STEP: usize = 2;
+/// Every this many steps one probes (on every step, the probes' heads and the verification cut
+/// into pieces cost the shipped model on a CPU about 5% of its speed).
+pub const PROBE_EVERY: usize = 4;
 /// Prompt rows (the last ones) on which every exit is measured before the first step.
 pub const CALIBRATION_ROWS: usize = 16;
-/// Weight of a new observation in an estimate.
-const LEARNING_RATE: f64 = 0.1;
-/// Every this many steps the draft count is one off the best, to measure the cost of rows.
-pub const EXPLORE_EVERY: usize = 8;
-/// How much of the cost model's past each new step keeps.
-const COST_MEMORY: f64 = 0.95;
+/// Weight of a new observation in an estimate (about the last 30 observations count: exits
+/// that agree 95-99% of the time are told apart only over that many; with 0.1 a short run of
+/// matches took an exit to the ceiling and the choice to its longest drafts).
+const LEARNING_RATE: f64 = 0.03;
+/// Every this many steps the draft count or the exit is one off the best, to keep measuring.
+pub const EXPLORE_EVERY: usize = 16;
+/// How much of the cost model's past each new step keeps (costs change only slowly, as the
+/// context grows, so the design's steps stay in the fit for a few hundred steps).
+const COST_MEMORY: f64 = 0.99;
+/// Prompt rows an exit's remembered estimate weighs as, when a new prompt calibrates it.
+pub const REMEMBERED_ROWS: f64 = 32.0;
 /// Pseudo-steps of the cost model's prior (DEL's layer count).
 const COST_PRIOR_STEPS: f64 = 0.02;
 /// Estimates stay inside `[FLOOR, CEILING]` so that the expected lengths stay finite.
@@ -89,6 +104,8 @@ pub struct CostModel {
     xt: [f64; FEATURES],
     /// The prior's `u` (set by the first step).
     u0: Option<f64>,
+    /// Steps of [`CostModel::design`] observed so far.
+    designed: usize,
 }
 
 impl CostModel {
@@ -99,7 +116,29 @@ impl CostModel {
             xx: [[0.0; FEATURES]; FEATURES],
             xt: [0.0; FEATURES],
             u0: None,
+            designed: 0,
         }
+    }
+
+    /// The steps `(E, d)` the first steps take, before the fit chooses: an autoregressive step,
+    /// then the shallowest, middle and deepest exits each with one, half the most and the most
+    /// drafts (duplicates left out), so that layer loads, drafts and steps vary independently.
+    pub fn design(&self, max_speculations: usize) -> Vec<(usize, usize)> {
+        let mut points = vec![(1, 0)];
+        let last = self.layers - 1;
+        for e in [1, self.layers / 2, last] {
+            for d in [1, max_speculations.div_ceil(2), max_speculations] {
+                if e >= 1 && !points.contains(&(e, d)) {
+                    points.push((e, d));
+                }
+            }
+        }
+        points
+    }
+
+    /// The next step of [`CostModel::design`] not yet observed, if any.
+    pub fn next_design(&self, max_speculations: usize) -> Option<(usize, usize)> {
+        self.design(max_speculations).get(self.designed).copied()
     }
 
     fn features(&self, e: usize, d: usize) -> [f64; FEATURES] {
@@ -193,6 +232,9 @@ pub struct ExitEstimates {
     max_speculations: usize,
     /// The next deeper exit to probe (round robin).
     next_probe: usize,
+    /// Prompt rows the current estimates weigh as in [`ExitEstimates::calibrate`]: 0, or
+    /// [`REMEMBERED_ROWS`] once they come from an earlier generation.
+    weight: f64,
 }
 
 impl ExitEstimates {
@@ -203,7 +245,21 @@ impl ExitEstimates {
             layers,
             max_speculations,
             next_probe: 1,
+            weight: 0.0,
         }
+    }
+
+    /// Starts from the estimates an earlier generation ended with (`alpha[ℓ]`, index 0 unused).
+    pub fn remember(&mut self, alpha: &[f64]) {
+        for (a, &r) in self.alpha.iter_mut().zip(alpha).skip(1) {
+            *a = r.clamp(FLOOR, CEILING);
+        }
+        self.weight = REMEMBERED_ROWS;
+    }
+
+    /// Every exit's estimate (index 0 unused).
+    pub fn alphas(&self) -> &[f64] {
+        &self.alpha
     }
 
     /// The estimate of exit `e`.
@@ -211,9 +267,12 @@ impl ExitEstimates {
         self.alpha[e]
     }
 
-    /// Sets exit `e`'s estimate from `matches` of `rows` shadow tokens (a Laplace estimate).
+    /// Sets exit `e`'s estimate from `matches` of `rows` shadow tokens: a Laplace estimate, or,
+    /// with a remembered estimate, one where that counts as [`REMEMBERED_ROWS`] rows.
     pub fn calibrate(&mut self, e: usize, matches: usize, rows: usize) {
-        self.alpha[e] = ((matches as f64 + 1.0) / (rows as f64 + 2.0)).clamp(FLOOR, CEILING);
+        let w = self.weight;
+        let a = (w * self.alpha[e] + matches as f64 + 1.0) / (w + rows as f64 + 2.0);
+        self.alpha[e] = a.clamp(FLOOR, CEILING);
     }
 
     /// Folds in whether a shadow token of exit `e` matched the full model's.
@@ -241,8 +300,9 @@ impl ExitEstimates {
         best
     }
 
-    /// [`ExitEstimates::choose`], except that every [`EXPLORE_EVERY`]th `step` drafts one more
-    /// or one fewer (alternately, within `1..=max`) from the chosen exit, or, after an
+    /// [`ExitEstimates::choose`], except that every [`EXPLORE_EVERY`]th `step` is one off it, in
+    /// turn: one draft more, an exit one deeper, one draft fewer, an exit one shallower (each
+    /// turned the other way at the end of its range: drafts `1..=max`, exits `1..L`); after an
     /// autoregressive choice, one draft from the exit best at one draft.
     pub fn choose_exploring(&self, cost: &CostModel, step: usize) -> (usize, usize) {
         let (e, d) = self.choose(cost);
@@ -256,13 +316,22 @@ impl ExitEstimates {
                 .unwrap_or(1);
             return (e, 1);
         }
-        let more = (step / EXPLORE_EVERY).is_multiple_of(2);
-        let other = if (more && d < self.max_speculations) || d == 1 {
-            d + 1
-        } else {
-            d - 1
+        // One off within 1..=top, `up` first (the other way at the end of the range; none if
+        // the range holds one value).
+        let off = |v: usize, top: usize, up: bool| {
+            if (up && v < top) || v == 1 {
+                (v + 1).min(top)
+            } else {
+                v - 1
+            }
         };
-        (e, other.min(self.max_speculations))
+        let (d_max, e_max) = (self.max_speculations, self.layers - 1);
+        match (step / EXPLORE_EVERY) % 4 {
+            0 => (e, off(d, d_max, true)),
+            1 => (off(e, e_max, true), d),
+            2 => (e, off(d, d_max, false)),
+            _ => (off(e, e_max, false), d),
+        }
     }
 
     /// Up to [`PROBES_PER_STEP`] exits deeper than `e` (of `e + 1..L`) to measure at this step,
@@ -285,25 +354,56 @@ impl ExitEstimates {
     }
 }
 
-/// Adaptive self-speculative decoding with at most `max_speculations` drafts per step.
+/// What adaptive self-speculation carries from one generation of a
+/// [`Generator`](crate::Generator) to the next: the fitted step costs and every exit's estimate.
+#[derive(Debug, Clone)]
+pub struct Memory {
+    /// The step-cost model, fitted over every generation so far.
+    pub cost: CostModel,
+    /// Every exit's estimate at the end of the last generation (index 0 unused).
+    pub alpha: Option<Vec<f64>>,
+}
+
+impl Memory {
+    /// Nothing learned yet, for a model of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            cost: CostModel::new(layers),
+            alpha: None,
+        }
+    }
+}
+
+/// Adaptive self-speculative decoding with at most `max_speculations` drafts per step, learning
+/// into and from `memory`.
 pub(crate) fn decode<B: LayerSkipBackend>(
     ctx: &mut DecodeContext<'_, B>,
     run: &mut Run,
     max_speculations: usize,
+    memory: &mut Memory,
     on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
 ) -> Result<()> {
     let layers = ctx.model.num_layers();
     let mut estimates = ExitEstimates::new(layers, max_speculations, 0.5);
-    let mut cost = CostModel::new(layers);
+    if let Some(alpha) = &memory.alpha {
+        estimates.remember(alpha);
+    }
+    let cost = &mut memory.cost;
     ctx.prefill_calibrating(run, &mut estimates, on_event)?;
     let mut steps = 0;
     while run.stop.is_none() {
-        let (exit, speculations) = estimates.choose_exploring(&cost, steps);
+        let design = cost.next_design(max_speculations);
+        let (exit, speculations) = match design {
+            Some(point) => point,
+            None => estimates.choose_exploring(cost, steps),
+        };
         steps += 1;
         // The step ends with a read of its tokens, so its time is the device's too.
         let start = Instant::now();
         let step = if run.options.greedy_on_device() {
-            ctx.probing_step(run, exit, speculations, &mut estimates)?
+            // `steps` counts this step already: the first step probes.
+            let probe = (steps - 1).is_multiple_of(PROBE_EVERY);
+            ctx.probing_step(run, exit, speculations, &mut estimates, probe)?
         } else {
             let step = ctx.speculative_step(run, exit, speculations)?;
             let drafted = step.drafts.len();
@@ -315,6 +415,9 @@ pub(crate) fn decode<B: LayerSkipBackend>(
         let drafted = step.drafts.len();
         if drafted == speculations {
             cost.observe(exit, drafted, start.elapsed().as_secs_f64() * 1e3);
+            if design.is_some() {
+                cost.designed += 1;
+            }
         }
         if step.drafts.is_empty() {
             ctx.stats.autoregressive_steps += 1;
@@ -327,6 +430,7 @@ pub(crate) fn decode<B: LayerSkipBackend>(
         }
         ctx.finish_step(run, step, max_speculations, on_event);
     }
+    memory.alpha = Some(estimates.alphas().to_vec());
     Ok(())
 }
 
@@ -380,15 +484,17 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         Ok(())
     }
 
-    /// [`DecodeContext::greedy_step`] with the verification run in pieces, the exit head taken
-    /// after each probed exit on the step's rows; the one read brings back the
-    /// drafts, the verifier's tokens and the shadow tokens, which update the estimates.
+    /// [`DecodeContext::greedy_step`] with, when `probe`, the verification run in pieces, the
+    /// exit head taken after each probed exit on the step's rows; the one read brings back the
+    /// drafts, the verifier's tokens and the shadow tokens, which update the estimates (the
+    /// drafts alone when not probing).
     fn probing_step(
         &mut self,
         run: &Run,
         exit: usize,
         speculations: usize,
         estimates: &mut ExitEstimates,
+        probe: bool,
     ) -> Result<Step> {
         let layers = self.model.num_layers();
         let c = run.tokens.len() - 1;
@@ -397,7 +503,11 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         let exit = if d == 0 { 1 } else { exit };
         let mut ids = self.draft_on_device(run, exit, d)?;
         // Without drafts the exit's own choice is measured too (from the exit-hidden state).
-        let probes = estimates.probes(if d == 0 { exit - 1 } else { exit });
+        let probes = if probe {
+            estimates.probes(if d == 0 { exit - 1 } else { exit })
+        } else {
+            Vec::new()
+        };
         let mut deep = self.exits.since(c);
         let mut shadows = Vec::with_capacity(probes.len());
         if probes.contains(&exit) {
@@ -469,10 +579,14 @@ mod tests {
             assert!(best >= tokens_per_layer(0.9, 2, dd, 8));
             assert!(best > tokens_per_layer(0.95, 6, dd, 8));
         }
-        // Observations move an estimate by the learning rate.
+        // Observations move an estimate by the learning rate (0.03): a miss keeps 0.97 of it,
+        // a match moves it 3% of the way to 1.
         let before = estimates.alpha(2);
         estimates.observe(2, false);
-        assert!((estimates.alpha(2) - 0.9 * before).abs() < 1e-12);
+        assert!((estimates.alpha(2) - 0.97 * before).abs() < 1e-12);
+        let before = estimates.alpha(2);
+        estimates.observe(2, true);
+        assert!((estimates.alpha(2) - (before + 0.03 * (1.0 - before))).abs() < 1e-12);
     }
 
     /// Steps timed as `0.1 (d E + L) + 0.4 d + 0.03` ms: the fit predicts them (the prior,
@@ -503,17 +617,68 @@ mod tests {
         let (_, d_del) = estimates.choose(&CostModel::new(8));
         let (_, d_fit) = estimates.choose(&cost);
         assert!(d_fit < d_del, "{d_fit} vs {d_del}");
-        // Exploration: one draft off the choice every EXPLORE_EVERY steps.
+        // Exploration: every EXPLORE_EVERY steps one off the choice, in the draft count or the
+        // exit (never both), each way in turn.
         let chosen = estimates.choose(&cost);
-        for step in 0..4 * EXPLORE_EVERY {
+        let mut seen = std::collections::BTreeSet::new();
+        for step in 0..8 * EXPLORE_EVERY {
             let (e, d) = estimates.choose_exploring(&cost, step);
-            assert_eq!(e, chosen.0);
             if step % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
-                assert_eq!(d.abs_diff(chosen.1), 1);
+                assert_eq!(
+                    e.abs_diff(chosen.0) + d.abs_diff(chosen.1),
+                    1,
+                    "step {step}"
+                );
+                seen.insert((e, d));
             } else {
-                assert_eq!(d, chosen.1);
+                assert_eq!((e, d), chosen);
             }
         }
+        assert!(
+            seen.iter().any(|&(e, _)| e != chosen.0) && seen.iter().any(|&(_, d)| d != chosen.1),
+            "{seen:?} around {chosen:?}"
+        );
+    }
+
+    /// The design's steps alone (before any choice) vary layer loads, drafts and steps
+    /// independently enough for the fit to recover all three costs of
+    /// `0.1 (d E + L) + 0.4 d + 0.03`; exploring only the draft count around one exit could not.
+    #[test]
+    fn the_design_separates_the_three_costs() {
+        let time = |e: usize, d: usize| 0.1 * (d * e + 8) as f64 + 0.4 * d as f64 + 0.03;
+        let mut cost = CostModel::new(8);
+        let design = cost.design(6);
+        assert_eq!(design.len(), 10);
+        assert_eq!(design[0], (1, 0));
+        for &(e, d) in &design {
+            assert!((1..8).contains(&e) && d <= 6);
+        }
+        while let Some((e, d)) = cost.next_design(6) {
+            cost.observe(e, d, time(e, d));
+            cost.designed += 1;
+        }
+        let [u, v, k] = cost.coefficients();
+        assert!((u - 0.1).abs() < 0.005, "{u} {v} {k}");
+        assert!((v - 0.4).abs() < 0.03, "{u} {v} {k}");
+        assert!((k - 0.03).abs() < 0.02, "{u} {v} {k}");
+        // A short max keeps the design free of duplicates.
+        let short = CostModel::new(2).design(1);
+        assert_eq!(short, vec![(1, 0), (1, 1)]);
+    }
+
+    /// A remembered estimate weighs as REMEMBERED_ROWS prompt rows: remembered 0.9, then 8 of
+    /// 16 rows matching: (32 * 0.9 + 8 + 1) / (32 + 16 + 2) = 0.756; without memory the same
+    /// rows give the Laplace estimate 9 / 18.
+    #[test]
+    fn a_new_prompt_refines_remembered_estimates() {
+        let mut fresh = ExitEstimates::new(4, 3, 0.5);
+        fresh.calibrate(2, 8, 16);
+        assert!((fresh.alpha(2) - 0.5).abs() < 1e-12);
+        let mut remembered = ExitEstimates::new(4, 3, 0.5);
+        remembered.remember(&[0.0, 0.3, 0.9, 0.6]);
+        assert_eq!(remembered.alpha(1), 0.3);
+        remembered.calibrate(2, 8, 16);
+        assert!((remembered.alpha(2) - 0.756).abs() < 1e-12);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::{adaptive, autoregressive, speculative};
 /// Runs generations on one model with one preallocated KV cache (reused across calls).
 pub struct Generator<'m, B: LayerSkipBackend> {
     ctx: DecodeContext<'m, B>,
+    /// What adaptive self-speculation learned in this generator's earlier generations.
+    adaptive: adaptive::Memory,
 }
 
 impl<'m, B: LayerSkipBackend> Generator<'m, B> {
@@ -31,7 +33,8 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
             stats: GenerationStats::default(),
             peak_positions: 0,
         };
-        Ok(Self { ctx })
+        let adaptive = adaptive::Memory::new(config.num_layers);
+        Ok(Self { ctx, adaptive })
     }
 
     /// The model.
@@ -70,24 +73,43 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// Runs `options`' strategy untimed on two short synthetic prompts (one of a few tokens, one
     /// of 40) for a few tokens, so that a backend that compiles its kernels on first use
     /// (CubeCL: CUDA, wgpu) does it before the first real prompt (weights were prepared by
-    /// [`Generator::new`]). Returns the milliseconds it took.
+    /// [`Generator::new`]). For adaptive self-speculation the second runs long enough to time
+    /// the steps of its cost design ([`adaptive::CostModel::design`]); what it estimated about
+    /// the synthetic text's exits is forgotten. Returns the milliseconds it took.
     pub fn warm_up(&mut self, options: &GenerateOptions) -> Result<f64> {
         let start = Instant::now();
         let vocab = self.ctx.model.config().vocab_size as u32;
-        let warm = GenerateOptions {
-            max_new_tokens: 4,
-            stop_tokens: Vec::new(),
-            ..options.clone()
-        };
-        for len in [3, 40] {
-            let len = len.min(self.capacity().saturating_sub(warm.max_new_tokens + 1));
+        for (len, tokens) in [(3, 4), (40, self.warm_up_tokens(options))] {
+            let warm = GenerateOptions {
+                max_new_tokens: tokens,
+                stop_tokens: Vec::new(),
+                ..options.clone()
+            };
+            let len = len.min(self.capacity().saturating_sub(tokens + 1));
             if len == 0 {
                 continue;
             }
             let prompt: Vec<u32> = (0..len as u32).map(|i| (i * 7 + 1) % vocab).collect();
             self.generate(&prompt, &warm, |_| true)?;
         }
+        self.adaptive.alpha = None;
         Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Tokens the longer warm-up generation takes: 4, or for adaptive self-speculation enough
+    /// for every step of the cost design (each emits at most its drafts and one token more).
+    fn warm_up_tokens(&self, options: &GenerateOptions) -> usize {
+        match options.strategy {
+            Strategy::Adaptive { max_speculations } => self
+                .adaptive
+                .cost
+                .design(max_speculations)
+                .iter()
+                .map(|&(_, d)| d + 1)
+                .sum::<usize>()
+                .max(4),
+            _ => 4,
+        }
     }
 
     /// Checks a prompt and options (exit layer range, speculations, sampling, context) without
@@ -133,9 +155,13 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
                     (exit_layer, speculations),
                     &mut on_event,
                 )?,
-                Strategy::Adaptive { max_speculations } => {
-                    adaptive::decode(&mut self.ctx, &mut run, max_speculations, &mut on_event)?
-                }
+                Strategy::Adaptive { max_speculations } => adaptive::decode(
+                    &mut self.ctx,
+                    &mut run,
+                    max_speculations,
+                    &mut self.adaptive,
+                    &mut on_event,
+                )?,
             }
         }
         let mut stats = std::mem::take(&mut self.ctx.stats);

@@ -112,6 +112,68 @@ fn greedy_adaptive_self_speculation_equals_autoregressive() {
     }
 }
 
+/// One generator's adaptive generations learn from each other (fitted step costs, remembered
+/// exit estimates) and stay exact: on the shipped model, the first generation's first steps
+/// draft from the design's shallowest, middle and deepest exits and take an autoregressive
+/// step, and every later generation, after a warm-up or not, with another draft limit or
+/// prompt, still gives the autoregressive tokens.
+#[test]
+fn adaptive_generations_of_one_generator_learn_and_stay_exact() {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let model = LlamaModel::<B>::from_pretrained(&shipped, &Default::default()).unwrap();
+    let prompts = [
+        vec![5u32, 9, 1, 33, 7, 2, 18],
+        vec![100, 200, 300],
+        vec![42],
+    ];
+    let ar: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run(&model, p, &options(Strategy::Autoregressive, 48)).tokens)
+        .collect();
+    let mut generator = Generator::new(&model, 256).unwrap();
+    let first = generator
+        .generate(
+            &prompts[0],
+            &options(
+                Strategy::Adaptive {
+                    max_speculations: 6,
+                },
+                48,
+            ),
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!(first.tokens, ar[0]);
+    let used = &first.stats.exit_histogram;
+    for exit in [1, 4, 7] {
+        assert!(
+            used.get(exit).is_some_and(|&n| n > 0),
+            "exit {exit}: {used:?}"
+        );
+    }
+    assert!(first.stats.autoregressive_steps >= 1);
+    for round in 0..2 {
+        for (p, prompt) in prompts.iter().enumerate() {
+            for max_speculations in [6, 2] {
+                let o = options(Strategy::Adaptive { max_speculations }, 48);
+                let got = generator.generate(prompt, &o, |_| true).unwrap();
+                assert_eq!(
+                    got.tokens, ar[p],
+                    "round {round} prompt {p} d <= {max_speculations}"
+                );
+            }
+        }
+        generator
+            .warm_up(&options(
+                Strategy::Adaptive {
+                    max_speculations: 4,
+                },
+                8,
+            ))
+            .unwrap();
+    }
+}
+
 /// Drafting over a vocabulary prefix changes what is drafted, never the output: greedy
 /// self-speculation still equals autoregressive decoding, including when the full model's token
 /// lies outside the prefix (a 40-token model drafting over 10 ids rejects those drafts).
