@@ -128,7 +128,7 @@ impl CostModel {
         let last = self.layers - 1;
         for e in [1, self.layers / 2, last] {
             for d in [1, max_speculations.div_ceil(2), max_speculations] {
-                if e >= 1 && !points.contains(&(e, d)) {
+                if !points.contains(&(e, d)) {
                     points.push((e, d));
                 }
             }

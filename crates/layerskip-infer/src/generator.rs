@@ -74,11 +74,13 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// of 40) for a few tokens, so that a backend that compiles its kernels on first use
     /// (CubeCL: CUDA, wgpu) does it before the first real prompt (weights were prepared by
     /// [`Generator::new`]). For adaptive self-speculation the second runs long enough to time
-    /// the steps of its cost design ([`adaptive::CostModel::design`]); what it estimated about
-    /// the synthetic text's exits is forgotten. Returns the milliseconds it took.
+    /// the steps of its cost design ([`adaptive::CostModel::design`]); its estimates of the
+    /// synthetic text's exits are dropped. Returns the milliseconds it took.
     pub fn warm_up(&mut self, options: &GenerateOptions) -> Result<f64> {
         let start = Instant::now();
         let vocab = self.ctx.model.config().vocab_size as u32;
+        // The synthetic text neither uses nor changes what earlier generations estimated.
+        let remembered = self.adaptive.alpha.take();
         for (len, tokens) in [(3, 4), (40, self.warm_up_tokens(options))] {
             let warm = GenerateOptions {
                 max_new_tokens: tokens,
@@ -92,7 +94,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
             let prompt: Vec<u32> = (0..len as u32).map(|i| (i * 7 + 1) % vocab).collect();
             self.generate(&prompt, &warm, |_| true)?;
         }
-        self.adaptive.alpha = None;
+        self.adaptive.alpha = remembered;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 
