@@ -214,7 +214,9 @@ impl<C: ProtocolClient> GlobalClientWorker<C> {
                 response = stream_response.recv() => {
                     match response {
                         Err(err) => {
-                            log::error!("Error receiving message from websocket: {err:?}");
+                            // layerskip patch: the orchestrator or a peer ending its side first
+                            // (the end of every run) is not an error; log at info and close.
+                            log::info!("Connection ended while receiving: {err:?}");
                             break;
                         }
                         Ok(response) => {
@@ -238,10 +240,11 @@ impl<C: ProtocolClient> GlobalClientWorker<C> {
         }
 
         log::info!("Worker closing connection");
-        stream_response
-            .close()
-            .await
-            .expect("Can close the websocket stream.");
+        // layerskip patch: closing a stream the other side already closed (a reset at the end of
+        // a run) panicked this task after the run had finished; it is logged instead.
+        if let Err(err) = stream_response.close().await {
+            log::info!("Connection already closed: {err:?}");
+        }
     }
 
     async fn request_sender(
@@ -282,10 +285,10 @@ impl<C: ProtocolClient> GlobalClientWorker<C> {
         }
 
         log::info!("Worker closing connection");
-        stream_request
-            .close()
-            .await
-            .expect("Can send the close message on the websocket.");
+        // layerskip patch: as in `response_loader`, the other side may have closed first.
+        if let Err(err) = stream_request.close().await {
+            log::info!("Connection already closed: {err:?}");
+        }
     }
 
     pub(crate) async fn request(&self, req: RemoteRequest) -> RemoteResponse {
