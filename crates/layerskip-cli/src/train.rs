@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use layerskip_model::LayerSkipBackend;
 use layerskip_model::checkpoint::read_tokenizer_files;
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
-use layerskip_train::data::{read_corpus, split};
+use layerskip_train::data::{Document, read_corpus, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
 use layerskip_train::{
     Blocks, ClusterConfig, EvalReport, RunDir, Start, StepReport, TrainConfig, Trainer,
@@ -210,11 +210,7 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
                 "training a {}-token byte-level BPE tokenizer on the data",
                 shape.vocab_size
             );
-            let tokenizer = train_bpe(&corpus.documents, shape.vocab_size)?;
-            let json = tokenizer
-                .inner()
-                .to_string(false)
-                .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+            let (tokenizer, json) = trained_tokenizer(&corpus.documents, shape.vocab_size)?;
             (tokenizer, vec![("tokenizer.json", json.into_bytes())])
         }
     };
@@ -288,6 +284,17 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
     Ok(())
 }
 
+/// The byte-level BPE of `vocab_size` tokens trained on `docs`, and its tokenizer.json text:
+/// what a from-scratch run and `layerskip tokenizer` both train.
+fn trained_tokenizer(docs: &[Document], vocab_size: usize) -> Result<(Tokenizer, String)> {
+    let tokenizer = train_bpe(docs, vocab_size)?;
+    let json = tokenizer
+        .inner()
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    Ok((tokenizer, json))
+}
+
 /// Tokenizer files (name, bytes) that every checkpoint of a run carries.
 type TokenizerFiles = Vec<(&'static str, Vec<u8>)>;
 
@@ -352,11 +359,7 @@ pub fn tokenizer(args: TokenizerArgs) -> Result<()> {
         corpus.documents.len(),
         corpus.describe_sources()
     );
-    let tokenizer = train_bpe(&corpus.documents, shape.vocab_size)?;
-    let json = tokenizer
-        .inner()
-        .to_string(false)
-        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let (tokenizer, json) = trained_tokenizer(&corpus.documents, shape.vocab_size)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let tmp = args.out.join(".tokenizer.json.tmp");
