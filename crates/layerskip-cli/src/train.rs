@@ -10,7 +10,7 @@ use burn::module::Module;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use layerskip_model::LayerSkipBackend;
-use layerskip_model::checkpoint::read_tokenizer_files;
+use layerskip_model::checkpoint::{read_tokenizer_files, write_atomic};
 use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
 use layerskip_train::data::{Document, read_corpus, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
@@ -362,9 +362,7 @@ pub fn tokenizer(args: TokenizerArgs) -> Result<()> {
     let (tokenizer, json) = trained_tokenizer(&corpus.documents, shape.vocab_size)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let tmp = args.out.join(".tokenizer.json.tmp");
-    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &target).with_context(|| format!("writing {}", target.display()))?;
+    write_atomic(&target, json.as_bytes())?;
     eprintln!(
         "wrote {} ({} tokens)",
         target.display(),
