@@ -136,11 +136,6 @@ impl CostModel {
         points
     }
 
-    /// The next step of [`CostModel::design`] not yet observed, if any.
-    pub fn next_design(&self, max_speculations: usize) -> Option<(usize, usize)> {
-        self.design(max_speculations).get(self.designed).copied()
-    }
-
     fn features(&self, e: usize, d: usize) -> [f64; FEATURES] {
         let l = self.layers as f64;
         let (e, d) = (e as f64, d as f64);
@@ -390,9 +385,11 @@ pub(crate) fn decode<B: LayerSkipBackend>(
     }
     let cost = &mut memory.cost;
     ctx.prefill_calibrating(run, &mut estimates, on_event)?;
+    // The steps not yet observed of the cost design, in order.
+    let design_points = cost.design(max_speculations);
     let mut steps = 0;
     while run.stop.is_none() {
-        let design = cost.next_design(max_speculations);
+        let design = design_points.get(cost.designed).copied();
         let (exit, speculations) = match design {
             Some(point) => point,
             None => estimates.choose_exploring(cost, steps),
@@ -653,7 +650,7 @@ mod tests {
         for &(e, d) in &design {
             assert!((1..8).contains(&e) && d <= 6);
         }
-        while let Some((e, d)) = cost.next_design(6) {
+        for &(e, d) in &design {
             cost.observe(e, d, time(e, d));
             cost.designed += 1;
         }
