@@ -51,6 +51,9 @@ pub struct TrainArgs {
     /// Delete the checkpoints of an earlier run in --out and start a new one.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Without a terminal, print a line every N steps [default: a twentieth of the run].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_every: Option<u64>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -279,7 +282,7 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
     }
     let extra: Vec<(&str, &[u8])> = extra.iter().map(|(n, b)| (*n, b.as_slice())).collect();
     let out = run_dir.as_ref().map(RunDir::path);
-    run_loop(&mut trainer, out, &extra)?;
+    run_loop(&mut trainer, out, &extra, args.log_every)?;
     trainer.barrier("finishing the run")?;
     Ok(())
 }
@@ -421,6 +424,7 @@ fn run_loop<B: layerskip_train::TrainBackend>(
     trainer: &mut Trainer<B>,
     out: Option<&Path>,
     extra: &[(&str, &[u8])],
+    log_every: Option<u64>,
 ) -> Result<()> {
     let total = trainer.config().steps as u64;
     let tty = std::io::stderr().is_terminal() && out.is_some();
@@ -434,7 +438,7 @@ fn run_loop<B: layerskip_train::TrainBackend>(
             .expect("valid template"),
     );
     bar.set_position(trainer.step_count() as u64);
-    let log_every = (total / 20).max(1) as usize;
+    let log_every = log_every.unwrap_or((total / 20).max(1)) as usize;
     let start = Instant::now();
     let mut tokens = 0usize;
     let held_out = trainer.has_held_out();
