@@ -8,7 +8,7 @@ use burn::tensor::{Distribution, Tensor, backend::Backend};
 use crate::cache::LayerKvCache;
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::ops::{LayerSkipBackend, Packed, causal_attention, repeat_kv};
+use crate::ops::{LayerSkipBackend, Packed};
 use crate::rope::RopeTables;
 
 /// A bias-free linear layer with weights drawn from N(0, std²), Hugging Face's Llama init.
@@ -99,13 +99,7 @@ impl<B: LayerSkipBackend> Attention<B> {
                 cache.store(k, v, rope)?;
                 B::attend_cached(q, rope, cache.buffers(), cache.len(), groups)
             }
-            None => {
-                // [batch, seq, kv_heads, head_dim] -> [batch, heads, seq, head_dim]
-                let k = B::rope(k, rope).swap_dims(1, 2);
-                let v = v.swap_dims(1, 2);
-                let q = B::rope(q, rope);
-                causal_attention(q, repeat_kv(k, groups), repeat_kv(v, groups))
-            }
+            None => B::self_attention(B::rope(q, rope), B::rope(k, rope), v),
         };
         Ok(self.output(out, x))
     }

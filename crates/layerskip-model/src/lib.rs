@@ -54,6 +54,6 @@ pub use checkpoint::{Recommendation, SafetensorsFiles, SaveDtype};
 pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
 pub use convert::convert_gguf;
 pub use error::{ModelError, Result};
-pub use model::{LlamaModel, SkipMask, TrainOutput};
+pub use model::{LlamaModel, SkipMask, TrainHidden, TrainOutput};
 pub use ops::{LayerSkipBackend, Quantization};
 pub use tokenizer::Tokenizer;

@@ -57,6 +57,15 @@ pub struct TrainOutput<B: Backend> {
     pub logits: Tensor<B, 3>,
 }
 
+/// What [`LlamaModel::forward_train_hidden`] returns: hidden states, no logits.
+#[derive(Debug, Clone)]
+pub struct TrainHidden<B: Backend> {
+    /// `(l, x_{l+1})` for each requested exit layer `l`, as in [`TrainOutput::exit_hidden`].
+    pub exit_hidden: Vec<(usize, Tensor<B, 3>)>,
+    /// The last layer's output `x_L` `[batch, seq, hidden]`, before the final norm.
+    pub last: Tensor<B, 3>,
+}
+
 impl<B: Backend> LlamaModel<B> {
     /// A randomly initialised model (weights ~ N(0, 0.02²), as Hugging Face initialises Llama).
     /// Seed the backend (`B::seed`) first for a reproducible model.
@@ -233,13 +242,39 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
         }
     }
 
-    /// The exit head's first `vocab` logits.
-    fn head_over(&self, hidden: Tensor<B, 3>, vocab: usize) -> Tensor<B, 3> {
-        let head = match &self.lm_head {
+    /// The training loss of one exit: the cross-entropy of the shared exit head's logits on
+    /// `hidden` (a layer's output, before the final norm) against `targets`, each position
+    /// weighted by `weights` (the loss mask over its count gives the masked mean), through the
+    /// backend's fused kernel where it has one (the logits are then never held whole).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]`; `targets`, `weights`: `[batch, seq]` -> `[1]`
+    pub fn exit_cross_entropy(
+        &self,
+        hidden: Tensor<B, 3>,
+        targets: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+    ) -> Tensor<B, 1> {
+        let [b, s, h] = hidden.dims();
+        let normed = B::rms_norm(&self.norm, hidden).reshape([b * s, h]);
+        B::exit_cross_entropy(
+            normed,
+            self.head(),
+            targets.reshape([b * s]),
+            weights.reshape([b * s]),
+        )
+    }
+
+    fn head(&self) -> Head<B> {
+        match &self.lm_head {
             Some(head) => Head::Untied(weight(head)),
             None => Head::Tied(self.embed_tokens.val()),
-        };
-        B::exit_logits(hidden, &self.norm, head, &self.head_packed, vocab)
+        }
+    }
+
+    /// The exit head's first `vocab` logits.
+    fn head_over(&self, hidden: Tensor<B, 3>, vocab: usize) -> Tensor<B, 3> {
+        B::exit_logits(hidden, &self.norm, self.head(), &self.head_packed, vocab)
     }
 
     /// Runs layers `range` over all positions of `hidden`, whose first position is `start_pos`.
@@ -360,6 +395,26 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
         exit_layers: &[usize],
         skip: Option<&SkipMask>,
     ) -> Result<TrainOutput<B>> {
+        let TrainHidden { exit_hidden, last } =
+            self.forward_train_hidden(tokens, exit_layers, skip)?;
+        Ok(TrainOutput {
+            exit_hidden,
+            logits: self.exit_head(last),
+        })
+    }
+
+    /// [`forward_train`](Self::forward_train) without the final logits: the requested exits'
+    /// hidden states and the last layer's output `x_L` (before the final norm), for losses that
+    /// apply the head themselves ([`exit_cross_entropy`](Self::exit_cross_entropy)).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> each hidden state `[batch, seq, hidden]`
+    pub fn forward_train_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        exit_layers: &[usize],
+        skip: Option<&SkipMask>,
+    ) -> Result<TrainHidden<B>> {
         let [batch, seq] = tokens.dims();
         if let Some(&bad) = exit_layers.iter().find(|&&l| l >= self.num_layers()) {
             return Err(ModelError::LayerRange {
@@ -388,10 +443,9 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
                 exit_hidden.push((l, x.clone()));
             }
         }
-        let logits = self.exit_head(x);
-        Ok(TrainOutput {
+        Ok(TrainHidden {
             exit_hidden,
-            logits,
+            last: x,
         })
     }
 

@@ -4,7 +4,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, backend::Backend};
 use layerskip_model::LayerSkipBackend;
-use layerskip_model::{LlamaModel, TrainOutput};
+use layerskip_model::{LlamaModel, TrainHidden};
 
 /// The loss of one batch.
 #[derive(Debug, Clone)]
@@ -38,35 +38,37 @@ pub fn masked_cross_entropy<B: Backend>(
     (picked * mask).sum().neg() / count
 }
 
-/// Combines the exits of a training forward into the early-exit loss. `weights` pairs each enabled
-/// layer (ascending, the last layer `L - 1` included) with its normalised weight; the last layer
-/// uses the model's final logits, the others the shared exit head on their hidden states.
+/// Combines the exits of a training forward ([`LlamaModel::forward_train_hidden`]: the enabled
+/// exits' hidden states and the last layer's output) into the early-exit loss. `weights` pairs
+/// each enabled layer (ascending, the last layer `L - 1` included) with its normalised weight;
+/// every exit goes through the shared exit head ([`LlamaModel::exit_cross_entropy`], fused with
+/// the cross-entropy where the backend has the kernel).
 pub fn early_exit_loss<B: LayerSkipBackend>(
     model: &LlamaModel<B>,
-    output: TrainOutput<B>,
+    TrainHidden { exit_hidden, last }: TrainHidden<B>,
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
     weights: &[(usize, f64)],
 ) -> EarlyExitLoss<B> {
-    let last = model.num_layers() - 1;
-    let mut hidden = output.exit_hidden.into_iter();
-    let mut final_logits = Some(output.logits);
+    let last_layer = model.num_layers() - 1;
+    // The masked mean as per-position weights: mask / count.
+    let count = mask.clone().sum().clamp_min(1.0).unsqueeze::<2>();
+    let row_weights = mask / count;
+    let mut hidden = exit_hidden.into_iter();
+    let mut last = Some(last);
     let mut per_layer = Vec::with_capacity(weights.len());
     for &(layer, weight) in weights {
-        let logits = if layer == last {
-            final_logits.take().expect("last layer weighed once")
+        let h = if layer == last_layer {
+            last.take().expect("last layer weighed once")
         } else {
             let (l, h) = hidden
                 .find(|(l, _)| *l == layer)
                 .expect("hidden state of an enabled layer");
             debug_assert_eq!(l, layer);
-            model.exit_head(h)
+            h
         };
-        per_layer.push((
-            layer,
-            weight,
-            masked_cross_entropy(logits, targets.clone(), mask.clone()),
-        ));
+        let ce = model.exit_cross_entropy(h, targets.clone(), row_weights.clone());
+        per_layer.push((layer, weight, ce));
     }
     let total = per_layer
         .iter()

@@ -132,7 +132,8 @@ fn shard_output<B: crate::TrainBackend>(
     let share = train.loss_tokens(shard.indices) / shard.micro_tokens;
     let (inputs, targets, loss_mask) = train.tensors::<B>(shard.indices, &device);
     let any_skip = shard.mask.skip.iter().flatten().any(|&s| s);
-    let output = compute.forward_train(inputs, plan.exits, any_skip.then_some(&shard.mask))?;
+    let output =
+        compute.forward_train_hidden(inputs, plan.exits, any_skip.then_some(&shard.mask))?;
     let loss = early_exit_loss(&compute, output, targets, loss_mask, plan.weights);
     let per_layer = loss
         .per_layer
@@ -441,7 +442,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
             let (inputs, targets, loss_mask) = self.train.tensors::<B>(&indices, &self.device);
             let any_skip = mask.skip.iter().flatten().any(|&s| s);
             let compute = compute_copy(&self.model, c.optim.mixed_precision);
-            let output = compute.forward_train(inputs, &exits, any_skip.then_some(&mask))?;
+            let output = compute.forward_train_hidden(inputs, &exits, any_skip.then_some(&mask))?;
             let loss = early_exit_loss(&compute, output, targets, loss_mask, &weights);
             per_layer = loss
                 .per_layer

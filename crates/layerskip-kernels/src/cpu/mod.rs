@@ -2,6 +2,8 @@
 //! scalar code): what the Flex backend runs through the model's seam.
 
 pub mod attend;
+pub mod attention_train;
+pub mod cross_entropy;
 pub mod pool;
 pub mod rows;
 

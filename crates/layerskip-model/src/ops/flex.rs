@@ -21,12 +21,15 @@ use std::sync::{Arc, Mutex};
 
 use burn::backend::Flex;
 use burn::nn::RmsNorm;
-use burn::tensor::{DType, Element, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Element, Int, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
 use layerskip_kernels::cpu::{self, attend::AttendShape, rows::Panels};
 
-use super::{LayerSkipBackend, Packed, Quantization, WeightLayout as Layout, causal_attention};
+use super::{
+    Head, HeadLoss, LayerSkipBackend, Packed, Quantization, SelfAttention, WeightLayout as Layout,
+    causal_attention,
+};
 use crate::error::ModelError;
 use crate::rope::RopeTables;
 
@@ -124,7 +127,7 @@ impl Entry {
 }
 
 /// The Flex tensor behind a float tensor, contiguous.
-fn raw<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+pub(super) fn raw<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     let t = t.into_primitive().tensor();
     if t.is_contiguous() {
         t
@@ -133,12 +136,12 @@ fn raw<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     }
 }
 
-fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
+pub(super) fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// A tensor's values from its first element (contiguous tensors).
-fn values<E: Element + bytemuck::Pod>(t: &FlexTensor) -> &[E] {
+pub(super) fn values<E: Element + bytemuck::Pod>(t: &FlexTensor) -> &[E] {
     &t.storage::<E>()[t.layout().start_offset()..]
 }
 
@@ -148,12 +151,12 @@ fn all_f32(dtypes: &[DType]) -> bool {
 
 /// Whether the row kernels take tensors of `dtype`: f32, or a half type they widen to f32
 /// (weights packed once, activations per call) and compute in f32.
-fn is_row_dtype(dtype: DType) -> bool {
+pub(super) fn is_row_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// The first `len` values of a contiguous f32, bf16 or f16 tensor, as f32 (exact).
-fn to_f32(t: &FlexTensor, len: usize) -> Vec<f32> {
+pub(super) fn to_f32(t: &FlexTensor, len: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
     widen_into(t, 0, len, &mut out);
     out
@@ -172,7 +175,7 @@ fn widen_into(t: &FlexTensor, start: usize, len: usize, out: &mut Vec<f32>) {
 }
 
 /// `values` `[shape]` in `dtype` (rounded to nearest from f32).
-fn from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor {
+pub(super) fn from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor {
     let mut out = FlexTensor::empty(Shape::from(shape), dtype);
     match dtype {
         DType::F32 => out.storage_mut::<f32>().copy_from_slice(values),
@@ -370,6 +373,32 @@ impl LayerSkipBackend for Flex {
 
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
         norm.forward(x)
+    }
+
+    fn self_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Option<SelfAttention<Self>> {
+        super::flex_train::self_attention_forward(q, k, v)
+    }
+
+    fn self_attention_backward(
+        qkv: [Tensor<Self, 4>; 3],
+        forward: SelfAttention<Self>,
+        dout: Tensor<Self, 3>,
+    ) -> [Tensor<Self, 4>; 3] {
+        super::flex_train::self_attention_backward(qkv, forward, dout)
+    }
+
+    fn head_cross_entropy(
+        x: Tensor<Self, 2>,
+        head: &Head<Self>,
+        targets: Tensor<Self, 1, Int>,
+        weights: Tensor<Self, 1>,
+        grads: bool,
+    ) -> Option<HeadLoss<Self>> {
+        super::flex_train::head_cross_entropy(x, head, targets, weights, grads)
     }
 
     fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {

@@ -10,26 +10,27 @@
 //! |---|---|
 //! | Flex (CPU) | [`flex`]: packed row kernels on both cores (f32, or half precision widened to f32), attention in place over the cache, in-place cache writes |
 //! | CubeCL: CUDA, wgpu, Vulkan, Metal | `cube` (feature `cube`): one CubeCL launch per op, fixed launch shapes while decoding |
-//! | `Autodiff<B>` (training) | the defaults (Burn ops, so gradients flow) |
+//! | `Autodiff<B>` (training) | Burn's ops, so gradients flow, except the fused training kernels `B` has (`autodiff`: the exit head's cross-entropy with its gradients on Flex) |
 //!
 //! A fast path must compute each row of a few-row call exactly as it computes that row alone
 //! (self-speculative verification then reproduces autoregressive decoding bit for bit).
 
-use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::nn::RmsNorm;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
 use crate::error::ModelError;
 use crate::rope::RopeTables;
 
+mod autodiff;
 #[cfg(feature = "cube")]
 pub mod cube;
 #[cfg(feature = "flex")]
 pub mod flex;
+#[cfg(feature = "flex")]
+mod flex_train;
 
 /// Backend state kept beside one weight matrix (on Flex, the packed copy its row kernels read),
 /// made by [`LayerSkipBackend::prepare`] or on first use, and shared by clones of the module that
@@ -224,6 +225,104 @@ pub trait LayerSkipBackend: Backend {
     ) -> Tensor<Self, 3> {
         burn_ops::exit_logits(x, norm, head, packed, vocab)
     }
+
+    /// Causal grouped-query self-attention over whole sequences (no cache: training and
+    /// evaluation), query head `h` reading kv head `h / (heads / kv_heads)`.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, seq, heads, head_dim]`; `k`, `v`: `[batch, seq, kv_heads, head_dim]`
+    ///   (`q` and `k` rotated) -> `[batch, seq, heads * head_dim]`
+    fn self_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 3> {
+        match Self::self_attention_forward(q.clone(), k.clone(), v.clone()) {
+            Some(fused) => fused.out,
+            None => burn_ops::self_attention(q, k, v),
+        }
+    }
+
+    /// [`self_attention`](Self::self_attention) by a fused kernel that keeps each row's
+    /// log-sum-exp rather than the `[seq, seq]` probabilities, for
+    /// [`self_attention_backward`](Self::self_attention_backward); `None` where the backend has
+    /// no such kernel (the default). `Autodiff<Self>` then registers one backward step for it.
+    fn self_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Option<SelfAttention<Self>> {
+        let _ = (q, k, v);
+        None
+    }
+
+    /// The gradients with respect to `q`, `k` and `v` of a
+    /// [`self_attention_forward`](Self::self_attention_forward) that returned `forward`, given
+    /// the gradient `dout` of its output. The default recomputes the probabilities from the
+    /// log-sum-exp in Burn's ops.
+    ///
+    /// # Shapes
+    /// - as [`self_attention`](Self::self_attention); `dout` like its output
+    fn self_attention_backward(
+        [q, k, v]: [Tensor<Self, 4>; 3],
+        forward: SelfAttention<Self>,
+        dout: Tensor<Self, 3>,
+    ) -> [Tensor<Self, 4>; 3] {
+        burn_ops::self_attention_backward([q, k, v], forward, dout)
+    }
+
+    /// The shared exit head's cross-entropy, `sum_r weights[r] * CE(x_r · Wᵀ, targets[r])`
+    /// over the whole vocabulary, on `x` already normed (the training loss of one exit, with
+    /// `weights` = the loss mask over its count).
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, hidden]`; `targets`, `weights`: `[rows]` -> `[1]`
+    fn exit_cross_entropy(
+        x: Tensor<Self, 2>,
+        head: Head<Self>,
+        targets: Tensor<Self, 1, Int>,
+        weights: Tensor<Self, 1>,
+    ) -> Tensor<Self, 1> {
+        match Self::head_cross_entropy(x.clone(), &head, targets.clone(), weights.clone(), false) {
+            Some(fused) => fused.loss,
+            None => burn_ops::exit_cross_entropy(x, head, targets, weights),
+        }
+    }
+
+    /// [`exit_cross_entropy`](Self::exit_cross_entropy) by a fused kernel that never holds the
+    /// `[rows, vocab]` logits, with (if `grads`) the gradients with respect to `x` and the head
+    /// weight computed in the same pass; `None` where the backend has no such kernel (the
+    /// default). `Autodiff<Self>` runs it in the forward pass and keeps the gradients for the
+    /// backward pass.
+    fn head_cross_entropy(
+        x: Tensor<Self, 2>,
+        head: &Head<Self>,
+        targets: Tensor<Self, 1, Int>,
+        weights: Tensor<Self, 1>,
+        grads: bool,
+    ) -> Option<HeadLoss<Self>> {
+        let _ = (x, head, targets, weights, grads);
+        None
+    }
+}
+
+/// What [`LayerSkipBackend::self_attention_forward`] returns.
+#[derive(Debug, Clone)]
+pub struct SelfAttention<B: Backend> {
+    /// The attention's output `[batch, seq, heads * head_dim]`.
+    pub out: Tensor<B, 3>,
+    /// Each row's log-sum-exp of the scaled scores `[batch, heads, seq]` (f32).
+    pub lse: Tensor<B, 3>,
+}
+
+/// What [`LayerSkipBackend::head_cross_entropy`] returns.
+#[derive(Debug, Clone)]
+pub struct HeadLoss<B: Backend> {
+    /// The loss `[1]` (f32).
+    pub loss: Tensor<B, 1>,
+    /// If asked for: d loss / d x `[rows, hidden]` and d loss / d head weight (in the weight's
+    /// shape), each in its input's dtype.
+    pub grads: Option<(Tensor<B, 2>, Tensor<B, 2>)>,
 }
 
 pub use layerskip_kernels::cpu::rows::Quantization;
@@ -372,6 +471,81 @@ pub mod burn_ops {
         }
     }
 
+    /// See [`LayerSkipBackend::self_attention`]: kv heads repeated, Burn's attention.
+    pub fn self_attention<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let groups = q.dims()[2] / k.dims()[2];
+        // [batch, seq, kv_heads, head_dim] -> [batch, heads, seq, head_dim]
+        let heads = |t: Tensor<B, 4>| repeat_kv(t.swap_dims(1, 2), groups);
+        causal_attention(q, heads(k), heads(v))
+    }
+
+    /// See [`LayerSkipBackend::self_attention_backward`]: with `P` recomputed from the
+    /// log-sum-exp, `dV = Pᵀ dO`, `dS = P ⊙ (dO Vᵀ - rowsum(dO ⊙ O)) / sqrt(d)`, `dQ = dS K`,
+    /// `dK = dSᵀ Q`, each kv head's gradients summed over the query heads that read it.
+    pub fn self_attention_backward<B: Backend>(
+        [q, k, v]: [Tensor<B, 4>; 3],
+        forward: SelfAttention<B>,
+        dout: Tensor<B, 3>,
+    ) -> [Tensor<B, 4>; 3] {
+        let [b, s, heads, d] = q.dims();
+        let kv_heads = k.dims()[2];
+        let groups = heads / kv_heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        let by_head = |t: Tensor<B, 3>| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+        let qh = q.swap_dims(1, 2);
+        let kh = repeat_kv(k.swap_dims(1, 2), groups);
+        let vh = repeat_kv(v.swap_dims(1, 2), groups);
+        // true above the diagonal (`tril_mask` marks what lies outside the lower triangle).
+        let future = Tensor::<B, 2, Bool>::tril_mask([s, s], 0, &qh.device())
+            .unsqueeze::<4>()
+            .expand([b, heads, s, s]);
+        let scores = qh.clone().matmul(kh.clone().transpose()) * scale;
+        let p = (scores - forward.lse.cast(qh.dtype()).unsqueeze_dim(3))
+            .exp()
+            .mask_fill(future, 0.0);
+        let (dout, out) = (by_head(dout), by_head(forward.out));
+        let dv = p.clone().transpose().matmul(dout.clone());
+        let delta = (dout.clone() * out).sum_dim(3);
+        let ds = p * (dout.matmul(vh.transpose()) - delta) * scale;
+        let dq = ds.clone().matmul(kh);
+        let dk = ds.transpose().matmul(qh);
+        // [batch, heads, seq, d] -> [batch, seq, kv_heads, d], summed over each group.
+        let per_kv = |t: Tensor<B, 4>| {
+            t.reshape([b, kv_heads, groups, s, d])
+                .sum_dim(2)
+                .reshape([b, kv_heads, s, d])
+                .swap_dims(1, 2)
+        };
+        [dq.swap_dims(1, 2), per_kv(dk), per_kv(dv)]
+    }
+
+    /// See [`LayerSkipBackend::exit_cross_entropy`]: the head's logits, widened to f32 in half
+    /// precision (log-softmax over a vocabulary in bf16 loses the small probabilities the loss
+    /// is made of), log-softmax, the targets' entries.
+    pub fn exit_cross_entropy<B: Backend>(
+        x: Tensor<B, 2>,
+        head: Head<B>,
+        targets: Tensor<B, 1, Int>,
+        weights: Tensor<B, 1>,
+    ) -> Tensor<B, 1> {
+        let logits = match head {
+            Head::Tied(embed) => x.matmul(embed.transpose()),
+            Head::Untied(weight) => x.matmul(weight),
+        };
+        let logits = if logits.dtype() == weights.dtype() {
+            logits
+        } else {
+            logits.cast(weights.dtype())
+        };
+        let logp = burn::tensor::activation::log_softmax(logits, 1);
+        let picked = logp.gather(1, targets.unsqueeze_dim(1)).squeeze_dim::<1>(1);
+        (picked * weights).sum().neg()
+    }
+
     /// See [`LayerSkipBackend::attend_cached`]: the held prefix, kv heads repeated, Burn's
     /// attention.
     pub fn attend_cached<B: Backend>(
@@ -415,6 +589,3 @@ pub(crate) fn causal_attention<B: Backend>(
         .swap_dims(1, 2)
         .reshape([b, s, heads * d])
 }
-
-/// Training differentiates through Burn's ops: the defaults throughout.
-impl<B: LayerSkipBackend, C: CheckpointStrategy> LayerSkipBackend for Autodiff<B, C> {}

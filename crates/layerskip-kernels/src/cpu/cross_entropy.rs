@@ -1,0 +1,362 @@
+//! The LM head fused with cross-entropy, for training: the loss of `x · Wᵀ` against target ids
+//! and its gradients with respect to `x` and `W`, computed a chunk of rows at a time so that no
+//! `[rows, vocab]` logits (nor their gradient) is ever held whole (llm.c's fused classifier).
+//!
+//! Per chunk of [`CHUNK`] rows: the logits by one product, then per row the log-sum-exp, the
+//! loss and, in place of the logits, their gradient `w_r (softmax - onehot)`; then the two
+//! products of the gradient (`dx = dz · W`, `dW += dzᵀ · x`). Rows are independent and the
+//! products split over output blocks only, so the result does not depend on the thread count.
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// Rows per chunk: the chunk's logits (`CHUNK x vocab` f32) stay small next to the whole.
+pub const CHUNK: usize = 256;
+
+/// How the head's weight `W` is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// `[vocab, hidden]`: a token embedding read as a tied head.
+    OutIn,
+    /// `[hidden, vocab]`: an untied head in Burn's `Linear` layout.
+    InOut,
+}
+
+/// The shapes of a fused head + cross-entropy call.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    /// Rows of `x` (positions).
+    pub rows: usize,
+    /// Width of `x`.
+    pub hidden: usize,
+    /// Logits per row.
+    pub vocab: usize,
+    /// How `W` is stored.
+    pub layout: HeadLayout,
+}
+
+/// Where the gradients go: `x` `[rows, hidden]` and `w` in `W`'s layout (overwritten).
+pub struct HeadGrads<'a> {
+    /// d loss / d x.
+    pub x: &'a mut [f32],
+    /// d loss / d W.
+    pub w: &'a mut [f32],
+}
+
+/// `sum_r weights[r] * CE(x_r · Wᵀ, targets[r])` (natural log), and with `grads` its gradients.
+/// A row of weight 0 adds nothing and gets a zero gradient (its target is not read).
+///
+/// # Shapes
+/// - `x`: `[rows, hidden]`; `w`: `[vocab, hidden]` ([`HeadLayout::OutIn`]) or `[hidden, vocab]`;
+///   `targets`, `weights`: `[rows]`
+pub fn head_cross_entropy(
+    x: &[f32],
+    w: &[f32],
+    shape: &HeadShape,
+    targets: &[u32],
+    weights: &[f32],
+    mut grads: Option<HeadGrads<'_>>,
+) -> f64 {
+    let HeadShape {
+        rows,
+        hidden: h,
+        vocab: v,
+        layout,
+    } = *shape;
+    assert!(
+        x.len() == rows * h && w.len() == v * h,
+        "head_cross_entropy: shapes"
+    );
+    assert!(targets.len() == rows && weights.len() == rows);
+    if let Some(g) = grads.as_mut() {
+        assert!(g.x.len() == x.len() && g.w.len() == w.len());
+        g.w.fill(0.0);
+    }
+    // W as the right operand of `x · Wᵀ` ([hidden, vocab]) and of `dz · W` ([vocab, hidden]).
+    let (wt, wn) = match layout {
+        HeadLayout::OutIn => (Strided::new(w, 1, h), Strided::new(w, h, 1)),
+        HeadLayout::InOut => (Strided::new(w, v, 1), Strided::new(w, 1, v)),
+    };
+    let want_grads = grads.is_some();
+    let mut z = vec![0f32; CHUNK.min(rows) * v];
+    let mut losses = vec![0f64; rows];
+    for start in (0..rows).step_by(CHUNK) {
+        let c = CHUNK.min(rows - start);
+        let xc = &x[start * h..(start + c) * h];
+        let zc = &mut z[..c * v];
+        product(zc, v, false, Strided::new(xc, h, 1), wt, [c, v, h]);
+        let (tc, wc) = (&targets[start..start + c], &weights[start..start + c]);
+        zc.par_chunks_mut(v)
+            .zip(losses[start..start + c].par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (row, loss))| *loss = row_loss(row, tc[r], wc[r], want_grads));
+        if let Some(g) = grads.as_mut() {
+            let dz = Strided::new(zc, v, 1);
+            product(
+                &mut g.x[start * h..(start + c) * h],
+                h,
+                false,
+                dz,
+                wn,
+                [c, h, v],
+            );
+            match layout {
+                // dW [vocab, hidden] += dzᵀ · x
+                HeadLayout::OutIn => {
+                    let dzt = Strided::new(zc, 1, v);
+                    product(g.w, h, true, dzt, Strided::new(xc, h, 1), [v, h, c]);
+                }
+                // dW [hidden, vocab] += xᵀ · dz
+                HeadLayout::InOut => {
+                    let xt = Strided::new(xc, 1, h);
+                    product(g.w, v, true, xt, dz, [h, v, c]);
+                }
+            }
+        }
+    }
+    losses.iter().sum()
+}
+
+/// One row's weighted loss `weight * (logsumexp(z) - z[target])`; with `grad`, `z` becomes
+/// `weight * (softmax(z) - onehot(target))`.
+fn row_loss(z: &mut [f32], target: u32, weight: f32, grad: bool) -> f64 {
+    if weight == 0.0 {
+        if grad {
+            z.fill(0.0);
+        }
+        return 0.0;
+    }
+    let t = target as usize;
+    assert!(
+        t < z.len(),
+        "target id {t} outside the vocabulary of {}",
+        z.len()
+    );
+    let picked = z[t];
+    let (mut max, mut nan) = (f32::NEG_INFINITY, false);
+    for &v in z.iter() {
+        nan |= v.is_nan();
+        max = max.max(v);
+    }
+    if nan {
+        // Non-finite logits must surface as a NaN loss, not be clamped away.
+        z.fill(f32::NAN);
+        return f64::NAN;
+    }
+    let sum = exp_shifted(z, max);
+    let lse = max as f64 + (sum as f64).ln();
+    if grad {
+        let scale = weight / sum;
+        z.iter_mut().for_each(|e| *e *= scale);
+        z[t] -= weight;
+    }
+    weight as f64 * (lse - picked as f64)
+}
+
+/// `z[i] = exp(z[i] - max)` in place (vectorised where the CPU has AVX2 and FMA; arguments
+/// must not be NaN); returns the sum.
+pub(crate) fn exp_shifted(z: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { exp_shifted_avx2(z, max) };
+    }
+    let mut sum = 0.0;
+    for e in z.iter_mut() {
+        *e = (*e - max).exp();
+        sum += *e;
+    }
+    sum
+}
+
+/// [`exp_shifted`] with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(z: &mut [f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let body = z.len() / 8 * 8;
+    let mut tail = 0.0;
+    for e in &mut z[body..] {
+        *e = (*e - max).exp();
+        tail += *e;
+    }
+    // SAFETY: the offsets stay below `body <= len`; the caller's promise covers the intrinsics.
+    unsafe {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        let p = z.as_mut_ptr();
+        let mut i = 0;
+        while i < body {
+            let e = super::exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+/// A matrix operand: its values and the strides of its rows and columns.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    values: &'a [f32],
+    row: isize,
+    col: isize,
+}
+
+impl<'a> Strided<'a> {
+    fn new(values: &'a [f32], row: usize, col: usize) -> Self {
+        Self {
+            values,
+            row: row as isize,
+            col: col as isize,
+        }
+    }
+
+    /// The highest offset an `[m, n]` view reads.
+    fn reach(&self, m: usize, n: usize) -> usize {
+        (m.max(1) - 1) * self.row as usize + (n.max(1) - 1) * self.col as usize
+    }
+}
+
+/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`, `dst` row-major with row stride `ld`, on every
+/// thread of rayon's pool.
+fn product(
+    dst: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Strided,
+    [m, n, k]: [usize; 3],
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= ld && (m - 1) * ld + n <= dst.len());
+    assert!(k == 0 || (lhs.reach(m, k) < lhs.values.len() && rhs.reach(k, n) < rhs.values.len()));
+    // SAFETY: the asserts keep every read and write inside the slices.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ld as isize,
+            accumulate,
+            lhs.values.as_ptr(),
+            lhs.col,
+            lhs.row,
+            rhs.values.as_ptr(),
+            rhs.col,
+            rhs.row,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loss and gradients by the definitions, in f64.
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        s: &HeadShape,
+        targets: &[u32],
+        weights: &[f32],
+    ) -> (f64, Vec<f64>, Vec<f64>) {
+        let (h, v) = (s.hidden, s.vocab);
+        let wi = |o: usize, i: usize| match s.layout {
+            HeadLayout::OutIn => o * h + i,
+            HeadLayout::InOut => i * v + o,
+        };
+        let (mut loss, mut dx, mut dw) = (0.0, vec![0.0; x.len()], vec![0.0; w.len()]);
+        for r in 0..s.rows {
+            let z: Vec<f64> = (0..v)
+                .map(|o| {
+                    (0..h)
+                        .map(|i| x[r * h + i] as f64 * w[wi(o, i)] as f64)
+                        .sum()
+                })
+                .collect();
+            let max = z.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = z.iter().map(|e| (e - max).exp()).sum();
+            let t = targets[r] as usize;
+            let wr = weights[r] as f64;
+            loss += wr * (max + sum.ln() - z[t]);
+            for o in 0..v {
+                let dz = wr * ((z[o] - max).exp() / sum - if o == t { 1.0 } else { 0.0 });
+                for i in 0..h {
+                    dx[r * h + i] += dz * w[wi(o, i)] as f64;
+                    dw[wi(o, i)] += dz * x[r * h + i] as f64;
+                }
+            }
+        }
+        (loss, dx, dw)
+    }
+
+    fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn loss_and_gradients_match_the_definition() {
+        // More rows than a chunk (a partial last chunk), a vocabulary that is not a multiple of
+        // the vector width, masked rows.
+        for layout in [HeadLayout::OutIn, HeadLayout::InOut] {
+            let s = HeadShape {
+                rows: CHUNK + 37,
+                hidden: 24,
+                vocab: 67,
+                layout,
+            };
+            let x = values(s.rows * s.hidden, 1, 2.0);
+            let w = values(s.vocab * s.hidden, 2, 1.0);
+            let targets: Vec<u32> = (0..s.rows).map(|r| (r * 31 % s.vocab) as u32).collect();
+            let weights: Vec<f32> = (0..s.rows)
+                .map(|r| if r % 7 == 3 { 0.0 } else { 1.0 / s.rows as f32 })
+                .collect();
+            let (mut dx, mut dw) = (vec![0.0; x.len()], vec![1.0; w.len()]);
+            let grads = HeadGrads {
+                x: &mut dx,
+                w: &mut dw,
+            };
+            let loss = head_cross_entropy(&x, &w, &s, &targets, &weights, Some(grads));
+            let (want, want_dx, want_dw) = reference(&x, &w, &s, &targets, &weights);
+            assert!((loss - want).abs() < 1e-5 * want.abs(), "{loss} vs {want}");
+            let close = |got: &[f32], want: &[f64]| {
+                let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for (g, w) in got.iter().zip(want) {
+                    assert!((*g as f64 - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+                }
+            };
+            close(&dx, &want_dx);
+            close(&dw, &want_dw);
+            let alone = head_cross_entropy(&x, &w, &s, &targets, &weights, None);
+            assert_eq!(
+                alone, loss,
+                "the loss does not depend on computing gradients"
+            );
+        }
+    }
+}

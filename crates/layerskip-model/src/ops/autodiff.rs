@@ -1,0 +1,165 @@
+//! [`LayerSkipBackend`] for `Autodiff<B>` (training): Burn's ops, so gradients flow, except
+//! where the inner backend `B` has a fused training kernel; such an op computes its gradients
+//! with the kernel and registers them as one backward step of the autodiff graph (Burn's
+//! backend-extension pattern for autodiff, as in its `custom-cubecl-kernel` example).
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+use super::{Head, HeadLoss, LayerSkipBackend, SelfAttention, burn_ops};
+
+impl<B: LayerSkipBackend, C: CheckpointStrategy> LayerSkipBackend for Autodiff<B, C> {
+    fn self_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 3> {
+        fused_self_attention::<B, C>([q.clone(), k.clone(), v.clone()])
+            .unwrap_or_else(|| burn_ops::self_attention(q, k, v))
+    }
+
+    fn exit_cross_entropy(
+        x: Tensor<Self, 2>,
+        head: Head<Self>,
+        targets: Tensor<Self, 1, Int>,
+        weights: Tensor<Self, 1>,
+    ) -> Tensor<Self, 1> {
+        fused_exit_cross_entropy::<B, C>(x.clone(), &head, targets.clone(), weights.clone())
+            .unwrap_or_else(|| burn_ops::exit_cross_entropy(x, head, targets, weights))
+    }
+}
+
+/// The backward step of the fused head + cross-entropy: the gradients were computed with the
+/// loss, so it only scales them by the loss's incoming gradient.
+#[derive(Debug)]
+struct HeadCrossEntropyBackward;
+
+impl<B: Backend> Backward<B, 2> for HeadCrossEntropyBackward {
+    /// d loss / d x and d loss / d head weight.
+    type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad =
+            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let (dx, dw) = ops.state;
+        let scaled = |d: B::FloatTensorPrimitive| {
+            let d = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(d));
+            let g = grad.clone().cast(d.dtype()).reshape([1, 1]);
+            (d * g).into_primitive().tensor()
+        };
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, scaled(dx));
+        }
+        if let Some(node) = node_w {
+            grads.register::<B>(node.id, scaled(dw));
+        }
+    }
+}
+
+/// [`LayerSkipBackend::exit_cross_entropy`] through `B`'s fused kernel, or `None` where `B`
+/// has none.
+fn fused_exit_cross_entropy<B: LayerSkipBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    head: &Head<Autodiff<B, C>>,
+    targets: Tensor<Autodiff<B, C>, 1, Int>,
+    weights: Tensor<Autodiff<B, C>, 1>,
+) -> Option<Tensor<Autodiff<B, C>, 1>> {
+    let (tied, w) = match head {
+        Head::Tied(e) => (true, e.clone()),
+        Head::Untied(w) => (false, w.clone()),
+    };
+    let x = x.into_primitive().tensor();
+    let w = w.into_primitive().tensor();
+    let inner = |p: &B::FloatTensorPrimitive| {
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p.clone()))
+    };
+    let inner_head = if tied {
+        Head::Tied(inner(&w.primitive))
+    } else {
+        Head::Untied(inner(&w.primitive))
+    };
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets.into_primitive());
+    let weights = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(
+        weights.into_primitive().tensor().primitive,
+    ));
+    let tracked = !(x.node.requirement.is_none() && w.node.requirement.is_none());
+    let HeadLoss { loss, grads } =
+        B::head_cross_entropy(inner(&x.primitive), &inner_head, targets, weights, tracked)?;
+    let loss = loss.into_primitive().tensor();
+    let out = match HeadCrossEntropyBackward
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (dx, dw) = grads.expect("gradients were asked for");
+            let state = (dx.into_primitive().tensor(), dw.into_primitive().tensor());
+            prep.finish(state, loss)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(loss),
+    };
+    Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// The backward step of the fused self-attention: the inner backend's
+/// [`LayerSkipBackend::self_attention_backward`].
+#[derive(Debug)]
+struct SelfAttentionBackward;
+
+impl<B: LayerSkipBackend> Backward<B, 3> for SelfAttentionBackward {
+    /// q, k, v, and the forward's output and log-sum-exp.
+    type State = [B::FloatTensorPrimitive; 5];
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout =
+            Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let [q, k, v, out, lse] = ops.state;
+        let four = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+        let three = |p| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p));
+        let forward = SelfAttention {
+            out: three(out),
+            lse: three(lse),
+        };
+        let d = B::self_attention_backward([four(q), four(k), four(v)], forward, dout);
+        for (node, grad) in ops.parents.into_iter().zip(d) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// [`LayerSkipBackend::self_attention`] through `B`'s fused kernel, or `None` where `B` has
+/// none.
+fn fused_self_attention<B: LayerSkipBackend, C: CheckpointStrategy>(
+    qkv: [Tensor<Autodiff<B, C>, 4>; 3],
+) -> Option<Tensor<Autodiff<B, C>, 3>> {
+    let [q, k, v] = qkv.map(|t| t.into_primitive().tensor());
+    let inner = |p: &B::FloatTensorPrimitive| {
+        Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p.clone()))
+    };
+    let SelfAttention { out, lse } = B::self_attention_forward(
+        inner(&q.primitive),
+        inner(&k.primitive),
+        inner(&v.primitive),
+    )?;
+    let (out, lse) = (out.into_primitive().tensor(), lse.into_primitive().tensor());
+    let result = match SelfAttentionBackward
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state = [q.primitive, k.primitive, v.primitive, out.clone(), lse];
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Some(Tensor::from_primitive(TensorPrimitive::Float(result)))
+}

@@ -1,0 +1,243 @@
+//! The fused training kernels against Burn's own ops: the loss and every gradient of the exit
+//! head's cross-entropy under `Autodiff<Flex>` (the fused kernel and its registered backward)
+//! against the same loss composed of Burn ops (`ops::burn_ops`, differentiated by Burn), on a
+//! tied and an untied head, in f32 and under bf16 mixed precision, with masked positions.
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
+use layerskip_model::ops::{Head, burn_ops};
+use layerskip_model::{LayerSkipBackend, LlamaConfig, LlamaModel, RopeConfig};
+
+type A = Autodiff<Flex>;
+
+fn config(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        // More positions than one chunk of the fused kernel (256 rows) below.
+        vocab_size: 301,
+        hidden_size: 40,
+        intermediate_size: 48,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 10,
+        max_position_embeddings: 512,
+        rms_norm_eps: 1e-5,
+        rope: RopeConfig {
+            theta: 10_000.0,
+            llama3_scaling: None,
+        },
+        tie_word_embeddings: tied,
+        bos_token_id: None,
+        eos_token_ids: vec![2],
+    }
+}
+
+/// The loss and the gradients of the hidden state, the final norm's gain and the head weight.
+fn loss_and_grads(model: &LlamaModel<A>, fused: bool, bf16: bool) -> (f32, [Vec<f32>; 3]) {
+    let device = Default::default();
+    let (batch, seq, vocab) = (3, 100, model.config().vocab_size);
+    let compute = if bf16 {
+        model.cast(FloatDType::BF16)
+    } else {
+        model.clone()
+    };
+    let dims = [batch, seq, model.config().hidden_size];
+    let hidden = Tensor::<A, 3>::from_data(
+        TensorData::new(values(dims.iter().product(), 11), dims),
+        &device,
+    )
+    .require_grad();
+    let ids: Vec<i64> = (0..batch * seq).map(|i| (i * 37 % vocab) as i64).collect();
+    let targets = Tensor::<A, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
+    let mask: Vec<f32> = (0..batch * seq)
+        .map(|i| if i % 9 == 4 { 0.0 } else { 1.0 })
+        .collect();
+    let mask = Tensor::<A, 2>::from_data(TensorData::new(mask, [batch, seq]), &device);
+    let weights = mask.clone() / mask.sum().unsqueeze::<2>();
+    let x = if bf16 {
+        hidden.clone().cast(FloatDType::BF16)
+    } else {
+        hidden.clone()
+    };
+    let loss = if fused {
+        compute.exit_cross_entropy(x, targets, weights)
+    } else {
+        let hidden_size = model.config().hidden_size;
+        let normed = A::rms_norm(&compute.norm, x).reshape([batch * seq, hidden_size]);
+        let head = match &compute.lm_head {
+            Some(linear) => Head::Untied(linear.weight.val()),
+            None => Head::Tied(compute.embed_tokens.val()),
+        };
+        burn_ops::exit_cross_entropy(
+            normed,
+            head,
+            targets.reshape([batch * seq]),
+            weights.reshape([batch * seq]),
+        )
+    };
+    // A loss scaled on its way to backward: the registered step must scale its gradients.
+    let grads = (loss.clone() * 2.5).backward();
+    let flat =
+        |t: Option<Tensor<Flex, 2>>| t.expect("a gradient").into_data().iter::<f32>().collect();
+    let head_weight = match &model.lm_head {
+        Some(linear) => linear.weight.val(),
+        None => model.embed_tokens.val(),
+    };
+    let gain = model
+        .norm
+        .gamma
+        .val()
+        .grad(&grads)
+        .expect("the gain's gradient");
+    (
+        loss.into_scalar(),
+        [
+            hidden
+                .grad(&grads)
+                .expect("the hidden state's gradient")
+                .into_data()
+                .iter()
+                .collect(),
+            gain.into_data().iter().collect(),
+            flat(head_weight.grad(&grads)),
+        ],
+    )
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "{what}: all zero");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * scale,
+            "{what}[{i}]: {g} vs {w} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn fused_head_cross_entropy_matches_burns_gradients() {
+    let device = Default::default();
+    // f32: both sides compute the logits in f32 (different summation orders); bf16: the fused
+    // kernel widens the bf16 values and accumulates in f32, Burn's bf16 matmul rounds its logits
+    // to bf16 before the f32 log-softmax, and both round the gradients to bf16.
+    for (bf16, rel) in [(false, 2e-5), (true, 3e-2)] {
+        for tied in [true, false] {
+            A::seed(&device, 3);
+            let model = LlamaModel::<A>::init_with_std(&config(tied), 0.3, &device).unwrap();
+            let (loss, grads) = loss_and_grads(&model, true, bf16);
+            let (want, want_grads) = loss_and_grads(&model, false, bf16);
+            let case = format!("tied {tied}, bf16 {bf16}");
+            assert!(
+                (loss - want).abs() <= rel * want.abs(),
+                "{case}: loss {loss} vs {want}"
+            );
+            for (name, (g, w)) in ["d hidden", "d norm gain", "d head weight"]
+                .iter()
+                .zip(grads.iter().zip(&want_grads))
+            {
+                assert_close(&format!("{case}: {name}"), g, w, rel);
+            }
+        }
+    }
+}
+
+/// Pseudo-random `[batch, seq, heads, head_dim]` activations that require gradients, from a
+/// local generator (the tests of this file run in parallel; Burn's seed is process-wide).
+fn activations(dims: [usize; 4], seed: u64) -> Tensor<A, 4> {
+    let n = dims.iter().product();
+    Tensor::<A, 4>::from_data(TensorData::new(values(n, seed), dims), &Default::default())
+        .require_grad()
+}
+
+/// `n` values in [-1, 1) from xorshift64 seeded with `seed`.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// The attention's output and the gradients of `sum(out * w)` (a fixed random `w`) with respect
+/// to q, k and v, by `attend` on `Autodiff<Flex>`.
+fn attention_grads(
+    attend: impl Fn(Tensor<A, 4>, Tensor<A, 4>, Tensor<A, 4>) -> Tensor<A, 3>,
+    bf16: bool,
+) -> [Vec<f32>; 4] {
+    let (b, s, heads, kv, d) = (2, 37, 6, 2, 8);
+    let [q, k, v] = [
+        activations([b, s, heads, d], 1),
+        activations([b, s, kv, d], 2),
+        activations([b, s, kv, d], 3),
+    ];
+    let cast = |t: &Tensor<A, 4>| {
+        if bf16 {
+            t.clone().cast(FloatDType::BF16)
+        } else {
+            t.clone()
+        }
+    };
+    let out = attend(cast(&q), cast(&k), cast(&v)).cast(FloatDType::F32);
+    let w = activations([b, s, heads, d], 4)
+        .reshape([b, s, heads * d])
+        .detach();
+    let grads = (out.clone() * w).sum().backward();
+    let flat = |t: Tensor<Flex, 4>| t.into_data().iter::<f32>().collect::<Vec<_>>();
+    [
+        out.into_data().iter::<f32>().collect(),
+        flat(q.grad(&grads).expect("dq")),
+        flat(k.grad(&grads).expect("dk")),
+        flat(v.grad(&grads).expect("dv")),
+    ]
+}
+
+#[test]
+fn fused_self_attention_matches_burns_gradients() {
+    for (bf16, rel) in [(false, 2e-5), (true, 3e-2)] {
+        let fused = attention_grads(A::self_attention, bf16);
+        let burn = attention_grads(burn_ops::self_attention, bf16);
+        for (name, (g, w)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.iter().zip(&burn))
+        {
+            assert_close(&format!("bf16 {bf16}: {name}"), g, w, rel);
+        }
+    }
+}
+
+#[test]
+fn burn_ops_attention_backward_matches_autodiff() {
+    // The default backward (what a backend with only a forward kernel would use), on Flex,
+    // against Burn's autodiff of the attention, from Flex's fused forward.
+    let want = attention_grads(burn_ops::self_attention, false);
+    let (b, s, heads, kv, d) = (2, 37, 6, 2, 8);
+    let inner = |t: Tensor<A, 4>| t.inner();
+    let [q, k, v] = [
+        inner(activations([b, s, heads, d], 1)),
+        inner(activations([b, s, kv, d], 2)),
+        inner(activations([b, s, kv, d], 3)),
+    ];
+    let w = activations([b, s, heads, d], 4)
+        .inner()
+        .reshape([b, s, heads * d]);
+    let forward = Flex::self_attention_forward(q.clone(), k.clone(), v.clone()).expect("f32");
+    let grads = burn_ops::self_attention_backward([q, k, v], forward, w);
+    for (name, (g, w)) in ["dq", "dk", "dv"]
+        .iter()
+        .zip(grads.into_iter().zip(&want[1..]))
+    {
+        assert_close(
+            name,
+            &g.into_data().iter::<f32>().collect::<Vec<_>>(),
+            w,
+            2e-5,
+        );
+    }
+}
