@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Default model v2 and its baseline (issue 19), trained on one GPU in one call: the corpus (this
-# machine's Python standard library and permissively licensed packages, scripts/gpu/corpus.py),
+# machine's Python standard library and permissively licensed packages, scripts/corpus.py),
 # one tokenizer trained by `layerskip tokenizer`, a short calibration of both runs side by side to
 # measure their throughput, then both runs at once with `steps` set so that they end inside the
 # budget, each converted to a bf16 model directory. What comes back (under $OUT, 6 files): each
@@ -41,7 +41,7 @@ if [ "$DEV" != cpu ]; then
 fi
 
 say "corpus"
-python3 scripts/gpu/corpus.py --out "$W/corpus" --manifest "$OUT/corpus.json" \
+python3 scripts/corpus.py --out "$W/corpus" --manifest "$OUT/corpus.json" \
     --max-mb "${CORPUS_MAX_MB:-300}" --dist-max-mb "${DIST_MAX_MB:-20}" 2>&1 | tee -a "$LOG"
 say "tokenizer (on the standard library part)"
 "$BIN" tokenizer --config "$PRESET" --data "$W/corpus/python-stdlib" --out "$W/tok" 2>&1 | tee -a "$LOG"

@@ -7,7 +7,7 @@ distribution-name order until --max-mb in all; the standard library goes to OUT/
 Writes a manifest (JSON: every distribution taken with its version, license and bytes, and
 the totals) for models/<model>/README.md.
 
-    python3 scripts/gpu/corpus.py --out DIR --manifest corpus.json [--max-mb 300] [--dist-max-mb 20]
+    python3 scripts/corpus.py --out DIR --manifest corpus.json [--max-mb 300] [--dist-max-mb 20]
 """
 import argparse
 import importlib.metadata as md
