@@ -4,6 +4,8 @@
 //! tied and an untied head, in f32 and under bf16 mixed precision, with masked positions.
 
 use burn::backend::{Autodiff, Flex};
+use burn::module::Param;
+use burn::nn::RmsNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use layerskip_model::ops::{Head, burn_ops};
@@ -240,4 +242,166 @@ fn burn_ops_attention_backward_matches_autodiff() {
             2e-5,
         );
     }
+}
+
+/// Gradients of `sum(f(inputs) * w)` with respect to each input, by `Autodiff<Flex>`.
+fn input_grads<const D: usize, const N: usize>(
+    f: impl Fn([Tensor<A, D>; N]) -> Tensor<A, D>,
+    dims: [usize; D],
+) -> Vec<Vec<f32>> {
+    let device = Default::default();
+    let n = dims.iter().product();
+    let make = |seed| {
+        Tensor::<A, D>::from_data(TensorData::new(values(n, seed), dims), &device).require_grad()
+    };
+    let inputs: [Tensor<A, D>; N] = std::array::from_fn(|i| make(20 + i as u64));
+    let w = Tensor::<A, D>::from_data(TensorData::new(values(n, 9), dims), &device);
+    let out = f(inputs.clone());
+    let grads = (out.clone() * w).sum().backward();
+    let mut all = vec![out.into_data().iter::<f32>().collect()];
+    for t in inputs {
+        all.push(
+            t.grad(&grads)
+                .expect("a gradient")
+                .into_data()
+                .iter::<f32>()
+                .collect(),
+        );
+    }
+    all
+}
+
+#[test]
+fn fused_silu_mul_and_rope_match_burns_gradients() {
+    let dims = [2, 9, 40];
+    let fused = input_grads(|[g, u]| A::silu_mul(g, u), dims);
+    let burn = input_grads(|[g, u]| burn_ops::silu_mul(g, u), dims);
+    for (name, (g, w)) in ["silu_mul", "d gate", "d up"]
+        .iter()
+        .zip(fused.iter().zip(&burn))
+    {
+        assert_close(name, g, w, 2e-6);
+    }
+    A::seed(&Default::default(), 3);
+    let model = LlamaModel::<A>::init(&config(true), &Default::default()).unwrap();
+    let tables = model.rope_tables(3, 9);
+    let dims = [2, 9, 4, 10];
+    let fused = input_grads(|[x]| A::rope(x, &tables), dims);
+    let burn = input_grads(|[x]| burn_ops::rope(x, &tables), dims);
+    for (name, (g, w)) in ["rope", "d x"].iter().zip(fused.iter().zip(&burn)) {
+        assert_close(name, g, w, 2e-6);
+    }
+}
+
+#[test]
+fn burn_ops_silu_mul_and_rope_backward_match_autodiff() {
+    // The defaults other backends get, against Burn's autodiff of the forward ops.
+    let dims = [2, 9, 40];
+    let want = input_grads(|[g, u]| burn_ops::silu_mul(g, u), dims);
+    let t = |seed| {
+        Tensor::<Flex, 3>::from_data(
+            TensorData::new(values(720, seed), dims),
+            &Default::default(),
+        )
+    };
+    let got = burn_ops::silu_mul_backward(t(20), t(21), t(9));
+    for (name, (g, w)) in ["d gate", "d up"]
+        .iter()
+        .zip(got.into_iter().zip(&want[1..]))
+    {
+        assert_close(
+            name,
+            &g.into_data().iter::<f32>().collect::<Vec<_>>(),
+            w,
+            2e-6,
+        );
+    }
+    let model = LlamaModel::<Flex>::init(&config(true), &Default::default()).unwrap();
+    let inner_tables = model.rope_tables(3, 9);
+    let ad_model = LlamaModel::<A>::init(&config(true), &Default::default()).unwrap();
+    let tables = ad_model.rope_tables(3, 9);
+    let dims = [2, 9, 4, 10];
+    let want = input_grads(|[x]| burn_ops::rope(x, &tables), dims);
+    let dy =
+        Tensor::<Flex, 4>::from_data(TensorData::new(values(720, 9), dims), &Default::default());
+    let got = burn_ops::rope_backward(dy, &inner_tables);
+    assert_close(
+        "d x",
+        &got.into_data().iter::<f32>().collect::<Vec<_>>(),
+        &want[1],
+        2e-6,
+    );
+}
+
+#[test]
+fn fused_rms_norm_matches_burns_gradients() {
+    let device = Default::default();
+    let h = 40;
+    // A gain away from 1, so that its gradient and its part in dx are both exercised.
+    let gain = |d: &_| Tensor::<A, 1>::from_data(TensorData::new(values(h, 5), [h]), d) + 1.5;
+    let norm = RmsNorm {
+        gamma: Param::from_tensor(gain(&device)),
+        epsilon: 1e-5,
+    };
+    // Rows past one block of the kernel's gain sums (64 rows).
+    let dims = [3, 29, h];
+    let run = |fused: bool| {
+        let mut all = input_grads(
+            |[x]| {
+                if fused {
+                    A::rms_norm(&norm, x)
+                } else {
+                    norm.forward(x)
+                }
+            },
+            dims,
+        );
+        // The gain's gradient of the same loss.
+        let x = Tensor::<A, 3>::from_data(TensorData::new(values(3 * 29 * h, 20), dims), &device);
+        let w = Tensor::<A, 3>::from_data(TensorData::new(values(3 * 29 * h, 9), dims), &device);
+        let out = if fused {
+            A::rms_norm(&norm, x)
+        } else {
+            norm.forward(x)
+        };
+        let grads = (out * w).sum().backward();
+        all.push(
+            norm.gamma
+                .val()
+                .grad(&grads)
+                .expect("d gain")
+                .into_data()
+                .iter()
+                .collect(),
+        );
+        all
+    };
+    let (fused, burn) = (run(true), run(false));
+    for (name, (g, w)) in ["rms_norm", "d x", "d gain"]
+        .iter()
+        .zip(fused.iter().zip(&burn))
+    {
+        assert_close(name, g, w, 1e-5);
+    }
+    // The default backward other backends get, on Flex, against the same autodiff gradients.
+    let inner = RmsNorm {
+        gamma: Param::from_tensor(norm.gamma.val().inner()),
+        epsilon: 1e-5,
+    };
+    let t = |seed| {
+        Tensor::<Flex, 3>::from_data(TensorData::new(values(3 * 29 * h, seed), dims), &device)
+    };
+    let (dx, d_gain) = burn_ops::rms_norm_backward(&inner, t(20), t(9));
+    assert_close(
+        "default d x",
+        &dx.into_data().iter::<f32>().collect::<Vec<_>>(),
+        &burn[1],
+        1e-5,
+    );
+    assert_close(
+        "default d gain",
+        &d_gain.into_data().iter::<f32>().collect::<Vec<_>>(),
+        &burn[2],
+        1e-5,
+    );
 }

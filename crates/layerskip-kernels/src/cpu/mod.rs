@@ -4,6 +4,7 @@
 pub mod attend;
 pub mod attention_train;
 pub mod cross_entropy;
+pub mod norm;
 pub mod pool;
 pub mod rows;
 
@@ -43,6 +44,111 @@ pub fn rope(
                 }
                 for i in half..d {
                     or[i] = xr[i] * c[i] + xr[i - half] * s[i];
+                }
+            }
+        }
+    }
+}
+
+/// The gradients of [`silu_mul`]: with `s = sigmoid(gate)`, `d_up = dy * gate * s` and
+/// `d_gate = dy * up * s * (1 + gate * (1 - s))`, elementwise (slices of equal length).
+pub fn silu_mul_backward(
+    gate: &[f32],
+    up: &[f32],
+    dy: &[f32],
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+) {
+    let n = gate.len();
+    assert!(up.len() == n && dy.len() == n && d_gate.len() == n && d_up.len() == n);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        unsafe { silu_mul_backward_avx2(gate, up, dy, d_gate, d_up) };
+        return;
+    }
+    silu_mul_backward_scalar(gate, up, dy, d_gate, d_up, 0);
+}
+
+fn silu_mul_backward_scalar(
+    gate: &[f32],
+    up: &[f32],
+    dy: &[f32],
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    from: usize,
+) {
+    for i in from..gate.len() {
+        let s = 1.0 / (1.0 + (-gate[i]).exp());
+        d_up[i] = dy[i] * gate[i] * s;
+        d_gate[i] = dy[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
+    }
+}
+
+/// [`silu_mul_backward`] with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_backward_avx2(
+    gate: &[f32],
+    up: &[f32],
+    dy: &[f32],
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let body = gate.len() / 8 * 8;
+    // SAFETY: the offsets stay below `body <= len` of every slice (equal lengths, asserted by
+    // the caller); the caller's promise covers the intrinsics.
+    unsafe {
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i < body {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let d = _mm256_loadu_ps(dy.as_ptr().add(i));
+            let s = _mm256_div_ps(
+                one,
+                _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))),
+            );
+            _mm256_storeu_ps(
+                d_up.as_mut_ptr().add(i),
+                _mm256_mul_ps(d, _mm256_mul_ps(g, s)),
+            );
+            let slope = _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one);
+            let du = _mm256_mul_ps(d, _mm256_loadu_ps(up.as_ptr().add(i)));
+            _mm256_storeu_ps(
+                d_gate.as_mut_ptr().add(i),
+                _mm256_mul_ps(du, _mm256_mul_ps(s, slope)),
+            );
+            i += 8;
+        }
+    }
+    silu_mul_backward_scalar(gate, up, dy, d_gate, d_up, body);
+}
+
+/// The gradient of [`rope`] with respect to `x`, given the gradient `dy` of its output: with
+/// `h = d / 2`, `dx[i] = dy[i] cos[i] + dy[i + h] sin[i + h]` and
+/// `dx[i + h] = dy[i + h] cos[i + h] - dy[i] sin[i]` (the rotation's transpose).
+pub fn rope_backward(
+    dy: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    dx: &mut [f32],
+    [batch, seq, heads, d]: [usize; 4],
+) {
+    let half = d / 2;
+    assert!(dy.len() == batch * seq * heads * d && dx.len() == dy.len());
+    for b in 0..batch {
+        for t in 0..seq {
+            let (c, s) = (&cos[t * d..(t + 1) * d], &sin[t * d..(t + 1) * d]);
+            for h in 0..heads {
+                let at = ((b * seq + t) * heads + h) * d;
+                let (g, o) = (&dy[at..at + d], &mut dx[at..at + d]);
+                for i in 0..half {
+                    o[i] = g[i] * c[i] + g[i + half] * s[i + half];
+                    o[i + half] = g[i + half] * c[i + half] - g[i] * s[i];
                 }
             }
         }

@@ -8,12 +8,82 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::module::Param;
+use burn::nn::RmsNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
 use super::{Head, HeadLoss, LayerSkipBackend, SelfAttention, burn_ops};
+use crate::rope::RopeTables;
 
 impl<B: LayerSkipBackend, C: CheckpointStrategy> LayerSkipBackend for Autodiff<B, C> {
+    fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        if !B::FUSED_BACKWARD {
+            return norm.forward(x);
+        }
+        let x = x.into_primitive().tensor();
+        let gain = norm.gamma.val().into_primitive().tensor();
+        let inner_norm = RmsNorm {
+            gamma: Param::from_tensor(inner(&gain.primitive)),
+            epsilon: norm.epsilon,
+        };
+        let out = B::rms_norm(&inner_norm, inner(&x.primitive));
+        let out = out.into_primitive().tensor();
+        let result = match RmsNormBackward
+            .prepare::<C>([x.node.clone(), gain.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, gain.primitive, norm.epsilon), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(result))
+    }
+
+    fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        if !B::FUSED_BACKWARD {
+            return burn_ops::silu_mul(gate, up);
+        }
+        let [gate, up] = [gate, up].map(|t| t.into_primitive().tensor());
+        let out = B::silu_mul(inner(&gate.primitive), inner(&up.primitive));
+        let out = out.into_primitive().tensor();
+        let result = match SiluMulBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish([gate.primitive, up.primitive], out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(result))
+    }
+
+    fn rope(x: Tensor<Self, 4>, tables: &RopeTables<Self>) -> Tensor<Self, 4> {
+        if !B::FUSED_BACKWARD {
+            return burn_ops::rope(x, tables);
+        }
+        let x = x.into_primitive().tensor();
+        let tables = RopeTables {
+            cos: tables.cos.clone().inner(),
+            sin: tables.sin.clone().inner(),
+        };
+        let out = B::rope(inner(&x.primitive), &tables)
+            .into_primitive()
+            .tensor();
+        let result = match RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = [tables.cos, tables.sin].map(|t| t.into_primitive().tensor());
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(result))
+    }
+
     fn self_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
@@ -162,4 +232,81 @@ fn fused_self_attention<B: LayerSkipBackend, C: CheckpointStrategy>(
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Some(Tensor::from_primitive(TensorPrimitive::Float(result)))
+}
+
+/// An inner-backend tensor of any rank from its primitive.
+fn inner<B: Backend, const D: usize>(p: &B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p.clone()))
+}
+
+/// The backward step of [`LayerSkipBackend::silu_mul`]: the inner backend's
+/// [`LayerSkipBackend::silu_mul_backward`].
+#[derive(Debug)]
+struct SiluMulBackward;
+
+impl<B: LayerSkipBackend> Backward<B, 2> for SiluMulBackward {
+    /// gate and up.
+    type State = [B::FloatTensorPrimitive; 2];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = inner::<B, 3>(&grads.consume::<B>(&ops.node));
+        let [gate, up] = ops.state;
+        let d = B::silu_mul_backward(inner(&gate), inner(&up), dy);
+        for (node, grad) in ops.parents.into_iter().zip(d) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// The backward step of [`LayerSkipBackend::rope`]: the inner backend's
+/// [`LayerSkipBackend::rope_backward`].
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: LayerSkipBackend> Backward<B, 1> for RopeBackward {
+    /// The tables' cos and sin.
+    type State = [B::FloatTensorPrimitive; 2];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = inner::<B, 4>(&grads.consume::<B>(&ops.node));
+        let [cos, sin] = ops.state;
+        let tables = RopeTables {
+            cos: inner(&cos),
+            sin: inner(&sin),
+        };
+        let [node] = ops.parents;
+        if let Some(node) = node {
+            let dx = B::rope_backward(dy, &tables);
+            grads.register::<B>(node.id, dx.into_primitive().tensor());
+        }
+    }
+}
+
+/// The backward step of [`LayerSkipBackend::rms_norm`]: the inner backend's
+/// [`LayerSkipBackend::rms_norm_backward`].
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: LayerSkipBackend> Backward<B, 2> for RmsNormBackward {
+    /// x, the gain and epsilon.
+    type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = inner::<B, 3>(&grads.consume::<B>(&ops.node));
+        let (x, gain, epsilon) = ops.state;
+        let norm = RmsNorm {
+            gamma: Param::from_tensor(inner(&gain)),
+            epsilon,
+        };
+        let (dx, d_gain) = B::rms_norm_backward(&norm, inner(&x), dy);
+        let [node_x, node_gain] = ops.parents;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, dx.into_primitive().tensor());
+        }
+        if let Some(node) = node_gain {
+            grads.register::<B>(node.id, d_gain.into_primitive().tensor());
+        }
+    }
 }

@@ -375,6 +375,28 @@ impl LayerSkipBackend for Flex {
         norm.forward(x)
     }
 
+    const FUSED_BACKWARD: bool = true;
+
+    fn rms_norm_backward(
+        norm: &RmsNorm<Self>,
+        x: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
+        super::flex_train::rms_norm_backward(norm, x, dy)
+    }
+
+    fn silu_mul_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> [Tensor<Self, 3>; 2] {
+        super::flex_train::silu_mul_backward(gate, up, dy)
+    }
+
+    fn rope_backward(dy: Tensor<Self, 4>, tables: &RopeTables<Self>) -> Tensor<Self, 4> {
+        super::flex_train::rope_backward(dy, tables)
+    }
+
     fn self_attention_forward(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,

@@ -7,8 +7,10 @@
 use std::borrow::Cow;
 
 use burn::backend::Flex;
+use burn::nn::RmsNorm;
 use burn::tensor::{DType, Int, Tensor};
 use burn_flex::FlexTensor;
+use layerskip_kernels::cpu;
 use layerskip_kernels::cpu::attention_train::{
     SelfAttentionShape, causal_attention_backward, causal_attention_forward,
 };
@@ -16,6 +18,7 @@ use layerskip_kernels::cpu::cross_entropy::{self, HeadGrads, HeadLayout, HeadSha
 
 use super::flex::{from_f32, is_row_dtype, raw, to_f32, values, wrap};
 use super::{Head, HeadLoss, SelfAttention};
+use crate::rope::RopeTables;
 
 /// See [`LayerSkipBackend::head_cross_entropy`](super::LayerSkipBackend::head_cross_entropy):
 /// f32, or bf16/f16 inputs widened to f32 (f32 arithmetic, gradients rounded once to the
@@ -152,6 +155,64 @@ fn attention_shape(
         kv_heads,
         head_dim,
     })
+}
+
+/// See [`LayerSkipBackend::rms_norm_backward`](super::LayerSkipBackend::rms_norm_backward).
+pub(super) fn rms_norm_backward(
+    norm: &RmsNorm<Flex>,
+    x: Tensor<Flex, 3>,
+    dy: Tensor<Flex, 3>,
+) -> (Tensor<Flex, 3>, Tensor<Flex, 1>) {
+    let (dims, dtype) = (x.dims().to_vec(), x.dtype());
+    let gain = norm.gamma.val();
+    let (h, gain_dtype) = (gain.dims()[0], gain.dtype());
+    let n = dims.iter().product();
+    let [x, dy] = [x, dy].map(raw);
+    let gain = raw(gain);
+    let (mut dx, mut d_gain) = (vec![0f32; n], vec![0f32; h]);
+    cpu::norm::rms_norm_backward(
+        &as_f32(&x, n),
+        &as_f32(&gain, h),
+        norm.epsilon as f32,
+        &as_f32(&dy, n),
+        &mut dx,
+        &mut d_gain,
+    );
+    (
+        wrap(from_f32(&dx, dims, dtype)),
+        wrap(from_f32(&d_gain, vec![h], gain_dtype)),
+    )
+}
+
+/// See [`LayerSkipBackend::silu_mul_backward`](super::LayerSkipBackend::silu_mul_backward).
+pub(super) fn silu_mul_backward(
+    gate: Tensor<Flex, 3>,
+    up: Tensor<Flex, 3>,
+    dy: Tensor<Flex, 3>,
+) -> [Tensor<Flex, 3>; 2] {
+    let (dims, dtype) = (gate.dims().to_vec(), gate.dtype());
+    let n = dims.iter().product();
+    let [g, u, d] = [gate, up, dy].map(raw);
+    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    cpu::silu_mul_backward(
+        &as_f32(&g, n),
+        &as_f32(&u, n),
+        &as_f32(&d, n),
+        &mut dg,
+        &mut du,
+    );
+    [dg, du].map(|t| wrap(from_f32(&t, dims.clone(), dtype)))
+}
+
+/// See [`LayerSkipBackend::rope_backward`](super::LayerSkipBackend::rope_backward).
+pub(super) fn rope_backward(dy: Tensor<Flex, 4>, tables: &RopeTables<Flex>) -> Tensor<Flex, 4> {
+    let (dims, dtype) = (dy.dims(), dy.dtype());
+    let (n, table) = (dims.iter().product(), dims[1] * dims[3]);
+    let [d, cos, sin] = [dy, tables.cos.clone(), tables.sin.clone()].map(raw);
+    let mut dx = vec![0f32; n];
+    let (cos, sin) = (as_f32(&cos, table), as_f32(&sin, table));
+    cpu::rope_backward(&as_f32(&d, n), &cos, &sin, &mut dx, dims);
+    wrap(from_f32(&dx, dims.to_vec(), dtype))
 }
 
 /// The first `len` values of a contiguous f32, bf16 or f16 tensor as f32: borrowed for f32.

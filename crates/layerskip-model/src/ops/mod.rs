@@ -118,6 +118,42 @@ pub trait LayerSkipBackend: Backend {
         burn_ops::silu_mul(gate, up)
     }
 
+    /// Whether `Autodiff<Self>` differentiates [`rms_norm`](Self::rms_norm),
+    /// [`silu_mul`](Self::silu_mul) and [`rope`](Self::rope) as one graph step each, the
+    /// backend's forward with [`rms_norm_backward`](Self::rms_norm_backward),
+    /// [`silu_mul_backward`](Self::silu_mul_backward) and [`rope_backward`](Self::rope_backward)
+    /// (backends with kernels for them), rather than through the Burn ops of the defaults.
+    const FUSED_BACKWARD: bool = false;
+
+    /// The gradients of [`rms_norm`](Self::rms_norm) with respect to `x` and the norm's gain,
+    /// given the gradient `dy` of its output.
+    ///
+    /// # Shapes
+    /// - `x`, `dy`: `[batch, seq, hidden]` -> `[batch, seq, hidden]` and `[hidden]`
+    fn rms_norm_backward(
+        norm: &RmsNorm<Self>,
+        x: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
+        burn_ops::rms_norm_backward(norm, x, dy)
+    }
+
+    /// The gradients of [`silu_mul`](Self::silu_mul) with respect to `gate` and `up`, given the
+    /// gradient `dy` of its output.
+    fn silu_mul_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> [Tensor<Self, 3>; 2] {
+        burn_ops::silu_mul_backward(gate, up, dy)
+    }
+
+    /// The gradient of [`rope`](Self::rope) with respect to `x`, given the gradient `dy` of its
+    /// output (the transposed rotation).
+    fn rope_backward(dy: Tensor<Self, 4>, tables: &RopeTables<Self>) -> Tensor<Self, 4> {
+        burn_ops::rope_backward(dy, tables)
+    }
+
     /// Rotary embedding of `x` in the projections' layout: `x * cos + rotate_half(x) * sin`.
     ///
     /// # Shapes
@@ -358,7 +394,11 @@ pub mod burn_ops {
         } else {
             weight.slice([0..k, 0..cols])
         };
-        x.matmul(weight.unsqueeze())
+        // One [rows, k] x [k, cols] product rather than a batch of them against a broadcast
+        // weight: under autodiff the weight's gradient is then one product over every row
+        // instead of one per sequence summed afterwards.
+        let [b, s, _] = x.dims();
+        x.reshape([b * s, k]).matmul(weight).reshape([b, s, cols])
     }
 
     /// See [`LayerSkipBackend::tied_product`].
@@ -383,6 +423,52 @@ pub mod burn_ops {
     /// See [`LayerSkipBackend::silu_mul`].
     pub fn silu_mul<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
         silu(gate) * up
+    }
+
+    /// See [`LayerSkipBackend::rms_norm_backward`]: with `r = 1 / sqrt(mean(x²) + eps)` per
+    /// row, `dx = r (g dy - x r² mean(g dy x))`, `d_gain = sum over rows of dy x r`.
+    pub fn rms_norm_backward<B: Backend>(
+        norm: &RmsNorm<B>,
+        x: Tensor<B, 3>,
+        dy: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 1>) {
+        let [b, s, h] = x.dims();
+        let gain = norm.gamma.val().reshape([1, 1, h]);
+        let r = (x.clone().square().mean_dim(2) + norm.epsilon)
+            .sqrt()
+            .recip();
+        let gdy = dy.clone() * gain;
+        let dot = (gdy.clone() * x.clone()).mean_dim(2);
+        let dx = (gdy - x.clone() * r.clone().square() * dot) * r.clone();
+        let d_gain = (dy * x * r).reshape([b * s, h]).sum_dim(0).reshape([h]);
+        (dx, d_gain)
+    }
+
+    /// See [`LayerSkipBackend::silu_mul_backward`]: with `s = sigmoid(gate)`,
+    /// `[dy * up * s * (1 + gate * (1 - s)), dy * gate * s]`.
+    pub fn silu_mul_backward<B: Backend>(
+        gate: Tensor<B, 3>,
+        up: Tensor<B, 3>,
+        dy: Tensor<B, 3>,
+    ) -> [Tensor<B, 3>; 2] {
+        let s = burn::tensor::activation::sigmoid(gate.clone());
+        let d_up = dy.clone() * gate.clone() * s.clone();
+        let slope = (s.clone().neg() + 1.0) * gate + 1.0;
+        [dy * up * s * slope, d_up]
+    }
+
+    /// See [`LayerSkipBackend::rope_backward`]: with halves `1`, `2` of the last dimension,
+    /// `[dy1 cos1 + dy2 sin2, dy2 cos2 - dy1 sin1]`.
+    pub fn rope_backward<B: Backend>(dy: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
+        let [b, s, h, d] = dy.dims();
+        let half = |t: Tensor<B, 4>, i: usize| t.slice_dim(3, i * d / 2..(i + 1) * d / 2);
+        let table = |t: &Tensor<B, 4>| t.clone().reshape([1, s, 1, d]);
+        let (cos, sin) = (table(&tables.cos), table(&tables.sin));
+        let (g1, g2) = (half(dy.clone(), 0), half(dy, 1));
+        let first = g1.clone() * half(cos.clone(), 0) + g2.clone() * half(sin.clone(), 1);
+        let second = g2 * half(cos, 1) - g1 * half(sin, 0);
+        let _ = (b, h);
+        Tensor::cat(vec![first, second], 3)
     }
 
     /// See [`LayerSkipBackend::rope`].
