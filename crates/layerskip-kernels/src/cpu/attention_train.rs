@@ -11,7 +11,7 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::cross_entropy::exp_shifted;
+use super::cross_entropy::{exp_shifted, max_unless_nan};
 
 /// The shapes of a training attention call: query head `h` reads kv head `h / (heads /
 /// kv_heads)`.
@@ -85,15 +85,11 @@ pub fn causal_attention_forward(
             let mut l = vec![0f32; seq];
             let view = Head::new(shape, b, h);
             view.probabilities(q, k, &mut p, Some(&mut l));
-            // O = P V
-            product(
-                &mut o,
-                d,
-                false,
-                Mat::new(&p, seq, 1),
-                view.kv(v),
-                [seq, d, seq],
-            );
+            // O = P V, each block of rows over the positions it sees.
+            for (i0, i1) in blocks(seq) {
+                let pb = Mat::new(&p[i0 * seq..], seq, 1);
+                product(&mut o[i0 * d..], d, false, pb, view.kv(v), [i1 - i0, d, i1]);
+            }
             (o, l)
         })
         .collect();
@@ -148,22 +144,45 @@ pub fn causal_attention_backward(
                 let lse = &lse[(b * heads + h) * seq..(b * heads + h + 1) * seq];
                 view.recompute(q, k, lse, &mut p);
                 let (dov, ov) = (view.q(dout), view.q(out));
-                // dV += Pᵀ dO
-                product(&mut dvg, d, j > 0, Mat::new(&p, 1, seq), dov, [seq, d, seq]);
-                // dP = dO Vᵀ
-                product(&mut dp, seq, false, dov, view.kv(v).t(), [seq, seq, d]);
-                // dS = P ⊙ (dP - rowsum(dO ⊙ O)), times the scale of the scores.
-                for i in 0..seq {
-                    let delta: f32 = (0..d).map(|c| dov.at(i, c) * ov.at(i, c)).sum();
-                    let (pr, dpr) = (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
-                    for (x, &pv) in dpr.iter_mut().zip(pr) {
-                        *x = pv * (*x - delta) * scale;
+                // dP = dO Vᵀ, then dS = P ⊙ (dP - rowsum(dO ⊙ O)) times the scores' scale, in
+                // place; each block of rows over the positions it sees (P is 0 past them).
+                for (i0, i1) in blocks(seq) {
+                    let dpb = &mut dp[i0 * seq..];
+                    product(
+                        dpb,
+                        seq,
+                        false,
+                        dov.rows_from(i0),
+                        view.kv(v).t(),
+                        [i1 - i0, i1, d],
+                    );
+                    for i in i0..i1 {
+                        let delta: f32 = (0..d).map(|c| dov.at(i, c) * ov.at(i, c)).sum();
+                        let (pr, dpr) = (&p[i * seq..i * seq + i1], &mut dp[i * seq..i * seq + i1]);
+                        for (x, &pv) in dpr.iter_mut().zip(pr) {
+                            *x = pv * (*x - delta) * scale;
+                        }
                     }
                 }
-                let ds = Mat::new(&dp, seq, 1);
-                // dQ = dS K; dK += dSᵀ Q
-                product(dqh, d, false, ds, view.kv(k), [seq, d, seq]);
-                product(&mut dkg, d, j > 0, ds.t(), view.q(q), [seq, d, seq]);
+                for (i0, i1) in blocks(seq) {
+                    let (pb, dsb) = (
+                        Mat::new(&p[i0 * seq..], seq, 1),
+                        Mat::new(&dp[i0 * seq..], seq, 1),
+                    );
+                    let m = i1 - i0;
+                    // dV[..i1] += Pᵀ dO; dK[..i1] += dSᵀ Q (the accumulators start at 0)
+                    product(&mut dvg, d, true, pb.t(), dov.rows_from(i0), [i1, d, m]);
+                    product(
+                        &mut dkg,
+                        d,
+                        true,
+                        dsb.t(),
+                        view.q(q).rows_from(i0),
+                        [i1, d, m],
+                    );
+                    // dQ = dS K
+                    product(&mut dqh[i0 * d..], d, false, dsb, view.kv(k), [m, d, i1]);
+                }
             }
             (dqs, dkg, dvg)
         })
@@ -218,10 +237,21 @@ impl Head {
         Mat::new(&t[self.kv_at..], self.kv_row, 1)
     }
 
-    /// `p` = the scaled scores `Q Kᵀ / sqrt(d)` `[seq, seq]`.
+    /// `p` = the scaled scores `Q Kᵀ / sqrt(d)` `[seq, seq]` on and below the diagonal (each
+    /// block of rows over the positions it sees; what lies past them is left as it was).
     fn scores(&self, q: &[f32], k: &[f32], p: &mut [f32]) {
         let (s, d) = (self.seq, self.d);
-        product(p, s, false, self.q(q), self.kv(k).t(), [s, s, d]);
+        for (i0, i1) in blocks(s) {
+            let qb = self.q(q).rows_from(i0);
+            product(
+                &mut p[i0 * s..],
+                s,
+                false,
+                qb,
+                self.kv(k).t(),
+                [i1 - i0, i1, d],
+            );
+        }
         let scale = 1.0 / (d as f32).sqrt();
         p.iter_mut().for_each(|x| *x *= scale);
     }
@@ -257,18 +287,22 @@ impl Head {
     }
 }
 
+/// Rows per block of the causal products: a block of rows `i0..i1` reads positions `0..i1`.
+const BLOCK: usize = 64;
+
+/// The row blocks `(i0, i1)` of a sequence.
+fn blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq)
+        .step_by(BLOCK)
+        .map(move |i0| (i0, (i0 + BLOCK).min(seq)))
+}
+
 /// Softmax of `row` in place; returns its log-sum-exp. A NaN anywhere makes the row NaN.
 fn softmax_in_place(row: &mut [f32]) -> f32 {
-    let mut max = f32::NEG_INFINITY;
-    let mut nan = false;
-    for &x in row.iter() {
-        nan |= x.is_nan();
-        max = max.max(x);
-    }
-    if nan {
+    let Some(max) = max_unless_nan(row) else {
         row.fill(f32::NAN);
         return f32::NAN;
-    }
+    };
     let sum = exp_shifted(row, max);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
@@ -293,6 +327,14 @@ impl<'a> Mat<'a> {
         Self {
             row: self.col,
             col: self.row,
+            ..self
+        }
+    }
+
+    /// The rows from `i` on (a view).
+    fn rows_from(self, i: usize) -> Self {
+        Self {
+            values: &self.values[i * self.row..],
             ..self
         }
     }
@@ -389,13 +431,35 @@ mod tests {
 
     #[test]
     fn forward_and_backward_match_the_definition() {
-        let s = SelfAttentionShape {
-            batch: 2,
-            seq: 13,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 6,
-        };
+        // One block of rows, and several blocks with a partial last one.
+        for (s, stride) in [
+            (
+                SelfAttentionShape {
+                    batch: 2,
+                    seq: 13,
+                    heads: 4,
+                    kv_heads: 2,
+                    head_dim: 6,
+                },
+                7,
+            ),
+            (
+                SelfAttentionShape {
+                    batch: 1,
+                    seq: 150,
+                    heads: 2,
+                    kv_heads: 1,
+                    head_dim: 4,
+                },
+                41,
+            ),
+        ] {
+            check_against_definition(&s, stride);
+        }
+    }
+
+    fn check_against_definition(s: &SelfAttentionShape, stride: usize) {
+        let s = *s;
         let (nq, nk) = (
             s.batch * s.seq * s.heads * s.head_dim,
             s.batch * s.seq * s.kv_heads * s.head_dim,
@@ -429,7 +493,7 @@ mod tests {
         let eps = 1e-3f32;
         for which in 0..3 {
             let grad = [&dq, &dk, &dv][which];
-            for i in (0..grad.len()).step_by(7) {
+            for i in (0..grad.len()).step_by(stride) {
                 let mut ins = [q.clone(), k.clone(), v.clone()];
                 ins[which][i] += eps;
                 let up = loss(&ins[0], &ins[1], &ins[2]);

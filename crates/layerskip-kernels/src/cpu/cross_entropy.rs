@@ -133,16 +133,11 @@ fn row_loss(z: &mut [f32], target: u32, weight: f32, grad: bool) -> f64 {
         z.len()
     );
     let picked = z[t];
-    let (mut max, mut nan) = (f32::NEG_INFINITY, false);
-    for &v in z.iter() {
-        nan |= v.is_nan();
-        max = max.max(v);
-    }
-    if nan {
+    let Some(max) = max_unless_nan(z) else {
         // Non-finite logits must surface as a NaN loss, not be clamped away.
         z.fill(f32::NAN);
         return f64::NAN;
-    }
+    };
     let sum = exp_shifted(z, max);
     let lse = max as f64 + (sum as f64).ln();
     if grad {
@@ -151,6 +146,54 @@ fn row_loss(z: &mut [f32], target: u32, weight: f32, grad: bool) -> f64 {
         z[t] -= weight;
     }
     weight as f64 * (lse - picked as f64)
+}
+
+/// The largest value of `z` (at least `-inf`), or `None` if any is NaN.
+pub(crate) fn max_unless_nan(z: &[f32]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { max_unless_nan_avx2(z) };
+    }
+    let (mut max, mut nan) = (f32::NEG_INFINITY, false);
+    for &v in z {
+        nan |= v.is_nan();
+        max = max.max(v);
+    }
+    (!nan).then_some(max)
+}
+
+/// [`max_unless_nan`] with AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_unless_nan_avx2(z: &[f32]) -> Option<f32> {
+    use std::arch::x86_64::*;
+    let body = z.len() / 8 * 8;
+    let (mut max, mut nan) = (f32::NEG_INFINITY, false);
+    for &v in &z[body..] {
+        nan |= v.is_nan();
+        max = max.max(v);
+    }
+    // SAFETY: the offsets stay below `body <= len`; the caller's promise covers the intrinsics.
+    unsafe {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut unordered = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < body {
+            let v = _mm256_loadu_ps(z.as_ptr().add(i));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            m = _mm256_max_ps(m, v);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        nan |= _mm256_movemask_ps(unordered) != 0;
+        max = lanes.iter().fold(max, |a, &b| a.max(b));
+    }
+    (!nan).then_some(max)
 }
 
 /// `z[i] = exp(z[i] - max)` in place (vectorised where the CPU has AVX2 and FMA; arguments
@@ -357,6 +400,35 @@ mod tests {
                 alone, loss,
                 "the loss does not depend on computing gradients"
             );
+        }
+    }
+
+    #[test]
+    fn a_nan_logit_makes_the_loss_nan() {
+        let s = HeadShape {
+            rows: 3,
+            hidden: 4,
+            vocab: 21,
+            layout: HeadLayout::OutIn,
+        };
+        let x = values(12, 3, 1.0);
+        let mut w = values(84, 4, 1.0);
+        let weights = [1.0 / 3.0; 3];
+        let finite = head_cross_entropy(&x, &w, &s, &[1, 2, 3], &weights, None);
+        assert!(finite.is_finite());
+        w[17 * 4] = f32::NAN; // one vocabulary row: a NaN logit in every row, past the vector body
+        assert!(head_cross_entropy(&x, &w, &s, &[1, 2, 3], &weights, None).is_nan());
+    }
+
+    #[test]
+    fn the_vector_max_equals_the_scalar_fold() {
+        for n in [1, 7, 8, 9, 33] {
+            let z = values(n, n as u32, 10.0);
+            let want = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_unless_nan(&z), Some(want));
+            let mut bad = z.clone();
+            bad[n / 2] = f32::NAN;
+            assert_eq!(max_unless_nan(&bad), None);
         }
     }
 }
