@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::backend::Flex;
 use burn::nn::RmsNorm;
-use burn::tensor::{DType, Element, Int, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Element, Int, Shape, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
 use layerskip_kernels::cpu::{self, attend::AttendShape, rows::Panels};
@@ -176,22 +176,27 @@ fn widen_into(t: &FlexTensor, start: usize, len: usize, out: &mut Vec<f32>) {
 
 /// `values` `[shape]` in `dtype` (rounded to nearest from f32).
 pub(super) fn from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor {
-    let mut out = FlexTensor::empty(Shape::from(shape), dtype);
     match dtype {
-        DType::F32 => out.storage_mut::<f32>().copy_from_slice(values),
-        DType::BF16 => out
-            .storage_mut::<bf16>()
-            .iter_mut()
-            .zip(values)
-            .for_each(|(o, v)| *o = bf16::from_f32(*v)),
-        DType::F16 => out
-            .storage_mut::<f16>()
-            .iter_mut()
-            .zip(values)
-            .for_each(|(o, v)| *o = f16::from_f32(*v)),
-        other => unreachable!("row dtypes are checked by the caller, not {other:?}"),
+        DType::F32 => from_f32_vec(values.to_vec(), shape, dtype),
+        _ => half_from_f32(values, shape, dtype),
     }
-    out
+}
+
+/// [`from_f32`] taking the vector: an f32 result is the vector itself (no copy).
+pub(super) fn from_f32_vec(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -> FlexTensor {
+    match dtype {
+        DType::F32 => FlexTensor::from_data(TensorData::new(values, shape)),
+        _ => half_from_f32(&values, shape, dtype),
+    }
+}
+
+fn half_from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor {
+    let data = match dtype {
+        DType::BF16 => TensorData::new(values.iter().map(|v| bf16::from_f32(*v)).collect(), shape),
+        DType::F16 => TensorData::new(values.iter().map(|v| f16::from_f32(*v)).collect(), shape),
+        other => unreachable!("row dtypes are checked by the caller, not {other:?}"),
+    };
+    FlexTensor::from_data(data)
 }
 
 /// The row kernel's `x · W` (the first `cols` outputs) for at most [`MAX_ROWS`] rows in f32,

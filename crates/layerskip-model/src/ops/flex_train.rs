@@ -16,7 +16,7 @@ use layerskip_kernels::cpu::attention_train::{
 };
 use layerskip_kernels::cpu::cross_entropy::{self, HeadGrads, HeadLayout, HeadShape};
 
-use super::flex::{from_f32, is_row_dtype, raw, to_f32, values, wrap};
+use super::flex::{from_f32, from_f32_vec, is_row_dtype, raw, to_f32, values, wrap};
 use super::{Head, HeadLoss, SelfAttention};
 use crate::rope::RopeTables;
 
@@ -72,8 +72,8 @@ pub(super) fn head_cross_entropy(
     let loss = wrap(from_f32(&[loss as f32], vec![1], DType::F32));
     let grads = grads.then(|| {
         (
-            wrap(from_f32(&dx, vec![rows, hidden], dtype)),
-            wrap(from_f32(&dw, w_dims.to_vec(), dtype)),
+            wrap(from_f32_vec(dx, vec![rows, hidden], dtype)),
+            wrap(from_f32_vec(dw, w_dims.to_vec(), dtype)),
         )
     });
     Some(HeadLoss { loss, grads })
@@ -101,8 +101,8 @@ pub(super) fn self_attention_forward(
     let (qs, ks, vs) = (as_f32(&q, nq), as_f32(&k, nk), as_f32(&v, nk));
     causal_attention_forward(&qs, &ks, &vs, &shape, &mut out, &mut lse);
     Some(SelfAttention {
-        out: wrap(from_f32(&out, vec![b, s, heads * d], dtype)),
-        lse: wrap(from_f32(&lse, vec![b, heads, s], DType::F32)),
+        out: wrap(from_f32_vec(out, vec![b, s, heads * d], dtype)),
+        lse: wrap(from_f32_vec(lse, vec![b, heads, s], DType::F32)),
     })
 }
 
@@ -131,9 +131,9 @@ pub(super) fn self_attention_backward(
         [&mut dq, &mut dk, &mut dv],
     );
     [
-        wrap(from_f32(&dq, q_dims, dtype)),
-        wrap(from_f32(&dk, k_dims.clone(), dtype)),
-        wrap(from_f32(&dv, k_dims, dtype)),
+        wrap(from_f32_vec(dq, q_dims, dtype)),
+        wrap(from_f32_vec(dk, k_dims.clone(), dtype)),
+        wrap(from_f32_vec(dv, k_dims, dtype)),
     ]
 }
 
@@ -179,8 +179,8 @@ pub(super) fn rms_norm_backward(
         &mut d_gain,
     );
     (
-        wrap(from_f32(&dx, dims, dtype)),
-        wrap(from_f32(&d_gain, vec![h], gain_dtype)),
+        wrap(from_f32_vec(dx, dims, dtype)),
+        wrap(from_f32_vec(d_gain, vec![h], gain_dtype)),
     )
 }
 
@@ -201,7 +201,7 @@ pub(super) fn silu_mul_backward(
         &mut dg,
         &mut du,
     );
-    [dg, du].map(|t| wrap(from_f32(&t, dims.clone(), dtype)))
+    [dg, du].map(|t| wrap(from_f32_vec(t, dims.clone(), dtype)))
 }
 
 /// See [`LayerSkipBackend::rope_backward`](super::LayerSkipBackend::rope_backward).
@@ -212,7 +212,7 @@ pub(super) fn rope_backward(dy: Tensor<Flex, 4>, tables: &RopeTables<Flex>) -> T
     let mut dx = vec![0f32; n];
     let (cos, sin) = (as_f32(&cos, table), as_f32(&sin, table));
     cpu::rope_backward(&as_f32(&d, n), &cos, &sin, &mut dx, dims);
-    wrap(from_f32(&dx, dims.to_vec(), dtype))
+    wrap(from_f32_vec(dx, dims.to_vec(), dtype))
 }
 
 /// The first `len` values of a contiguous f32, bf16 or f16 tensor as f32: borrowed for f32.
