@@ -8,10 +8,10 @@
 //! Work is split over (sequence, kv head) pairs; each pair's heads run in order, so the
 //! result does not depend on the thread count.
 
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use super::cross_entropy::{exp_shifted, max_unless_nan};
+use super::gemm::{Mat, Threads, product};
 
 /// The shapes of a training attention call: query head `h` reads kv head `h / (heads /
 /// kv_heads)`.
@@ -88,7 +88,15 @@ pub fn causal_attention_forward(
             // O = P V, each block of rows over the positions it sees.
             for (i0, i1) in blocks(seq) {
                 let pb = Mat::new(&p[i0 * seq..], seq, 1);
-                product(&mut o[i0 * d..], d, false, pb, view.kv(v), [i1 - i0, d, i1]);
+                product(
+                    &mut o[i0 * d..],
+                    d,
+                    false,
+                    pb,
+                    view.kv(v),
+                    [i1 - i0, d, i1],
+                    Threads::One,
+                );
             }
             (o, l)
         })
@@ -155,6 +163,7 @@ pub fn causal_attention_backward(
                         dov.rows_from(i0),
                         view.kv(v).t(),
                         [i1 - i0, i1, d],
+                        Threads::One,
                     );
                     for i in i0..i1 {
                         let delta: f32 = (0..d).map(|c| dov.at(i, c) * ov.at(i, c)).sum();
@@ -171,7 +180,15 @@ pub fn causal_attention_backward(
                     );
                     let m = i1 - i0;
                     // dV[..i1] += Pᵀ dO; dK[..i1] += dSᵀ Q (the accumulators start at 0)
-                    product(&mut dvg, d, true, pb.t(), dov.rows_from(i0), [i1, d, m]);
+                    product(
+                        &mut dvg,
+                        d,
+                        true,
+                        pb.t(),
+                        dov.rows_from(i0),
+                        [i1, d, m],
+                        Threads::One,
+                    );
                     product(
                         &mut dkg,
                         d,
@@ -179,9 +196,18 @@ pub fn causal_attention_backward(
                         dsb.t(),
                         view.q(q).rows_from(i0),
                         [i1, d, m],
+                        Threads::One,
                     );
                     // dQ = dS K
-                    product(&mut dqh[i0 * d..], d, false, dsb, view.kv(k), [m, d, i1]);
+                    product(
+                        &mut dqh[i0 * d..],
+                        d,
+                        false,
+                        dsb,
+                        view.kv(k),
+                        [m, d, i1],
+                        Threads::One,
+                    );
                 }
             }
             (dqs, dkg, dvg)
@@ -250,6 +276,7 @@ impl Head {
                 qb,
                 self.kv(k).t(),
                 [i1 - i0, i1, d],
+                Threads::One,
             );
         }
         let scale = 1.0 / (d as f32).sqrt();
@@ -307,80 +334,6 @@ fn softmax_in_place(row: &mut [f32]) -> f32 {
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
-}
-
-/// A strided matrix operand.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    values: &'a [f32],
-    row: usize,
-    col: usize,
-}
-
-impl<'a> Mat<'a> {
-    fn new(values: &'a [f32], row: usize, col: usize) -> Self {
-        Self { values, row, col }
-    }
-
-    /// The transpose (a view).
-    fn t(self) -> Self {
-        Self {
-            row: self.col,
-            col: self.row,
-            ..self
-        }
-    }
-
-    /// The rows from `i` on (a view).
-    fn rows_from(self, i: usize) -> Self {
-        Self {
-            values: &self.values[i * self.row..],
-            ..self
-        }
-    }
-
-    fn at(&self, i: usize, j: usize) -> f32 {
-        self.values[i * self.row + j * self.col]
-    }
-}
-
-/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`, `dst` row-major with row stride `ld`, on the
-/// calling thread (the callers split their work over threads).
-fn product(
-    dst: &mut [f32],
-    ld: usize,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    [m, n, k]: [usize; 3],
-) {
-    let reach = |a: &Mat, r: usize, c: usize| (r - 1) * a.row + (c - 1) * a.col;
-    assert!(m > 0 && n > 0 && k > 0 && n <= ld && (m - 1) * ld + n <= dst.len());
-    assert!(reach(&lhs, m, k) < lhs.values.len() && reach(&rhs, k, n) < rhs.values.len());
-    // SAFETY: the asserts keep every read and write inside the slices.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            ld as isize,
-            accumulate,
-            lhs.values.as_ptr(),
-            lhs.col as isize,
-            lhs.row as isize,
-            rhs.values.as_ptr(),
-            rhs.col as isize,
-            rhs.row as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
 }
 
 #[cfg(test)]

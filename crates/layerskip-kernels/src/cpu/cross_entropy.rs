@@ -7,8 +7,9 @@
 //! products of the gradient (`dx = dz · W`, `dW += dzᵀ · x`). Rows are independent and the
 //! products split over output blocks only, so the result does not depend on the thread count.
 
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
+
+use super::gemm::{Mat, Threads, product};
 
 /// Rows per chunk: the chunk's logits (`CHUNK x vocab` f32) stay small next to the whole.
 pub const CHUNK: usize = 256;
@@ -74,8 +75,8 @@ pub fn head_cross_entropy(
     }
     // W as the right operand of `x · Wᵀ` ([hidden, vocab]) and of `dz · W` ([vocab, hidden]).
     let (wt, wn) = match layout {
-        HeadLayout::OutIn => (Strided::new(w, 1, h), Strided::new(w, h, 1)),
-        HeadLayout::InOut => (Strided::new(w, v, 1), Strided::new(w, 1, v)),
+        HeadLayout::OutIn => (Mat::new(w, 1, h), Mat::new(w, h, 1)),
+        HeadLayout::InOut => (Mat::new(w, v, 1), Mat::new(w, 1, v)),
     };
     let want_grads = grads.is_some();
     let mut z = vec![0f32; CHUNK.min(rows) * v];
@@ -84,14 +85,22 @@ pub fn head_cross_entropy(
         let c = CHUNK.min(rows - start);
         let xc = &x[start * h..(start + c) * h];
         let zc = &mut z[..c * v];
-        product(zc, v, false, Strided::new(xc, h, 1), wt, [c, v, h]);
+        product(
+            zc,
+            v,
+            false,
+            Mat::new(xc, h, 1),
+            wt,
+            [c, v, h],
+            Threads::All,
+        );
         let (tc, wc) = (&targets[start..start + c], &weights[start..start + c]);
         zc.par_chunks_mut(v)
             .zip(losses[start..start + c].par_iter_mut())
             .enumerate()
             .for_each(|(r, (row, loss))| *loss = row_loss(row, tc[r], wc[r], want_grads));
         if let Some(g) = grads.as_mut() {
-            let dz = Strided::new(zc, v, 1);
+            let dz = Mat::new(zc, v, 1);
             product(
                 &mut g.x[start * h..(start + c) * h],
                 h,
@@ -99,17 +108,26 @@ pub fn head_cross_entropy(
                 dz,
                 wn,
                 [c, h, v],
+                Threads::All,
             );
             match layout {
                 // dW [vocab, hidden] += dzᵀ · x
                 HeadLayout::OutIn => {
-                    let dzt = Strided::new(zc, 1, v);
-                    product(g.w, h, true, dzt, Strided::new(xc, h, 1), [v, h, c]);
+                    let dzt = Mat::new(zc, 1, v);
+                    product(
+                        g.w,
+                        h,
+                        true,
+                        dzt,
+                        Mat::new(xc, h, 1),
+                        [v, h, c],
+                        Threads::All,
+                    );
                 }
                 // dW [hidden, vocab] += xᵀ · dz
                 HeadLayout::InOut => {
-                    let xt = Strided::new(xc, 1, h);
-                    product(g.w, v, true, xt, dz, [h, v, c]);
+                    let xt = Mat::new(xc, 1, h);
+                    product(g.w, v, true, xt, dz, [h, v, c], Threads::All);
                 }
             }
         }
@@ -241,70 +259,6 @@ unsafe fn exp_shifted_avx2(z: &mut [f32], max: f32) -> f32 {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         lanes.iter().sum::<f32>() + tail
-    }
-}
-
-/// A matrix operand: its values and the strides of its rows and columns.
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    values: &'a [f32],
-    row: isize,
-    col: isize,
-}
-
-impl<'a> Strided<'a> {
-    fn new(values: &'a [f32], row: usize, col: usize) -> Self {
-        Self {
-            values,
-            row: row as isize,
-            col: col as isize,
-        }
-    }
-
-    /// The highest offset an `[m, n]` view reads.
-    fn reach(&self, m: usize, n: usize) -> usize {
-        (m.max(1) - 1) * self.row as usize + (n.max(1) - 1) * self.col as usize
-    }
-}
-
-/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`, `dst` row-major with row stride `ld`, on every
-/// thread of rayon's pool.
-fn product(
-    dst: &mut [f32],
-    ld: usize,
-    accumulate: bool,
-    lhs: Strided,
-    rhs: Strided,
-    [m, n, k]: [usize; 3],
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(n <= ld && (m - 1) * ld + n <= dst.len());
-    assert!(k == 0 || (lhs.reach(m, k) < lhs.values.len() && rhs.reach(k, n) < rhs.values.len()));
-    // SAFETY: the asserts keep every read and write inside the slices.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            ld as isize,
-            accumulate,
-            lhs.values.as_ptr(),
-            lhs.col,
-            lhs.row,
-            rhs.values.as_ptr(),
-            rhs.col,
-            rhs.row,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod attend;
 pub mod attention_train;
 pub mod cross_entropy;
+mod gemm;
 pub mod norm;
 pub mod pool;
 pub mod rows;
