@@ -82,14 +82,13 @@ pub fn silu_mul_backward<B: Backend>(
 /// See [`LayerSkipBackend::rope_backward`]: with halves `1`, `2` of the last dimension,
 /// `[dy1 cos1 + dy2 sin2, dy2 cos2 - dy1 sin1]`.
 pub fn rope_backward<B: Backend>(dy: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
-    let [b, s, h, d] = dy.dims();
+    let [_, s, _, d] = dy.dims();
     let half = |t: Tensor<B, 4>, i: usize| t.slice_dim(3, i * d / 2..(i + 1) * d / 2);
     let table = |t: &Tensor<B, 4>| t.clone().reshape([1, s, 1, d]);
     let (cos, sin) = (table(&tables.cos), table(&tables.sin));
     let (g1, g2) = (half(dy.clone(), 0), half(dy, 1));
     let first = g1.clone() * half(cos.clone(), 0) + g2.clone() * half(sin.clone(), 1);
     let second = g2 * half(cos, 1) - g1 * half(sin, 0);
-    let _ = (b, h);
     Tensor::cat(vec![first, second], 3)
 }
 
