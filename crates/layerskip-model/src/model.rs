@@ -155,6 +155,24 @@ impl<B: Backend> LlamaModel<B> {
         }
     }
 
+    /// This model with every product of `Autodiff<B>` rounding its operands to bf16 and
+    /// accumulating in f32 (mixed precision with the tensors left f32), where the backend has
+    /// such products ([`LayerSkipBackend::bf16_products`]); other products are unchanged.
+    pub fn with_bf16_products(mut self) -> Self {
+        for layer in &mut self.layers {
+            for packed in layer
+                .self_attn
+                .packed
+                .iter_mut()
+                .chain(&mut layer.mlp.packed)
+            {
+                packed.bf16_products = true;
+            }
+        }
+        self.head_packed.bf16_products = true;
+        self
+    }
+
     /// A copy whose float parameters are cast to `dtype`, keeping parameter ids. Under an
     /// autodiff backend the cast is part of the graph, so this is the compute copy of mixed
     /// precision: forward and backward run in `dtype`, and the gradients arrive at the original

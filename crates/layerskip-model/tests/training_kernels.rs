@@ -405,3 +405,51 @@ fn fused_rms_norm_matches_burns_gradients() {
         1e-5,
     );
 }
+
+/// Values that bf16 holds exactly, so that a product with bf16 operands computes the same
+/// products as f32 and differs only in the order of its sums.
+fn bf16_exact(n: usize, seed: u64) -> Vec<f32> {
+    values(n, seed)
+        .into_iter()
+        .map(|v| (v * 64.0).round() / 64.0)
+        .collect()
+}
+
+/// The fused linear product (f32, and bf16 operands) and its registered backward against Burn's
+/// matmul differentiated by Burn, on values bf16 holds exactly (the bf16 kernel then multiplies
+/// the same numbers and only sums in another order).
+#[test]
+fn fused_linear_matches_burns_matmul_gradients() {
+    let device = Default::default();
+    let (rows, k, n) = (37, 40, 45);
+    let dy =
+        Tensor::<A, 2>::from_data(TensorData::new(bf16_exact(rows * n, 3), [rows, n]), &device);
+    let run = |f: &dyn Fn(Tensor<A, 2>, Tensor<A, 2>) -> Tensor<A, 2>| {
+        let make = |v: Vec<f32>, dims: [usize; 2]| {
+            Tensor::<A, 2>::from_data(TensorData::new(v, dims), &device).require_grad()
+        };
+        let x = make(bf16_exact(rows * k, 1), [rows, k]);
+        let w = make(bf16_exact(k * n, 2), [k, n]);
+        let y = f(x.clone(), w.clone());
+        let grads = (y.clone() * dy.clone()).sum().backward();
+        [
+            y.into_data().iter::<f32>().collect::<Vec<_>>(),
+            flat(x.grad(&grads)),
+            flat(w.grad(&grads)),
+        ]
+    };
+    let want = run(&|x, w| x.matmul(w));
+    for bf16 in [false, true] {
+        if bf16 && !A::bf16_products() {
+            continue;
+        }
+        let got = run(&|x, w| A::linear_forward(x, w, bf16).expect("Flex takes f32"));
+        for (name, (g, w)) in ["y", "dx", "dW"].iter().zip(got.iter().zip(&want)) {
+            assert_close(&format!("{name} (bf16 {bf16})"), g, w, 1e-6);
+        }
+    }
+}
+
+fn flat(t: Option<Tensor<Flex, 2>>) -> Vec<f32> {
+    t.expect("a gradient").into_data().iter::<f32>().collect()
+}

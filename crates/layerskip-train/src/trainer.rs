@@ -159,14 +159,17 @@ fn optimizer<B: crate::TrainBackend>(config: &TrainConfig) -> Adam<B> {
         .init()
 }
 
-/// The model the forward pass runs on: the master model itself, or its bf16 cast for mixed
-/// precision (the cast is in the autodiff graph, so gradients reach the f32 master weights).
+/// The model the forward pass runs on: the master model itself, or for mixed precision the
+/// master model with bf16 products where the backend has them (operands rounded to bf16 as the
+/// products read them, everything else f32), else its bf16 cast (the cast is in the autodiff
+/// graph, so gradients reach the f32 master weights).
 fn compute_copy<B: crate::TrainBackend>(
     model: &LlamaModel<B>,
     precision: MixedPrecision,
 ) -> LlamaModel<B> {
     match precision {
         MixedPrecision::Off => model.clone(),
+        MixedPrecision::Bf16 if B::bf16_products() => model.clone().with_bf16_products(),
         MixedPrecision::Bf16 => model.cast(FloatDType::BF16),
     }
 }

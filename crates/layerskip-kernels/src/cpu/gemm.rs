@@ -6,9 +6,11 @@ use gemm::{Parallelism, gemm};
 /// A strided matrix operand.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
-    values: &'a [f32],
-    row: usize,
-    col: usize,
+    pub(crate) values: &'a [f32],
+    /// The distance between rows.
+    pub(crate) row: usize,
+    /// The distance between columns.
+    pub(crate) col: usize,
 }
 
 impl<'a> Mat<'a> {
@@ -31,6 +33,11 @@ impl<'a> Mat<'a> {
             values: &self.values[i * self.row..],
             ..self
         }
+    }
+
+    /// Whether the values hold a `[rows, cols]` matrix at these strides.
+    pub(crate) fn reaches(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.row + (cols - 1) * self.col < self.values.len()
     }
 
     pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
@@ -59,9 +66,8 @@ pub(crate) fn product(
     [m, n, k]: [usize; 3],
     threads: Threads,
 ) {
-    let reach = |a: &Mat, r: usize, c: usize| (r - 1) * a.row + (c - 1) * a.col;
     assert!(m > 0 && n > 0 && k > 0 && n <= ld && (m - 1) * ld + n <= dst.len());
-    assert!(reach(&lhs, m, k) < lhs.values.len() && reach(&rhs, k, n) < rhs.values.len());
+    assert!(lhs.reaches(m, k) && rhs.reaches(k, n));
     // SAFETY: the asserts keep every read and write inside the slices.
     unsafe {
         gemm(

@@ -5,6 +5,8 @@ pub mod attend;
 pub mod attention_train;
 pub mod cross_entropy;
 mod gemm;
+mod gemm_bf16;
+pub mod linear;
 pub mod norm;
 pub mod pool;
 pub mod rows;

@@ -13,10 +13,37 @@ use burn::nn::RmsNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
-use super::{Head, HeadLoss, LayerSkipBackend, SelfAttention, burn_ops};
+use super::{Head, HeadLoss, LayerSkipBackend, Packed, SelfAttention, burn_ops};
 use crate::rope::RopeTables;
 
 impl<B: LayerSkipBackend, C: CheckpointStrategy> LayerSkipBackend for Autodiff<B, C> {
+    fn product(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+        packed: &Packed,
+        cols: usize,
+    ) -> Tensor<Self, 3> {
+        let [b, s, k] = x.dims();
+        if packed.bf16_products && cols == weight.dims()[1] {
+            let rows = x.clone().reshape([b * s, k]);
+            if let Some(y) = Self::linear_forward(rows, weight.clone(), true) {
+                return y.reshape([b, s, cols]);
+            }
+        }
+        burn_ops::product(x, weight, cols)
+    }
+
+    fn bf16_products() -> bool {
+        B::bf16_products()
+    }
+
+    fn linear_forward(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        bf16: bool,
+    ) -> Option<Tensor<Self, 2>> {
+        fused_linear::<B, C>(x, w, bf16)
+    }
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
         if !B::FUSED_BACKWARD {
             return norm.forward(x);
@@ -230,6 +257,47 @@ fn fused_self_attention<B: LayerSkipBackend, C: CheckpointStrategy>(
             prep.finish(state, out)
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Some(Tensor::from_primitive(TensorPrimitive::Float(result)))
+}
+
+/// The backward step of [`LayerSkipBackend::linear_forward`]: the inner backend's
+/// [`LayerSkipBackend::linear_backward`].
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: LayerSkipBackend> Backward<B, 2> for LinearBackward {
+    /// x, W and whether the operands are bf16.
+    type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, bool);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = inner::<B, 2>(&grads.consume::<B>(&ops.node));
+        let (x, w, bf16) = ops.state;
+        let d = B::linear_backward(inner(&x), inner(&w), dy, bf16);
+        for (node, grad) in ops.parents.into_iter().zip(d) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// `x · W` through `B`'s linear kernel, or `None` where `B` has none for these inputs.
+fn fused_linear<B: LayerSkipBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    w: Tensor<Autodiff<B, C>, 2>,
+    bf16: bool,
+) -> Option<Tensor<Autodiff<B, C>, 2>> {
+    let [x, w] = [x, w].map(|t| t.into_primitive().tensor());
+    let y = B::linear_forward(inner(&x.primitive), inner(&w.primitive), bf16)?;
+    let y = y.into_primitive().tensor();
+    let result = match LinearBackward
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, bf16), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Some(Tensor::from_primitive(TensorPrimitive::Float(result)))
 }

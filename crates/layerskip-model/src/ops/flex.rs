@@ -382,6 +382,27 @@ impl LayerSkipBackend for Flex {
 
     const FUSED_BACKWARD: bool = true;
 
+    fn bf16_products() -> bool {
+        cpu::linear::bf16_available()
+    }
+
+    fn linear_forward(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        bf16: bool,
+    ) -> Option<Tensor<Self, 2>> {
+        super::flex_train::linear_forward(x, w, bf16)
+    }
+
+    fn linear_backward(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        dy: Tensor<Self, 2>,
+        bf16: bool,
+    ) -> [Tensor<Self, 2>; 2] {
+        super::flex_train::linear_backward(x, w, dy, bf16)
+    }
+
     fn rms_norm_backward(
         norm: &RmsNorm<Self>,
         x: Tensor<Self, 3>,

@@ -15,6 +15,7 @@ use layerskip_kernels::cpu::attention_train::{
     SelfAttentionShape, causal_attention_backward, causal_attention_forward,
 };
 use layerskip_kernels::cpu::cross_entropy::{self, HeadGrads, HeadLayout, HeadShape};
+use layerskip_kernels::cpu::linear::{self, LinearShape, Operands};
 
 use super::flex::{from_f32, from_f32_vec, is_row_dtype, raw, to_f32, values, wrap};
 use super::{Head, HeadLoss, SelfAttention};
@@ -213,6 +214,66 @@ pub(super) fn rope_backward(dy: Tensor<Flex, 4>, tables: &RopeTables<Flex>) -> T
     let (cos, sin) = (as_f32(&cos, table), as_f32(&sin, table));
     cpu::rope_backward(&as_f32(&d, n), &cos, &sin, &mut dx, dims);
     wrap(from_f32_vec(dx, dims.to_vec(), dtype))
+}
+
+/// See [`LayerSkipBackend::linear_forward`](super::LayerSkipBackend::linear_forward): f32
+/// inputs only (under bf16 products the tensors stay f32; a model cast to bf16 takes Burn's
+/// matmul).
+pub(super) fn linear_forward(
+    x: Tensor<Flex, 2>,
+    w: Tensor<Flex, 2>,
+    bf16: bool,
+) -> Option<Tensor<Flex, 2>> {
+    let shape = linear_shape(&x, &w)?;
+    if bf16 && !linear::bf16_available() {
+        return None;
+    }
+    let [x, w] = [x, w].map(raw);
+    let mut y = vec![0f32; shape.rows * shape.outputs];
+    linear::forward(&mut y, values(&x), values(&w), shape, operands(bf16));
+    Some(wrap(from_f32_vec(
+        y,
+        vec![shape.rows, shape.outputs],
+        DType::F32,
+    )))
+}
+
+/// See [`LayerSkipBackend::linear_backward`](super::LayerSkipBackend::linear_backward).
+pub(super) fn linear_backward(
+    x: Tensor<Flex, 2>,
+    w: Tensor<Flex, 2>,
+    dy: Tensor<Flex, 2>,
+    bf16: bool,
+) -> [Tensor<Flex, 2>; 2] {
+    let shape = linear_shape(&x, &w).expect("the inputs the forward took");
+    let LinearShape {
+        rows,
+        inputs,
+        outputs,
+    } = shape;
+    let [x, w, dy] = [x, w, dy].map(raw);
+    let (mut dx, mut dw) = (vec![0f32; rows * inputs], vec![0f32; inputs * outputs]);
+    let (xs, ws, dys) = (values(&x), values(&w), values(&dy));
+    linear::backward(&mut dx, &mut dw, xs, ws, dys, shape, operands(bf16));
+    [
+        wrap(from_f32_vec(dx, vec![rows, inputs], DType::F32)),
+        wrap(from_f32_vec(dw, vec![inputs, outputs], DType::F32)),
+    ]
+}
+
+fn operands(bf16: bool) -> Operands {
+    if bf16 { Operands::Bf16 } else { Operands::F32 }
+}
+
+/// The kernel's shape for `x · w`, or `None` where it does not take these inputs.
+fn linear_shape(x: &Tensor<Flex, 2>, w: &Tensor<Flex, 2>) -> Option<LinearShape> {
+    let ([rows, inputs], [k, outputs]) = (x.dims(), w.dims());
+    let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    (f32s && k == inputs && rows * inputs * outputs > 0).then_some(LinearShape {
+        rows,
+        inputs,
+        outputs,
+    })
 }
 
 /// The first `len` values of a contiguous f32, bf16 or f16 tensor as f32: borrowed for f32.

@@ -42,6 +42,9 @@ mod flex_train;
 pub struct Packed {
     #[cfg(feature = "flex")]
     pub(crate) flex: flex::PackedSlot,
+    /// Whether `Autodiff<B>`'s products with this weight round their operands to bf16 (see
+    /// [`LayerSkipBackend::bf16_products`]).
+    pub(crate) bf16_products: bool,
 }
 
 impl std::fmt::Debug for Packed {
@@ -50,7 +53,10 @@ impl std::fmt::Debug for Packed {
         let packed = self.flex.is_packed();
         #[cfg(not(feature = "flex"))]
         let packed = false;
-        f.debug_struct("Packed").field("packed", &packed).finish()
+        f.debug_struct("Packed")
+            .field("packed", &packed)
+            .field("bf16_products", &self.bf16_products)
+            .finish()
     }
 }
 
@@ -115,6 +121,43 @@ pub trait LayerSkipBackend: Backend {
     /// SwiGLU's product `silu(gate) * up`.
     fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         burn_ops::silu_mul(gate, up)
+    }
+
+    /// Whether this backend, here, has the products of mixed-precision training without a bf16
+    /// copy of the model: [`linear_forward`](Self::linear_forward) with `bf16` operands (rounded
+    /// as the product reads them, f32 accumulation) while activations, weights and gradients stay
+    /// f32. Where it does not, mixed precision casts the model to bf16 instead.
+    fn bf16_products() -> bool {
+        false
+    }
+
+    /// A linear layer's product for training, `x · W`, by a kernel whose backward is
+    /// [`linear_backward`](Self::linear_backward); with `bf16`, its operands are rounded to bf16
+    /// and accumulated in f32 (where [`bf16_products`](Self::bf16_products)). `None` where the
+    /// backend has no such kernel for these inputs (the default): `Autodiff<Self>` then
+    /// differentiates Burn's matmul.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, in]`; `w`: `[in, out]` -> `[rows, out]`
+    fn linear_forward(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        bf16: bool,
+    ) -> Option<Tensor<Self, 2>> {
+        let _ = (x, w, bf16);
+        None
+    }
+
+    /// The gradients `[dx, dW] = [dy · Wᵀ, xᵀ · dy]` of
+    /// [`linear_forward`](Self::linear_forward), in its precision.
+    fn linear_backward(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        dy: Tensor<Self, 2>,
+        bf16: bool,
+    ) -> [Tensor<Self, 2>; 2] {
+        let _ = bf16;
+        [dy.clone().matmul(w.transpose()), x.transpose().matmul(dy)]
     }
 
     /// Whether `Autodiff<Self>` differentiates [`rms_norm`](Self::rms_norm),

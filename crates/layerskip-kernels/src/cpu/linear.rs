@@ -1,0 +1,147 @@
+//! A bias-free linear layer's three training products over row-major f32 slices: the forward
+//! `y = x · W` and the backward `dx = dy · Wᵀ`, `dW = xᵀ · dy`, with the transposes read in
+//! place. [`Operands::Bf16`] rounds each product's operands to bf16 and accumulates in f32
+//! (mixed precision: activations, weights and gradients stay f32). On every core; the results do
+//! not depend on the thread count.
+
+use super::gemm::{Mat, Threads, product};
+use super::gemm_bf16::{self, PackedRhs};
+
+/// The precision of the products' operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operands {
+    /// f32 operands and accumulation.
+    F32,
+    /// Operands rounded to bf16, f32 accumulation (AVX512-BF16; see [`bf16_available`]).
+    Bf16,
+}
+
+/// Whether this CPU runs [`Operands::Bf16`] products.
+pub fn bf16_available() -> bool {
+    gemm_bf16::available()
+}
+
+/// The shape of a linear layer's products: `x` `[rows, inputs]`, `W` `[inputs, outputs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearShape {
+    /// Rows of `x` (positions).
+    pub rows: usize,
+    /// Width of `x`.
+    pub inputs: usize,
+    /// Width of `y`.
+    pub outputs: usize,
+}
+
+/// `y = x · W` into `y` `[rows, outputs]`.
+///
+/// # Panics
+/// If a slice is shorter than its shape, or `Bf16` operands are asked for where
+/// [`bf16_available`] is false.
+pub fn forward(y: &mut [f32], x: &[f32], w: &[f32], shape: LinearShape, operands: Operands) {
+    let LinearShape {
+        rows,
+        inputs: k,
+        outputs: n,
+    } = shape;
+    let (x, w) = (Mat::new(x, k, 1), Mat::new(w, n, 1));
+    match operands {
+        Operands::F32 => product(y, n, false, x, w, [rows, n, k], Threads::All),
+        Operands::Bf16 => {
+            gemm_bf16::product(y, n, false, x, &PackedRhs::new(w, k, n), rows, Threads::All)
+        }
+    }
+}
+
+/// `dx = dy · Wᵀ` into `dx` `[rows, inputs]` and `dW = xᵀ · dy` into `dw` `[inputs, outputs]`
+/// (both overwritten).
+///
+/// # Panics
+/// As [`forward`].
+pub fn backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    shape: LinearShape,
+    operands: Operands,
+) {
+    let LinearShape {
+        rows,
+        inputs: k,
+        outputs: n,
+    } = shape;
+    let (x, w, dy) = (Mat::new(x, k, 1), Mat::new(w, n, 1), Mat::new(dy, n, 1));
+    match operands {
+        Operands::F32 => {
+            product(dx, k, false, dy, w.t(), [rows, k, n], Threads::All);
+            product(dw, n, false, x.t(), dy, [k, n, rows], Threads::All);
+        }
+        Operands::Bf16 => {
+            let wt = PackedRhs::new(w.t(), n, k);
+            gemm_bf16::product(dx, k, false, dy, &wt, rows, Threads::All);
+            let dy = PackedRhs::new(dy, rows, n);
+            gemm_bf16::product(dw, n, false, x.t(), &dy, k, Threads::All);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The three products against f64 sums of the (rounded, for bf16) operands, on a shape with
+    /// edges (rows and widths not multiples of the kernels' tiles).
+    #[test]
+    fn the_three_products_match_f64_sums() {
+        let (rows, k, n) = (37, 70, 45);
+        let shape = LinearShape {
+            rows,
+            inputs: k,
+            outputs: n,
+        };
+        let (x, w, dy) = (values(rows * k, 1), values(k * n, 2), values(rows * n, 3));
+        for operands in [Operands::F32, Operands::Bf16] {
+            if operands == Operands::Bf16 && !bf16_available() {
+                continue;
+            }
+            let r = |v: f32| match operands {
+                Operands::F32 => f64::from(v),
+                Operands::Bf16 => f64::from(half::bf16::from_f32(v).to_f32()),
+            };
+            let mut y = vec![0f32; rows * n];
+            let (mut dx, mut dw) = (vec![0f32; rows * k], vec![0f32; k * n]);
+            forward(&mut y, &x, &w, shape, operands);
+            backward(&mut dx, &mut dw, &x, &w, &dy, shape, operands);
+            let close = |got: f32, want: f64| (f64::from(got) - want).abs() < 1e-4;
+            for i in 0..rows {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|p| r(x[i * k + p]) * r(w[p * n + j])).sum();
+                    assert!(close(y[i * n + j], want), "{operands:?} y ({i},{j})");
+                }
+                for p in 0..k {
+                    let want: f64 = (0..n).map(|j| r(dy[i * n + j]) * r(w[p * n + j])).sum();
+                    assert!(close(dx[i * k + p], want), "{operands:?} dx ({i},{p})");
+                }
+            }
+            for p in 0..k {
+                for j in 0..n {
+                    let want: f64 = (0..rows).map(|i| r(x[i * k + p]) * r(dy[i * n + j])).sum();
+                    assert!(close(dw[p * n + j], want), "{operands:?} dw ({p},{j})");
+                }
+            }
+        }
+    }
+}
