@@ -278,6 +278,7 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
         B::exit_cross_entropy(
             normed,
             self.head(),
+            &self.head_packed,
             targets.reshape([b * s]),
             weights.reshape([b * s]),
         )

@@ -36,13 +36,28 @@ fn config(tied: bool) -> LlamaConfig {
 }
 
 /// The loss and the gradients of the hidden state, the final norm's gain and the head weight.
-fn loss_and_grads(model: &LlamaModel<A>, fused: bool, bf16: bool) -> (f32, [Vec<f32>; 3]) {
+/// How the head computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Precision {
+    F32,
+    /// The model and activations cast to bf16.
+    Bf16Cast,
+    /// f32 tensors, bf16 operands in the products (`LlamaModel::with_bf16_products`).
+    Bf16Products,
+}
+
+fn loss_and_grads(
+    model: &LlamaModel<A>,
+    fused: bool,
+    precision: Precision,
+) -> (f32, [Vec<f32>; 3]) {
     let device = Default::default();
     let (batch, seq, vocab) = (3, 100, model.config().vocab_size);
-    let compute = if bf16 {
-        model.cast(FloatDType::BF16)
-    } else {
-        model.clone()
+    let bf16 = precision == Precision::Bf16Cast;
+    let compute = match precision {
+        Precision::F32 => model.clone(),
+        Precision::Bf16Cast => model.cast(FloatDType::BF16),
+        Precision::Bf16Products => model.clone().with_bf16_products(),
     };
     let dims = [batch, seq, model.config().hidden_size];
     let hidden = Tensor::<A, 3>::from_data(
@@ -122,16 +137,25 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
 #[test]
 fn fused_head_cross_entropy_matches_burns_gradients() {
     let device = Default::default();
-    // f32: both sides compute the logits in f32 (different summation orders); bf16: the fused
-    // kernel widens the bf16 values and accumulates in f32, Burn's bf16 matmul rounds its logits
-    // to bf16 before the f32 log-softmax, and both round the gradients to bf16.
-    for (bf16, rel) in [(false, 2e-5), (true, 3e-2)] {
+    // f32: both sides compute the logits in f32 (different summation orders); bf16 cast: the
+    // fused kernel widens the bf16 values and accumulates in f32, Burn's bf16 matmul rounds its
+    // logits to bf16 before the f32 log-softmax, and both round the gradients to bf16; bf16
+    // products against Burn in f32: operands (the logits' gradient included) rounded to bf16.
+    let cases = [
+        (Precision::F32, Precision::F32, 2e-5),
+        (Precision::Bf16Cast, Precision::Bf16Cast, 3e-2),
+        (Precision::Bf16Products, Precision::F32, 2e-2),
+    ];
+    for (precision, reference, rel) in cases {
+        if precision == Precision::Bf16Products && !A::bf16_products() {
+            continue;
+        }
         for tied in [true, false] {
             A::seed(&device, 3);
             let model = LlamaModel::<A>::init_with_std(&config(tied), 0.3, &device).unwrap();
-            let (loss, grads) = loss_and_grads(&model, true, bf16);
-            let (want, want_grads) = loss_and_grads(&model, false, bf16);
-            let case = format!("tied {tied}, bf16 {bf16}");
+            let (loss, grads) = loss_and_grads(&model, true, precision);
+            let (want, want_grads) = loss_and_grads(&model, false, reference);
+            let case = format!("tied {tied}, {precision:?}");
             assert!(
                 (loss - want).abs() <= rel * want.abs(),
                 "{case}: loss {loss} vs {want}"

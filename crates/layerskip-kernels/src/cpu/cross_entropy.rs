@@ -9,7 +9,8 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, Threads, product};
+use super::gemm::{Mat, Threads};
+use super::linear::{Operands, Rhs};
 
 /// Rows per chunk: the chunk's logits (`CHUNK x vocab` f32) stay small next to the whole.
 pub const CHUNK: usize = 256;
@@ -34,6 +35,8 @@ pub struct HeadShape {
     pub vocab: usize,
     /// How `W` is stored.
     pub layout: HeadLayout,
+    /// The precision of the products' operands (the loss and softmax are f32 either way).
+    pub operands: Operands,
 }
 
 /// Where the gradients go: `x` `[rows, hidden]` and `w` in `W`'s layout (overwritten).
@@ -63,6 +66,7 @@ pub fn head_cross_entropy(
         hidden: h,
         vocab: v,
         layout,
+        operands,
     } = *shape;
     assert!(
         x.len() == rows * h && w.len() == v * h,
@@ -78,6 +82,8 @@ pub fn head_cross_entropy(
         HeadLayout::OutIn => (Mat::new(w, 1, h), Mat::new(w, h, 1)),
         HeadLayout::InOut => (Mat::new(w, v, 1), Mat::new(w, 1, v)),
     };
+    let wt = Rhs::new(wt, h, v, operands);
+    let wn = grads.is_some().then(|| Rhs::new(wn, v, h, operands));
     let want_grads = grads.is_some();
     let mut z = vec![0f32; CHUNK.min(rows) * v];
     let mut losses = vec![0f64; rows];
@@ -85,49 +91,32 @@ pub fn head_cross_entropy(
         let c = CHUNK.min(rows - start);
         let xc = &x[start * h..(start + c) * h];
         let zc = &mut z[..c * v];
-        product(
-            zc,
-            v,
-            false,
-            Mat::new(xc, h, 1),
-            wt,
-            [c, v, h],
-            Threads::All,
-        );
+        wt.multiply(zc, v, false, Mat::new(xc, h, 1), c, Threads::All);
         let (tc, wc) = (&targets[start..start + c], &weights[start..start + c]);
         zc.par_chunks_mut(v)
             .zip(losses[start..start + c].par_iter_mut())
             .enumerate()
             .for_each(|(r, (row, loss))| *loss = row_loss(row, tc[r], wc[r], want_grads));
-        if let Some(g) = grads.as_mut() {
+        if let (Some(g), Some(wn)) = (grads.as_mut(), &wn) {
             let dz = Mat::new(zc, v, 1);
-            product(
+            wn.multiply(
                 &mut g.x[start * h..(start + c) * h],
                 h,
                 false,
                 dz,
-                wn,
-                [c, h, v],
+                c,
                 Threads::All,
             );
             match layout {
                 // dW [vocab, hidden] += dzᵀ · x
                 HeadLayout::OutIn => {
-                    let dzt = Mat::new(zc, 1, v);
-                    product(
-                        g.w,
-                        h,
-                        true,
-                        dzt,
-                        Mat::new(xc, h, 1),
-                        [v, h, c],
-                        Threads::All,
-                    );
+                    let xc = Rhs::new(Mat::new(xc, h, 1), c, h, operands);
+                    xc.multiply(g.w, h, true, dz.t(), v, Threads::All);
                 }
                 // dW [hidden, vocab] += xᵀ · dz
                 HeadLayout::InOut => {
-                    let xt = Mat::new(xc, 1, h);
-                    product(g.w, v, true, xt, dz, [h, v, c], Threads::All);
+                    let dz = Rhs::new(dz, c, v, operands);
+                    dz.multiply(g.w, v, true, Mat::new(xc, h, 1).t(), h, Threads::All);
                 }
             }
         }
@@ -319,13 +308,22 @@ mod tests {
     #[test]
     fn loss_and_gradients_match_the_definition() {
         // More rows than a chunk (a partial last chunk), a vocabulary that is not a multiple of
-        // the vector width, masked rows.
-        for layout in [HeadLayout::OutIn, HeadLayout::InOut] {
+        // the vector width, masked rows. With bf16 operands, against the definition on the
+        // rounded x and W: the loss as closely, the gradients (whose products also round the
+        // logits' gradient) to 1%.
+        let cases = [HeadLayout::OutIn, HeadLayout::InOut]
+            .into_iter()
+            .flat_map(|l| [(l, Operands::F32), (l, Operands::Bf16)]);
+        for (layout, operands) in cases {
+            if operands == Operands::Bf16 && !super::super::linear::bf16_available() {
+                continue;
+            }
             let s = HeadShape {
                 rows: CHUNK + 37,
                 hidden: 24,
                 vocab: 67,
                 layout,
+                operands,
             };
             let x = values(s.rows * s.hidden, 1, 2.0);
             let w = values(s.vocab * s.hidden, 2, 1.0);
@@ -339,12 +337,20 @@ mod tests {
                 w: &mut dw,
             };
             let loss = head_cross_entropy(&x, &w, &s, &targets, &weights, Some(grads));
-            let (want, want_dx, want_dw) = reference(&x, &w, &s, &targets, &weights);
+            let (rounded, tolerance) = match operands {
+                Operands::F32 => ((|v: &f32| *v) as fn(&f32) -> f32, 1e-5),
+                Operands::Bf16 => ((|v: &f32| half::bf16::from_f32(*v).to_f32()) as _, 1e-2),
+            };
+            let (xr, wr): (Vec<f32>, Vec<f32>) = (
+                x.iter().map(rounded).collect(),
+                w.iter().map(rounded).collect(),
+            );
+            let (want, want_dx, want_dw) = reference(&xr, &wr, &s, &targets, &weights);
             assert!((loss - want).abs() < 1e-5 * want.abs(), "{loss} vs {want}");
             let close = |got: &[f32], want: &[f64]| {
                 let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
                 for (g, w) in got.iter().zip(want) {
-                    assert!((*g as f64 - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+                    assert!((*g as f64 - w).abs() <= tolerance * scale, "{g} vs {w}");
                 }
             };
             close(&dx, &want_dx);
@@ -364,6 +370,7 @@ mod tests {
             hidden: 4,
             vocab: 21,
             layout: HeadLayout::OutIn,
+            operands: Operands::F32,
         };
         let x = values(12, 3, 1.0);
         let mut w = values(84, 4, 1.0);

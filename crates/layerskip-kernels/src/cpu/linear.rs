@@ -4,7 +4,7 @@
 //! (mixed precision: activations, weights and gradients stay f32). On every core; the results do
 //! not depend on the thread count.
 
-use super::gemm::{Mat, Threads, product};
+use super::gemm::{self, Mat, Threads};
 use super::gemm_bf16::{self, PackedRhs};
 
 /// The precision of the products' operands.
@@ -43,13 +43,8 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &[f32], shape: LinearShape, operands
         inputs: k,
         outputs: n,
     } = shape;
-    let (x, w) = (Mat::new(x, k, 1), Mat::new(w, n, 1));
-    match operands {
-        Operands::F32 => product(y, n, false, x, w, [rows, n, k], Threads::All),
-        Operands::Bf16 => {
-            gemm_bf16::product(y, n, false, x, &PackedRhs::new(w, k, n), rows, Threads::All)
-        }
-    }
+    let w = Rhs::new(Mat::new(w, n, 1), k, n, operands);
+    w.multiply(y, n, false, Mat::new(x, k, 1), rows, Threads::All);
 }
 
 /// `dx = dy · Wᵀ` into `dx` `[rows, inputs]` and `dW = xᵀ · dy` into `dw` `[inputs, outputs]`
@@ -72,16 +67,41 @@ pub fn backward(
         outputs: n,
     } = shape;
     let (x, w, dy) = (Mat::new(x, k, 1), Mat::new(w, n, 1), Mat::new(dy, n, 1));
-    match operands {
-        Operands::F32 => {
-            product(dx, k, false, dy, w.t(), [rows, k, n], Threads::All);
-            product(dw, n, false, x.t(), dy, [k, n, rows], Threads::All);
+    let wt = Rhs::new(w.t(), n, k, operands);
+    wt.multiply(dx, k, false, dy, rows, Threads::All);
+    Rhs::new(dy, rows, n, operands).multiply(dw, n, false, x.t(), k, Threads::All);
+}
+
+/// The right operand `[k, n]` of products in a given precision: read in place (f32) or packed
+/// once for any number of products (bf16).
+pub(crate) enum Rhs<'a> {
+    F32 { rhs: Mat<'a>, k: usize, n: usize },
+    Bf16(PackedRhs),
+}
+
+impl<'a> Rhs<'a> {
+    pub(crate) fn new(rhs: Mat<'a>, k: usize, n: usize, operands: Operands) -> Self {
+        match operands {
+            Operands::F32 => Self::F32 { rhs, k, n },
+            Operands::Bf16 => Self::Bf16(PackedRhs::new(rhs, k, n)),
         }
-        Operands::Bf16 => {
-            let wt = PackedRhs::new(w.t(), n, k);
-            gemm_bf16::product(dx, k, false, dy, &wt, rows, Threads::All);
-            let dy = PackedRhs::new(dy, rows, n);
-            gemm_bf16::product(dw, n, false, x.t(), &dy, k, Threads::All);
+    }
+
+    /// `dst [m, n] (+)= lhs [m, k] · self`, `dst` row-major with row stride `ld`.
+    pub(crate) fn multiply(
+        &self,
+        dst: &mut [f32],
+        ld: usize,
+        accumulate: bool,
+        lhs: Mat,
+        m: usize,
+        threads: Threads,
+    ) {
+        match self {
+            Self::F32 { rhs, k, n } => {
+                gemm::product(dst, ld, accumulate, lhs, *rhs, [m, *n, *k], threads)
+            }
+            Self::Bf16(rhs) => gemm_bf16::product(dst, ld, accumulate, lhs, rhs, m, threads),
         }
     }
 }

@@ -123,10 +123,12 @@ impl<B: LayerSkipBackend, C: CheckpointStrategy> LayerSkipBackend for Autodiff<B
     fn exit_cross_entropy(
         x: Tensor<Self, 2>,
         head: Head<Self>,
+        packed: &Packed,
         targets: Tensor<Self, 1, Int>,
         weights: Tensor<Self, 1>,
     ) -> Tensor<Self, 1> {
-        fused_exit_cross_entropy::<B, C>(x.clone(), &head, targets.clone(), weights.clone())
+        let bf16 = packed.bf16_products;
+        fused_exit_cross_entropy::<B, C>(x.clone(), &head, bf16, targets.clone(), weights.clone())
             .unwrap_or_else(|| burn_ops::exit_cross_entropy(x, head, targets, weights))
     }
 }
@@ -164,6 +166,7 @@ impl<B: Backend> Backward<B, 2> for HeadCrossEntropyBackward {
 fn fused_exit_cross_entropy<B: LayerSkipBackend, C: CheckpointStrategy>(
     x: Tensor<Autodiff<B, C>, 2>,
     head: &Head<Autodiff<B, C>>,
+    bf16: bool,
     targets: Tensor<Autodiff<B, C>, 1, Int>,
     weights: Tensor<Autodiff<B, C>, 1>,
 ) -> Option<Tensor<Autodiff<B, C>, 1>> {
@@ -186,8 +189,14 @@ fn fused_exit_cross_entropy<B: LayerSkipBackend, C: CheckpointStrategy>(
         weights.into_primitive().tensor().primitive,
     ));
     let tracked = !(x.node.requirement.is_none() && w.node.requirement.is_none());
-    let HeadLoss { loss, grads } =
-        B::head_cross_entropy(inner(&x.primitive), &inner_head, targets, weights, tracked)?;
+    let HeadLoss { loss, grads } = B::head_cross_entropy(
+        inner(&x.primitive),
+        &inner_head,
+        bf16,
+        targets,
+        weights,
+        tracked,
+    )?;
     let loss = loss.into_primitive().tensor();
     let out = match HeadCrossEntropyBackward
         .prepare::<C>([x.node.clone(), w.node.clone()])

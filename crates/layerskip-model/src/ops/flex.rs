@@ -442,11 +442,12 @@ impl LayerSkipBackend for Flex {
     fn head_cross_entropy(
         x: Tensor<Self, 2>,
         head: &Head<Self>,
+        bf16: bool,
         targets: Tensor<Self, 1, Int>,
         weights: Tensor<Self, 1>,
         grads: bool,
     ) -> Option<HeadLoss<Self>> {
-        super::flex_train::head_cross_entropy(x, head, targets, weights, grads)
+        super::flex_train::head_cross_entropy(x, head, bf16, targets, weights, grads)
     }
 
     fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {

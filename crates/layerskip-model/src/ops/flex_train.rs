@@ -23,10 +23,11 @@ use crate::rope::RopeTables;
 
 /// See [`LayerSkipBackend::head_cross_entropy`](super::LayerSkipBackend::head_cross_entropy):
 /// f32, or bf16/f16 inputs widened to f32 (f32 arithmetic, gradients rounded once to the
-/// inputs' dtype); `None` for other dtypes.
+/// inputs' dtype); `None` for other dtypes. `bf16` products for f32 inputs where the CPU has them.
 pub(super) fn head_cross_entropy(
     x: Tensor<Flex, 2>,
     head: &Head<Flex>,
+    bf16: bool,
     targets: Tensor<Flex, 1, Int>,
     weights: Tensor<Flex, 1>,
     grads: bool,
@@ -50,6 +51,7 @@ pub(super) fn head_cross_entropy(
         hidden,
         vocab,
         layout,
+        operands: operands(bf16 && dtype == DType::F32 && linear::bf16_available()),
     };
     let targets: Vec<u32> = targets
         .into_data()

@@ -358,10 +358,20 @@ pub trait LayerSkipBackend: Backend {
     fn exit_cross_entropy(
         x: Tensor<Self, 2>,
         head: Head<Self>,
+        packed: &Packed,
         targets: Tensor<Self, 1, Int>,
         weights: Tensor<Self, 1>,
     ) -> Tensor<Self, 1> {
-        match Self::head_cross_entropy(x.clone(), &head, targets.clone(), weights.clone(), false) {
+        let bf16 = packed.bf16_products;
+        let fused = Self::head_cross_entropy(
+            x.clone(),
+            &head,
+            bf16,
+            targets.clone(),
+            weights.clone(),
+            false,
+        );
+        match fused {
             Some(fused) => fused.loss,
             None => burn_ops::exit_cross_entropy(x, head, targets, weights),
         }
@@ -371,15 +381,17 @@ pub trait LayerSkipBackend: Backend {
     /// `[rows, vocab]` logits, with (if `grads`) the gradients with respect to `x` and the head
     /// weight computed in the same pass; `None` where the backend has no such kernel (the
     /// default). `Autodiff<Self>` runs it in the forward pass and keeps the gradients for the
-    /// backward pass.
+    /// backward pass. With `bf16`, its products round their operands to bf16 where the backend
+    /// has [`bf16_products`](Self::bf16_products) (the softmax and loss stay f32).
     fn head_cross_entropy(
         x: Tensor<Self, 2>,
         head: &Head<Self>,
+        bf16: bool,
         targets: Tensor<Self, 1, Int>,
         weights: Tensor<Self, 1>,
         grads: bool,
     ) -> Option<HeadLoss<Self>> {
-        let _ = (x, head, targets, weights, grads);
+        let _ = (x, head, bf16, targets, weights, grads);
         None
     }
 }
