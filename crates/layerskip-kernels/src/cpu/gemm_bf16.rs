@@ -10,6 +10,8 @@
 //! only and the inner dimension is summed in a fixed order, so the result does not depend on
 //! the thread count.
 
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use super::gemm::{Mat, Threads};
@@ -22,6 +24,32 @@ const NR: usize = 64;
 const KC: usize = 256;
 /// Output rows per task (eight tiles: the left block stays in L1/L2 while the right panels stream).
 const MC: usize = 48;
+
+/// Packing buffers kept for the next products: a training step packs hundreds of operands, and
+/// a fresh allocation of each (zeroed, large ones mapped anew) cost a sixth of a step in malloc
+/// and page faults.
+static BUFFERS: Mutex<Vec<Vec<u32>>> = Mutex::new(Vec::new());
+
+/// How many buffers [`BUFFERS`] keeps (two threads' left blocks and a few right operands).
+const KEPT: usize = 8;
+
+/// A zeroed buffer of `len` words, reused where one is kept.
+fn take_buffer(len: usize) -> Vec<u32> {
+    let kept = BUFFERS.lock().map(|mut b| b.pop()).unwrap_or(None);
+    let mut buffer = kept.unwrap_or_default();
+    buffer.clear();
+    buffer.resize(len, 0);
+    buffer
+}
+
+/// Keeps `buffer` for a later [`take_buffer`].
+fn give_buffer(buffer: Vec<u32>) {
+    if let Ok(mut kept) = BUFFERS.lock()
+        && kept.len() < KEPT
+    {
+        kept.push(buffer);
+    }
+}
 
 /// Whether this CPU has the bf16 products (AVX512-BF16).
 pub fn available() -> bool {
@@ -51,6 +79,12 @@ pub(crate) struct PackedRhs {
     n: usize,
 }
 
+impl Drop for PackedRhs {
+    fn drop(&mut self) {
+        give_buffer(std::mem::take(&mut self.pairs));
+    }
+}
+
 impl PackedRhs {
     /// Packs `rhs` `[k, n]`, rounding to bf16.
     ///
@@ -61,7 +95,7 @@ impl PackedRhs {
         assert!(k > 0 && n > 0 && rhs.reaches(k, n));
         let panels = n.div_ceil(NR);
         // KC is even, so every block but the last holds KC / 2 pairs: ceil(k / 2) in all.
-        let mut pairs = vec![0u32; k.div_ceil(2) * panels * NR];
+        let mut pairs = take_buffer(k.div_ceil(2) * panels * NR);
         let mut panel_slices = Vec::new();
         let mut rest = pairs.as_mut_slice();
         for k0 in (0..k).step_by(KC) {
@@ -124,7 +158,7 @@ fn block(
 ) {
     let (n, k) = (rhs.n, rhs.k);
     let tiles = rows.div_ceil(MR);
-    let mut packed = vec![0u32; tiles * MR * KC / 2];
+    let mut packed = take_buffer(tiles * MR * KC / 2);
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let kp = kc.div_ceil(2);
@@ -154,13 +188,17 @@ fn block(
             }
         }
     }
+    give_buffer(packed);
 }
 
 /// Packs rows `i0 .. i0 + rows` of `lhs` over inner indices `k0 .. k0 + kc`: per tile of `MR`
 /// rows, `ceil(kc / 2)` rows of `MR` pairs (zeros past the rows and `kc`).
 fn pack_lhs(dst: &mut [u32], lhs: Mat, i0: usize, rows: usize, k0: usize, kc: usize) {
     let kp = kc.div_ceil(2);
-    dst.fill(0);
+    if !rows.is_multiple_of(MR) || !kc.is_multiple_of(2) {
+        // Padding rows and the odd index's missing half stay zero.
+        dst.fill(0);
+    }
     if lhs.col == 1 {
         // Each row's inner values are contiguous: 32 of them make 16 pairs at once.
         for i in 0..rows {
@@ -183,23 +221,23 @@ fn pack_lhs(dst: &mut [u32], lhs: Mat, i0: usize, rows: usize, k0: usize, kc: us
     } else if lhs.row == 1 {
         // Each inner index's rows are contiguous (a transposed operand): two inner rows give
         // the pairs of 16 output rows at once.
+        let slots: Vec<usize> = (0..rows).map(|i| (i / MR) * MR * kp + i % MR).collect();
         for p in 0..kp {
             let lo = &lhs.values[(k0 + 2 * p) * lhs.col + i0..];
             let hi = (2 * p + 1 < kc).then(|| &lhs.values[(k0 + 2 * p + 1) * lhs.col + i0..]);
+            let out = &mut dst[p * MR..];
             let mut i = 0;
             if let Some(hi) = hi {
                 while i + 16 <= rows {
                     let words = x86::pairs_across(&lo[i..i + 16], &hi[i..i + 16]);
-                    for (q, w) in words.into_iter().enumerate() {
-                        let (tile, r) = ((i + q) / MR, (i + q) % MR);
-                        dst[tile * MR * kp + p * MR + r] = w;
+                    for (&slot, w) in slots[i..i + 16].iter().zip(words) {
+                        out[slot] = w;
                     }
                     i += 16;
                 }
             }
             for i in i..rows {
-                let (tile, r) = (i / MR, i % MR);
-                dst[tile * MR * kp + p * MR + r] = pair(lo[i], hi.map_or(0.0, |h| h[i]));
+                out[slots[i]] = pair(lo[i], hi.map_or(0.0, |h| h[i]));
             }
         }
     } else {
