@@ -154,7 +154,7 @@ impl SafetensorsFiles {
             });
         }
         let bytes = view.data();
-        let values = match view.dtype() {
+        let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -176,6 +176,17 @@ impl SafetensorsFiles {
             }
         };
         release(mmap, bytes);
+        // A NaN or infinite weight makes every output it touches meaningless; some paths (a
+        // softmax's max, say) can hide it, so it is refused here, by name.
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::parse(
+                path,
+                format!(
+                    "tensor {name} holds a non-finite value ({} at index {at}); the checkpoint is damaged",
+                    values[at]
+                ),
+            ));
+        }
         Ok(values)
     }
 
@@ -565,6 +576,33 @@ impl Recommendation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NaN or infinite weight is refused at load, naming the tensor and the index, in every
+    /// stored dtype.
+    #[test]
+    fn a_non_finite_weight_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("layerskip-nonfinite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (bad, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+            for dtype in [SaveDtype::F32, SaveDtype::Bf16, SaveDtype::F16] {
+                let mut b = vec![0.5f32; 128];
+                b[77] = bad;
+                let tensors = vec![
+                    TensorBytes::new("a", vec![4], &[1.0; 4], dtype),
+                    TensorBytes::new("b", vec![2, 64], &b, dtype),
+                ];
+                write_safetensors_atomic(&dir.join("model.safetensors"), tensors).unwrap();
+                let files = SafetensorsFiles::open(&dir).unwrap();
+                assert!(files.read_f32("a", &[4]).is_ok());
+                let err = files.read_f32("b", &[2, 64]).unwrap_err().to_string();
+                assert!(
+                    err.contains("tensor b") && err.contains(&format!("{shown} at index 77")),
+                    "{dtype:?}: {err}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     /// Reading a tensor gives the stored values, again after its pages were handed back to
     /// the OS ([`release`]), and its neighbours' values are untouched: tensors of several

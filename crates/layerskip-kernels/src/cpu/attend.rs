@@ -121,6 +121,10 @@ unsafe fn attend_lanes<const L: usize>(
                 acc
             };
             let mut vmax = _mm_set1_ps(f32::NEG_INFINITY);
+            // Lanes whose score is NaN or infinite: `max` and the exp's clamp would turn them
+            // into finite weights, so such a row's output is NaN, as the softmax's definition
+            // gives it.
+            let mut bad = _mm_setzero_ps();
             let mut j = 0;
             while j < visible {
                 let (a0, a1, a2, a3) = (dot(j), dot(j + 1), dot(j + 2), dot(j + 3));
@@ -131,7 +135,13 @@ unsafe fn attend_lanes<const L: usize>(
                 );
                 _mm_storeu_ps(weights.as_mut_ptr().add(j), four);
                 vmax = _mm_max_ps(vmax, four);
+                let zero = _mm_sub_ps(four, four);
+                bad = _mm_or_ps(bad, _mm_cmpunord_ps(zero, zero));
                 j += 4;
+            }
+            if _mm_movemask_ps(bad) != 0 {
+                std::slice::from_raw_parts_mut(out.as_mut_ptr().add(at), d).fill(f32::NAN);
+                continue;
             }
             // The padding repeats the last key's score, so it cannot raise the max.
             let vmax = _mm_max_ps(vmax, _mm_movehl_ps(vmax, vmax));
@@ -226,4 +236,91 @@ fn dot8(x: &[f32], y: &[f32]) -> f32 {
         s += x[i] * y[i];
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f32 + seed as f32) * 0.618).sin())
+            .collect()
+    }
+
+    /// The softmax attention of each (row, head) in f64, NaN where a score is not finite.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: &AttendShape) -> Vec<f64> {
+        let mut out = vec![0f64; q.len()];
+        for (visible, base, at) in s.rows() {
+            let scores: Vec<f64> = (0..visible)
+                .map(|j| {
+                    (0..s.d)
+                        .map(|c| f64::from(q[at + c]) * f64::from(k[base + j * s.d + c]))
+                        .sum::<f64>()
+                        / (s.d as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let bad = scores.iter().any(|x| !x.is_finite());
+            let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for c in 0..s.d {
+                let o = (0..visible)
+                    .map(|j| e[j] * f64::from(v[base + j * s.d + c]))
+                    .sum::<f64>()
+                    / sum;
+                out[at + c] = if bad { f64::NAN } else { o };
+            }
+        }
+        out
+    }
+
+    /// The kernel against the definition, and a NaN or infinity in a query or a key turning the
+    /// rows that read it into NaN (not into a finite softmax over the other keys).
+    #[test]
+    fn matches_the_softmax_and_propagates_non_finite_scores() {
+        let s = AttendShape {
+            batch: 1,
+            seq: 2,
+            heads: 4,
+            kv_heads: 2,
+            capacity: 16,
+            d: 32,
+            len: 11,
+            groups: 2,
+        };
+        let (q, k, v) = (
+            values(2 * 4 * 32, 1),
+            values(2 * 16 * 32, 2),
+            values(2 * 16 * 32, 3),
+        );
+        // (what, in the query or the keys, at index, value)
+        let cases = [
+            ("finite", false, 0, 0.0),
+            ("NaN in head 1's query", false, 32 + 5, f32::NAN),
+            ("NaN in kv head 1, key 3", true, (16 + 3) * 32 + 7, f32::NAN),
+            ("inf in kv head 0, key 9", true, 9 * 32, f32::INFINITY),
+        ];
+        for (name, in_keys, at, value) in cases {
+            let (mut q, mut k) = (q.clone(), k.clone());
+            if name != "finite" {
+                if in_keys {
+                    k[at] = value
+                } else {
+                    q[at] = value
+                }
+            }
+            let want = reference(&q, &k, &v, &s);
+            let mut out = vec![0f32; q.len()];
+            attend(&q, &k, &v, &mut out, &s);
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                if w.is_nan() {
+                    assert!(g.is_nan(), "{name}: [{i}] {g}, want NaN");
+                } else {
+                    assert!((f64::from(*g) - w).abs() < 1e-5, "{name}: [{i}] {g} vs {w}");
+                }
+            }
+            assert!(name == "finite" || want.iter().any(|w| w.is_nan()));
+        }
+    }
 }
