@@ -24,6 +24,18 @@ pub enum TrainError {
     /// A multi-node run could not start or lost a node.
     #[error("multi-node training: {0}")]
     Cluster(String),
+    /// The loss of a step was NaN or infinite; the step was not applied.
+    #[error(
+        "the loss of step {step} is {loss} (not finite); the run stopped before applying that step \
+         and its last checkpoint is kept. Lower the learning rate, check the data, or resume \
+         from an earlier checkpoint"
+    )]
+    NonFinite {
+        /// The step (1-based, as the progress lines count).
+        step: usize,
+        /// The loss.
+        loss: f64,
+    },
     /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),

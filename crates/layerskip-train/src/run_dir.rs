@@ -167,13 +167,17 @@ fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The `checkpoint-*` directories and the `latest` pointer of an earlier run in `dir`.
+/// What an earlier run wrote in `dir`: its numbered `checkpoint-NNNNNN` directories and the
+/// `latest` pointer (not a user's `checkpoint-best/` or other files).
 fn earlier_run(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries(dir)?
         .into_iter()
         .filter(|p| {
             let name = p.file_name().unwrap_or_default().to_string_lossy();
-            (name.starts_with("checkpoint-") && p.is_dir()) || name == "latest"
+            let numbered = name
+                .strip_prefix("checkpoint-")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            (numbered && p.is_dir()) || name == "latest"
         })
         .collect())
 }
@@ -308,6 +312,8 @@ mod tests {
         std::fs::write(dir.join("latest"), "checkpoint-000002").unwrap();
         std::fs::create_dir_all(dir.join(".checkpoint-000004.tmp")).unwrap();
         std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        std::fs::create_dir_all(dir.join("checkpoint-best")).unwrap();
+        std::fs::write(dir.join("checkpoint-best/config.json"), "{}").unwrap();
 
         let err = RunDir::open(&dir, Start::Fresh).unwrap_err().to_string();
         assert!(
@@ -322,8 +328,8 @@ mod tests {
         assert_eq!(run.removed().len(), 2);
         assert!(!dir.join("checkpoint-000002").exists() && !dir.join("latest").exists());
         assert!(
-            dir.join("notes.txt").is_file(),
-            "only checkpoints are deleted"
+            dir.join("notes.txt").is_file() && dir.join("checkpoint-best/config.json").is_file(),
+            "only the run's numbered checkpoints are deleted"
         );
         drop(run);
         let err = RunDir::open(&dir, Start::Resume).unwrap_err().to_string();

@@ -457,6 +457,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
             let grads = GradientsParams::from_grads(total.backward(), &self.model);
             accumulator.accumulate(&self.model, grads);
         }
+        self.check_finite(loss_sum)?;
         self.model = self.optim.step(lr, self.model.clone(), accumulator.grads());
         Ok(self.finish_step(lr, loss_sum, per_layer, skipped))
     }
@@ -473,6 +474,18 @@ impl<B: crate::TrainBackend> Trainer<B> {
     }
 
     /// Counts the step taken and reports it.
+    /// Stops the run at a non-finite loss, before the optimizer step (whose update would make
+    /// every weight NaN): the weights stay those of the previous step.
+    fn check_finite(&self, loss: f64) -> Result<()> {
+        if loss.is_finite() {
+            return Ok(());
+        }
+        Err(TrainError::NonFinite {
+            step: self.step + 1,
+            loss,
+        })
+    }
+
     fn finish_step(
         &mut self,
         lr: f64,
@@ -560,6 +573,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
                 .map(|(mut acc, device)| (acc.grads(), device.id()))
                 .collect(),
         };
+        self.check_finite(loss_sum)?;
         let updated = self.optim.step_multi(lr, self.model.clone(), grads);
         // Parameters were updated on the devices that accumulated them; gather them on the
         // trainer's device for evaluation, checkpoints and the next step's replicas.
@@ -607,6 +621,8 @@ impl<B: crate::TrainBackend> Trainer<B> {
             .map(|&n| n > 0.0)
             .collect();
         let grads = cluster.all_reduce_grads(&self.model, grads, &needed, self.step)?;
+        // After the all-reduce, so that every node stops at the same step.
+        self.check_finite(summed[0])?;
         self.model = self.optim.step(lr, self.model.clone(), grads);
         Ok(self.finish_step(lr, summed[0], per_layer, skipped))
     }
@@ -665,6 +681,11 @@ impl<B: crate::TrainBackend> Trainer<B> {
     /// a rename, and points `out_dir/latest` at it. Every file is synced before the rename and the
     /// directory after it, so a crash leaves the previous checkpoint or this one, whole. Returns
     /// the checkpoint directory.
+    ///
+    /// A checkpoint of this step that is already there (a resumed run that ends where it
+    /// started) is this run's state at this step, so it is kept as it is, never rewritten: there
+    /// is no moment without a complete copy. A directory of that name that is not a checkpoint of
+    /// this step is refused.
     pub fn save_checkpoint(
         &self,
         out_dir: &Path,
@@ -680,6 +701,24 @@ impl<B: crate::TrainBackend> Trainer<B> {
                 message: e.to_string(),
             }
         };
+        if final_dir.exists() {
+            match read_state(&final_dir) {
+                Ok(state) if state.step == self.step => {
+                    write_atomic(&out_dir.join("latest"), name.as_bytes())?;
+                    sync_dir(out_dir)?;
+                    return Ok(final_dir);
+                }
+                _ => {
+                    return Err(TrainError::File {
+                        path: final_dir,
+                        message: format!(
+                            "exists but is not this run's checkpoint of step {}; move it away",
+                            self.step
+                        ),
+                    });
+                }
+            }
+        }
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
@@ -710,9 +749,6 @@ impl<B: crate::TrainBackend> Trainer<B> {
             write_atomic(&tmp.join(name), bytes)?;
         }
         sync_dir(&tmp)?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
-        }
         std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
         write_atomic(&out_dir.join("latest"), name.as_bytes())?;
         sync_dir(out_dir)?;
