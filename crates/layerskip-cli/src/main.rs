@@ -111,12 +111,17 @@ enum Command {
         /// A Hugging Face checkpoint directory to re-save (weights, config, tokenizer files).
         #[arg(long)]
         checkpoint: Option<PathBuf>,
-        /// Output directory (config.json, model.safetensors, tokenizer.json).
+        /// Output directory (config.json, model.safetensors, tokenizer.json): a new or empty
+        /// directory; it appears when the model is complete.
         #[arg(long)]
         out: PathBuf,
         /// Dtype of the written weights.
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
+        /// Replace an `--out` that holds files, as a whole (none of its files are kept beside
+        /// the new model's).
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -170,24 +175,31 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint: Some(dir),
             out,
             dtype,
+            overwrite,
             ..
-        } => backend::dispatch(
-            DeviceSpec::Cpu,
-            Precision::F32,
-            Resave {
-                dir,
-                out,
-                dtype: dtype.into(),
-            },
-        ),
+        } => write_model_dir(&out, overwrite, |stage| {
+            backend::dispatch(
+                DeviceSpec::Cpu,
+                Precision::F32,
+                Resave {
+                    dir,
+                    out: stage.to_path_buf(),
+                    shown: out.clone(),
+                    dtype: dtype.into(),
+                },
+            )
+        }),
         Command::Convert {
             gguf: Some(gguf),
             out,
             dtype,
+            overwrite,
             ..
         } => {
-            let report = convert_gguf(&gguf, &out, dtype.into())
-                .with_context(|| format!("converting {}", gguf.display()))?;
+            let report = write_model_dir(&out, overwrite, |stage| {
+                convert_gguf(&gguf, stage, dtype.into())
+                    .with_context(|| format!("converting {}", gguf.display()))
+            })?;
             let c = &report.config;
             println!(
                 "wrote {}: {} tensors, {} layers, hidden {}, heads {}/{}, vocab {}, tied head: {}, tokenizer: {}",
@@ -219,10 +231,87 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Writes a model directory at `out` as a whole: `write` fills a new hidden sibling directory,
+/// which is renamed to `out` once complete, so that `out` never holds a half-written model nor two
+/// models' files. An `out` holding anything is refused unless `overwrite`, which replaces it.
+fn write_model_dir<T>(
+    out: &std::path::Path,
+    overwrite: bool,
+    write: impl FnOnce(&std::path::Path) -> Result<T>,
+) -> Result<T> {
+    let mut held: Vec<String> = match std::fs::read_dir(out) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect(),
+        Err(_) if out.exists() && !out.is_dir() => {
+            anyhow::bail!("{}: exists and is not a directory", out.display())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading --out {}", out.display())),
+    };
+    if !held.is_empty() && !overwrite {
+        held.sort();
+        let shown = held.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        let more = if held.len() > 5 { ", ..." } else { "" };
+        anyhow::bail!(
+            "--out {} already holds files ({shown}{more}); writing a model there would mix two \
+             models' files: choose a new or empty directory, or pass --overwrite to replace it \
+             as a whole",
+            out.display()
+        );
+    }
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {} names no directory", out.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let pid = std::process::id();
+    let stage = parent.join(format!(".{name}.partial-{pid}"));
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage)?;
+    }
+    std::fs::create_dir(&stage).with_context(|| format!("creating {}", stage.display()))?;
+    let written = match write(&stage) {
+        Ok(written) => written,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&stage);
+            return Err(e);
+        }
+    };
+    let rename = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::rename(from, to)
+            .with_context(|| format!("renaming {} to {}", from.display(), to.display()))
+    };
+    if out.exists() {
+        // The old directory steps aside before the new one takes its name, then goes.
+        let old = parent.join(format!(".{name}.replaced-{pid}"));
+        rename(out, &old)?;
+        if let Err(e) = rename(&stage, out) {
+            let _ = rename(&old, out);
+            return Err(e);
+        }
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else {
+        rename(&stage, out)?;
+    }
+    std::fs::File::open(&parent)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", parent.display()))?;
+    Ok(written)
+}
+
 /// Re-saves a checkpoint directory in another dtype, with its tokenizer files.
 struct Resave {
     dir: PathBuf,
+    /// Where the files are written.
     out: PathBuf,
+    /// The directory they will be in when complete (for the message).
+    shown: PathBuf,
     dtype: SaveDtype,
 }
 
@@ -238,7 +327,7 @@ impl backend::BackendTask for Resave {
         }
         println!(
             "wrote {} ({} layers, {:?} weights; copied {})",
-            self.out.display(),
+            self.shown.display(),
             model.num_layers(),
             self.dtype,
             copied.join(", ")

@@ -242,6 +242,18 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
         (None, Some(dir)) => {
             let model = LlamaModel::<B>::from_pretrained(dir, &device)
                 .with_context(|| format!("loading {}", dir.display()))?;
+            if let Some(shape) = &config.model {
+                let differences = shape.differences(model.config());
+                if !differences.is_empty() {
+                    bail!(
+                        "the preset's [model] differs from {}/config.json: {}; training --model \
+                         trains the checkpoint's own shape, so remove [model] from the preset \
+                         or make it match",
+                        dir.display(),
+                        differences.join(", ")
+                    );
+                }
+            }
             tokenizer.check_fits(model.config().vocab_size, dir)?;
             Trainer::new(config, model, train_blocks, eval_blocks, device)?
         }

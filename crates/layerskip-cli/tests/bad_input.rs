@@ -209,25 +209,41 @@ fn checkpoints_carry_the_source_tokenizer_files_and_the_chat_template_survives()
     assert!(out.contains("\"text\""), "{out}");
 }
 
-#[test]
-fn non_finite_weights_are_an_error_not_an_empty_generation() {
+/// A copy of the shipped model whose tensor `name` holds `value` (bf16 bits) everywhere, or at
+/// index `at` only.
+fn damaged_model(dir_name: &str, name: &str, value: [u8; 2], at: Option<usize>) -> PathBuf {
     use safetensors::SafeTensors;
-    let dir = copy_of_default_model("nan");
+    let dir = copy_of_default_model(dir_name);
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    // The final norm's weights become NaN (bf16 0x7fc0).
-    let nan = [0xc0u8, 0x7f].repeat(256);
+    let mut damaged = Vec::new();
+    for (n, view) in tensors.tensors() {
+        if n == name {
+            let mut data = view.data().to_vec();
+            match at {
+                Some(i) => data[2 * i..2 * i + 2].copy_from_slice(&value),
+                None => data
+                    .chunks_exact_mut(2)
+                    .for_each(|c| c.copy_from_slice(&value)),
+            }
+            damaged = data;
+        }
+    }
+    assert!(!damaged.is_empty(), "no tensor {name}");
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .tensors()
         .into_iter()
-        .map(|(name, view)| {
-            if name == "model.norm.weight" {
-                let view =
-                    safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), &nan)
-                        .unwrap();
-                (name, view)
+        .map(|(n, view)| {
+            if n == name {
+                let view = safetensors::tensor::TensorView::new(
+                    view.dtype(),
+                    view.shape().to_vec(),
+                    &damaged,
+                )
+                .unwrap();
+                (n, view)
             } else {
-                (name, view)
+                (n, view)
             }
         })
         .collect();
@@ -237,24 +253,184 @@ fn non_finite_weights_are_an_error_not_an_empty_generation() {
         dir.join("model.safetensors"),
     )
     .unwrap();
-    for extra in [
-        &[][..],
-        &["--temperature", "0.8", "--seed", "1"][..],
-        &[
-            "--strategy",
-            "self-spec",
-            "--exit-layer",
-            "2",
-            "--speculations",
-            "3",
-        ][..],
-    ] {
-        let mut args = vec!["infer", "--model", s(&dir), "--prompt", "def f(x):"];
-        args.extend_from_slice(extra);
-        let (code, out, err) = layerskip(&args);
-        assert_error(code, &err, "non-finite logits");
-        assert!(out.is_empty(), "{out}");
+    dir
+}
+
+#[test]
+fn non_finite_weights_are_an_error_not_an_empty_generation() {
+    // NaN weights (bf16 0x7fc0) are refused at load, by name: the final norm, a whole q_proj,
+    // one value of a k_proj (NaN scores that attention's max and exp could otherwise hide).
+    // Finite but huge weights (bf16's largest, 0x7f7f) overflow to non-finite logits, caught
+    // while generating.
+    let nan = [0xc0u8, 0x7f];
+    let cases = [
+        (
+            "nan-norm",
+            "model.norm.weight",
+            nan,
+            None,
+            "tensor model.norm.weight holds a non-finite value (NaN at index 0)",
+        ),
+        (
+            "nan-q",
+            "model.layers.3.self_attn.q_proj.weight",
+            nan,
+            None,
+            "tensor model.layers.3.self_attn.q_proj.weight holds a non-finite value",
+        ),
+        (
+            "nan-k",
+            "model.layers.1.self_attn.k_proj.weight",
+            nan,
+            Some(70),
+            "tensor model.layers.1.self_attn.k_proj.weight holds a non-finite value (NaN at index 70)",
+        ),
+        (
+            "huge-norm",
+            "model.norm.weight",
+            [0x7f, 0x7f],
+            None,
+            "non-finite logits",
+        ),
+    ];
+    for (dir_name, tensor, value, at, message) in cases {
+        let dir = damaged_model(dir_name, tensor, value, at);
+        for extra in [
+            &[][..],
+            &["--temperature", "0.8", "--seed", "1"][..],
+            &[
+                "--strategy",
+                "self-spec",
+                "--exit-layer",
+                "2",
+                "--speculations",
+                "3",
+            ][..],
+        ] {
+            let mut args = vec!["infer", "--model", s(&dir), "--prompt", "def f(x):"];
+            args.extend_from_slice(extra);
+            let (code, out, err) = layerskip(&args);
+            assert_error(code, &err, message);
+            assert!(out.is_empty(), "{out}");
+        }
     }
+}
+
+/// `convert` writes a model directory as a whole: it refuses an `--out` that holds files (a
+/// model's, or any), naming them, and leaves it untouched; with `--overwrite` it replaces the
+/// directory so that none of the old files stay beside the new model's; nothing half-written
+/// or staged is left behind.
+#[test]
+fn convert_never_mixes_two_models_in_one_directory() {
+    let m = default_model();
+    let target = copy_of_default_model("convert-over");
+    std::fs::write(target.join("LICENSE.md"), "the old model's license").unwrap();
+    let config_before = std::fs::read(target.join("config.json")).unwrap();
+    let (code, _, err) = layerskip(&[
+        "convert",
+        "--checkpoint",
+        s(&m),
+        "--out",
+        s(&target),
+        "--dtype",
+        "f32",
+    ]);
+    assert_error(code, &err, "already holds files (");
+    assert!(
+        err.contains("config.json") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(target.join("config.json")).unwrap(),
+        config_before
+    );
+    assert!(target.join("LICENSE.md").is_file());
+
+    let (code, out, err) = layerskip(&[
+        "convert",
+        "--checkpoint",
+        s(&m),
+        "--out",
+        s(&target),
+        "--dtype",
+        "f32",
+        "--overwrite",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(s(&target)), "{out}");
+    assert!(
+        !target.join("LICENSE.md").exists(),
+        "an old file stayed beside the new model"
+    );
+    assert!(target.join("model.safetensors").is_file() && target.join("tokenizer.json").is_file());
+    // f32 weights: twice the bf16 file.
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(size(&target) > size(&m) * 3 / 2);
+    let parent = target.parent().unwrap();
+    let stray: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("convert-over") && n.starts_with('.'))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    // A new directory is written whole, and an empty one is fine.
+    let fresh = tmp("convert-fresh").join("new/model");
+    let (code, _, err) = layerskip(&[
+        "convert",
+        "--checkpoint",
+        s(&m),
+        "--out",
+        s(&fresh),
+        "--dtype",
+        "bf16",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(fresh.join("config.json").is_file());
+    let empty = tmp("convert-empty");
+    let (code, _, err) = layerskip(&[
+        "convert",
+        "--checkpoint",
+        s(&m),
+        "--out",
+        s(&empty),
+        "--dtype",
+        "bf16",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// `train --model DIR` with a preset whose `[model]` describes another shape is refused, naming
+/// each difference, rather than silently training the checkpoint's shape.
+#[test]
+fn train_from_a_model_refuses_a_preset_of_another_shape() {
+    let dir = tmp("model-shape");
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, TINY).unwrap();
+    let (code, _, err) = train(&config, &dir.join("base"), &[]);
+    assert_eq!(code, 0, "{err}");
+    let base = dir.join("base/checkpoint-000002");
+    let other = TINY
+        .replace("num_layers = 2", "num_layers = 3")
+        .replace("hidden_size = 32", "hidden_size = 48");
+    let other_config = dir.join("other.toml");
+    std::fs::write(&other_config, other).unwrap();
+    let (code, _, err) = train(
+        &other_config,
+        &dir.join("tuned"),
+        &["--model", s(&base), "--steps", "1"],
+    );
+    assert_error(code, &err, "the preset's [model] differs from");
+    assert!(
+        err.contains("num_layers: 3 (preset) vs 2 (checkpoint)")
+            && err.contains("hidden_size: 48 (preset) vs 32 (checkpoint)"),
+        "{err}"
+    );
+    assert!(!dir.join("tuned/checkpoint-000001").exists());
 }
 
 #[test]

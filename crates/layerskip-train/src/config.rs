@@ -33,6 +33,66 @@ pub struct ModelShape {
     pub tie_word_embeddings: bool,
 }
 
+impl ModelShape {
+    /// How a checkpoint's configuration differs from this shape, one `field: shape vs
+    /// checkpoint` entry per difference (empty when the checkpoint has this shape).
+    pub fn differences(&self, checkpoint: &layerskip_model::LlamaConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |field: &str, ours: String, theirs: String| {
+            if ours != theirs {
+                out.push(format!("{field}: {ours} (preset) vs {theirs} (checkpoint)"));
+            }
+        };
+        let c = checkpoint;
+        check(
+            "vocab_size",
+            self.vocab_size.to_string(),
+            c.vocab_size.to_string(),
+        );
+        check(
+            "num_layers",
+            self.num_layers.to_string(),
+            c.num_layers.to_string(),
+        );
+        check(
+            "hidden_size",
+            self.hidden_size.to_string(),
+            c.hidden_size.to_string(),
+        );
+        check(
+            "intermediate_size",
+            self.intermediate_size.to_string(),
+            c.intermediate_size.to_string(),
+        );
+        check(
+            "num_heads",
+            self.num_heads.to_string(),
+            c.num_heads.to_string(),
+        );
+        check(
+            "num_kv_heads",
+            self.num_kv_heads.to_string(),
+            c.num_kv_heads.to_string(),
+        );
+        check(
+            "max_position_embeddings",
+            self.max_position_embeddings.to_string(),
+            c.max_position_embeddings.to_string(),
+        );
+        check(
+            "rope_theta",
+            self.rope_theta.to_string(),
+            c.rope.theta.to_string(),
+        );
+        check(
+            "tie_word_embeddings",
+            self.tie_word_embeddings.to_string(),
+            c.tie_word_embeddings.to_string(),
+        );
+        out
+    }
+}
+
 fn default_theta() -> f64 {
     10_000.0
 }
