@@ -1,0 +1,306 @@
+//! The AVX-512 kernels: one 16-lane vector per panel of 16 columns.
+
+use std::arch::x86_64::*;
+
+use super::{NR, Panels, Span};
+
+/// Most rows whose accumulators share a pass over the panels: 8 rows x 2 panels = 16 of
+/// the 32 registers, with room for the weights and a broadcast.
+const MR: usize = 8;
+
+/// How a kernel reads one feature's 16 weights of a panel as one f32 vector.
+trait Load {
+    /// Features per unit of the layout (a line: 1; a block: [`super::QK`]).
+    const FEATURES: usize;
+    /// Bytes per unit.
+    const UNIT: usize;
+    /// Feature `i` of the panel whose first unit is at `panel`, each unit `stride` bytes
+    /// after the one before.
+    ///
+    /// # Safety
+    /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
+    /// AVX-512F.
+    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512;
+
+    /// Features `i` and `i + 1` (`i` even, inside one unit): for blocks, one read of their
+    /// bytes and scales.
+    ///
+    /// # Safety
+    /// As [`Load::load`], for features `i` and `i + 1`.
+    #[inline(always)]
+    unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            [
+                Self::load(panel, i, stride),
+                Self::load(panel, i + 1, stride),
+            ]
+        }
+    }
+}
+
+struct F32;
+impl Load for F32 {
+    const FEATURES: usize = 1;
+    const UNIT: usize = 64;
+    #[inline(always)]
+    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
+        // SAFETY: as promised by the caller.
+        unsafe { _mm512_load_ps(panel.add(i * stride) as *const f32) }
+    }
+}
+
+/// bfloat16 widened exactly: zero-extended to 32 bits, shifted into the upper half.
+struct Bf16;
+impl Load for Bf16 {
+    const FEATURES: usize = 1;
+    const UNIT: usize = 32;
+    #[inline(always)]
+    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            let h = _mm256_load_si256(panel.add(i * stride) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+/// [`super::Q4Block`]s: 16 nibbles, `fma(q, d, m)` per column.
+struct Q4;
+impl Load for Q4 {
+    const FEATURES: usize = super::QK;
+    const UNIT: usize = std::mem::size_of::<super::Q4Block>();
+    #[inline(always)]
+    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            let block = panel.add(i / super::QK * stride);
+            let bytes = _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
+            let q = _mm512_cvtepu8_epi32(bytes);
+            let q = if i.is_multiple_of(2) {
+                _mm512_and_si512(q, _mm512_set1_epi32(0x0f))
+            } else {
+                _mm512_srli_epi32::<4>(q)
+            };
+            let d = _mm512_load_ps(block as *const f32);
+            let m = _mm512_load_ps(block.add(64) as *const f32);
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
+        // SAFETY: as promised by the caller (`i` even: its byte holds both nibbles).
+        unsafe {
+            let block = panel.add(i / super::QK * stride);
+            let bytes = _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
+            let q = _mm512_cvtepu8_epi32(bytes);
+            let lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0f));
+            let hi = _mm512_srli_epi32::<4>(q);
+            let d = _mm512_load_ps(block as *const f32);
+            let m = _mm512_load_ps(block.add(64) as *const f32);
+            [
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
+            ]
+        }
+    }
+}
+
+/// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
+struct Q8;
+impl Load for Q8 {
+    const FEATURES: usize = super::QK;
+    const UNIT: usize = std::mem::size_of::<super::Q8Block>();
+    #[inline(always)]
+    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            let block = panel.add(i / super::QK * stride);
+            let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
+            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+            _mm512_mul_ps(q, _mm512_load_ps(block as *const f32))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
+        // SAFETY: as promised by the caller (features `i`, `i + 1`: 32 bytes in a row).
+        unsafe {
+            let block = panel.add(i / super::QK * stride);
+            let q = _mm256_load_si256(block.add(64 + i % super::QK * 16) as *const __m256i);
+            let scale = _mm512_load_ps(block as *const f32);
+            let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q));
+            let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q));
+            [
+                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), scale),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), scale),
+            ]
+        }
+    }
+}
+
+/// The panels `p0..p1` of `x · w`: rows in groups of at most [`MR`] (as even as
+/// possible), each group streaming four panels at a time when it has one or two rows
+/// (four to eight independent chains hide the FMA latency) and two otherwise.
+///
+/// # Safety
+/// The CPU has AVX-512F; as [`super::portable::panels`].
+#[target_feature(enable = "avx512f")]
+pub unsafe fn panels(
+    x: &[f32],
+    w: &Panels,
+    out: *mut f32,
+    rows: usize,
+    cols: usize,
+    p0: usize,
+    p1: usize,
+) {
+    // SAFETY: as promised by the caller.
+    unsafe { run_by_format!(x, w, out, rows, cols, p0, p1) }
+}
+
+/// [`panels`] over lines of kind `W`.
+///
+/// # Safety
+/// As [`panels`], `lines` holding the panels' lines.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn run<W: Load>(
+    x: &[f32],
+    lines: *const u8,
+    shape: super::Shape,
+    out: *mut f32,
+    rows: usize,
+    cols: usize,
+    p0: usize,
+    p1: usize,
+) {
+    // A tile's panels are read all four at once (two passes over half a tile each were
+    // slower than two row groups each reading it whole): groups of up to six rows, 24
+    // accumulators. Panels of f32 lines, each its own stream, go in pairs for groups of
+    // three or more rows, up to eight rows (16 accumulators).
+    let (k, tiled) = (shape.k, shape.tile > 1);
+    let mr = if tiled { 6 } else { MR };
+    let groups = rows.div_ceil(mr);
+    // SAFETY: every offset stays within the shapes promised by the caller.
+    unsafe {
+        let layout = (W::FEATURES, W::UNIT);
+        let mut p = p0;
+        while p < p1 {
+            let (start, step, span) = super::span(p, p1, shape, layout);
+            let mut r = 0;
+            for g in 0..groups {
+                let size = rows / groups + usize::from(g < rows % groups);
+                let (xr, or) = (x.as_ptr().add(r * k), out.add(r * cols));
+                let mut q = 0;
+                while q < step {
+                    let wide = if !tiled && size > 2 { 2 } else { 4 };
+                    let take = match (step - q).min(wide) {
+                        4 => 4,
+                        2 | 3 => 2,
+                        _ => 1,
+                    };
+                    let a = lines.add(start * W::UNIT + q * span.next);
+                    group::<W>(size, take, xr, a, or, span, cols, p + q);
+                    q += take;
+                }
+                r += size;
+            }
+            p += step;
+        }
+    }
+}
+
+/// `block::<W, size, panels>`.
+///
+/// # Safety
+/// As [`block`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn group<W: Load>(
+    size: usize,
+    panels: usize,
+    x: *const f32,
+    a: *const u8,
+    out: *mut f32,
+    span: Span,
+    cols: usize,
+    p: usize,
+) {
+    macro_rules! dispatch {
+        ($($g:literal),*) => {
+            match (size, panels) {
+                $(
+                    ($g, 4) => block::<W, $g, 4>(x, a, out, span, cols, p),
+                    ($g, 2) => block::<W, $g, 2>(x, a, out, span, cols, p),
+                    ($g, _) => block::<W, $g, 1>(x, a, out, span, cols, p),
+                )*
+                _ => unreachable!("groups have 1..={MR} rows"),
+            }
+        };
+    }
+    // SAFETY: as promised by the caller.
+    unsafe { dispatch!(1, 2, 3, 4, 5, 6, 7, 8) }
+}
+
+/// `G` rows against the `P` panels from `p` (their lines from `a`): `G P` chains of 16
+/// lanes.
+///
+/// # Safety
+/// `x` holds `G` rows of `k`, `a` starts the units of `P` panels as `span` lays them out,
+/// `out` `G` rows of `cols` with `p * NR < cols`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn block<W: Load, const G: usize, const P: usize>(
+    x: *const f32,
+    a: *const u8,
+    out: *mut f32,
+    Span { k, next, stride }: Span,
+    cols: usize,
+    p: usize,
+) {
+    // SAFETY: as promised by the caller.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); P]; G];
+        let mut i = 0;
+        while i < k {
+            super::prefetch(a, i, P, (next, stride), (W::FEATURES, W::UNIT));
+            if W::FEATURES > 1 && G <= 2 {
+                // Blocks (`k` a multiple of 32) two features at a time: one read of each
+                // pair's bytes and scales (more rows would spill the registers). The tile
+                // stream moves up to 144 bytes a pair: a second hint a line further.
+                let ahead = i * stride / W::FEATURES + super::PREFETCH_BLOCKS + 64;
+                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(ahead) as *const i8);
+                let w: [[__m512; 2]; P] =
+                    std::array::from_fn(|j| W::pair(a.add(j * next), i, stride));
+                for (g, accg) in acc.iter_mut().enumerate() {
+                    let x0 = _mm512_set1_ps(*x.add(g * k + i));
+                    let x1 = _mm512_set1_ps(*x.add(g * k + i + 1));
+                    for (accj, wj) in accg.iter_mut().zip(&w) {
+                        *accj = _mm512_fmadd_ps(x0, wj[0], *accj);
+                        *accj = _mm512_fmadd_ps(x1, wj[1], *accj);
+                    }
+                }
+                i += 2;
+                continue;
+            }
+            let w: [__m512; P] = std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
+            for (g, accg) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(g * k + i));
+                for (accj, wj) in accg.iter_mut().zip(&w) {
+                    *accj = _mm512_fmadd_ps(xv, *wj, *accj);
+                }
+            }
+            i += 1;
+        }
+        for (g, accg) in acc.iter().enumerate() {
+            for (j, accj) in accg.iter().enumerate() {
+                let c = (p + j) * NR;
+                let mask = ((1u32 << (cols - c).min(NR)) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(out.add(g * cols + c), mask, *accj);
+            }
+        }
+    }
+}
