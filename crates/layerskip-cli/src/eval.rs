@@ -101,13 +101,13 @@ impl BackendTask for EvalArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let (docs, seq_len) = self.documents()?;
         // Longer passes take Burn's matmul over the full-precision weights.
-        #[cfg(feature = "flex")]
-        if let Some(q) = self.weights.quantize {
+        if let (Some(q), Some(most)) = (self.weights.quantize, B::prepared_rows_limit()) {
             let rows = self.batch_size * seq_len;
-            let most = layerskip_model::ops::flex::MAX_ROWS;
             if rows > most {
                 bail!(
-                    "--quantize {q} evaluates through the decoding kernels, which take at most {most}                      positions per pass: --batch-size {} x --seq-len {seq_len} = {rows}; lower them",
+                    "--quantize {q} evaluates through the decoding kernels, which take at most \
+                     {most} positions per pass: --batch-size {} x --seq-len {seq_len} = {rows}; \
+                     lower them",
                     self.batch_size
                 );
             }

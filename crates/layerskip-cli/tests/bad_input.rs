@@ -492,6 +492,10 @@ fn quantization_is_refused_where_it_would_not_apply() {
         "q8_0",
     ]);
     assert_error(code, &err, "--batch-size 4 x --seq-len 256 = 1024");
+    assert!(
+        err.contains("which take at most 512 positions per pass: --batch-size"),
+        "one message, one space between words: {err}"
+    );
     let (code, _, err) = layerskip(&[
         "infer",
         "--model",

@@ -37,6 +37,10 @@ impl<B: LayerSkipBackend, C: CheckpointStrategy> LayerSkipBackend for Autodiff<B
         B::bf16_products()
     }
 
+    fn prepared_rows_limit() -> Option<usize> {
+        B::prepared_rows_limit()
+    }
+
     fn linear_forward(
         x: Tensor<Self, 2>,
         w: Tensor<Self, 2>,

@@ -382,6 +382,10 @@ impl LayerSkipBackend for Flex {
 
     const FUSED_BACKWARD: bool = true;
 
+    fn prepared_rows_limit() -> Option<usize> {
+        Some(MAX_ROWS)
+    }
+
     fn bf16_products() -> bool {
         cpu::linear::bf16_available()
     }

@@ -113,6 +113,14 @@ pub trait LayerSkipBackend: Backend {
         }
     }
 
+    /// The most rows of a product that compute from the state [`prepare`](Self::prepare) made
+    /// (on Flex, the packed and possibly quantized copy); longer products compute with the
+    /// loaded weights through Burn's ops, so a quantized model is only itself up to this many
+    /// positions per pass. `None` (the default): no such limit.
+    fn prepared_rows_limit() -> Option<usize> {
+        None
+    }
+
     /// RMSNorm of the last dimension.
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
         norm.forward(x)
