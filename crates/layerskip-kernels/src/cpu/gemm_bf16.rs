@@ -440,17 +440,7 @@ mod tests {
         f64::from(half::bf16::from_f32(v).to_f32())
     }
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::cpu::test_values as values;
 
     /// The product of the bf16-rounded operands in f64, against the kernel, for every packing
     /// route (contiguous, transposed and general strides) and shapes with edges in every

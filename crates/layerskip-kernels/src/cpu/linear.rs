@@ -110,17 +110,7 @@ impl<'a> Rhs<'a> {
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::cpu::test_values as values;
 
     /// The three products against f64 sums of the (rounded, for bf16) operands, on a shape with
     /// edges (rows and widths not multiples of the kernels' tiles).
