@@ -442,20 +442,16 @@ impl<B: crate::TrainBackend> Trainer<B> {
         for micro in 0..accum {
             let (mask, indices) = self.micro_batch(micro, &rates);
             skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
-            let (inputs, targets, loss_mask) = self.train.tensors::<B>(&indices, &self.device);
-            let any_skip = mask.skip.iter().flatten().any(|&s| s);
-            let compute = compute_copy(&self.model, c.optim.mixed_precision);
-            let output = compute.forward_train_hidden(inputs, &exits, any_skip.then_some(&mask))?;
-            let loss = early_exit_loss(&compute, output, targets, loss_mask, &weights);
-            per_layer = loss
-                .per_layer
-                .iter()
-                .map(|(l, w, ce)| (*l, *w, ce.clone().into_scalar().elem::<f64>()))
-                .collect();
-            let total = loss.total / accum as f64;
-            loss_sum += total.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(total.backward(), &self.model);
-            accumulator.accumulate(&self.model, grads);
+            // The whole micro-batch as one shard (its share of the loss tokens is 1).
+            let shard = Shard {
+                indices: &indices,
+                mask,
+                micro_tokens: self.train.loss_tokens(&indices).max(1.0),
+            };
+            let out = shard_output(&self.model, &self.train, shard, &plan)?;
+            loss_sum += out.loss;
+            per_layer = out.per_layer;
+            accumulator.accumulate(&self.model, out.grads);
         }
         self.check_finite(loss_sum)?;
         self.model = self.optim.step(lr, self.model.clone(), accumulator.grads());
