@@ -177,6 +177,9 @@ struct BenchJson<'a> {
 
 impl BackendTask for BenchArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
+        if let Some(path) = &self.json {
+            crate::samples::check_output_path(path)?;
+        }
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
         let strategy = crate::infer::strategy_from(

@@ -99,6 +99,9 @@ fn documents(corpus: Corpus) -> Vec<Document> {
 
 impl BackendTask for EvalArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
+        for path in self.json.iter().chain(&self.plot) {
+            crate::samples::check_output_path(path)?;
+        }
         let (docs, seq_len) = self.documents()?;
         // Longer passes take Burn's matmul over the full-precision weights.
         if let (Some(q), Some(most)) = (self.weights.quantize, B::prepared_rows_limit()) {

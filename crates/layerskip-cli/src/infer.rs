@@ -84,8 +84,8 @@ pub struct InferArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Stop when the output contains this string (repeatable).
-    #[arg(long)]
+    /// Stop when the output contains this string (repeatable; not empty).
+    #[arg(long, value_parser = crate::non_empty)]
     pub stop: Vec<String>,
     /// Wrap the prompt in the checkpoint's chat template.
     #[arg(long)]
@@ -193,6 +193,30 @@ pub fn load_for_decoding<B: LayerSkipBackend>(
     Ok((model, tokenizer))
 }
 
+/// The most bytes a token of a byte-level BPE vocabulary plausibly spans: a prompt file larger
+/// than this many bytes per context position cannot fit the context.
+const BYTES_PER_TOKEN_BOUND: u64 = 256;
+
+/// Reads `--prompt-file`, refusing one that cannot fit a context of `capacity` positions
+/// without reading it all (a device such as /dev/zero never ends).
+fn read_prompt_file(path: &std::path::Path, capacity: usize) -> Result<String> {
+    use std::io::Read;
+    let limit = capacity as u64 * BYTES_PER_TOKEN_BOUND;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        bail!(
+            "--prompt-file {} holds more than {limit} bytes, more text than a context of {capacity} \
+             positions can take; shorten it (or raise --context)",
+            path.display()
+        );
+    }
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))
+}
+
 /// Resolves `--model`, or the default model shipped with the repository.
 pub fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = model {
@@ -249,9 +273,7 @@ impl BackendTask for InferArgs {
         }
         let prompts: Vec<String> = match (&self.prompt, &self.prompt_file) {
             (Some(p), _) => vec![p.clone()],
-            (None, Some(f)) => vec![
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-            ],
+            (None, Some(f)) => vec![read_prompt_file(f, capacity)?],
             (None, None) => {
                 if std::io::stdin().is_terminal() {
                     eprintln!("interactive: one prompt per line, Ctrl-D to quit");

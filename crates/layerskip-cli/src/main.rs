@@ -142,6 +142,24 @@ impl From<Dtype> for SaveDtype {
     }
 }
 
+/// A string argument that may not be empty (clap value parser).
+pub(crate) fn non_empty(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// A count of at least one (clap value parser).
+pub(crate) fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn main() {
     // Like other Unix tools, end quietly when the reader of stdout goes away (`| head`): Rust
     // ignores SIGPIPE, which turns every later print into a panic.
@@ -150,6 +168,21 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // `print!` panics when stdout cannot be written (a full disk, /dev/full): that is an
+    // ordinary error of this run, reported in one line with a non-zero exit, not a panic.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied());
+        if let Some(m) = message.filter(|m| m.starts_with("failed printing to std")) {
+            eprintln!("error: {m}");
+            std::process::exit(1);
+        }
+        default_hook(info);
+    }));
     if let Err(err) = run(Cli::parse()) {
         eprintln!("error: {err:#}");
         std::process::exit(1);

@@ -259,6 +259,24 @@ pub fn peak_rss() -> Option<u64> {
 }
 
 /// Writes `text` to `path`, saying where.
+/// Fails now, naming `path`, if a result file could not be written there later (a missing or
+/// unwritable directory, a directory in its place), so that a long run does not end by losing
+/// its results: a probe file is created beside it and removed.
+pub fn check_output_path(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("cannot write {}: it is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let probe = dir.join(format!(".layerskip-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("cannot write {} (checked before the run)", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 pub fn write_output(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());

@@ -42,7 +42,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub context: Option<usize>,
     /// The id clients name the model by (default: the model directory's name).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::non_empty)]
     pub model_id: Option<String>,
     /// Engines: threads that generate at the same time, each with its own KV caches over the
     /// same weights (and each batching its autoregressive requests, see --batch). Default: on
@@ -57,7 +57,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub batch: u16,
     /// Largest request body accepted, in bytes (larger ones get 413).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 20, value_parser = crate::at_least_one)]
     pub max_body_bytes: usize,
 }
 

@@ -8,7 +8,7 @@ use layerskip_model::LayerSkipBackend;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use layerskip_eval::bench::{StrategyReport, keep_fastest, summarise};
 use layerskip_infer::{Generator, Strategy};
@@ -74,7 +74,8 @@ impl BackendTask for SweepArgs {
         let loaded = load::<B>(&self.data, &device)?;
         let layers = loaded.model.num_layers();
         let exits = self.grid.exits(layers)?;
-        std::fs::create_dir_all(&self.out)?;
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("creating --out {}", self.out.display()))?;
         let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
         // Every point is measured against autoregressive runs taken beside it; the AR row keeps
         // each prompt's fastest run over all of them.

@@ -63,7 +63,7 @@ pub struct TrainArgs {
 pub struct ClusterArgs {
     /// Number of nodes (processes) training together; with a launcher, e.g. torchrun's
     /// `$WORLD_SIZE` or Slurm's `$SLURM_NTASKS`.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::at_least_one)]
     pub nodes: usize,
     /// This node's rank in 0..nodes (`$RANK`, `$SLURM_PROCID`). Rank 0 hosts the coordinator and
     /// writes the checkpoints into --out, which every node must be able to read to resume.
@@ -374,6 +374,12 @@ pub fn tokenizer(args: TokenizerArgs) -> Result<()> {
         corpus.documents.len(),
         corpus.describe_sources()
     );
+    if corpus.documents.iter().all(|d| d.text.trim().is_empty()) {
+        bail!(
+            "no text to train a tokenizer on in {} (train refuses the same data)",
+            corpus.describe_sources()
+        );
+    }
     let (tokenizer, json) = trained_tokenizer(&corpus.documents, shape.vocab_size)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;

@@ -687,3 +687,145 @@ fn eval_fraction_zero_trains_on_everything_without_held_out_text() {
             .is_file()
     );
 }
+
+/// Arguments that cannot mean anything are refused by the parser (exit code 2), naming the flag.
+#[test]
+fn empty_and_zero_arguments_are_refused() {
+    let m = default_model();
+    let cases: [&[&str]; 4] = [
+        &["infer", "--model", s(&m), "--prompt", "x", "--stop", ""],
+        &["train", "--config", "x.toml", "--nodes", "0"],
+        &["serve", "--model", s(&m), "--max-body-bytes", "0"],
+        &["serve", "--model", s(&m), "--model-id", ""],
+    ];
+    for args in cases {
+        let (code, _, err) = layerskip(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        let flag = args[args.len() - 2];
+        assert!(
+            err.contains(&format!("'{flag} "))
+                && (err.contains("must not be empty") || err.contains("must be at least 1")),
+            "{args:?}: {err}"
+        );
+    }
+    // A tokenizer needs text: a data directory without any is refused, as train refuses it.
+    let dir = tmp("empty-data");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, TINY).unwrap();
+    let (code, _, err) = layerskip(&[
+        "tokenizer",
+        "--config",
+        s(&config),
+        "--data",
+        s(&dir.join("data")),
+        "--out",
+        s(&dir.join("tok")),
+    ]);
+    assert_error(code, &err, "no text to train a tokenizer on");
+    assert!(!dir.join("tok/tokenizer.json").exists());
+}
+
+/// Output that cannot be written, input without end and result paths that cannot be written
+/// are one-line errors, before any long work where that can be known.
+#[test]
+fn unwritable_output_and_endless_input_are_errors_not_panics() {
+    let m = default_model();
+    for extra in [&[][..], &["--json"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_layerskip"))
+            .args(
+                [
+                    &[
+                        "infer",
+                        "--model",
+                        s(&m),
+                        "--prompt",
+                        "def f(x):",
+                        "--max-new-tokens",
+                        "4",
+                    ],
+                    extra,
+                ]
+                .concat(),
+            )
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_error(
+            out.status.code().unwrap_or(-1),
+            &err,
+            "No space left on device",
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (code, _, err) = layerskip(&[
+        "infer",
+        "--model",
+        s(&m),
+        "--prompt-file",
+        "/dev/zero",
+        "--context",
+        "64",
+    ]);
+    assert_error(
+        code,
+        &err,
+        "--prompt-file /dev/zero holds more than 16384 bytes",
+    );
+    let missing = tmp("unwritable").join("no/such/dir/out.json");
+    let data = python_file();
+    let (code, _, err) = layerskip(&[
+        "eval",
+        "--model",
+        s(&m),
+        "--data",
+        &data,
+        "--seq-len",
+        "64",
+        "--max-blocks",
+        "1",
+        "--json",
+        s(&missing),
+    ]);
+    assert_error(code, &err, "cannot write");
+    assert!(
+        err.contains("out.json") && err.contains("checked before the run"),
+        "{err}"
+    );
+    let (code, _, err) = layerskip(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--dataset",
+        "humaneval",
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--json",
+        s(&missing),
+    ]);
+    assert_error(code, &err, "checked before the run");
+    let file = tmp("sweep-out").join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, _, err) = layerskip(&[
+        "sweep",
+        "--model",
+        s(&m),
+        "--dataset",
+        "humaneval",
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--exit-layers",
+        "2",
+        "--speculations",
+        "1",
+        "--out",
+        s(&file),
+    ]);
+    assert_error(code, &err, "creating --out");
+    assert!(err.contains("a-file"), "{err}");
+}
