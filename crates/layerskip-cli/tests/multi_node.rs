@@ -256,6 +256,10 @@ fn a_killed_node_stops_the_others_and_the_run_resumes_on_another_node_count() {
             && last.contains("not answering: node 1 (127.0.0.1:"),
         "{err}"
     );
+    assert!(
+        !err.contains("panicked") && !err.contains("stack backtrace"),
+        "the documented error alone, no panic before it:\n{err}"
+    );
     // The checkpoint rank 0 pointed `latest` at is whole, and the run goes on from it on four
     // nodes (another count than it was started with) to the single-process result.
     let latest = std::fs::read_to_string(dir.join("run/latest")).unwrap();

@@ -433,17 +433,28 @@ impl<B: Backend> Cluster<B> {
         )))
     }
 
-    /// Which nodes (and the coordinator) no longer accept connections.
+    /// Which nodes (and the coordinator) no longer accept connections. A node that has just
+    /// died may answer for a moment while its sockets close, so "every node answers" is only
+    /// concluded after a second of asking again.
     fn diagnose(&self) -> String {
-        let mut silent: Vec<String> = self
-            .addresses
-            .iter()
-            .enumerate()
-            .filter(|(rank, a)| *rank != self.config.rank && !a.is_empty() && !answers(a))
-            .map(|(rank, a)| format!("node {rank} ({a})"))
-            .collect();
-        if !answers(&self.config.coordinator) {
-            silent.push(format!("the coordinator ({})", self.config.coordinator));
+        let mut silent = Vec::new();
+        for attempt in 0..10 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            silent = self
+                .addresses
+                .iter()
+                .enumerate()
+                .filter(|(rank, a)| *rank != self.config.rank && !a.is_empty() && !answers(a))
+                .map(|(rank, a)| format!("node {rank} ({a})"))
+                .collect();
+            if !answers(&self.config.coordinator) {
+                silent.push(format!("the coordinator ({})", self.config.coordinator));
+            }
+            if !silent.is_empty() {
+                break;
+            }
         }
         match (
             silent.is_empty(),

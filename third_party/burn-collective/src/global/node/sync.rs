@@ -94,8 +94,10 @@ impl<P: Protocol> SyncService<P> {
     }
 
     pub async fn handle_sync_connection<C: CommunicationChannel>(&self, mut channel: C) {
-        let msg = channel.recv().await.unwrap();
-        let Some(msg) = msg else {
+        // (layerskip patch: a peer's reset connection panicked this handler; like the data
+        // service's, it now ends it, and the node's collective call reports the lost peer.)
+        let Ok(Some(msg)) = channel.recv().await else {
+            log::info!("a peer closed its sync connection");
             return;
         };
 
