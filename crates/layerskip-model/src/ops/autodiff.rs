@@ -48,6 +48,7 @@ impl<B: LayerSkipBackend, C: CheckpointStrategy> LayerSkipBackend for Autodiff<B
     ) -> Option<Tensor<Self, 2>> {
         fused_linear::<B, C>(x, w, bf16)
     }
+
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
         if !B::FUSED_BACKWARD {
             return norm.forward(x);

@@ -10,7 +10,7 @@
 //! |---|---|
 //! | Flex (CPU) | [`flex`]: packed row kernels on both cores (f32, or half precision widened to f32), attention in place over the cache, in-place cache writes |
 //! | CubeCL: CUDA, wgpu, Vulkan, Metal | `cube` (feature `cube`): one CubeCL launch per op, fixed launch shapes while decoding |
-//! | `Autodiff<B>` (training) | Burn's ops, so gradients flow, except the fused training kernels `B` has (`autodiff`: the exit head's cross-entropy with its gradients on Flex) |
+//! | `Autodiff<B>` (training) | Burn's ops, so gradients flow, except the fused training kernels `B` has (`autodiff`, on Flex: the exit head's cross-entropy with its gradients, causal attention, RMSNorm, SwiGLU, RoPE, and under bf16 products the linear layers' products), each one backward step |
 //!
 //! A fast path must compute each row of a few-row call exactly as it computes that row alone
 //! (self-speculative verification then reproduces autoregressive decoding bit for bit).
