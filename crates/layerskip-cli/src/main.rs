@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 mod backend;
 mod bench;
+mod environment;
 mod eval;
 #[cfg(feature = "cube")]
 mod gpu;
@@ -183,7 +184,8 @@ fn main() {
         }
         default_hook(info);
     }));
-    if let Err(err) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(err) = environment::configure().and_then(|()| run(cli)) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

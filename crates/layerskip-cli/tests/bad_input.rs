@@ -829,3 +829,49 @@ fn unwritable_output_and_endless_input_are_errors_not_panics() {
     assert_error(code, &err, "creating --out");
     assert!(err.contains("a-file"), "{err}");
 }
+
+/// The kernels' environment variables are read by the binary in one place: a value that does
+/// not parse is an error naming the variable, a valid one changes nothing in the output (every
+/// CPU kernel computes the same chains).
+#[test]
+fn kernel_environment_variables_are_checked_and_exact() {
+    let m = default_model();
+    let run = |vars: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_layerskip"))
+            .args([
+                "infer",
+                "--model",
+                s(&m),
+                "--prompt",
+                "def f(x):",
+                "--max-new-tokens",
+                "8",
+            ])
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run(&[("LAYERSKIP_KERNEL", "sse9")]);
+    assert_error(
+        code,
+        &err,
+        "LAYERSKIP_KERNEL=\"sse9\": expected portable, avx2 or avx512",
+    );
+    let (code, _, err) = run(&[("LAYERSKIP_THREADS", "two")]);
+    assert_error(
+        code,
+        &err,
+        "LAYERSKIP_THREADS=\"two\": expected a whole number",
+    );
+    let (code, reference, err) = run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, portable, err) =
+        run(&[("LAYERSKIP_KERNEL", "portable"), ("LAYERSKIP_THREADS", "1")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(portable, reference);
+}

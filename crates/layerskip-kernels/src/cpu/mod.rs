@@ -11,6 +11,38 @@ pub mod norm;
 pub mod pool;
 pub mod rows;
 
+use std::sync::OnceLock;
+
+/// Options of the CPU kernels, fixed once per process, before the first product runs: the
+/// program that embeds the kernels decides them (the `layerskip` binary from its environment,
+/// `LAYERSKIP_THREADS`, `LAYERSKIP_PARALLEL_WORK`, `LAYERSKIP_KERNEL`); the library reads no
+/// environment of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// Threads of the decoding kernels' [`pool::Pool`] (1: no helpers). Default: one per core
+    /// the process may use, at most 16.
+    pub threads: Option<usize>,
+    /// Multiply-adds from which a product is split over the pool's threads. Default:
+    /// [`rows::PARALLEL_WORK`].
+    pub parallel_work: Option<usize>,
+    /// The product kernel, if this CPU runs it (to measure one against another). Default: the
+    /// widest this CPU runs.
+    pub kernel: Option<rows::Kernel>,
+}
+
+static OPTIONS: OnceLock<CpuOptions> = OnceLock::new();
+
+/// Fixes the kernels' options for this process. False, changing nothing, if they were fixed
+/// already (by an earlier call, or by a kernel that ran first with the defaults).
+pub fn configure(options: CpuOptions) -> bool {
+    OPTIONS.set(options).is_ok()
+}
+
+/// The options in force (the defaults unless [`configure`] came first).
+pub fn options() -> CpuOptions {
+    *OPTIONS.get_or_init(CpuOptions::default)
+}
+
 /// `out = silu(gate) * up = gate / (1 + exp(-gate)) * up`, elementwise (slices of equal length),
 /// with a vectorised exp. Each element is computed alone.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {

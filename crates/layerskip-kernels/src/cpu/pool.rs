@@ -83,14 +83,13 @@ static NEXT_CALLER: AtomicU64 = AtomicU64::new(1);
 const CONTENDED: Duration = Duration::from_millis(2);
 
 impl Pool {
-    /// The process's pool: `LAYERSKIP_THREADS` threads if set (1 = no helpers), otherwise one
-    /// per core the process may use, at most 16.
+    /// The process's pool: [`CpuOptions::threads`](super::CpuOptions::threads) threads if set
+    /// (1 = no helpers), otherwise one per core the process may use, at most 16.
     pub fn global() -> &'static Pool {
         static POOL: OnceLock<Pool> = OnceLock::new();
         POOL.get_or_init(|| {
-            let threads = std::env::var("LAYERSKIP_THREADS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
+            let threads = super::options()
+                .threads
                 .filter(|&n| n >= 1)
                 .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
                 .min(MAX_THREADS);

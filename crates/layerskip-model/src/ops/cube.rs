@@ -26,10 +26,18 @@ use crate::rope::RopeTables;
 /// Most rows the product kernels take; longer inputs (prefill) use Burn's matmul.
 pub const MAX_ROWS: usize = 32;
 
-/// Whether the kernels are on (unless `LAYERSKIP_CUBE_KERNELS=0`).
+static KERNELS_ON: OnceLock<bool> = OnceLock::new();
+
+/// Whether the CubeCL backends run these kernels (on unless [`set_kernels_enabled`] said
+/// otherwise first).
 pub fn kernels_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LAYERSKIP_CUBE_KERNELS").map_or(true, |v| v.trim() != "0"))
+    *KERNELS_ON.get_or_init(|| true)
+}
+
+/// Switches the kernels on or off for this process (off: Burn's ops, to compare), before the
+/// first op; false, changing nothing, if that was decided already.
+pub fn set_kernels_enabled(on: bool) -> bool {
+    KERNELS_ON.set(on).is_ok()
 }
 
 /// The CubeCL tensor behind a float tensor, contiguous.

@@ -75,18 +75,12 @@ const MR: usize = 6;
 /// Products of at least this many multiply-adds split their panels over the threads of the
 /// [`Pool`] (each output is still one thread's chain, so results do not change). A second core
 /// pays even for one row: a decode step's weights stream from memory at what one core draws,
-/// and the pool's hand-over costs about a microsecond. Overridden by `LAYERSKIP_PARALLEL_WORK`
-/// (to measure).
-const PARALLEL_WORK: usize = 1 << 16;
+/// and the pool's hand-over costs about a microsecond. Overridden by
+/// [`CpuOptions::parallel_work`](super::CpuOptions::parallel_work) (to measure).
+pub const PARALLEL_WORK: usize = 1 << 16;
 
 fn parallel_work() -> usize {
-    static WORK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *WORK.get_or_init(|| {
-        std::env::var("LAYERSKIP_PARALLEL_WORK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(PARALLEL_WORK)
-    })
+    super::options().parallel_work.unwrap_or(PARALLEL_WORK)
 }
 
 mod formats;
@@ -176,20 +170,23 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The widest kernel this CPU runs, or the one `LAYERSKIP_KERNEL` names (`portable`,
-    /// `avx2`, `avx512`) if this CPU runs it: for measuring one against another.
+    /// The widest kernel this CPU runs, or [`CpuOptions::kernel`](super::CpuOptions::kernel)
+    /// if this CPU runs it: for measuring one against another.
     pub fn chosen() -> Kernel {
         static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let available = Kernel::available();
-            let named = std::env::var("LAYERSKIP_KERNEL").ok().and_then(|v| {
-                available
-                    .iter()
-                    .copied()
-                    .find(|k| format!("{k:?}").eq_ignore_ascii_case(&v))
-            });
+            let named = super::options().kernel.filter(|k| available.contains(k));
             named.unwrap_or(*available.last().expect("portable always runs"))
         })
+    }
+
+    /// The kernel of that name (`portable`, `avx2`, `avx512`, any case), whether or not this
+    /// CPU runs it.
+    pub fn named(name: &str) -> Option<Kernel> {
+        [Kernel::Portable, Kernel::Avx2, Kernel::Avx512]
+            .into_iter()
+            .find(|k| format!("{k:?}").eq_ignore_ascii_case(name.trim()))
     }
 
     /// The kernels this CPU runs, narrowest first.
