@@ -107,7 +107,7 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
             )));
         }
         let config = self.model.config();
-        let device = self.model.embed_tokens.device();
+        let device = self.model.device();
         let mut cache = self
             .spare
             .pop()

@@ -25,7 +25,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     pub fn new(model: &'m LlamaModel<B>, capacity: usize) -> Result<Self> {
         let config = model.config();
         prepare(model, capacity)?;
-        let device = model.embed_tokens.device();
+        let device = model.device();
         let ctx = DecodeContext {
             model,
             cache: KvCache::new(config, 1, capacity, &device),

@@ -106,7 +106,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         d: usize,
     ) -> Result<Vec<Tensor<B, 2, Int>>> {
         let c = run.tokens.len() - 1;
-        let device = self.model.embed_tokens.device();
+        let device = self.model.device();
         let current = TensorData::new(vec![i64::from(run.tokens[c])], [1, 1]);
         let mut input = Tensor::<B, 2, Int>::from_data(current, &device);
         let mut ids = Vec::with_capacity(d + 1);

@@ -155,6 +155,11 @@ impl<B: Backend> LlamaModel<B> {
         }
     }
 
+    /// The device the model's weights are on.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.device()
+    }
+
     /// This model with every product of `Autodiff<B>` rounding its operands to bf16 and
     /// accumulating in f32 (mixed precision with the tensors left f32), where the backend has
     /// such products ([`LayerSkipBackend::bf16_products`]); other products are unchanged.

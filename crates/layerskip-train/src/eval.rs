@@ -78,7 +78,7 @@ pub fn exit_quality_with_progress<B: LayerSkipBackend>(
     }
     let layers = model.num_layers();
     let early: Vec<usize> = (0..layers - 1).collect();
-    let device = model.embed_tokens.device();
+    let device = model.device();
     let mut sums = vec![Sums::default(); layers];
     let mut weight = 0.0;
     for start in (0..n).step_by(batch_size) {
