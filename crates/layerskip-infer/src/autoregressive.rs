@@ -14,14 +14,14 @@ pub(crate) fn decode<B: LayerSkipBackend>(
     exit: usize,
     on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
 ) -> Result<()> {
-    let mut input = run.tokens.clone();
+    let mut input = run.tokens().to_vec();
     let mut pos = 0;
-    while run.stop.is_none() {
-        let h = ctx.layers(ctx.model.embed_ids(&input), 0..exit, pos)?;
+    while run.is_running() {
+        let h = ctx.layers(ctx.model().embed_ids(&input), 0..exit, pos)?;
         let seq = h.dims()[1];
-        let last = h.slice([0..1, seq - 1..seq]);
-        let token = ctx.next_token(run, last, pos == 0)?;
-        ctx.stats.steps += 1;
+        // Non-finite logits are checked on the prompt's step (see `device_argmax_checked`).
+        let token = ctx.next_token(run, h.slice([0..1, seq - 1..seq]), pos == 0)?;
+        ctx.count_step();
         pos += input.len();
         input = vec![token];
         ctx.emit(run, &[token], on_event);

@@ -9,13 +9,12 @@
 //! products that compute each row alone (Flex's and the CubeCL kernels do).
 
 use burn::tensor::Tensor;
-use layerskip_model::{ExitHiddenCache, KvCache, LayerSkipBackend, LlamaModel};
+use layerskip_model::{KvCache, LayerSkipBackend, LlamaModel};
 
 use crate::context::{DecodeContext, Run, host_rows};
 use crate::error::{InferError, Result};
 use crate::generator::{prepare, validate_request};
-use crate::options::{GenerateOptions, Generation, StopReason, Strategy, StreamEvent};
-use crate::stats::GenerationStats;
+use crate::options::{GenerateOptions, Generation, Strategy, StreamEvent};
 
 /// One live generation: its context (cache, statistics) and state.
 struct Sequence<'m, B: LayerSkipBackend> {
@@ -106,35 +105,21 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
                 self.max_sequences
             )));
         }
-        let config = self.model.config();
-        let device = self.model.device();
-        let mut cache = self
+        let model = self.model;
+        let cache = self
             .spare
             .pop()
-            .unwrap_or_else(|| KvCache::new(config, 1, self.capacity, &device));
-        cache.clear();
-        let layers = self.model.num_layers();
-        let mut ctx = DecodeContext {
-            model: self.model,
-            cache,
-            // Autoregressive decoding keeps no exit hidden states.
-            exits: ExitHiddenCache::new(1, 1, config.hidden_size, &device),
-            stats: GenerationStats {
-                prompt_tokens: prompt.len(),
-                layer_positions: vec![0; layers],
-                ..Default::default()
-            },
-            peak_positions: 0,
-        };
+            .unwrap_or_else(|| KvCache::new(model.config(), 1, self.capacity, &model.device()));
+        // Autoregressive decoding keeps no exit hidden states.
+        let mut ctx = DecodeContext::new(model, cache, 1);
+        ctx.begin(prompt.len());
         let mut run = Run::new(prompt, options);
-        if options.max_new_tokens > 0 {
-            let h = ctx.layers(self.model.embed_ids(prompt), 0..layers, 0)?;
+        if run.is_running() {
+            let h = ctx.layers(model.embed_ids(prompt), 0..model.num_layers(), 0)?;
             let n = prompt.len();
             let token = ctx.next_token(&mut run, h.slice([0..1, n - 1..n]), true)?;
-            ctx.stats.steps += 1;
+            ctx.count_step();
             ctx.emit(&mut run, &[token], &mut on_event);
-        } else {
-            run.stop = Some(StopReason::MaxNewTokens);
         }
         let slot = match self.slots.iter().position(Option::is_none) {
             Some(free) => free,
@@ -162,7 +147,7 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
         if result.is_err() {
             for slot in &live {
                 if let Some(sequence) = self.slots[*slot].take() {
-                    self.spare.push(sequence.ctx.cache);
+                    self.spare.push(sequence.ctx.into_cache());
                 }
             }
         }
@@ -179,19 +164,19 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
         let mut sequences: Vec<&mut Sequence<'m, B>> = self.slots.iter_mut().flatten().collect();
         let ids: Vec<u32> = sequences
             .iter()
-            .map(|s| *s.run.tokens.last().expect("a live generation has tokens"))
+            .map(|s| *s.run.tokens().last().expect("a live generation has tokens"))
             .collect();
         let n = ids.len();
         let x = model
             .embed_ids(&ids)
             .reshape([n, 1, model.config().hidden_size]);
         let mut caches: Vec<&mut KvCache<B>> =
-            sequences.iter_mut().map(|s| &mut s.ctx.cache).collect();
+            sequences.iter_mut().map(|s| s.ctx.cache_mut()).collect();
         let h = model.forward_layers_each(x, 0..layers, &mut caches)?;
         let logits = model.exit_head(h);
         // Greedy generations read their token ids, the others their logit rows.
         let greedy: Vec<usize> = (0..n)
-            .filter(|&i| sequences[i].run.options.greedy_on_device())
+            .filter(|&i| sequences[i].run.greedy_on_device())
             .collect();
         let mut tokens = vec![0u32; n];
         if !greedy.is_empty() {
@@ -215,12 +200,8 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
         }
         for (i, sequence) in sequences.iter_mut().enumerate() {
             let ctx = &mut sequence.ctx;
-            let pos = sequence.run.tokens.len();
-            ctx.peak_positions = ctx.peak_positions.max(pos);
-            for l in 0..layers {
-                ctx.stats.layer_positions[l] += 1;
-            }
-            ctx.stats.steps += 1;
+            ctx.count_positions(0..layers, sequence.run.newest(), 1);
+            ctx.count_step();
             let slot = live[i];
             ctx.emit(&mut sequence.run, &[tokens[i]], &mut |event| {
                 on_event(slot, event)
@@ -235,27 +216,13 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
 
     /// Moves the generation in `slot` to the finished ones if it has stopped.
     fn retire(&mut self, slot: usize) {
-        if self.slots[slot]
-            .as_ref()
-            .is_none_or(|s| s.run.stop.is_none())
-        {
+        if self.slots[slot].as_ref().is_none_or(|s| s.run.is_running()) {
             return;
         }
-        let Sequence { ctx, run } = self.slots[slot].take().expect("checked above");
-        let mut stats = ctx.stats;
-        stats.new_tokens = run.tokens.len() - run.prompt_len;
-        stats.total_ms = run.start.elapsed().as_secs_f64() * 1e3;
-        stats.kv_allocated_bytes = ctx.cache.allocated_bytes();
-        stats.kv_peak_used_bytes = ctx.cache.position_bytes() * ctx.peak_positions;
-        self.spare.push(ctx.cache);
-        self.finished.push((
-            slot,
-            Generation {
-                tokens: run.tokens[run.prompt_len..].to_vec(),
-                stop: run.stop.unwrap_or(StopReason::MaxNewTokens),
-                stats,
-            },
-        ));
+        let Sequence { mut ctx, run } = self.slots[slot].take().expect("checked above");
+        let generation = ctx.end(run);
+        self.spare.push(ctx.into_cache());
+        self.finished.push((slot, generation));
     }
 
     /// The generations that have ended since the last call, with their slots (free again now).

@@ -1,52 +1,97 @@
-//! The decode context: what every strategy works on (the model, the KV and exit-hidden caches,
-//! the statistics) and the per-call state ([`Run`]). The strategies (`autoregressive`,
-//! `speculative`) are functions of it; the [`Generator`](crate::Generator) owns one.
+//! The decode core every strategy steps through: a [`DecodeContext`] (the model, the KV and
+//! exit-hidden caches, the statistics) and a [`Run`] (one generation's tokens, options, random
+//! stream and stop condition), both behind a small API:
+//!
+//! - run layers: [`DecodeContext::layers`], [`DecodeContext::draft_layers`] (early layers whose
+//!   exit hidden states the verification reads), [`DecodeContext::verify`];
+//! - choose: [`DecodeContext::next_token`], [`DecodeContext::logit_rows`],
+//!   [`DecodeContext::device_argmax`], [`DecodeContext::read_ids`];
+//! - draft: [`DecodeContext::draft_count`], [`DecodeContext::draft_on_device`],
+//!   [`DecodeContext::draft_logits`];
+//! - accept and roll back: [`DecodeContext::accept`], which also emits;
+//! - emit: [`DecodeContext::emit`] (stop conditions, streaming).
+//!
+//! The strategies (`autoregressive`, `speculative`, `adaptive`) are functions of the two; a
+//! [`Generator`](crate::Generator) owns one context, a [`Batch`](crate::Batch) one per generation.
 
 use std::ops::Range;
 use std::time::Instant;
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 use layerskip_model::{ExitHiddenCache, KvCache, LayerSkipBackend, LlamaModel};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::accept::{Acceptance, accept_sampled};
 use crate::error::{InferError, Result};
-use crate::options::{GenerateOptions, StopReason, StreamEvent};
+use crate::options::{GenerateOptions, Generation, StopReason, StreamEvent};
 use crate::sampling::{apply_history_penalties, argmax, probabilities, sample};
 use crate::stats::GenerationStats;
 
 /// The model and the caches a generation decodes with, and what it counts.
 pub(crate) struct DecodeContext<'m, B: LayerSkipBackend> {
-    pub(crate) model: &'m LlamaModel<B>,
-    pub(crate) cache: KvCache<B>,
-    pub(crate) exits: ExitHiddenCache<B>,
-    pub(crate) stats: GenerationStats,
+    model: &'m LlamaModel<B>,
+    cache: KvCache<B>,
+    exits: ExitHiddenCache<B>,
+    stats: GenerationStats,
     /// The most positions any layer's cache held during the current generation.
-    pub(crate) peak_positions: usize,
+    peak_positions: usize,
 }
 
-/// Per-call state shared by the strategies.
+/// One generation's state: its options, the prompt and generated tokens, its random stream and
+/// why it stopped.
 pub(crate) struct Run {
-    pub(crate) options: GenerateOptions,
+    options: GenerateOptions,
     /// Prompt and generated tokens.
-    pub(crate) tokens: Vec<u32>,
-    pub(crate) prompt_len: usize,
-    pub(crate) rng: ChaCha8Rng,
-    pub(crate) stop: Option<StopReason>,
-    pub(crate) start: Instant,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    rng: ChaCha8Rng,
+    stop: Option<StopReason>,
+    start: Instant,
+}
+
+/// The drafts of one self-speculative step and what the verifier made of them.
+pub(crate) struct Step {
+    pub(crate) acceptance: Acceptance,
+    pub(crate) drafts: Vec<u32>,
 }
 
 impl Run {
-    /// The state of a new generation from `prompt`.
+    /// The state of a new generation from `prompt`; stopped at once when it may generate no
+    /// token.
     pub(crate) fn new(prompt: &[u32], options: &GenerateOptions) -> Self {
         Self {
             options: options.clone(),
             tokens: prompt.to_vec(),
             prompt_len: prompt.len(),
             rng: ChaCha8Rng::seed_from_u64(options.sampling.seed),
-            stop: None,
+            stop: (options.max_new_tokens == 0).then_some(StopReason::MaxNewTokens),
             start: Instant::now(),
         }
+    }
+
+    pub(crate) fn options(&self) -> &GenerateOptions {
+        &self.options
+    }
+
+    /// Prompt and generated tokens so far.
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The position of the newest token (the one no layer has seen yet between steps).
+    pub(crate) fn newest(&self) -> usize {
+        self.tokens.len() - 1
+    }
+
+    /// Whether no stop condition has been met yet.
+    pub(crate) fn is_running(&self) -> bool {
+        self.stop.is_none()
+    }
+
+    /// Whether its tokens are chosen by a greedy argmax taken on the device.
+    pub(crate) fn greedy_on_device(&self) -> bool {
+        self.options.greedy_on_device()
     }
 
     /// New tokens still allowed.
@@ -83,12 +128,119 @@ impl Run {
             probabilities(&row, &self.options.sampling)
         }
     }
+
+    /// Speculative sampling of `drafts` (drawn from `q`) against the verifier's `p`, with this
+    /// generation's random stream.
+    pub(crate) fn accept_sampled(
+        &mut self,
+        drafts: &[u32],
+        q: &[Vec<f32>],
+        p: &[Vec<f32>],
+    ) -> Acceptance {
+        accept_sampled(drafts, q, p, &mut self.rng)
+    }
+
+    /// The generation this run made, with the statistics its context gathered.
+    fn into_generation(self, mut stats: GenerationStats) -> Generation {
+        stats.new_tokens = self.tokens.len() - self.prompt_len;
+        stats.total_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        Generation {
+            tokens: self.tokens[self.prompt_len..].to_vec(),
+            stop: self.stop.unwrap_or(StopReason::MaxNewTokens),
+            stats,
+        }
+    }
 }
 
-impl<B: LayerSkipBackend> DecodeContext<'_, B> {
+impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
+    /// A context over `cache` (cleared) whose exit-hidden cache holds `exit_capacity` positions
+    /// (1 where no strategy drafts).
+    pub(crate) fn new(
+        model: &'m LlamaModel<B>,
+        mut cache: KvCache<B>,
+        exit_capacity: usize,
+    ) -> Self {
+        let device = model.device();
+        cache.clear();
+        Self {
+            model,
+            cache,
+            exits: ExitHiddenCache::new(1, exit_capacity, model.config().hidden_size, &device),
+            stats: GenerationStats::default(),
+            peak_positions: 0,
+        }
+    }
+
+    /// Empties the caches and statistics for a generation from a prompt of `prompt_len` tokens.
+    pub(crate) fn begin(&mut self, prompt_len: usize) {
+        self.cache.clear();
+        self.exits.truncate(0);
+        self.peak_positions = 0;
+        self.stats = GenerationStats {
+            prompt_tokens: prompt_len,
+            layer_positions: vec![0; self.model.num_layers()],
+            kv_allocated_bytes: self.cache.allocated_bytes(),
+            ..Default::default()
+        };
+    }
+
+    /// The generation `run` made, with what this context counted (its statistics taken).
+    pub(crate) fn end(&mut self, run: Run) -> Generation {
+        let mut stats = std::mem::take(&mut self.stats);
+        stats.kv_allocated_bytes = self.cache.allocated_bytes();
+        stats.kv_peak_used_bytes = self.cache.position_bytes() * self.peak_positions;
+        run.into_generation(stats)
+    }
+
+    pub(crate) fn model(&self) -> &'m LlamaModel<B> {
+        self.model
+    }
+
+    pub(crate) fn cache(&self) -> &KvCache<B> {
+        &self.cache
+    }
+
+    /// The KV cache, for a pass that runs several contexts' positions together
+    /// ([`DecodeContext::count_positions`] counts them).
+    pub(crate) fn cache_mut(&mut self) -> &mut KvCache<B> {
+        &mut self.cache
+    }
+
+    /// The KV cache, given back when the context ends.
+    pub(crate) fn into_cache(self) -> KvCache<B> {
+        self.cache
+    }
+
     /// Positions the context holds.
     pub(crate) fn capacity(&self) -> usize {
         self.cache.capacity()
+    }
+
+    /// Counts `seq` positions from `start_pos` run through `layers` outside
+    /// [`DecodeContext::layers`].
+    pub(crate) fn count_positions(&mut self, layers: Range<usize>, start_pos: usize, seq: usize) {
+        self.peak_positions = self.peak_positions.max(start_pos + seq);
+        for l in layers {
+            self.stats.layer_positions[l] += seq;
+        }
+    }
+
+    /// Counts a decode step (a verification step for self-speculation).
+    pub(crate) fn count_step(&mut self) {
+        self.stats.steps += 1;
+    }
+
+    /// Counts an adaptive step that drafted `drafted` tokens from `exit` (none: autoregressive).
+    pub(crate) fn count_exit(&mut self, exit: usize, drafted: usize) {
+        if drafted == 0 {
+            self.stats.autoregressive_steps += 1;
+            return;
+        }
+        let used = &mut self.stats.exit_histogram;
+        if used.len() <= exit {
+            used.resize(exit + 1, 0);
+        }
+        used[exit] += 1;
     }
 
     /// Runs layers `range` over `x` from `start_pos`, with the cache, counting positions.
@@ -98,14 +250,41 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         range: Range<usize>,
         start_pos: usize,
     ) -> Result<Tensor<B, 3>> {
-        let seq = x.dims()[1];
-        self.peak_positions = self.peak_positions.max(start_pos + seq);
-        for l in range.clone() {
-            self.stats.layer_positions[l] += seq;
-        }
+        self.count_positions(range.clone(), start_pos, x.dims()[1]);
         Ok(self
             .model
             .forward_layers(x, range, start_pos, Some(&mut self.cache))?)
+    }
+
+    /// Layers `0..exit` over `x` from `start_pos`, their output kept in the exit-hidden cache
+    /// for a later [`DecodeContext::verify`]; returns it.
+    pub(crate) fn draft_layers(
+        &mut self,
+        x: Tensor<B, 3>,
+        exit: usize,
+        start_pos: usize,
+    ) -> Result<Tensor<B, 3>> {
+        let h = self.layers(x, 0..exit, start_pos)?;
+        self.keep_exit_hidden(h.clone())?;
+        Ok(h)
+    }
+
+    /// Appends hidden states to the exit-hidden cache.
+    pub(crate) fn keep_exit_hidden(&mut self, h: Tensor<B, 3>) -> Result<()> {
+        Ok(self.exits.append(h)?)
+    }
+
+    /// The exit hidden states kept for positions `start..`.
+    pub(crate) fn exit_hidden(&self, start: usize) -> Tensor<B, 3> {
+        self.exits.since(start)
+    }
+
+    /// The verification: layers `exit..L` once over the exit hidden states of positions
+    /// `start..` (causal, offset `start`), appending the deep layers' K/V; returns the last
+    /// layer's output.
+    pub(crate) fn verify(&mut self, exit: usize, start: usize) -> Result<Tensor<B, 3>> {
+        let layers = self.model.num_layers();
+        self.layers(self.exits.since(start), exit..layers, start)
     }
 
     /// The token after the hidden state `last` `[1, 1, hidden]`: the argmax taken on the device
@@ -117,7 +296,7 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         last: Tensor<B, 3>,
         check: bool,
     ) -> Result<u32> {
-        if run.options.greedy_on_device() {
+        if run.greedy_on_device() {
             let logits = self.model.exit_head(last);
             let ids = if check {
                 Self::device_argmax_checked(logits)
@@ -169,9 +348,41 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
         Ok(ids)
     }
 
+    /// Counts a read of `values` values to the host.
     pub(crate) fn count_read(&mut self, values: usize) {
         self.stats.host_reads += 1;
         self.stats.host_read_values += values;
+    }
+
+    /// Drafts to propose at this step: `speculations`, fewer near the token budget or the end of
+    /// the context (each step emits accepted + 1 tokens and needs positions `c..=c + d`).
+    pub(crate) fn draft_count(&self, run: &Run, speculations: usize) -> usize {
+        speculations
+            .min(run.budget() - 1)
+            .min(self.capacity() - 1 - run.newest())
+    }
+
+    /// Greedy drafts on the device: `d` tokens through layers `0..exit` from the newest token's
+    /// position `c`, each draft the next one's input, then the last draft through the same
+    /// layers, every exit hidden state kept (positions `c..=c + d`). Returns the drafts' ids,
+    /// still on the device.
+    pub(crate) fn draft_on_device(
+        &mut self,
+        run: &Run,
+        exit: usize,
+        d: usize,
+    ) -> Result<Vec<Tensor<B, 2, Int>>> {
+        let c = run.newest();
+        let current = TensorData::new(vec![i64::from(run.tokens()[c])], [1, 1]);
+        let mut input = Tensor::<B, 2, Int>::from_data(current, &self.model.device());
+        let mut ids = Vec::with_capacity(d + 1);
+        for i in 0..d {
+            let h = self.draft_layers(self.model.embed(input), exit, c + i)?;
+            input = Self::device_argmax(self.draft_logits(h, run.options())?);
+            ids.push(input.clone());
+        }
+        self.draft_layers(self.model.embed(input), exit, c + d)?;
+        Ok(ids)
     }
 
     /// The draft's logit row for `hidden` `[1, 1, hidden]`: over the whole vocabulary, or over
@@ -200,6 +411,36 @@ impl<B: LayerSkipBackend> DecodeContext<'_, B> {
             None => self.model.exit_head(hidden),
             Some(n) => self.model.exit_head_prefix(hidden, n)?,
         })
+    }
+
+    /// Ends a self-speculative step of at most `speculations` drafts: rolls the caches back to
+    /// the accepted positions, counts, and emits the accepted drafts and the verifier's token.
+    pub(crate) fn accept(
+        &mut self,
+        run: &mut Run,
+        Step { acceptance, drafts }: Step,
+        speculations: usize,
+        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+    ) {
+        let Acceptance { accepted, next } = acceptance;
+        // Positions c..=c+accepted hold tokens[c] and the accepted drafts.
+        let keep = run.tokens.len() + accepted;
+        self.cache.truncate(keep);
+        self.exits.truncate(keep);
+        let stats = &mut self.stats;
+        stats.steps += 1;
+        stats.drafted += drafts.len();
+        stats.accepted += accepted;
+        if stats.accepted_histogram.len() <= speculations {
+            stats.accepted_histogram.resize(speculations + 1, 0);
+        }
+        stats.accepted_histogram[accepted] += 1;
+        if accepted < drafts.len() {
+            on_event(StreamEvent::Rejected(&drafts[accepted..]));
+        }
+        let mut new = drafts[..accepted].to_vec();
+        new.push(next);
+        self.emit(run, &new, on_event);
     }
 
     /// Appends accepted tokens, applying the stop conditions, and streams them.

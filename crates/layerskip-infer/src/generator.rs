@@ -3,12 +3,11 @@
 
 use std::time::Instant;
 
-use layerskip_model::{ExitHiddenCache, KvCache, LayerSkipBackend, LlamaModel};
+use layerskip_model::{KvCache, LayerSkipBackend, LlamaModel};
 
 use crate::context::{DecodeContext, Run, host_rows};
 use crate::error::{InferError, Result};
-use crate::options::{GenerateOptions, Generation, StopReason, Strategy, StreamEvent, TokenMargin};
-use crate::stats::GenerationStats;
+use crate::options::{GenerateOptions, Generation, Strategy, StreamEvent, TokenMargin};
 use crate::{adaptive, autoregressive, speculative};
 
 /// Runs generations on one model with one preallocated KV cache (reused across calls).
@@ -23,33 +22,26 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// the model's weights for decoding ([`LlamaModel::prepare_for_decoding`]) if they are not
     /// yet (weights prepared quantized stay so).
     pub fn new(model: &'m LlamaModel<B>, capacity: usize) -> Result<Self> {
-        let config = model.config();
         prepare(model, capacity)?;
-        let device = model.device();
-        let ctx = DecodeContext {
-            model,
-            cache: KvCache::new(config, 1, capacity, &device),
-            exits: ExitHiddenCache::new(1, capacity, config.hidden_size, &device),
-            stats: GenerationStats::default(),
-            peak_positions: 0,
-        };
-        let adaptive = adaptive::Memory::new(config.num_layers);
+        let cache = KvCache::new(model.config(), 1, capacity, &model.device());
+        let ctx = DecodeContext::new(model, cache, capacity);
+        let adaptive = adaptive::Memory::new(model.num_layers());
         Ok(Self { ctx, adaptive })
     }
 
     /// The model.
     pub fn model(&self) -> &LlamaModel<B> {
-        self.ctx.model
+        self.ctx.model()
     }
 
     /// The KV cache as the last generation left it.
     pub fn cache(&self) -> &KvCache<B> {
-        &self.ctx.cache
+        self.ctx.cache()
     }
 
     /// Positions the context holds.
     pub fn capacity(&self) -> usize {
-        self.ctx.cache.capacity()
+        self.ctx.capacity()
     }
 
     /// The full model's greedy choice after `context` and how decisively it wins: the gap
@@ -62,11 +54,11 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
         if context.is_empty() {
             return Err(InferError::InvalidArgument("empty context".into()));
         }
-        let layers = 0..self.ctx.model.num_layers();
-        let model = self.ctx.model;
+        let model = self.ctx.model();
+        let layers = 0..model.num_layers();
         let hidden = model.forward_layers(model.embed_ids(context), layers, 0, None)?;
         let n = context.len();
-        let logits = self.ctx.model.exit_head(hidden.slice([0..1, n - 1..n]));
+        let logits = model.exit_head(hidden.slice([0..1, n - 1..n]));
         Ok(TokenMargin::of(&host_rows(logits)?.remove(0)))
     }
 
@@ -78,7 +70,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// synthetic text's exits are dropped. Returns the milliseconds it took.
     pub fn warm_up(&mut self, options: &GenerateOptions) -> Result<f64> {
         let start = Instant::now();
-        let vocab = self.ctx.model.config().vocab_size as u32;
+        let vocab = self.ctx.model().config().vocab_size as u32;
         // The synthetic text neither uses nor changes what earlier generations estimated.
         let remembered = self.adaptive.alpha.take();
         for (len, tokens) in [(3, 4), (40, self.warm_up_tokens(options))] {
@@ -117,7 +109,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
     /// Checks a prompt and options (exit layer range, speculations, sampling, context) without
     /// generating: the error [`Generator::generate`] would return.
     pub fn validate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
-        validate_request(self.ctx.model, self.capacity(), prompt, options)
+        validate_request(self.ctx.model(), self.capacity(), prompt, options)
     }
 
     /// Generates from `prompt`. `on_event` sees tokens as soon as they are accepted and returns
@@ -129,36 +121,24 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
         mut on_event: impl FnMut(StreamEvent<'_>) -> bool,
     ) -> Result<Generation> {
         self.validate(prompt, options)?;
-        self.ctx.cache.clear();
-        self.ctx.exits.truncate(0);
-        self.ctx.peak_positions = 0;
-        let layers = self.ctx.model.num_layers();
-        self.ctx.stats = GenerationStats {
-            prompt_tokens: prompt.len(),
-            layer_positions: vec![0; layers],
-            kv_allocated_bytes: self.ctx.cache.allocated_bytes(),
-            ..Default::default()
-        };
+        self.ctx.begin(prompt.len());
+        let layers = self.ctx.model().num_layers();
+        let ctx = &mut self.ctx;
         let mut run = Run::new(prompt, options);
-        if options.max_new_tokens > 0 {
+        if run.is_running() {
             match options.strategy {
                 Strategy::Autoregressive => {
-                    autoregressive::decode(&mut self.ctx, &mut run, layers, &mut on_event)?
+                    autoregressive::decode(ctx, &mut run, layers, &mut on_event)?
                 }
                 Strategy::EarlyExit { exit_layer } => {
-                    autoregressive::decode(&mut self.ctx, &mut run, exit_layer, &mut on_event)?
+                    autoregressive::decode(ctx, &mut run, exit_layer, &mut on_event)?
                 }
                 Strategy::SelfSpeculative {
                     exit_layer,
                     speculations,
-                } => speculative::decode(
-                    &mut self.ctx,
-                    &mut run,
-                    (exit_layer, speculations),
-                    &mut on_event,
-                )?,
+                } => speculative::decode(ctx, &mut run, (exit_layer, speculations), &mut on_event)?,
                 Strategy::Adaptive { max_speculations } => adaptive::decode(
-                    &mut self.ctx,
+                    ctx,
                     &mut run,
                     max_speculations,
                     &mut self.adaptive,
@@ -166,16 +146,7 @@ impl<'m, B: LayerSkipBackend> Generator<'m, B> {
                 )?,
             }
         }
-        let mut stats = std::mem::take(&mut self.ctx.stats);
-        stats.new_tokens = run.tokens.len() - run.prompt_len;
-        stats.total_ms = run.start.elapsed().as_secs_f64() * 1e3;
-        stats.kv_allocated_bytes = self.ctx.cache.allocated_bytes();
-        stats.kv_peak_used_bytes = self.ctx.cache.position_bytes() * self.ctx.peak_positions;
-        Ok(Generation {
-            tokens: run.tokens[run.prompt_len..].to_vec(),
-            stop: run.stop.unwrap_or(StopReason::MaxNewTokens),
-            stats,
-        })
+        Ok(self.ctx.end(run))
     }
 }
 

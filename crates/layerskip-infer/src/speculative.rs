@@ -5,11 +5,11 @@
 //! positions `0..c`, where `c` is the position of the newest token `tokens[c]`, which no layer
 //! has seen yet. No layer ever computes the same position twice.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use layerskip_model::LayerSkipBackend;
 
-use crate::accept::{Acceptance, accept_greedy, accept_greedy_ids, accept_sampled};
-use crate::context::{DecodeContext, Run};
+use crate::accept::{accept_greedy, accept_greedy_ids};
+use crate::context::{DecodeContext, Run, Step};
 use crate::error::Result;
 use crate::options::StreamEvent;
 
@@ -21,192 +21,103 @@ pub(crate) fn decode<B: LayerSkipBackend>(
     (exit, speculations): (usize, usize),
     on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
 ) -> Result<()> {
-    ctx.prefill_for_speculation(run, exit, on_event)?;
-    while run.stop.is_none() {
-        let step = if run.options.greedy_on_device() {
-            ctx.greedy_step(run, exit, speculations)?
+    prefill(ctx, run, exit, on_event)?;
+    while run.is_running() {
+        let step = if run.greedy_on_device() {
+            greedy_step(ctx, run, exit, speculations)?
         } else {
-            ctx.speculative_step(run, exit, speculations)?
+            sampled_step(ctx, run, exit, speculations)?
         };
-        ctx.finish_step(run, step, speculations, on_event);
+        ctx.accept(run, step, speculations, on_event);
     }
     Ok(())
 }
 
-impl<B: LayerSkipBackend> DecodeContext<'_, B> {
-    /// The prompt through the early layers, then the deep layers over its exit hidden states
-    /// (the "verification" of the prompt); the last row gives the first token.
-    fn prefill_for_speculation(
-        &mut self,
-        run: &mut Run,
-        exit: usize,
-        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
-    ) -> Result<()> {
-        let layers = self.model.num_layers();
-        let prompt = run.tokens.clone();
-        let h = self.layers(self.model.embed_ids(&prompt), 0..exit, 0)?;
-        self.exits.append(h)?;
-        let deep = self.layers(self.exits.since(0), exit..layers, 0)?;
-        let n = prompt.len();
-        let last = deep.slice([0..1, n - 1..n]);
-        let first = if run.options.greedy_on_device() {
-            let ids = Self::device_argmax_checked(self.model.exit_head(last));
-            self.read_ids(ids)?[0]
-        } else {
-            let row = self.logit_rows(last)?.remove(0);
-            run.choose(row, &prompt).0
-        };
-        self.emit(run, &[first], on_event);
-        Ok(())
-    }
-
-    /// Drafts to propose at this step: `speculations`, fewer near the token budget or the end of
-    /// the context (each step emits accepted + 1 tokens and needs positions `c..=c + d`).
-    pub(crate) fn draft_count(&self, run: &Run, speculations: usize) -> usize {
-        let c = run.tokens.len() - 1;
-        speculations
-            .min(run.budget() - 1)
-            .min(self.capacity() - 1 - c)
-    }
-
-    /// A greedy step with every choice taken on the device: each draft token stays there as the
-    /// next draft's input, and one read brings back the drafts and the verifier's tokens.
-    /// Drafting does not stop at a stop token (the host sees the drafts only at the end); the
-    /// output is the same, since emitting stops there.
-    pub(crate) fn greedy_step(
-        &mut self,
-        run: &Run,
-        exit: usize,
-        speculations: usize,
-    ) -> Result<Step> {
-        let layers = self.model.num_layers();
-        let c = run.tokens.len() - 1;
-        let d = self.draft_count(run, speculations);
-        let mut ids = self.draft_on_device(run, exit, d)?;
-        // Verify: layers >= E once over the exit hidden states of positions c..=c+d (causal,
-        // offset c), appending the deep layers' K/V.
-        let deep = self.layers(self.exits.since(c), exit..layers, c)?;
-        ids.push(Self::device_argmax(self.model.exit_head(deep)));
-        let ids = self.read_ids(Tensor::cat(ids, 1))?;
-        let (drafts, verify) = ids.split_at(d);
-        Ok(Step {
-            acceptance: accept_greedy_ids(drafts, verify),
-            drafts: drafts.to_vec(),
-        })
-    }
-
-    /// Greedy drafts on the device: `d` tokens through layers `0..exit` from the newest token's
-    /// position `c`, each draft the next one's input, then the last draft through the same
-    /// layers, every exit hidden state appended (positions `c..=c + d`). Returns the drafts'
-    /// ids, still on the device.
-    pub(crate) fn draft_on_device(
-        &mut self,
-        run: &Run,
-        exit: usize,
-        d: usize,
-    ) -> Result<Vec<Tensor<B, 2, Int>>> {
-        let c = run.tokens.len() - 1;
-        let device = self.model.device();
-        let current = TensorData::new(vec![i64::from(run.tokens[c])], [1, 1]);
-        let mut input = Tensor::<B, 2, Int>::from_data(current, &device);
-        let mut ids = Vec::with_capacity(d + 1);
-        for i in 0..d {
-            let h = self.layers(self.model.embed(input), 0..exit, c + i)?;
-            self.exits.append(h.clone())?;
-            input = Self::device_argmax(self.draft_logits(h, &run.options)?);
-            ids.push(input.clone());
-        }
-        let h = self.layers(self.model.embed(input), 0..exit, c + d)?;
-        self.exits.append(h)?;
-        Ok(ids)
-    }
-
-    /// A step with the choices made on the host from logit rows: sampling, history penalties, a
-    /// draft-confidence threshold.
-    pub(crate) fn speculative_step(
-        &mut self,
-        run: &mut Run,
-        exit: usize,
-        speculations: usize,
-    ) -> Result<Step> {
-        let layers = self.model.num_layers();
-        let c = run.tokens.len() - 1;
-        let d = self.draft_count(run, speculations);
-        // Draft: inputs[i] = tokens[c], drafts[0], ...; input i goes through layers < E at c + i.
-        let mut drafts: Vec<u32> = Vec::with_capacity(d);
-        let mut q: Vec<Vec<f32>> = Vec::with_capacity(d);
-        let mut history = run.tokens.clone();
-        let mut input = run.tokens[c];
-        for i in 0..d {
-            let h = self.layers(self.model.embed_ids(&[input]), 0..exit, c + i)?;
-            self.exits.append(h.clone())?;
-            let row = self.draft_logit_row(h, &run.options)?;
-            let (token, dist) = run.choose(row, &history);
-            let unsure = run.options.draft_confidence.is_some_and(|t| {
-                draft_probability(&dist, token, run.options.sampling.is_greedy()) < t
-            });
-            drafts.push(token);
-            q.push(dist);
-            history.push(token);
-            input = token;
-            if unsure || run.options.stop_tokens.contains(&token) {
-                break;
-            }
-        }
-        // Verify: the last input through layers < E, then layers >= E once over the exit hidden
-        // states of positions c..=c+n (causal, offset c), appending the deep layers' K/V.
-        let n = drafts.len();
-        let h = self.layers(self.model.embed_ids(&[input]), 0..exit, c + n)?;
-        self.exits.append(h)?;
-        let deep = self.layers(self.exits.since(c), exit..layers, c)?;
-        let rows = self.logit_rows(deep)?;
-        let p: Vec<Vec<f32>> = rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, row)| run.distribution(row, &history[..c + 1 + i]))
-            .collect();
-        let acceptance = if run.options.sampling.is_greedy() {
-            accept_greedy(&drafts, &p)
-        } else {
-            accept_sampled(&drafts, &q, &p, &mut run.rng)
-        };
-        Ok(Step { acceptance, drafts })
-    }
-
-    /// Rolls the caches back to the accepted positions, counts, and emits the accepted drafts and
-    /// the verifier's next token.
-    pub(crate) fn finish_step(
-        &mut self,
-        run: &mut Run,
-        Step { acceptance, drafts }: Step,
-        speculations: usize,
-        on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
-    ) {
-        let Acceptance { accepted, next } = acceptance;
-        // Positions c..=c+accepted hold tokens[c] and the accepted drafts.
-        let keep = run.tokens.len() + accepted;
-        self.cache.truncate(keep);
-        self.exits.truncate(keep);
-        self.stats.steps += 1;
-        self.stats.drafted += drafts.len();
-        self.stats.accepted += accepted;
-        if self.stats.accepted_histogram.len() <= speculations {
-            self.stats.accepted_histogram.resize(speculations + 1, 0);
-        }
-        self.stats.accepted_histogram[accepted] += 1;
-        if accepted < drafts.len() {
-            on_event(StreamEvent::Rejected(&drafts[accepted..]));
-        }
-        let mut new = drafts[..accepted].to_vec();
-        new.push(next);
-        self.emit(run, &new, on_event);
-    }
+/// The prompt drafted and verified as one step: through the early layers, then the deep layers
+/// over its exit hidden states; the last row gives the first token.
+fn prefill<B: LayerSkipBackend>(
+    ctx: &mut DecodeContext<'_, B>,
+    run: &mut Run,
+    exit: usize,
+    on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
+) -> Result<()> {
+    let n = run.tokens().len();
+    ctx.draft_layers(ctx.model().embed_ids(run.tokens()), exit, 0)?;
+    let deep = ctx.verify(exit, 0)?;
+    let first = ctx.next_token(run, deep.slice([0..1, n - 1..n]), true)?;
+    ctx.emit(run, &[first], on_event);
+    Ok(())
 }
 
-/// The drafts of one step and what the verifier made of them.
-pub(crate) struct Step {
-    pub(crate) acceptance: Acceptance,
-    pub(crate) drafts: Vec<u32>,
+/// A greedy step with every choice taken on the device: each draft token stays there as the
+/// next draft's input, and one read brings back the drafts and the verifier's tokens.
+/// Drafting does not stop at a stop token (the host sees the drafts only at the end); the
+/// output is the same, since emitting stops there.
+pub(crate) fn greedy_step<B: LayerSkipBackend>(
+    ctx: &mut DecodeContext<'_, B>,
+    run: &Run,
+    exit: usize,
+    speculations: usize,
+) -> Result<Step> {
+    let d = ctx.draft_count(run, speculations);
+    let mut ids = ctx.draft_on_device(run, exit, d)?;
+    let deep = ctx.verify(exit, run.newest())?;
+    ids.push(DecodeContext::device_argmax(ctx.model().exit_head(deep)));
+    let ids = ctx.read_ids(Tensor::cat(ids, 1))?;
+    let (drafts, verify) = ids.split_at(d);
+    Ok(Step {
+        acceptance: accept_greedy_ids(drafts, verify),
+        drafts: drafts.to_vec(),
+    })
+}
+
+/// A step with the choices made on the host from logit rows: sampling, history penalties, a
+/// draft-confidence threshold.
+pub(crate) fn sampled_step<B: LayerSkipBackend>(
+    ctx: &mut DecodeContext<'_, B>,
+    run: &mut Run,
+    exit: usize,
+    speculations: usize,
+) -> Result<Step> {
+    let c = run.newest();
+    let d = ctx.draft_count(run, speculations);
+    // Draft: inputs[i] = tokens[c], drafts[0], ...; input i goes through layers < E at c + i.
+    let mut drafts: Vec<u32> = Vec::with_capacity(d);
+    let mut q: Vec<Vec<f32>> = Vec::with_capacity(d);
+    let mut history = run.tokens().to_vec();
+    let mut input = history[c];
+    let options = run.options().clone();
+    for i in 0..d {
+        let h = ctx.draft_layers(ctx.model().embed_ids(&[input]), exit, c + i)?;
+        let row = ctx.draft_logit_row(h, &options)?;
+        let (token, dist) = run.choose(row, &history);
+        let unsure = options
+            .draft_confidence
+            .is_some_and(|t| draft_probability(&dist, token, options.sampling.is_greedy()) < t);
+        drafts.push(token);
+        q.push(dist);
+        history.push(token);
+        input = token;
+        if unsure || options.stop_tokens.contains(&token) {
+            break;
+        }
+    }
+    // Verify: the last input through layers < E, then the deep layers over c..=c+n.
+    let n = drafts.len();
+    ctx.draft_layers(ctx.model().embed_ids(&[input]), exit, c + n)?;
+    let deep = ctx.verify(exit, c)?;
+    let p: Vec<Vec<f32>> = ctx
+        .logit_rows(deep)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| run.distribution(row, &history[..c + 1 + i]))
+        .collect();
+    let acceptance = if options.sampling.is_greedy() {
+        accept_greedy(&drafts, &p)
+    } else {
+        run.accept_sampled(&drafts, &q, &p)
+    };
+    Ok(Step { acceptance, drafts })
 }
 
 /// The probability of the drafted `token` under the draft distribution: `dist` holds
