@@ -97,19 +97,6 @@ pub fn measure_paired<B: LayerSkipBackend>(
     Ok((base, base_report, runs, strategy_report))
 }
 
-/// A short name for tables: `AR`, `EE(E)`, `SS(E,d)`, `ADAPT(d<=D)`.
-pub fn strategy_label(s: Strategy) -> String {
-    match s {
-        Strategy::Autoregressive => "AR".into(),
-        Strategy::EarlyExit { exit_layer } => format!("EE(E={exit_layer})"),
-        Strategy::SelfSpeculative {
-            exit_layer,
-            speculations,
-        } => format!("SS(E={exit_layer},d={speculations})"),
-        Strategy::Adaptive { max_speculations } => format!("ADAPT(d<={max_speculations})"),
-    }
-}
-
 /// Prints reports as one table.
 pub fn print_reports(reports: &[StrategyReport]) {
     println!(
@@ -132,7 +119,7 @@ pub fn print_reports(reports: &[StrategyReport]) {
         let q = r.quality.as_ref();
         println!(
             "{:<16} {:>8.1} {:>9.2} {:>8.1} {:>6.1}% {:>7.2} {:>7.2}x {:>6.1}% {:>8.2} {:>7.0} {:>7.3} {:>6.3}",
-            strategy_label(r.strategy),
+            r.strategy.to_string(),
             r.tokens_per_second,
             r.time_per_token_ms,
             r.time_to_first_token_ms,
@@ -197,7 +184,7 @@ impl BackendTask for BenchArgs {
             loaded.dir.display(),
             loaded.samples.len(),
             self.data.max_new_tokens,
-            strategy_label(strategy),
+            strategy,
             self.data.repeats
         );
         let progress = Progress::new("bench: prompts", loaded.prompts.len());
@@ -208,7 +195,7 @@ impl BackendTask for BenchArgs {
         let mut outputs = vec![("AR".to_string(), base_runs)];
         if strategy != Strategy::Autoregressive {
             reports.push(report);
-            outputs.push((strategy_label(strategy), runs));
+            outputs.push((strategy.to_string(), runs));
         }
         print_reports(&reports);
         if let Some(h) = reports.last().filter(|r| r.acceptance_rate > 0.0) {
@@ -304,7 +291,7 @@ impl BackendTask for CorrectnessArgs {
             progress.suspend(|| {
                 println!(
                     "{:<16} {} / {} outputs identical to autoregressive{}{}",
-                    strategy_label(strategy),
+                    strategy.to_string(),
                     loaded.samples.len() - bad.len() - tied,
                     loaded.samples.len(),
                     if tied > 0 {

@@ -40,7 +40,7 @@ pub fn configure() -> Result<()> {
     });
     #[cfg(feature = "cube")]
     if let Ok(v) = std::env::var("LAYERSKIP_CUBE_KERNELS") {
-        layerskip_model::ops::cube::set_kernels_enabled(v.trim() != "0");
+        layerskip_model::ops::set_kernels_enabled(v.trim() != "0");
     }
     Ok(())
 }

@@ -245,14 +245,13 @@ impl BackendTask for InferArgs {
         let capacity = self
             .context
             .unwrap_or(config.max_position_embeddings.min(4096));
-        let sampling = SamplingConfig {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            repetition_penalty: self.repetition_penalty,
-            no_repeat_ngram: self.no_repeat_ngram,
-            seed: self.seed,
-        };
+        let sampling = SamplingConfig::default()
+            .with_temperature(self.temperature)
+            .with_top_k(self.top_k)
+            .with_top_p(self.top_p)
+            .with_repetition_penalty(self.repetition_penalty)
+            .with_no_repeat_ngram(self.no_repeat_ngram)
+            .with_seed(self.seed);
         let options = GenerateOptions::new(self.strategy(&dir, config.num_layers)?)
             .with_max_new_tokens(self.max_new_tokens)
             .with_sampling(sampling)

@@ -14,7 +14,7 @@ use layerskip_eval::bench::{StrategyReport, keep_fastest, summarise};
 use layerskip_infer::{Generator, Strategy};
 
 use crate::backend::BackendTask;
-use crate::bench::{measure_paired, print_reports, strategy_label};
+use crate::bench::{measure_paired, print_reports};
 use crate::plot::{Heatmap, heatmap};
 use crate::progress::Progress;
 use crate::samples::{DatasetArgs, GridArgs, load, write_output};
@@ -44,15 +44,13 @@ pub fn csv(reports: &[StrategyReport]) -> String {
          acceptance_rate,mean_accepted_length,speedup,token_agreement,mismatches\n",
     );
     for r in reports {
-        let (e, d) = match r.strategy {
-            Strategy::SelfSpeculative {
-                exit_layer,
-                speculations,
-            } => (exit_layer.to_string(), speculations),
-            Strategy::EarlyExit { exit_layer } => (exit_layer.to_string(), 0),
-            Strategy::Autoregressive => ("0".into(), 0),
-            Strategy::Adaptive { max_speculations } => ("auto".into(), max_speculations),
+        // Autoregressive decoding is exit 0; adaptive self-speculation's exit is "auto".
+        let e = match r.strategy.exit_layer() {
+            Some(e) => e.to_string(),
+            None if r.strategy.speculations().is_some() => "auto".into(),
+            None => "0".into(),
         };
+        let d = r.strategy.speculations().unwrap_or(0);
         let _ = writeln!(
             out,
             "{e},{d},{:.3},{:.4},{:.3},{:.4},{:.4},{:.4},{:.4},{}",
@@ -92,7 +90,7 @@ impl BackendTask for SweepArgs {
             keep_fastest(&mut base_runs, ar);
             progress.println(&format!(
                 "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
-                strategy_label(strategy),
+                strategy.to_string(),
                 r.time_per_token_ms,
                 ar_report.time_per_token_ms,
                 100.0 * r.acceptance_rate,
@@ -182,7 +180,7 @@ impl BackendTask for SweepArgs {
             .expect("a non-empty grid");
         println!(
             "best: {} at {:.2} ms/token after the first token (AR {:.2}), speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs)",
-            strategy_label(best.strategy),
+            best.strategy,
             best.time_per_token_ms,
             best.time_per_token_ms * best.speedup,
             best.speedup,
@@ -191,7 +189,7 @@ impl BackendTask for SweepArgs {
         );
         println!(
             "adaptive: {} at {:.2} ms/token after the first token, speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs); {:.2}x the best static point's speedup",
-            strategy_label(adaptive.strategy),
+            adaptive.strategy,
             adaptive.time_per_token_ms,
             adaptive.speedup,
             100.0 * adaptive.acceptance_rate,

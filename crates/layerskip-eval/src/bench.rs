@@ -226,23 +226,22 @@ mod tests {
         drafted: usize,
         accepted: usize,
     ) -> SampleRun {
+        let mut stats = GenerationStats::default();
+        stats.new_tokens = tokens.len();
+        stats.total_ms = total_ms;
+        stats.time_to_first_token_ms = ttft;
+        stats.drafted = drafted;
+        stats.accepted = accepted;
+        stats.steps = drafted / 2;
+        stats.accepted_histogram = if drafted > 0 {
+            vec![1, 0, drafted / 2 - 1]
+        } else {
+            vec![]
+        };
         SampleRun {
             id: String::new(),
             text: String::new(),
-            stats: GenerationStats {
-                new_tokens: tokens.len(),
-                total_ms,
-                time_to_first_token_ms: ttft,
-                drafted,
-                accepted,
-                steps: drafted / 2,
-                accepted_histogram: if drafted > 0 {
-                    vec![1, 0, drafted / 2 - 1]
-                } else {
-                    vec![]
-                },
-                ..Default::default()
-            },
+            stats,
             tokens,
         }
     }

@@ -39,16 +39,16 @@
 pub mod accept;
 pub mod adaptive;
 mod autoregressive;
-pub mod batch;
-pub mod chat;
+mod batch;
+mod chat;
 mod context;
-pub mod error;
-pub mod generator;
-pub mod options;
+mod error;
+mod generator;
+mod options;
 pub mod sampling;
 mod speculative;
-pub mod stats;
-pub mod text;
+mod stats;
+mod text;
 
 pub use batch::Batch;
 pub use chat::ChatTemplate;

@@ -5,8 +5,11 @@ use serde::{Deserialize, Serialize};
 use crate::sampling::{SamplingConfig, argmax};
 use crate::stats::GenerationStats;
 
-/// How the next tokens are produced.
+/// How the next tokens are produced. `#[non_exhaustive]`: a match outside this crate has a
+/// wildcard arm, or reads a strategy through [`Strategy::name`], [`Strategy::exit_layer`] and
+/// [`Strategy::speculations`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Strategy {
     /// The full model, one token per step.
     Autoregressive,
@@ -29,6 +32,54 @@ pub enum Strategy {
         /// Most drafts per step.
         max_speculations: usize,
     },
+}
+
+impl Strategy {
+    /// The strategy's name in the API: `ar`, `early-exit`, `self-spec` or `adaptive`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Autoregressive => "ar",
+            Strategy::EarlyExit { .. } => "early-exit",
+            Strategy::SelfSpeculative { .. } => "self-spec",
+            Strategy::Adaptive { .. } => "adaptive",
+        }
+    }
+
+    /// The exit layer `E` it drafts or exits at, where it has a fixed one.
+    pub fn exit_layer(&self) -> Option<usize> {
+        match *self {
+            Strategy::EarlyExit { exit_layer } | Strategy::SelfSpeculative { exit_layer, .. } => {
+                Some(exit_layer)
+            }
+            Strategy::Autoregressive | Strategy::Adaptive { .. } => None,
+        }
+    }
+
+    /// Drafts per step: `d` for self-speculation, the most for adaptive self-speculation.
+    pub fn speculations(&self) -> Option<usize> {
+        match *self {
+            Strategy::SelfSpeculative { speculations, .. } => Some(speculations),
+            Strategy::Adaptive { max_speculations } => Some(max_speculations),
+            Strategy::Autoregressive | Strategy::EarlyExit { .. } => None,
+        }
+    }
+}
+
+/// A short label for tables: `AR`, `EE(E=4)`, `SS(E=4,d=3)`, `ADAPT(d<=6)`.
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Through `pad`, so that a width in the format string applies (tables).
+        let label = match *self {
+            Strategy::Autoregressive => "AR".to_string(),
+            Strategy::EarlyExit { exit_layer } => format!("EE(E={exit_layer})"),
+            Strategy::SelfSpeculative {
+                exit_layer,
+                speculations,
+            } => format!("SS(E={exit_layer},d={speculations})"),
+            Strategy::Adaptive { max_speculations } => format!("ADAPT(d<={max_speculations})"),
+        };
+        f.pad(&label)
+    }
 }
 
 /// Options of one generation. Built with [`GenerateOptions::new`] and the `with_*` setters (the
@@ -192,4 +243,32 @@ pub struct Generation {
     pub stop: StopReason,
     /// Statistics.
     pub stats: GenerationStats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Strategy;
+
+    /// The names the API uses, the fixed exits and draft counts, and the table labels (padded
+    /// by a width in the format string).
+    #[test]
+    fn strategies_describe_themselves() {
+        let ss = Strategy::SelfSpeculative {
+            exit_layer: 4,
+            speculations: 3,
+        };
+        let adaptive = Strategy::Adaptive {
+            max_speculations: 6,
+        };
+        let ee = Strategy::EarlyExit { exit_layer: 2 };
+        let ar = Strategy::Autoregressive;
+        let names: Vec<_> = [ar, ee, ss, adaptive].iter().map(Strategy::name).collect();
+        assert_eq!(names, ["ar", "early-exit", "self-spec", "adaptive"]);
+        assert_eq!(
+            [ar, ee, ss, adaptive].map(|s| (s.exit_layer(), s.speculations())),
+            [(None, None), (Some(2), None), (Some(4), Some(3)), (None, Some(6))]
+        );
+        assert_eq!(format!("{ss:<14}|"), "SS(E=4,d=3)   |");
+        assert_eq!(format!("{adaptive}/{ee}/{ar}"), "ADAPT(d<=6)/EE(E=2)/AR");
+    }
 }

@@ -6,8 +6,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{InferError, Result};
 
-/// How the next token is chosen. `temperature == 0` is greedy.
+/// How the next token is chosen. `temperature == 0` is greedy. Built from
+/// [`SamplingConfig::default`] (greedy) with the `with_*` setters (the struct is
+/// `#[non_exhaustive]`, so that new settings do not break callers).
+///
+/// ```
+/// use layerskip_infer::SamplingConfig;
+///
+/// let nucleus = SamplingConfig::default().with_temperature(0.8).with_top_p(0.95).with_seed(7);
+/// assert!(!nucleus.is_greedy());
+/// assert!(nucleus.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SamplingConfig {
     /// Softmax temperature; 0 selects the argmax.
     pub temperature: f32,
@@ -37,6 +48,42 @@ impl Default for SamplingConfig {
 }
 
 impl SamplingConfig {
+    /// With softmax temperature `temperature` (0: greedy).
+    pub fn with_temperature(mut self, temperature: f32) -> Self {
+        self.temperature = temperature;
+        self
+    }
+
+    /// Keeping only the `k` most likely tokens (0: off).
+    pub fn with_top_k(mut self, k: usize) -> Self {
+        self.top_k = k;
+        self
+    }
+
+    /// Keeping the smallest set of tokens whose probability reaches `p` (1: off).
+    pub fn with_top_p(mut self, p: f32) -> Self {
+        self.top_p = p;
+        self
+    }
+
+    /// With repetition penalty `penalty` (1: off).
+    pub fn with_repetition_penalty(mut self, penalty: f32) -> Self {
+        self.repetition_penalty = penalty;
+        self
+    }
+
+    /// Forbidding any n-gram of size `n` from appearing twice (0: off).
+    pub fn with_no_repeat_ngram(mut self, n: usize) -> Self {
+        self.no_repeat_ngram = n;
+        self
+    }
+
+    /// With the sampling RNG seeded by `seed`.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
     /// Rejects values that have no meaning.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(InferError::InvalidArgument(m.into()));

@@ -2,8 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// What one generation did and how fast.
+/// What one generation did and how fast. `#[non_exhaustive]`: made by generations (or
+/// deserialised); start from [`GenerationStats::default`] to build one by hand.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct GenerationStats {
     /// Prompt tokens.
     pub prompt_tokens: usize,

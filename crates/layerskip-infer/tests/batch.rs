@@ -25,13 +25,13 @@ fn alone(model: &LlamaModel<B>, prompt: &[u32], options: &GenerateOptions) -> Ge
 }
 
 fn sampled(seed: u64, temperature: f32, max_new_tokens: usize) -> GenerateOptions {
-    options(Strategy::Autoregressive, max_new_tokens).with_sampling(SamplingConfig {
-        temperature,
-        top_p: 0.9,
-        repetition_penalty: 1.1,
-        seed,
-        ..SamplingConfig::default()
-    })
+    options(Strategy::Autoregressive, max_new_tokens).with_sampling(
+        SamplingConfig::default()
+            .with_temperature(temperature)
+            .with_top_p(0.9)
+            .with_repetition_penalty(1.1)
+            .with_seed(seed),
+    )
 }
 
 /// The requests: prompt and options, and the step of the batch at which each joins.

@@ -420,11 +420,9 @@ fn check_sampled_marginals(
             exit_layer: 1,
             speculations: 3,
         };
-        let sampling = SamplingConfig {
-            temperature: 1.0,
-            seed,
-            ..Default::default()
-        };
+        let sampling = SamplingConfig::default()
+            .with_temperature(1.0)
+            .with_seed(seed);
         let o = GenerateOptions::new(ss)
             .with_max_new_tokens(3)
             .with_sampling(sampling)

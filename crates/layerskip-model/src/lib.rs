@@ -37,23 +37,27 @@
 //! ```
 
 pub mod backend;
-pub mod cache;
+mod cache;
 pub mod checkpoint;
-pub mod config;
-pub mod convert;
-pub mod error;
-pub mod gguf;
-pub mod layer;
-pub mod model;
+mod config;
+mod convert;
+mod error;
+mod gguf;
+mod layer;
+mod model;
 pub mod ops;
-pub mod rope;
-pub mod tokenizer;
+mod rope;
+mod tokenizer;
 
 pub use cache::{ExitHiddenCache, KV_FIRST_ALLOCATION, KvCache, LayerKvCache};
 pub use checkpoint::{Recommendation, SafetensorsFiles, SaveDtype};
-pub use config::{HfLlamaConfig, Llama3RopeScaling, LlamaConfig, RopeConfig};
-pub use convert::convert_gguf;
+pub use config::{
+    HfLlamaConfig, HfRopeParameters, Llama3RopeScaling, LlamaConfig, OneOrMany, RopeConfig,
+};
+pub use convert::{ConvertReport, convert_gguf};
 pub use error::{ModelError, Result};
+pub use layer::{Attention, DecoderLayer, Mlp};
 pub use model::{LlamaModel, SkipMask, TrainHidden, TrainOutput};
 pub use ops::{LayerSkipBackend, Quantization};
+pub use rope::{Rope, RopeTables};
 pub use tokenizer::Tokenizer;

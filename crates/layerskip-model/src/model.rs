@@ -21,13 +21,13 @@ use crate::rope::{Rope, RopeTables};
 #[derive(Module, Debug)]
 pub struct LlamaModel<B: Backend> {
     /// Token embedding `[vocab, hidden]`.
-    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub(crate) embed_tokens: Param<Tensor<B, 2>>,
     /// The decoder layers `0..L`.
-    pub layers: Vec<DecoderLayer<B>>,
+    pub(crate) layers: Vec<DecoderLayer<B>>,
     /// The final RMSNorm, the first half of the shared exit head.
-    pub norm: RmsNorm<B>,
+    pub(crate) norm: RmsNorm<B>,
     /// The LM head `[hidden, vocab]`; `None` when tied to the embedding.
-    pub lm_head: Option<Linear<B>>,
+    pub(crate) lm_head: Option<Linear<B>>,
     #[module(skip)]
     config: LlamaConfig,
     #[module(skip)]
@@ -112,6 +112,26 @@ impl<B: Backend> LlamaModel<B> {
             rope,
             head_packed: Default::default(),
         }
+    }
+
+    /// The token embedding `[vocab, hidden]` (read as the LM head too when tied).
+    pub fn embed_tokens(&self) -> &Param<Tensor<B, 2>> {
+        &self.embed_tokens
+    }
+
+    /// The decoder layers `0..L`.
+    pub fn layers(&self) -> &[DecoderLayer<B>] {
+        &self.layers
+    }
+
+    /// The final RMSNorm, the first half of the shared exit head.
+    pub fn norm(&self) -> &RmsNorm<B> {
+        &self.norm
+    }
+
+    /// The LM head `[hidden, vocab]`; `None` when tied to the embedding.
+    pub fn lm_head(&self) -> Option<&Linear<B>> {
+        self.lm_head.as_ref()
     }
 
     /// The configuration this model was built from.

@@ -325,8 +325,8 @@ fn a_bf16_cast_computes_in_bf16_close_to_f32_and_keeps_parameter_ids() {
     for tied in [true, false] {
         let m = model(tied);
         let half = m.cast(FloatDType::BF16);
-        assert_eq!(half.embed_tokens.val().dtype(), DType::BF16);
-        assert_eq!(half.embed_tokens.id, m.embed_tokens.id);
+        assert_eq!(half.embed_tokens().val().dtype(), DType::BF16);
+        assert_eq!(half.embed_tokens().id, m.embed_tokens().id);
         assert_eq!(half.num_params(), m.num_params());
         let full = m.forward(tokens(&IDS, 2), 0, None).unwrap();
         let low = half.forward(tokens(&IDS, 2), 0, None).unwrap();

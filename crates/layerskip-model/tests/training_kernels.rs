@@ -81,10 +81,10 @@ fn loss_and_grads(
         compute.exit_cross_entropy(x, targets, weights)
     } else {
         let hidden_size = model.config().hidden_size;
-        let normed = A::rms_norm(&compute.norm, x).reshape([batch * seq, hidden_size]);
-        let head = match &compute.lm_head {
+        let normed = A::rms_norm(compute.norm(), x).reshape([batch * seq, hidden_size]);
+        let head = match compute.lm_head() {
             Some(linear) => Head::Untied(linear.weight.val()),
-            None => Head::Tied(compute.embed_tokens.val()),
+            None => Head::Tied(compute.embed_tokens().val()),
         };
         burn_ops::exit_cross_entropy(
             normed,
@@ -97,12 +97,12 @@ fn loss_and_grads(
     let grads = (loss.clone() * 2.5).backward();
     let flat =
         |t: Option<Tensor<Flex, 2>>| t.expect("a gradient").into_data().iter::<f32>().collect();
-    let head_weight = match &model.lm_head {
+    let head_weight = match model.lm_head() {
         Some(linear) => linear.weight.val(),
-        None => model.embed_tokens.val(),
+        None => model.embed_tokens().val(),
     };
     let gain = model
-        .norm
+        .norm()
         .gamma
         .val()
         .grad(&grads)

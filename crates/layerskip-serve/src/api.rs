@@ -235,19 +235,10 @@ impl Usage {
 
 /// The `layerskip` response field: the strategy and what self-speculation accepted.
 pub fn layerskip_report(strategy: Strategy, stats: &GenerationStats) -> Value {
-    let (name, exit_layer, speculations) = match strategy {
-        Strategy::Autoregressive => ("ar", None, None),
-        Strategy::EarlyExit { exit_layer } => ("early-exit", Some(exit_layer), None),
-        Strategy::SelfSpeculative {
-            exit_layer,
-            speculations,
-        } => ("self-spec", Some(exit_layer), Some(speculations)),
-        Strategy::Adaptive { max_speculations } => ("adaptive", None, Some(max_speculations)),
-    };
     json!({
-        "strategy": name,
-        "exit_layer": exit_layer,
-        "speculations": speculations,
+        "strategy": strategy.name(),
+        "exit_layer": strategy.exit_layer(),
+        "speculations": strategy.speculations(),
         "exit_histogram": (!stats.exit_histogram.is_empty()).then_some(&stats.exit_histogram),
         "drafted": stats.drafted,
         "accepted": stats.accepted,

@@ -204,15 +204,8 @@ struct Prepared {
 fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> {
     let options = common.layerskip.clone().unwrap_or_default();
     let name = options.strategy.or(common.strategy.clone());
-    let (default_exit, default_d) = match state.default_strategy {
-        Strategy::Autoregressive => (None, 4),
-        Strategy::EarlyExit { exit_layer } => (Some(exit_layer), 4),
-        Strategy::SelfSpeculative {
-            exit_layer,
-            speculations,
-        } => (Some(exit_layer), speculations),
-        Strategy::Adaptive { max_speculations } => (None, max_speculations),
-    };
+    let default_exit = state.default_strategy.exit_layer();
+    let default_d = state.default_strategy.speculations().unwrap_or(4);
     let name = match name.as_deref() {
         None if options.exit_layer.is_none() && options.speculations.is_none() => {
             return Ok(state.default_strategy);
@@ -355,16 +348,16 @@ fn prepare(
     };
     let number = state.next_id.fetch_add(1, Ordering::Relaxed);
     let defaults = SamplingConfig::default();
-    let sampling = SamplingConfig {
-        temperature,
-        top_p,
-        top_k: common.top_k.unwrap_or(defaults.top_k),
-        repetition_penalty: common
-            .repetition_penalty
-            .unwrap_or(defaults.repetition_penalty),
-        seed: common.seed.unwrap_or(number),
-        ..defaults
-    };
+    let sampling = SamplingConfig::default()
+        .with_temperature(temperature)
+        .with_top_p(top_p)
+        .with_top_k(common.top_k.unwrap_or(defaults.top_k))
+        .with_repetition_penalty(
+            common
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
+        )
+        .with_seed(common.seed.unwrap_or(number));
     let layerskip = common.layerskip.clone().unwrap_or_default();
     let options = GenerateOptions::new(strategy)
         .with_max_new_tokens(max_tokens)

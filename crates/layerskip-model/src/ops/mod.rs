@@ -8,7 +8,7 @@
 //!
 //! | backend | implementation |
 //! |---|---|
-//! | Flex (CPU) | [`flex`]: packed row kernels on both cores (f32, or half precision widened to f32), attention in place over the cache, in-place cache writes |
+//! | Flex (CPU) | `flex`: packed row kernels on both cores (f32, or half precision widened to f32), attention in place over the cache, in-place cache writes |
 //! | CubeCL: CUDA, wgpu, Vulkan, Metal | `cube` (feature `cube`): one CubeCL launch per op, fixed launch shapes while decoding |
 //! | `Autodiff<B>` (training) | Burn's ops, so gradients flow, except the fused training kernels `B` has (`autodiff`, on Flex: the exit head's cross-entropy with its gradients, causal attention, RMSNorm, SwiGLU, RoPE, and under bf16 products the linear layers' products), each one backward step |
 //!
@@ -25,9 +25,11 @@ use crate::rope::RopeTables;
 
 mod autodiff;
 #[cfg(feature = "cube")]
-pub mod cube;
+pub(crate) mod cube;
+#[cfg(feature = "cube")]
+pub use cube::set_kernels_enabled;
 #[cfg(feature = "flex")]
-pub mod flex;
+pub(crate) mod flex;
 #[cfg(feature = "flex")]
 mod flex_train;
 
@@ -443,6 +445,8 @@ pub enum Head<B: Backend> {
     Untied(Tensor<B, 2>),
 }
 
+/// The reference implementation of the seam in Burn's ops (what each default method computes):
+/// for a backend implementing [`LayerSkipBackend`] and for tests of a fast path.
 pub mod burn_ops;
 
 /// `[b, kv_heads, t, d]` -> `[b, kv_heads * groups, t, d]`, head `h` reading kv head
