@@ -266,7 +266,12 @@ mod tests {
         assert_eq!(names, ["ar", "early-exit", "self-spec", "adaptive"]);
         assert_eq!(
             [ar, ee, ss, adaptive].map(|s| (s.exit_layer(), s.speculations())),
-            [(None, None), (Some(2), None), (Some(4), Some(3)), (None, Some(6))]
+            [
+                (None, None),
+                (Some(2), None),
+                (Some(4), Some(3)),
+                (None, Some(6))
+            ]
         );
         assert_eq!(format!("{ss:<14}|"), "SS(E=4,d=3)   |");
         assert_eq!(format!("{adaptive}/{ee}/{ar}"), "ADAPT(d<=6)/EE(E=2)/AR");

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod metrics;
+mod request;
 pub mod server;
 pub mod worker;
 

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -17,18 +17,17 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use layerskip_infer::{
-    ChatTemplate, GenerateOptions, GenerationStats, InferError, SamplingConfig, Strategy,
-};
+use layerskip_infer::{ChatTemplate, GenerationStats, InferError, Strategy};
 use layerskip_model::Tokenizer;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::{
-    ApiError, ChatRequest, Common, CompletionRequest, Prompt, Stop, Usage, layerskip_report,
+    ApiError, ChatRequest, Common, CompletionRequest, Prompt, Usage, layerskip_report,
 };
 use crate::metrics::Metrics;
+use crate::request::{Kind, Prepared, parse, prepare};
 use crate::worker::{EngineHandle, Event, Finish, Job};
 
 /// What the routes share: the engine's queue, the tokenizer and chat template, the defaults.
@@ -49,7 +48,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
-    next_id: AtomicU64,
+    pub(crate) next_id: AtomicU64,
     started: u64,
 }
 
@@ -121,7 +120,7 @@ async fn declared_size(
     next.run(request).await
 }
 
-fn too_large() -> ApiError {
+pub(crate) fn too_large() -> ApiError {
     ApiError::invalid("the request body is larger than the server accepts", None)
         .with_status(StatusCode::PAYLOAD_TOO_LARGE)
 }
@@ -166,218 +165,6 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::invalid("method not allowed on this endpoint", None)
         .with_status(StatusCode::METHOD_NOT_ALLOWED)
-}
-
-/// The body as JSON of type `T`, or OpenAI-shaped errors (413 for a body over the limit).
-fn parse<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let bytes = body.map_err(|r| {
-        let status = r.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large()
-        } else {
-            ApiError::invalid(r.body_text(), None).with_status(status)
-        }
-    })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
-}
-
-/// Which endpoint a generation answers.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-/// A validated request, ready to queue.
-struct Prepared {
-    prompt: Vec<u32>,
-    options: GenerateOptions,
-    stops: Vec<String>,
-    strategy: Strategy,
-    stream: bool,
-    id: String,
-}
-
-fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> {
-    let options = common.layerskip.clone().unwrap_or_default();
-    let name = options.strategy.or(common.strategy.clone());
-    let default_exit = state.default_strategy.exit_layer();
-    let default_d = state.default_strategy.speculations().unwrap_or(4);
-    let name = match name.as_deref() {
-        None if options.exit_layer.is_none() && options.speculations.is_none() => {
-            return Ok(state.default_strategy);
-        }
-        None => match state.default_strategy {
-            Strategy::EarlyExit { .. } => "early-exit",
-            Strategy::Adaptive { .. } if options.exit_layer.is_none() => "adaptive",
-            _ => "self-spec",
-        },
-        Some(n) => n,
-    };
-    let exit = || {
-        options.exit_layer.or(default_exit).ok_or_else(|| {
-            ApiError::invalid(
-                format!(
-                    "layerskip.exit_layer is required for strategy {name:?} (the model has {} layers)",
-                    state.engine.layers
-                ),
-                Some("layerskip.exit_layer"),
-            )
-        })
-    };
-    match name {
-        "ar" if options.exit_layer.is_some() => Err(ApiError::invalid(
-            "layerskip.exit_layer applies to early-exit and self-spec; \"ar\" runs every layer",
-            Some("layerskip.exit_layer"),
-        )),
-        "ar" => Ok(Strategy::Autoregressive),
-        "early-exit" => Ok(Strategy::EarlyExit {
-            exit_layer: exit()?,
-        }),
-        "self-spec" => Ok(Strategy::SelfSpeculative {
-            exit_layer: exit()?,
-            speculations: options.speculations.unwrap_or(default_d),
-        }),
-        "adaptive" if options.exit_layer.is_some() => Err(ApiError::invalid(
-            "layerskip.exit_layer does not apply to \"adaptive\", which chooses the exit layer at every step",
-            Some("layerskip.exit_layer"),
-        )),
-        "adaptive" => Ok(Strategy::Adaptive {
-            max_speculations: options.speculations.unwrap_or(default_d),
-        }),
-        other => Err(ApiError::invalid(
-            format!("unknown strategy {other:?} (ar, early-exit, self-spec, adaptive)"),
-            Some("layerskip.strategy"),
-        )),
-    }
-}
-
-fn prepare(
-    state: &AppState,
-    common: &Common,
-    text: &str,
-    kind: Kind,
-) -> Result<Prepared, ApiError> {
-    if let Some(model) = &common.model
-        && model != &state.model_id
-    {
-        return Err(ApiError::invalid(
-            format!(
-                "the model {model:?} does not exist; this server serves {:?}",
-                state.model_id
-            ),
-            Some("model"),
-        )
-        .with_code("model_not_found")
-        .with_status(StatusCode::NOT_FOUND));
-    }
-    if common.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
-    }
-    if let Some(name) = common.unsupported() {
-        return Err(ApiError::invalid(
-            format!("{name} is not supported by this server"),
-            Some(name),
-        ));
-    }
-    let temperature = common.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            format!("temperature {temperature} is out of range [0, 2]"),
-            Some("temperature"),
-        ));
-    }
-    let top_p = common.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            format!("top_p {top_p} is out of range (0, 1]"),
-            Some("top_p"),
-        ));
-    }
-    let stops = match &common.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s.clone()],
-        Some(Stop::Many(v)) => v.clone(),
-    };
-    if stops.len() > 4 || stops.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "stop takes up to 4 non-empty strings",
-            Some("stop"),
-        ));
-    }
-    let strategy = strategy_of(state, common)?;
-    let prompt = state
-        .tokenizer
-        .encode(text)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-    let capacity = state.engine.capacity;
-    if prompt.len() >= capacity {
-        return Err(ApiError::invalid(
-            format!(
-                "the prompt has {} tokens but the context holds {capacity} positions (at least one must remain for generation)",
-                prompt.len()
-            ),
-            Some(if kind == Kind::Chat { "messages" } else { "prompt" }),
-        )
-        .with_code("context_length_exceeded"));
-    }
-    let room = capacity - prompt.len();
-    let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
-        Some(n) if n < 1 => {
-            return Err(ApiError::invalid(
-                format!("max_tokens must be at least 1, got {n}"),
-                Some("max_tokens"),
-            ));
-        }
-        Some(n) if n as u64 > room as u64 => {
-            return Err(ApiError::invalid(
-                format!(
-                    "the prompt ({} tokens) and max_tokens ({n}) exceed the context of {capacity} positions",
-                    prompt.len()
-                ),
-                Some("max_tokens"),
-            )
-            .with_code("context_length_exceeded"));
-        }
-        Some(n) => n as usize,
-        None if kind == Kind::Completion => 16.min(room),
-        None => room,
-    };
-    let number = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let defaults = SamplingConfig::default();
-    let sampling = SamplingConfig::default()
-        .with_temperature(temperature)
-        .with_top_p(top_p)
-        .with_top_k(common.top_k.unwrap_or(defaults.top_k))
-        .with_repetition_penalty(
-            common
-                .repetition_penalty
-                .unwrap_or(defaults.repetition_penalty),
-        )
-        .with_seed(common.seed.unwrap_or(number));
-    let layerskip = common.layerskip.clone().unwrap_or_default();
-    let options = GenerateOptions::new(strategy)
-        .with_max_new_tokens(max_tokens)
-        .with_sampling(sampling)
-        .with_stop_tokens(state.stop_tokens.clone())
-        .with_draft_vocab(layerskip.draft_vocab)
-        .with_draft_confidence(layerskip.draft_confidence);
-    let prefix = if kind == Kind::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    };
-    Ok(Prepared {
-        prompt,
-        options,
-        stops,
-        strategy,
-        stream: common.stream,
-        id: format!("{prefix}-{number}"),
-    })
 }
 
 /// Queues a prepared request and waits for the engine to start it (or refuse it).

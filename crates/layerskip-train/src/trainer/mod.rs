@@ -5,31 +5,28 @@
 //! checkpoint holds the model with its parameter ids and the optimizer state, so N steps straight
 //! and N/2 + resume + N/2 give the same weights bit for bit.
 
-use std::ops::Range;
-use std::path::{Path, PathBuf};
-
 use burn::grad_clipping::GradientClippingConfig;
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{
-    AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer,
-};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::DeviceOps;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::tensor::{DType, ElementConversion, FloatDType};
-use layerskip_model::checkpoint::write_atomic;
-use layerskip_model::{LlamaModel, SaveDtype, SkipMask};
+use layerskip_model::{LlamaModel, SkipMask};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{MixedPrecision, TrainConfig};
 use crate::data::Blocks;
-use crate::distributed::{Cluster, ClusterConfig, Fingerprint, gradient_presence, number_params};
+use crate::distributed::{Cluster, ClusterConfig, Fingerprint, number_params};
 use crate::error::{Result, TrainError};
-use crate::loss::{early_exit_loss, masked_cross_entropy};
-use crate::run_dir::{DurableMpkRecorder, sync_dir};
+use crate::loss::masked_cross_entropy;
 use crate::schedule::{loss_weights, parse_layers};
+
+mod checkpoint;
+mod parallel;
+
+pub use checkpoint::{latest_checkpoint, saved_config};
+use parallel::{Shard, StepPlan, shard_output};
 
 type Adam<B> = OptimizerAdaptor<AdamW, LlamaModel<B>, B>;
 
@@ -59,14 +56,6 @@ pub struct EvalReport {
     pub loss: Vec<f64>,
 }
 
-/// What a checkpoint directory's `trainer_state.json` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TrainerState {
-    step: usize,
-    config: TrainConfig,
-    evals: Vec<EvalReport>,
-}
-
 /// A training run in progress.
 pub struct Trainer<B: crate::TrainBackend> {
     config: TrainConfig,
@@ -81,73 +70,6 @@ pub struct Trainer<B: crate::TrainBackend> {
     replicas: Vec<B::Device>,
     /// The other processes of a multi-node run, if any.
     cluster: Option<Cluster<B::InnerBackend>>,
-}
-
-/// What one data-parallel worker returns for its shard of a micro-batch.
-struct ShardOutput {
-    grads: GradientsParams,
-    /// `(layer, weight, CE * shard tokens / micro-batch tokens)`.
-    per_layer: Vec<(usize, f64, f64)>,
-    loss: f64,
-}
-
-/// What every shard of a step shares: the exits and their loss weights, the compute precision,
-/// and the number of micro-batches the loss is averaged over.
-struct StepPlan<'a> {
-    weights: &'a [(usize, f64)],
-    exits: &'a [usize],
-    precision: MixedPrecision,
-    accum: usize,
-}
-
-/// One shard of a micro-batch: its blocks, their layer-dropout draws, and the loss tokens of the
-/// whole micro-batch (each shard's loss is scaled by its share of them).
-struct Shard<'a> {
-    indices: &'a [usize],
-    mask: SkipMask,
-    micro_tokens: f64,
-}
-
-/// The draws of the sequences `rows` of a micro-batch.
-fn shard_mask(mask: &SkipMask, rows: Range<usize>) -> SkipMask {
-    SkipMask {
-        skip: mask.skip.iter().map(|r| r[rows.clone()].to_vec()).collect(),
-    }
-}
-
-/// Forward and backward of one shard on `model` (on the shard's device): the gradient of the
-/// shard's share of the micro-batch loss, so the shards' gradients sum to the micro-batch's.
-fn shard_output<B: crate::TrainBackend>(
-    model: &LlamaModel<B>,
-    train: &Blocks,
-    shard: Shard,
-    plan: &StepPlan,
-) -> Result<ShardOutput> {
-    let device = model
-        .devices()
-        .into_iter()
-        .next()
-        .expect("a model has parameters");
-    let compute = compute_copy(model, plan.precision);
-    let share = train.loss_tokens(shard.indices) / shard.micro_tokens;
-    let (inputs, targets, loss_mask) = train.tensors::<B>(shard.indices, &device);
-    let any_skip = shard.mask.skip.iter().flatten().any(|&s| s);
-    let output =
-        compute.forward_train_hidden(inputs, plan.exits, any_skip.then_some(&shard.mask))?;
-    let loss = early_exit_loss(&compute, output, targets, loss_mask, plan.weights);
-    let per_layer = loss
-        .per_layer
-        .iter()
-        .map(|(l, w, ce)| (*l, *w, share * ce.clone().into_scalar().elem::<f64>()))
-        .collect();
-    let total = loss.total * (share / plan.accum as f64);
-    let value = total.clone().into_scalar().elem::<f64>();
-    let grads = GradientsParams::from_grads(total.backward(), model);
-    Ok(ShardOutput {
-        grads,
-        per_layer,
-        loss: value,
-    })
 }
 
 fn optimizer<B: crate::TrainBackend>(config: &TrainConfig) -> Adam<B> {
@@ -338,33 +260,6 @@ impl<B: crate::TrainBackend> Trainer<B> {
         self.replicas.len().max(1)
     }
 
-    /// Continues the run saved in checkpoint directory `dir` (model, optimizer, step).
-    pub fn resume(dir: &Path, train: Blocks, eval: Blocks, device: B::Device) -> Result<Self> {
-        let state = read_state(dir)?;
-        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-        let file_err = |path: PathBuf| {
-            move |e: burn::record::RecorderError| TrainError::File {
-                path,
-                message: e.to_string(),
-            }
-        };
-        // The HF files give the architecture; the Burn record restores weights and parameter ids,
-        // which the optimizer state is keyed by.
-        let skeleton = LlamaModel::<B>::from_pretrained(dir, &device)?;
-        let model = skeleton
-            .load_file(dir.join("model"), &recorder, &device)
-            .map_err(file_err(dir.join("model.mpk")))?;
-        let record = recorder
-            .load(dir.join("optimizer"), &device)
-            .map_err(file_err(dir.join("optimizer.mpk")))?;
-        let optim = optimizer::<B>(&state.config).load_record(record);
-        let mut trainer = Self::new(state.config, model, train, eval, device)?;
-        trainer.optim = optim;
-        trainer.step = state.step;
-        trainer.evals = state.evals;
-        Ok(trainer)
-    }
-
     /// The model being trained.
     pub fn model(&self) -> &LlamaModel<B> {
         &self.model
@@ -469,7 +364,6 @@ impl<B: crate::TrainBackend> Trainer<B> {
         (mask, self.train.batch_indices(c.seed, global, batch))
     }
 
-    /// Counts the step taken and reports it.
     /// Stops the run at a non-finite loss, before the optimizer step (whose update would make
     /// every weight NaN): the weights stay those of the previous step.
     fn check_finite(&self, loss: f64) -> Result<()> {
@@ -482,6 +376,7 @@ impl<B: crate::TrainBackend> Trainer<B> {
         })
     }
 
+    /// Counts the step taken and reports it.
     fn finish_step(
         &mut self,
         lr: f64,
@@ -501,126 +396,6 @@ impl<B: crate::TrainBackend> Trainer<B> {
         };
         self.step += 1;
         report
-    }
-
-    /// [`Trainer::train_step`] split across the data-parallel devices.
-    fn data_parallel_step(
-        &mut self,
-        lr: f64,
-        rates: &[f64],
-        plan: &StepPlan,
-    ) -> Result<StepReport> {
-        let c = &self.config;
-        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
-        let shard = batch / self.replicas.len();
-        let mut accumulators: Vec<GradientsAccumulator<LlamaModel<B>>> = self
-            .replicas
-            .iter()
-            .map(|_| GradientsAccumulator::new())
-            .collect();
-        let (mut loss_sum, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
-        for micro in 0..accum {
-            // The same draws and blocks as single-device training, cut into shards.
-            let (mask, indices) = self.micro_batch(micro, rates);
-            skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
-            let micro_tokens = self.train.loss_tokens(&indices).max(1.0);
-            let (model, train) = (&self.model, &self.train);
-            let outputs: Vec<Result<ShardOutput>> = std::thread::scope(|scope| {
-                let workers: Vec<_> = self
-                    .replicas
-                    .iter()
-                    .enumerate()
-                    .map(|(i, device)| {
-                        let rows = i * shard..(i + 1) * shard;
-                        let shard = Shard {
-                            indices: &indices[rows.clone()],
-                            mask: shard_mask(&mask, rows),
-                            micro_tokens,
-                        };
-                        scope.spawn(move || {
-                            let replica = model.clone().fork(device);
-                            shard_output(&replica, train, shard, plan)
-                        })
-                    })
-                    .collect();
-                workers
-                    .into_iter()
-                    .map(|w| w.join().expect("data-parallel worker panicked"))
-                    .collect()
-            });
-            per_layer = Vec::new();
-            for (acc, out) in accumulators.iter_mut().zip(outputs) {
-                let out = out?;
-                loss_sum += out.loss;
-                if per_layer.is_empty() {
-                    per_layer = out.per_layer;
-                } else {
-                    for (p, (_, _, ce)) in per_layer.iter_mut().zip(out.per_layer) {
-                        p.2 += ce;
-                    }
-                }
-                acc.accumulate(&self.model, out.grads);
-            }
-        }
-        let grads = MultiGradientsParams {
-            grads: accumulators
-                .into_iter()
-                .zip(&self.replicas)
-                .map(|(mut acc, device)| (acc.grads(), device.id()))
-                .collect(),
-        };
-        self.check_finite(loss_sum)?;
-        let updated = self.optim.step_multi(lr, self.model.clone(), grads);
-        // Parameters were updated on the devices that accumulated them; gather them on the
-        // trainer's device for evaluation, checkpoints and the next step's replicas.
-        self.model = updated.fork(&self.device);
-        Ok(self.finish_step(lr, loss_sum, per_layer, skipped))
-    }
-
-    /// [`Trainer::train_step`] of one node of a multi-node run: this node's shard of every
-    /// micro-batch, then the gradients and the reported losses summed over the nodes.
-    fn cluster_step(&mut self, lr: f64, rates: &[f64], plan: &StepPlan) -> Result<StepReport> {
-        let cluster = self.cluster.as_ref().expect("a cluster step has a cluster");
-        let c = &self.config;
-        let (accum, batch) = (c.optim.grad_accum, c.optim.batch_size);
-        let shard = batch / cluster.nodes();
-        let rows = cluster.rank() * shard..(cluster.rank() + 1) * shard;
-        let mut accumulator = GradientsAccumulator::<LlamaModel<B>>::new();
-        let (mut loss, mut skipped, mut per_layer) = (0.0, 0usize, Vec::new());
-        for micro in 0..accum {
-            let (mask, indices) = self.micro_batch(micro, rates);
-            skipped += mask.skip.iter().flatten().filter(|&&s| s).count();
-            let shard = Shard {
-                indices: &indices[rows.clone()],
-                mask: shard_mask(&mask, rows.clone()),
-                micro_tokens: self.train.loss_tokens(&indices).max(1.0),
-            };
-            let out = shard_output(&self.model, &self.train, shard, plan)?;
-            loss += out.loss;
-            per_layer = out.per_layer;
-            accumulator.accumulate(&self.model, out.grads);
-        }
-        // One small all-reduce first: the losses, and which parameters have a gradient on any
-        // node (layer dropout can leave a layer out of one node's shard).
-        let grads = accumulator.grads();
-        let presence = gradient_presence(&self.model, &grads);
-        let mut values = vec![loss];
-        values.extend(per_layer.iter().map(|(_, _, ce)| *ce));
-        values.extend(presence.iter().map(|&p| f64::from(u8::from(p))));
-        let what = format!("summing the losses of step {}", self.step);
-        let summed = cluster.all_reduce_values(&values, &self.device, &what)?;
-        for (p, ce) in per_layer.iter_mut().zip(&summed[1..]) {
-            p.2 = *ce;
-        }
-        let needed: Vec<bool> = summed[1 + per_layer.len()..]
-            .iter()
-            .map(|&n| n > 0.0)
-            .collect();
-        let grads = cluster.all_reduce_grads(&self.model, grads, &needed, self.step)?;
-        // After the all-reduce, so that every node stops at the same step.
-        self.check_finite(summed[0])?;
-        self.model = self.optim.step(lr, self.model.clone(), grads);
-        Ok(self.finish_step(lr, summed[0], per_layer, skipped))
     }
 
     /// Whether the run has held-out text to evaluate on (not with `data.eval_fraction = 0`).
@@ -671,112 +446,9 @@ impl<B: crate::TrainBackend> Trainer<B> {
         self.evals.push(report.clone());
         Ok(report)
     }
-
-    /// Writes `out_dir/checkpoint-NNNNNN` (HF model files, Burn model and optimizer records,
-    /// trainer state, and `extra_files` such as the tokenizer) through a temporary directory and
-    /// a rename, and points `out_dir/latest` at it. Every file is synced before the rename and the
-    /// directory after it, so a crash leaves the previous checkpoint or this one, whole. Returns
-    /// the checkpoint directory.
-    ///
-    /// A checkpoint of this step that is already there (a resumed run that ends where it
-    /// started) is this run's state at this step, so it is kept as it is, never rewritten: there
-    /// is no moment without a complete copy. A directory of that name that is not a checkpoint of
-    /// this step is refused.
-    pub fn save_checkpoint(
-        &self,
-        out_dir: &Path,
-        extra_files: &[(&str, &[u8])],
-    ) -> Result<PathBuf> {
-        let name = format!("checkpoint-{:06}", self.step);
-        let final_dir = out_dir.join(&name);
-        let tmp = out_dir.join(format!(".{name}.tmp"));
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |e: std::io::Error| TrainError::File {
-                path: p,
-                message: e.to_string(),
-            }
-        };
-        if final_dir.exists() {
-            match read_state(&final_dir) {
-                Ok(state) if state.step == self.step => {
-                    write_atomic(&out_dir.join("latest"), name.as_bytes())?;
-                    sync_dir(out_dir)?;
-                    return Ok(final_dir);
-                }
-                _ => {
-                    return Err(TrainError::File {
-                        path: final_dir,
-                        message: format!(
-                            "exists but is not this run's checkpoint of step {}; move it away",
-                            self.step
-                        ),
-                    });
-                }
-            }
-        }
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        self.model.save_pretrained(&tmp, SaveDtype::F32)?;
-        let recorder = DurableMpkRecorder;
-        let rec_err = |e: burn::record::RecorderError| TrainError::File {
-            path: tmp.clone(),
-            message: match e {
-                burn::record::RecorderError::Unknown(m) => m,
-                other => other.to_string(),
-            },
-        };
-        recorder
-            .record(self.model.clone().into_record(), tmp.join("model.mpk"))
-            .map_err(rec_err)?;
-        recorder
-            .record(self.optim.to_record(), tmp.join("optimizer.mpk"))
-            .map_err(rec_err)?;
-        let state = TrainerState {
-            step: self.step,
-            config: self.config.clone(),
-            evals: self.evals.clone(),
-        };
-        let json = serde_json::to_string_pretty(&state).expect("serialisable state");
-        write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
-        for (name, bytes) in extra_files {
-            write_atomic(&tmp.join(name), bytes)?;
-        }
-        sync_dir(&tmp)?;
-        std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-        write_atomic(&out_dir.join("latest"), name.as_bytes())?;
-        sync_dir(out_dir)?;
-        Ok(final_dir)
-    }
 }
 
 /// The bytes of token ids, little-endian.
 fn token_bytes(tokens: &[u32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
-}
-
-fn read_state(dir: &Path) -> Result<TrainerState> {
-    let path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::File {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    serde_json::from_str(&text).map_err(|e| TrainError::File {
-        path,
-        message: e.to_string(),
-    })
-}
-
-/// The configuration the run saved in checkpoint directory `dir` was trained with.
-pub fn saved_config(dir: &Path) -> Result<TrainConfig> {
-    Ok(read_state(dir)?.config)
-}
-
-/// The checkpoint that `out_dir/latest` points at, if any.
-pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
-    let name = std::fs::read_to_string(out_dir.join("latest")).ok()?;
-    let dir = out_dir.join(name.trim());
-    dir.join("trainer_state.json").is_file().then_some(dir)
 }
