@@ -17,7 +17,7 @@ use crate::backend::BackendTask;
 use crate::bench::{measure_paired, print_reports};
 use crate::plot::{Heatmap, heatmap};
 use crate::progress::Progress;
-use crate::samples::{DatasetArgs, GridArgs, load, write_output};
+use crate::samples::{DatasetArgs, GridArgs, Loaded, load, write_output};
 use layerskip_model::Recommendation;
 use layerskip_model::checkpoint::RECOMMENDATION_FILE;
 
@@ -70,15 +70,60 @@ pub fn csv(reports: &[StrategyReport]) -> String {
 impl BackendTask for SweepArgs {
     fn run<B: LayerSkipBackend>(self, device: B::Device) -> Result<()> {
         let loaded = load::<B>(&self.data, &device)?;
-        let layers = loaded.model.num_layers();
-        let exits = self.grid.exits(layers)?;
+        let exits = self.grid.exits(loaded.model.num_layers())?;
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating --out {}", self.out.display()))?;
+        let (base, grid, adaptive) = self.measure(&loaded, &exits)?;
+        let mut all = vec![base];
+        all.extend(grid.iter().cloned());
+        all.push(adaptive.clone());
+        print_reports(&all);
+        write_output(&self.out.join("sweep.csv"), &csv(&all))?;
+        write_output(
+            &self.out.join("sweep.json"),
+            &serde_json::to_string_pretty(&all)?,
+        )?;
+        self.heatmaps(&exits, &grid)?;
+        let best = grid
+            .iter()
+            .max_by(|a, b| a.speedup.total_cmp(&b.speedup))
+            .expect("a non-empty grid");
+        println!(
+            "best: {} at {:.2} ms/token after the first token (AR {:.2}), speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs)",
+            best.strategy,
+            best.time_per_token_ms,
+            best.time_per_token_ms * best.speedup,
+            best.speedup,
+            100.0 * best.acceptance_rate,
+            best.mismatches
+        );
+        println!(
+            "adaptive: {} at {:.2} ms/token after the first token, speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs); {:.2}x the best static point's speedup",
+            adaptive.strategy,
+            adaptive.time_per_token_ms,
+            adaptive.speedup,
+            100.0 * adaptive.acceptance_rate,
+            adaptive.mismatches,
+            adaptive.speedup / best.speedup
+        );
+        if self.record {
+            self.record(best, &loaded)?;
+        }
+        Ok(())
+    }
+}
+
+impl SweepArgs {
+    /// Every grid point and the adaptive point, each against autoregressive runs taken beside
+    /// it (the AR row keeps each prompt's fastest run over all of them): the AR row, the grid
+    /// (exits major) and the adaptive row.
+    fn measure<B: LayerSkipBackend>(
+        &self,
+        loaded: &Loaded<B>,
+        exits: &[usize],
+    ) -> Result<(StrategyReport, Vec<StrategyReport>, StrategyReport)> {
         let mut generator = Generator::new(&loaded.model, loaded.capacity)?;
-        // Every point is measured against autoregressive runs taken beside it; the AR row keeps
-        // each prompt's fastest run over all of them.
         let mut base_runs = Vec::new();
-        let mut grid = Vec::new();
         let progress = Progress::new(
             "sweep: prompts x grid points (and the adaptive point)",
             loaded.prompts.len() * (exits.len() * self.grid.speculations.len() + 1),
@@ -86,7 +131,7 @@ impl BackendTask for SweepArgs {
         // Measures one strategy against AR runs beside it, printing its line.
         let mut measure = |strategy: Strategy| -> Result<StrategyReport> {
             let (ar, ar_report, _, r) =
-                measure_paired(&loaded, &mut generator, &self.data, strategy, &progress)?;
+                measure_paired(loaded, &mut generator, &self.data, strategy, &progress)?;
             keep_fastest(&mut base_runs, ar);
             progress.println(&format!(
                 "{:<16} {:.2} ms/token (AR beside it {:.2}), acceptance {:.1}%, speedup {:.2}x",
@@ -98,7 +143,8 @@ impl BackendTask for SweepArgs {
             ));
             Ok(r)
         };
-        for &e in &exits {
+        let mut grid = Vec::new();
+        for &e in exits {
             for &d in &self.grid.speculations {
                 grid.push(measure(Strategy::SelfSpeculative {
                     exit_layer: e,
@@ -118,24 +164,15 @@ impl BackendTask for SweepArgs {
             &base_runs,
             crate::samples::peak_rss(),
         );
-        let mut all = vec![base];
-        all.extend(grid.iter().cloned());
-        all.push(adaptive.clone());
-        print_reports(&all);
-        write_output(&self.out.join("sweep.csv"), &csv(&all))?;
-        write_output(
-            &self.out.join("sweep.json"),
-            &serde_json::to_string_pretty(&all)?,
-        )?;
+        Ok((base, grid, adaptive))
+    }
+
+    /// Heatmaps over exits x speculations of tokens/s, acceptance and speedup.
+    fn heatmaps(&self, exits: &[usize], grid: &[StrategyReport]) -> Result<()> {
+        let width = self.grid.speculations.len();
         let cell = |f: fn(&StrategyReport) -> f64| -> Vec<Vec<Option<f64>>> {
-            exits
-                .iter()
-                .enumerate()
-                .map(|(i, _)| {
-                    (0..self.grid.speculations.len())
-                        .map(|j| Some(f(&grid[i * self.grid.speculations.len() + j])))
-                        .collect()
-                })
+            grid.chunks(width)
+                .map(|row| row.iter().map(|r| Some(f(r))).collect())
                 .collect()
         };
         let maps = [
@@ -167,64 +204,44 @@ impl BackendTask for SweepArgs {
                     x_label: "speculations d",
                     y_label: "exit layer E",
                     x_ticks: &self.grid.speculations,
-                    y_ticks: &exits,
+                    y_ticks: exits,
                     values,
                     decimals: *decimals,
                 },
             )?;
             eprintln!("wrote {}", path.display());
         }
-        let best = grid
-            .iter()
-            .max_by(|a, b| a.speedup.total_cmp(&b.speedup))
-            .expect("a non-empty grid");
-        println!(
-            "best: {} at {:.2} ms/token after the first token (AR {:.2}), speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs)",
-            best.strategy,
-            best.time_per_token_ms,
-            best.time_per_token_ms * best.speedup,
-            best.speedup,
-            100.0 * best.acceptance_rate,
-            best.mismatches
-        );
-        println!(
-            "adaptive: {} at {:.2} ms/token after the first token, speedup {:.2}x, acceptance {:.1}% ({} mismatching outputs); {:.2}x the best static point's speedup",
-            adaptive.strategy,
-            adaptive.time_per_token_ms,
-            adaptive.speedup,
-            100.0 * adaptive.acceptance_rate,
-            adaptive.mismatches,
-            adaptive.speedup / best.speedup
-        );
-        if self.record {
-            let Strategy::SelfSpeculative {
-                exit_layer,
-                speculations,
-            } = best.strategy
-            else {
-                unreachable!("the grid holds self-speculative points")
-            };
-            if best.mismatches > 0 || best.speedup <= 1.0 {
-                println!("nothing recorded: no point beat AR with identical outputs");
-            } else {
-                let recommendation = Recommendation {
-                    exit_layer,
-                    speculations,
-                    speedup: Some((best.speedup * 1000.0).round() / 1000.0),
-                    measured: Some(format!(
-                        "layerskip sweep: {} prompts x {} new tokens, {:.3} ms/token after the first",
-                        loaded.samples.len(),
-                        self.data.max_new_tokens,
-                        best.time_per_token_ms
-                    )),
-                };
-                recommendation.write(&loaded.dir)?;
-                println!(
-                    "recorded E={exit_layer} d={speculations} in {}",
-                    loaded.dir.join(RECOMMENDATION_FILE).display()
-                );
-            }
+        Ok(())
+    }
+
+    /// Writes the best point to the checkpoint's `layerskip.json` if it beat autoregressive
+    /// decoding with identical outputs.
+    fn record<B: LayerSkipBackend>(&self, best: &StrategyReport, loaded: &Loaded<B>) -> Result<()> {
+        let (Some(exit_layer), Some(speculations)) =
+            (best.strategy.exit_layer(), best.strategy.speculations())
+        else {
+            unreachable!("the grid holds self-speculative points")
+        };
+        if best.mismatches > 0 || best.speedup <= 1.0 {
+            println!("nothing recorded: no point beat AR with identical outputs");
+            return Ok(());
         }
+        let recommendation = Recommendation {
+            exit_layer,
+            speculations,
+            speedup: Some((best.speedup * 1000.0).round() / 1000.0),
+            measured: Some(format!(
+                "layerskip sweep: {} prompts x {} new tokens, {:.3} ms/token after the first",
+                loaded.samples.len(),
+                self.data.max_new_tokens,
+                best.time_per_token_ms
+            )),
+        };
+        recommendation.write(&loaded.dir)?;
+        println!(
+            "recorded E={exit_layer} d={speculations} in {}",
+            loaded.dir.join(RECOMMENDATION_FILE).display()
+        );
         Ok(())
     }
 }

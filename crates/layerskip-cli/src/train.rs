@@ -143,21 +143,56 @@ fn run_config(args: &TrainArgs, resume_from: Option<&Path>) -> Result<TrainConfi
 }
 
 fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Device>) -> Result<()> {
-    let device = devices[0].clone();
     let cluster = args.cluster.config()?;
     if cluster.is_some() && devices.len() > 1 {
         bail!(
             "several devices in one process and several nodes do not combine: give each node one --device"
         );
     }
+    // Lock, check and (with --overwrite) clear the output directory before any work; in a
+    // multi-node run only rank 0 writes it (the others read it to resume).
+    let primary = cluster.as_ref().is_none_or(|c| c.rank == 0);
+    let run_dir = open_run_dir(&args, primary)?;
+    let resume_from = args.resume.then(|| latest_checkpoint(&args.out)).flatten();
+    let config = run_config(&args, resume_from.as_deref())?;
+    let data = TrainingData::read(&args, &config, resume_from.as_deref())?;
+    let extra = data.extra.clone();
+    let mut trainer = new_trainer::<B>(
+        &args,
+        config,
+        data,
+        resume_from.as_deref(),
+        devices[0].clone(),
+    )?;
+    // Weights (safetensors and Burn record) and AdamW's two moments, all f32.
+    if let Some(run_dir) = &run_dir {
+        run_dir.check_space(trainer.model().num_params() as u64 * 16 + (1 << 20))?;
+    }
+    if let Some(cluster) = cluster {
+        trainer = join_cluster(trainer, cluster)?;
+    }
+    if devices.len() > 1 {
+        eprintln!(
+            "data parallel over {} devices: each step's batch is split into equal shards",
+            devices.len()
+        );
+        trainer = trainer.with_data_parallel(devices)?;
+    }
+    let extra: Vec<(&str, &[u8])> = extra.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    let out = run_dir.as_ref().map(RunDir::path);
+    run_loop(&mut trainer, out, &extra, args.log_every)?;
+    trainer.barrier("finishing the run")?;
+    Ok(())
+}
+
+/// The output directory, locked, checked and (with `--overwrite`) cleared, on the node that
+/// writes it (`primary`); on the others, a check that a resumed run finds its checkpoint.
+fn open_run_dir(args: &TrainArgs, primary: bool) -> Result<Option<RunDir>> {
     let start = match (args.resume, args.overwrite) {
         (true, _) => Start::Resume,
         (false, true) => Start::Overwrite,
         (false, false) => Start::Fresh,
     };
-    // Lock, check and (with --overwrite) clear the output directory before any work; in a
-    // multi-node run only rank 0 writes it (the others read it to resume).
-    let primary = cluster.as_ref().is_none_or(|c| c.rank == 0);
     let run_dir = primary
         .then(|| RunDir::open(&args.out, start))
         .transpose()?;
@@ -171,71 +206,113 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
             args.out.display()
         );
     }
-    let resume_from = args.resume.then(|| latest_checkpoint(&args.out)).flatten();
-    let config = run_config(&args, resume_from.as_deref())?;
-    if config.data.paths.is_empty() {
-        bail!(
-            "no data: give --data PATH or data.paths in {}",
-            args.config
-                .as_deref()
-                .unwrap_or(Path::new("the preset"))
-                .display()
-        );
-    }
-    // A given tokenizer is checked before the data are read.
-    let mut given = args
-        .tokenizer
-        .as_deref()
-        .map(|path| given_tokenizer(path, &config))
-        .transpose()?;
-    let corpus = read_corpus(&config.data.paths, &config.data.extensions)?;
-    eprintln!(
-        "{} documents from {}",
-        corpus.documents.len(),
-        corpus.describe_sources()
-    );
-    if let Some(note) = corpus.describe_skipped() {
-        eprintln!("{note}");
-    }
-    // The tokenizer: the checkpoint's, the model's, or one trained on the data.
-    let source = resume_from.as_ref().or(args.model.as_ref());
-    let (tokenizer, extra) = match source {
-        // Every tokenizer file of the source (its config holds the chat template) goes into
-        // each checkpoint.
-        Some(dir) => (Tokenizer::from_file(dir)?, read_tokenizer_files(dir)?),
-        None if let Some(given) = given.take() => given,
-        None => {
-            let shape = config
-                .model
-                .as_ref()
-                .context("training from scratch needs a [model] section (or --model DIR)")?;
-            eprintln!(
-                "training a {}-token byte-level BPE tokenizer on the data",
-                shape.vocab_size
+    Ok(run_dir)
+}
+
+/// A run's text, tokenized and packed into blocks, with the tokenizer and its files.
+struct TrainingData {
+    tokenizer: Tokenizer,
+    /// The tokenizer files every checkpoint carries.
+    extra: TokenizerFiles,
+    train: Blocks,
+    eval: Blocks,
+    /// The token that separates documents.
+    eos: u32,
+}
+
+impl TrainingData {
+    /// Reads the corpus, takes the tokenizer (the checkpoint's, the model's, `--tokenizer`, or
+    /// one trained on the data), splits off the held-out documents and packs both parts.
+    fn read(args: &TrainArgs, config: &TrainConfig, resume_from: Option<&Path>) -> Result<Self> {
+        if config.data.paths.is_empty() {
+            bail!(
+                "no data: give --data PATH or data.paths in {}",
+                args.config
+                    .as_deref()
+                    .unwrap_or(Path::new("the preset"))
+                    .display()
             );
-            let (tokenizer, json) = trained_tokenizer(&corpus.documents, shape.vocab_size)?;
-            (tokenizer, vec![("tokenizer.json", json.into_bytes())])
         }
-    };
-    let (train_docs, eval_docs) = split(corpus.documents, config.data.eval_fraction, config.seed)?;
-    let eos = match tokenizer.token_id(END_OF_TEXT) {
-        Some(id) => id,
-        None => *tokenizer_eos(source.map(PathBuf::as_path))?
-            .first()
-            .context("the checkpoint names no eos_token_id to separate documents")?,
-    };
-    let train_blocks = Blocks::pack(&train_docs, &tokenizer, eos, config.data.seq_len)?;
-    let eval_blocks = Blocks::pack(&eval_docs, &tokenizer, eos, config.data.seq_len)?;
-    eprintln!(
-        "{} training and {} held-out blocks of {} tokens",
-        train_blocks.len(),
-        eval_blocks.len(),
-        config.data.seq_len
-    );
-    let mut trainer = match (&resume_from, &args.model) {
+        // A given tokenizer is checked before the data are read.
+        let mut given = args
+            .tokenizer
+            .as_deref()
+            .map(|path| given_tokenizer(path, config))
+            .transpose()?;
+        let corpus = read_corpus(&config.data.paths, &config.data.extensions)?;
+        eprintln!(
+            "{} documents from {}",
+            corpus.documents.len(),
+            corpus.describe_sources()
+        );
+        if let Some(note) = corpus.describe_skipped() {
+            eprintln!("{note}");
+        }
+        let source = resume_from.or(args.model.as_deref());
+        let (tokenizer, extra) = match source {
+            // Every tokenizer file of the source (its config holds the chat template) goes into
+            // each checkpoint.
+            Some(dir) => (Tokenizer::from_file(dir)?, read_tokenizer_files(dir)?),
+            None if let Some(given) = given.take() => given,
+            None => {
+                let shape = config
+                    .model
+                    .as_ref()
+                    .context("training from scratch needs a [model] section (or --model DIR)")?;
+                eprintln!(
+                    "training a {}-token byte-level BPE tokenizer on the data",
+                    shape.vocab_size
+                );
+                let (tokenizer, json) = trained_tokenizer(&corpus.documents, shape.vocab_size)?;
+                (tokenizer, vec![("tokenizer.json", json.into_bytes())])
+            }
+        };
+        let (train_docs, eval_docs) =
+            split(corpus.documents, config.data.eval_fraction, config.seed)?;
+        let eos = match tokenizer.token_id(END_OF_TEXT) {
+            Some(id) => id,
+            None => *tokenizer_eos(source)?
+                .first()
+                .context("the checkpoint names no eos_token_id to separate documents")?,
+        };
+        let train = Blocks::pack(&train_docs, &tokenizer, eos, config.data.seq_len)?;
+        let eval = Blocks::pack(&eval_docs, &tokenizer, eos, config.data.seq_len)?;
+        eprintln!(
+            "{} training and {} held-out blocks of {} tokens",
+            train.len(),
+            eval.len(),
+            config.data.seq_len
+        );
+        Ok(Self {
+            tokenizer,
+            extra,
+            train,
+            eval,
+            eos,
+        })
+    }
+}
+
+/// The trainer: resumed from `resume_from`, or a new run from `--model`'s weights (whose shape a
+/// preset's `[model]` must match) or from scratch.
+fn new_trainer<B: layerskip_train::TrainBackend>(
+    args: &TrainArgs,
+    config: TrainConfig,
+    data: TrainingData,
+    resume_from: Option<&Path>,
+    device: B::Device,
+) -> Result<Trainer<B>> {
+    let TrainingData {
+        tokenizer,
+        train,
+        eval,
+        eos,
+        ..
+    } = data;
+    Ok(match (resume_from, &args.model) {
         (Some(dir), _) => {
             eprintln!("resuming from {}", dir.display());
-            let mut trainer = Trainer::<B>::resume(dir, train_blocks, eval_blocks, device)?;
+            let mut trainer = Trainer::<B>::resume(dir, train, eval, device)?;
             trainer.set_total_steps(config.steps)?;
             trainer
         }
@@ -255,48 +332,38 @@ fn train<B: layerskip_train::TrainBackend>(args: TrainArgs, devices: Vec<B::Devi
                 }
             }
             tokenizer.check_fits(model.config().vocab_size, dir)?;
-            Trainer::new(config, model, train_blocks, eval_blocks, device)?
+            Trainer::new(config, model, train, eval, device)?
         }
         (None, None) => {
             let model = scratch_model::<B>(&config, tokenizer.vocab_size(), eos, &device)?;
-            Trainer::new(config, model, train_blocks, eval_blocks, device)?
+            Trainer::new(config, model, train, eval, device)?
         }
-    };
-    // Weights (safetensors and Burn record) and AdamW's two moments, all f32.
-    if let Some(run_dir) = &run_dir {
-        run_dir.check_space(trainer.model().num_params() as u64 * 16 + (1 << 20))?;
-    }
-    if let Some(cluster) = cluster {
-        // burn-collective logs every connection at info level (installing its own subscriber
-        // when none is set): show its warnings and errors only.
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
-            .with_writer(std::io::stderr)
-            .try_init();
-        let (rank, nodes) = (cluster.rank, cluster.nodes);
-        eprintln!(
-            "node {rank} of {nodes}: joining through the coordinator at {}",
-            cluster.coordinator
-        );
-        trainer = trainer.join_cluster(cluster)?;
-        let c = trainer.cluster().expect("joined");
-        eprintln!(
-            "node {rank} of {nodes}: joined ({}); each step's batch is split into {nodes} shards",
-            c.addresses().join(", ")
-        );
-    }
-    if devices.len() > 1 {
-        eprintln!(
-            "data parallel over {} devices: each step's batch is split into equal shards",
-            devices.len()
-        );
-        trainer = trainer.with_data_parallel(devices)?;
-    }
-    let extra: Vec<(&str, &[u8])> = extra.iter().map(|(n, b)| (*n, b.as_slice())).collect();
-    let out = run_dir.as_ref().map(RunDir::path);
-    run_loop(&mut trainer, out, &extra, args.log_every)?;
-    trainer.barrier("finishing the run")?;
-    Ok(())
+    })
+}
+
+/// `trainer` as one node of a multi-node run.
+fn join_cluster<B: layerskip_train::TrainBackend>(
+    trainer: Trainer<B>,
+    cluster: ClusterConfig,
+) -> Result<Trainer<B>> {
+    // burn-collective logs every connection at info level (installing its own subscriber when
+    // none is set): show its warnings and errors only.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let (rank, nodes) = (cluster.rank, cluster.nodes);
+    eprintln!(
+        "node {rank} of {nodes}: joining through the coordinator at {}",
+        cluster.coordinator
+    );
+    let trainer = trainer.join_cluster(cluster)?;
+    let c = trainer.cluster().expect("joined");
+    eprintln!(
+        "node {rank} of {nodes}: joined ({}); each step's batch is split into {nodes} shards",
+        c.addresses().join(", ")
+    );
+    Ok(trainer)
 }
 
 /// The byte-level BPE of `vocab_size` tokens trained on `docs`, and its tokenizer.json text:
