@@ -43,17 +43,8 @@ pub struct InferArgs {
     /// A file whose whole content is the prompt.
     #[arg(long)]
     pub prompt_file: Option<PathBuf>,
-    /// Generation strategy (default: self-speculation at the model's recommended E and d if its
-    /// directory records them in layerskip.json, else ar).
-    #[arg(long, value_enum)]
-    pub strategy: Option<StrategyName>,
-    /// Exit layer E (number of layers run by early exit or used to draft; default: the
-    /// model's recommendation).
-    #[arg(long)]
-    pub exit_layer: Option<usize>,
-    /// Drafts per self-speculative step (default: the model's recommendation, else 4).
-    #[arg(long)]
-    pub speculations: Option<usize>,
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
     /// Draft over the token ids 0..N only (the most frequent merges of a BPE vocabulary);
     /// verification keeps the full head, so the output does not change. Default: all.
     #[arg(long, value_name = "N")]
@@ -106,8 +97,25 @@ pub struct InferArgs {
     pub no_warm_up: bool,
 }
 
-impl InferArgs {
-    fn strategy(&self, dir: &Path, layers: usize) -> Result<Strategy> {
+/// The decoding strategy's flags (`infer`; `serve`'s default for requests that name none).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct StrategyArgs {
+    /// Generation strategy (default: self-speculation at the model's recommended E and d if its
+    /// directory records them in layerskip.json, else ar).
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyName>,
+    /// Exit layer E (number of layers run by early exit or used to draft; default: the
+    /// model's recommendation).
+    #[arg(long)]
+    pub exit_layer: Option<usize>,
+    /// Drafts per self-speculative step (default: the model's recommendation, else 4).
+    #[arg(long)]
+    pub speculations: Option<usize>,
+}
+
+impl StrategyArgs {
+    /// The strategy for the model in `dir` of `layers` layers (see [`strategy_from`]).
+    pub fn resolve(&self, dir: &Path, layers: usize) -> Result<Strategy> {
         strategy_from(
             self.strategy,
             self.exit_layer,
@@ -252,7 +260,7 @@ impl BackendTask for InferArgs {
             .with_repetition_penalty(self.repetition_penalty)
             .with_no_repeat_ngram(self.no_repeat_ngram)
             .with_seed(self.seed);
-        let options = GenerateOptions::new(self.strategy(&dir, config.num_layers)?)
+        let options = GenerateOptions::new(self.strategy.resolve(&dir, config.num_layers)?)
             .with_max_new_tokens(self.max_new_tokens)
             .with_sampling(sampling)
             .with_stop_tokens(config.eos_token_ids.clone())

@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use burn::module::Module;
 use clap::Args;
 use layerskip_infer::{ChatTemplate, GenerateOptions};
-use layerskip_model::{LayerSkipBackend, Recommendation};
+use layerskip_model::LayerSkipBackend;
 use layerskip_serve::{AppState, Metrics};
 
 use crate::backend::{BackendTask, DeviceSpec};
-use crate::infer::{StrategyName, WeightArgs, load_for_decoding, model_dir, strategy_from};
+use crate::infer::{StrategyArgs, WeightArgs, load_for_decoding, model_dir};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -26,17 +26,9 @@ pub struct ServeArgs {
     /// Port (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Strategy of requests that name none (a request's "layerskip" field overrides it);
-    /// default: self-speculation at the model's recommended E and d if its directory records
-    /// them in layerskip.json, else ar.
-    #[arg(long, value_enum)]
-    pub strategy: Option<StrategyName>,
-    /// Default exit layer E (default: the model's recommendation).
-    #[arg(long)]
-    pub exit_layer: Option<usize>,
-    /// Default drafts per self-speculative step (default: the model's recommendation, else 4).
-    #[arg(long)]
-    pub speculations: Option<usize>,
+    /// The strategy of requests that name none (a request's "layerskip" field overrides it).
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
     /// Context positions per request (prompt + generation); default
     /// min(max_position_embeddings, 4096).
     #[arg(long)]
@@ -91,13 +83,7 @@ impl BackendTask for ServeArgs {
         let (model, tokenizer) = load_for_decoding::<B>(&dir, &device, self.weights.quantize)?;
         let engines = self.engines_for(model.num_params());
         let config = model.config().clone();
-        let strategy = strategy_from(
-            self.strategy,
-            self.exit_layer,
-            self.speculations,
-            config.num_layers,
-            Recommendation::read(&dir)?.as_ref(),
-        )?;
+        let strategy = self.strategy.resolve(&dir, config.num_layers)?;
         // Without a template the server still serves completions; say why chat is off.
         let chat = match ChatTemplate::from_dir(&dir) {
             Ok(template) => Some(template),
