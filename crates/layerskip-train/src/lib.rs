@@ -51,8 +51,8 @@ pub use config::TrainConfig;
 pub use data::{Blocks, Document};
 pub use distributed::{Cluster, ClusterConfig};
 pub use error::{Result, TrainError};
-pub use run_dir::{RunDir, Start};
-pub use trainer::{EvalReport, StepReport, Trainer, latest_checkpoint, saved_config};
+pub use run_dir::{RunDir, Start, latest_checkpoint};
+pub use trainer::{EvalReport, StepReport, Trainer, saved_config};
 
 use burn::tensor::backend::AutodiffBackend;
 use layerskip_model::LayerSkipBackend;

@@ -117,7 +117,7 @@ impl RunDir {
                 }
                 sync_dir(path)?;
             }
-            Start::Resume if crate::latest_checkpoint(path).is_none() => {
+            Start::Resume if latest_checkpoint(path).is_none() => {
                 return Err(file_error(path, "--resume: no checkpoint to resume from"));
             }
             _ => {}
@@ -281,6 +281,13 @@ impl<B: Backend> Recorder<B> for DurableMpkRecorder {
         rmp_serde::decode::from_read(BufReader::new(file))
             .map_err(|e| RecorderError::Unknown(format!("{}: {e}", path.display())))
     }
+}
+
+/// The checkpoint that `out_dir/latest` points at, if any.
+pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(out_dir.join("latest")).ok()?;
+    let dir = out_dir.join(name.trim());
+    dir.join("trainer_state.json").is_file().then_some(dir)
 }
 
 #[cfg(test)]

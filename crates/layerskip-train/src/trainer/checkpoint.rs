@@ -148,10 +148,3 @@ fn read_state(dir: &Path) -> Result<TrainerState> {
 pub fn saved_config(dir: &Path) -> Result<TrainConfig> {
     Ok(read_state(dir)?.config)
 }
-
-/// The checkpoint that `out_dir/latest` points at, if any.
-pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
-    let name = std::fs::read_to_string(out_dir.join("latest")).ok()?;
-    let dir = out_dir.join(name.trim());
-    dir.join("trainer_state.json").is_file().then_some(dir)
-}

@@ -25,7 +25,7 @@ use crate::schedule::{loss_weights, parse_layers};
 mod checkpoint;
 mod parallel;
 
-pub use checkpoint::{latest_checkpoint, saved_config};
+pub use checkpoint::saved_config;
 use parallel::{Shard, StepPlan, shard_output};
 
 type Adam<B> = OptimizerAdaptor<AdamW, LlamaModel<B>, B>;
