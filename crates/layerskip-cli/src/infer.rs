@@ -361,6 +361,7 @@ impl Printer<'_> {
                 }
                 true
             }
+            _ => true,
         }
     }
 }

@@ -8,7 +8,8 @@
 //!   [`DecodeContext::device_argmax`], [`DecodeContext::read_ids`];
 //! - draft: [`DecodeContext::draft_count`], [`DecodeContext::draft_on_device`],
 //!   [`DecodeContext::draft_logits`];
-//! - accept and roll back: [`DecodeContext::accept`], which also emits;
+//! - accept and roll back: [`DecodeContext::accept`], which also emits (with the tokens'
+//!   provenance, [`StreamEvent::Drafted`]);
 //! - emit: [`DecodeContext::emit`] (stop conditions, streaming).
 //!
 //! The strategies (`autoregressive`, `speculative`, `adaptive`) are functions of the two; a
@@ -413,13 +414,14 @@ impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
         })
     }
 
-    /// Ends a self-speculative step of at most `speculations` drafts: rolls the caches back to
-    /// the accepted positions, counts, and emits the accepted drafts and the verifier's token.
+    /// Ends a self-speculative step of at most `speculations` drafts from `exit`: rolls the
+    /// caches back to the accepted positions, counts, and emits the accepted drafts and the
+    /// verifier's token.
     pub(crate) fn accept(
         &mut self,
         run: &mut Run,
         Step { acceptance, drafts }: Step,
-        speculations: usize,
+        (exit, speculations): (usize, usize),
         on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
     ) {
         let Acceptance { accepted, next } = acceptance;
@@ -437,6 +439,12 @@ impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
         stats.accepted_histogram[accepted] += 1;
         if accepted < drafts.len() {
             on_event(StreamEvent::Rejected(&drafts[accepted..]));
+        }
+        if !drafts.is_empty() {
+            on_event(StreamEvent::Drafted {
+                exit_layer: exit,
+                accepted,
+            });
         }
         let mut new = drafts[..accepted].to_vec();
         new.push(next);

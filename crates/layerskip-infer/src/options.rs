@@ -225,13 +225,29 @@ impl TokenMargin {
     }
 }
 
-/// What the streaming callback receives.
+/// What the streaming callback receives. `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// A self-speculative step (fixed or adaptive) sends [`StreamEvent::Rejected`] (if the verifier
+/// rejected a draft), then [`StreamEvent::Drafted`], then the step's
+/// [`StreamEvent::Accepted`] tokens. Tokens without a `Drafted` before them are the model's own
+/// choice: the full model's (autoregressive decoding, the prompt's first token) or the exit's
+/// (early exit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StreamEvent<'a> {
     /// Tokens accepted into the output, in order.
     Accepted(&'a [u32]),
     /// Drafted tokens that the verifier rejected (for display only).
     Rejected(&'a [u32]),
+    /// How the next [`StreamEvent::Accepted`] tokens were made: the first `accepted` are drafts
+    /// from exit `exit_layer` that the verifier accepted; the one after them is the verifier's
+    /// own token (a correction where a draft was rejected, else the bonus token).
+    Drafted {
+        /// The exit layer `E` the drafts came from.
+        exit_layer: usize,
+        /// Drafts accepted.
+        accepted: usize,
+    },
 }
 
 /// The result of one generation.

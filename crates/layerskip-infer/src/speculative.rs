@@ -28,7 +28,7 @@ pub(crate) fn decode<B: LayerSkipBackend>(
         } else {
             sampled_step(ctx, run, exit, speculations)?
         };
-        ctx.accept(run, step, speculations, on_event);
+        ctx.accept(run, step, (exit, speculations), on_event);
     }
     Ok(())
 }

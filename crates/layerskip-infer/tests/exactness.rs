@@ -617,3 +617,91 @@ fn next_token_margin_is_the_gap_of_the_full_models_two_best_logits() {
     let f32_tol = layerskip_model::backend::Precision::F32.tie_tolerance(m.scale);
     assert!(f32_tol < 1e-4 * m.scale.max(1.0), "{f32_tol}");
 }
+
+/// What the stream says about each token: a self-speculative step sends `Rejected` (when a
+/// draft was rejected), `Drafted { exit_layer, accepted }`, then its tokens, the first
+/// `accepted` of them drafts; those are exactly early exit's greedy choices at `exit_layer`
+/// after the same tokens (checked by an early-exit generation from each prefix), the drafted
+/// and accepted counts add up to the statistics, and a corrected token differs from the draft
+/// it replaces. Fixed and adaptive self-speculation alike; autoregressive decoding sends no
+/// `Drafted`.
+#[test]
+fn stream_events_say_how_each_token_was_made() {
+    use layerskip_infer::StreamEvent;
+    #[derive(Debug)]
+    enum Seen {
+        Accepted(Vec<u32>),
+        Rejected(Vec<u32>),
+        Drafted(usize, usize),
+    }
+    let model = random_model(4, &config(4, 40, 2, false));
+    let prompt = [5u32, 9, 1, 33, 7];
+    let strategies = [
+        Strategy::SelfSpeculative {
+            exit_layer: 2,
+            speculations: 3,
+        },
+        Strategy::Adaptive {
+            max_speculations: 4,
+        },
+        Strategy::Autoregressive,
+    ];
+    for strategy in strategies {
+        let mut generator = Generator::new(&model, 96).unwrap();
+        let mut seen = Vec::new();
+        let generation = generator
+            .generate(&prompt, &options(strategy, 40), |event| {
+                seen.push(match event {
+                    StreamEvent::Accepted(t) => Seen::Accepted(t.to_vec()),
+                    StreamEvent::Rejected(t) => Seen::Rejected(t.to_vec()),
+                    StreamEvent::Drafted {
+                        exit_layer,
+                        accepted,
+                    } => Seen::Drafted(exit_layer, accepted),
+                    other => panic!("unexpected event {other:?}"),
+                });
+                true
+            })
+            .unwrap();
+        let mut tokens = prompt.to_vec();
+        let (mut drafted_steps, mut accepted_total, mut rejected) = (0, 0, None);
+        let mut pending: Option<(usize, usize)> = None;
+        for event in &seen {
+            match event {
+                Seen::Rejected(r) => rejected = Some(r[0]),
+                Seen::Drafted(e, a) => pending = Some((*e, *a)),
+                Seen::Accepted(new) => {
+                    if let Some((exit_layer, accepted)) = pending.take() {
+                        assert_eq!(new.len(), accepted + 1, "{strategy:?}: {seen:?}");
+                        if let Strategy::SelfSpeculative { exit_layer: e, .. } = strategy {
+                            assert_eq!(exit_layer, e);
+                        }
+                        drafted_steps += 1;
+                        accepted_total += accepted;
+                        for (i, &t) in new[..accepted].iter().enumerate() {
+                            let prefix = [&tokens[..], &new[..i]].concat();
+                            let early = run(
+                                &model,
+                                &prefix,
+                                &options(Strategy::EarlyExit { exit_layer }, 1),
+                            );
+                            assert_eq!(early.tokens, [t], "{strategy:?}: draft {i} of a step");
+                        }
+                        if let Some(r) = rejected.take() {
+                            assert_ne!(new[accepted], r, "a correction replaces the draft");
+                        }
+                    } else {
+                        assert!(rejected.is_none(), "a rejection comes with Drafted");
+                    }
+                    tokens.extend(new);
+                }
+            }
+        }
+        assert_eq!(tokens[prompt.len()..], generation.tokens[..]);
+        assert_eq!(accepted_total, generation.stats.accepted, "{strategy:?}");
+        match strategy {
+            Strategy::Autoregressive => assert_eq!(drafted_steps, 0),
+            _ => assert!(drafted_steps > 0 && generation.stats.drafted > 0),
+        }
+    }
+}

@@ -100,7 +100,7 @@ pub(crate) fn decode<B: LayerSkipBackend>(
             }
         }
         ctx.count_exit(exit, drafted);
-        ctx.accept(run, step, max_speculations, on_event);
+        ctx.accept(run, step, (exit, max_speculations), on_event);
     }
     memory.alpha = Some(estimates.alphas().to_vec());
     Ok(())
