@@ -4,13 +4,16 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 mod common;
 use common::layerskip;
+#[path = "common/server.rs"]
+mod server;
+use server::{Server, response};
 
 const TEMPLATE: &str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
 
@@ -22,95 +25,6 @@ fn chat_model(tag: &str) -> PathBuf {
     let config = json!({ "chat_template": TEMPLATE, "eos_token": "<|endoftext|>" });
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
     dir
-}
-
-/// A running `layerskip serve` on a free loopback port, stopped (SIGTERM, then kill) on drop.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_layerskip"))
-            .args(["serve", "--port", "0", "--model", model.to_str().unwrap()])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .expect("the server printed its address")
-                .unwrap();
-            if let Some(i) = line.find("http://") {
-                let rest = &line[i..];
-                break rest[..rest.find(' ').unwrap_or(rest.len())].to_string();
-            }
-        };
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// POSTs JSON; returns the status and the body as JSON.
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        response(ureq::post(&self.url(path)).send_json(body.clone()))
-    }
-
-    fn get_text(&self, path: &str) -> String {
-        ureq::get(&self.url(path))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    }
-
-    /// A streamed request: the `data:` payloads in order.
-    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let mut body = body.clone();
-        body["stream"] = json!(true);
-        let reader = ureq::post(&self.url(path))
-            .send_json(body)
-            .unwrap()
-            .into_reader();
-        BufReader::new(reader)
-            .lines()
-            .map(Result::unwrap)
-            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM: the server finishes what is in flight and exits.
-        #[cfg(unix)]
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-    }
-}
-
-fn response(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    match result {
-        Ok(r) => (r.status(), r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
-        Err(e) => panic!("{e}"),
-    }
 }
 
 /// The text of streamed completion or chat chunks, and the last chunk before `[DONE]`.
@@ -622,4 +536,74 @@ fn sigterm_finishes_the_streams_in_flight_and_exits() {
     assert!(status.success(), "{status:?}");
     // New connections are refused once it has gone.
     assert!(ureq::get(&server.url("/health")).call().is_err());
+}
+
+/// `layerskip.provenance`: each streamed chunk lists how its tokens were made; their texts put
+/// together are the text `layerskip infer` prints, self-speculation's tokens are accepted drafts
+/// from the asked exit, corrections (with the rejected draft's text) and bonus tokens, and
+/// their counts agree with the final statistics (drafts accepted; one verifier token per
+/// step). Without the option a chunk carries nothing new (what OpenAI clients see).
+#[test]
+fn streamed_chunks_say_how_each_token_was_made_when_asked() {
+    let model = common::shipped_model();
+    let server = Server::start(&model, &[]);
+    let greedy = infer_text(&model, PROMPT, &["--max-new-tokens", "32"]);
+    let body = json!({"prompt": PROMPT, "max_tokens": 32, "temperature": 0,
+        "layerskip": {"strategy": "self-spec", "exit_layer": 3, "speculations": 3, "provenance": true}});
+    let events = server.stream("/v1/completions", &body);
+    let (text, last) = streamed_text(&events);
+    assert_eq!(text, greedy);
+    let tokens: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .flat_map(|c| {
+            c["layerskip"]["tokens"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let joined: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(joined, greedy);
+    let count = |source: &str| tokens.iter().filter(|t| t["source"] == source).count();
+    let stats = &last["layerskip"];
+    assert_eq!(
+        count("draft") as u64,
+        stats["accepted"].as_u64().unwrap(),
+        "{stats}"
+    );
+    // The prompt's token is the full model's; every step ends with the verifier's token.
+    assert_eq!(count("ar"), 1, "{tokens:?}");
+    assert_eq!(
+        (count("correction") + count("bonus")) as u64,
+        stats["steps"].as_u64().unwrap(),
+        "{stats}"
+    );
+    assert!(count("correction") > 0 && count("draft") > 0, "{tokens:?}");
+    for t in &tokens {
+        match t["source"].as_str().unwrap() {
+            "draft" => assert_eq!(t["exit_layer"], 3, "{t}"),
+            "correction" => assert!(t["rejected"].is_string(), "{t}"),
+            "bonus" | "ar" => assert!(t.get("rejected").is_none(), "{t}"),
+            other => panic!("unexpected source {other}"),
+        }
+    }
+    // Early exit's own tokens say so; without the option no chunk has a `layerskip` field
+    // before the last.
+    let mut early = body.clone();
+    early["layerskip"] = json!({"strategy": "early-exit", "exit_layer": 2, "provenance": true});
+    let events = server.stream("/v1/completions", &early);
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(
+        first["layerskip"]["tokens"][0]["source"], "early-exit",
+        "{first}"
+    );
+    assert_eq!(first["layerskip"]["tokens"][0]["exit_layer"], 2, "{first}");
+    let mut plain = body.clone();
+    plain["layerskip"]["provenance"] = json!(false);
+    let events = server.stream("/v1/completions", &plain);
+    for e in &events[..events.len() - 2] {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        assert!(chunk.get("layerskip").is_none(), "{chunk}");
+    }
 }

@@ -97,6 +97,11 @@ pub struct LayerSkipOptions {
     pub draft_vocab: Option<usize>,
     /// Stop drafting below this draft probability (the output does not change).
     pub draft_confidence: Option<f32>,
+    /// Streamed chunks say how each token was made: `layerskip.tokens`, a list of
+    /// `{"text", "source": "draft" | "correction" | "bonus" | "ar" | "early-exit",
+    /// "exit_layer"?, "rejected"?}` (see [`crate::worker::TokenSource`]).
+    #[serde(default)]
+    pub provenance: bool,
 }
 
 /// What completions and chat completions share.
@@ -244,6 +249,9 @@ pub fn layerskip_report(strategy: Strategy, stats: &GenerationStats) -> Value {
         "accepted": stats.accepted,
         "acceptance_rate": stats.acceptance_rate(),
         "mean_accepted_length": stats.mean_accepted_length(),
+        "accepted_histogram": stats.accepted_histogram,
+        "steps": stats.steps,
+        "tokens_per_second": stats.tokens_per_second(),
         "time_to_first_token_ms": stats.time_to_first_token_ms,
         "time_per_token_ms": stats.time_per_token_ms(),
     })

@@ -42,6 +42,8 @@ pub(crate) struct Prepared {
     pub(crate) strategy: Strategy,
     pub(crate) stream: bool,
     pub(crate) id: String,
+    /// Whether streamed chunks carry each token's provenance.
+    pub(crate) provenance: bool,
 }
 
 fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> {
@@ -145,6 +147,7 @@ pub(crate) fn prepare(
         strategy,
         stream: common.stream,
         id: format!("{prefix}-{number}"),
+        provenance: layerskip.provenance,
     })
 }
 

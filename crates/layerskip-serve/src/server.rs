@@ -90,6 +90,7 @@ fn unix_time() -> u64 {
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
@@ -152,9 +153,39 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// The web page: one self-contained file (no external requests), embedded in the binary.
+const PAGE: &str = include_str!("page/index.html");
+
+async fn page() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+/// OpenAI's model list, with what a client of LayerSkip needs under `layerskip`: the layers,
+/// the context, whether chat is available and the strategy of requests that name none.
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let strategy = state.default_strategy;
     Json(json!({"object": "list", "data": [{
         "id": state.model_id, "object": "model", "created": state.started, "owned_by": "layerskip",
+        "layerskip": {
+            "layers": state.engine.layers,
+            "context": state.engine.capacity,
+            "chat": state.chat.is_some(),
+            "default_strategy": {
+                "strategy": strategy.name(),
+                "exit_layer": strategy.exit_layer(),
+                "speculations": strategy.speculations(),
+            },
+        },
     }]}))
 }
 
@@ -177,6 +208,7 @@ async fn start(state: &AppState, p: &Prepared) -> Result<mpsc::UnboundedReceiver
         stops: p.stops.clone(),
         events: tx,
         queued: Instant::now(),
+        provenance: p.provenance,
     };
     let server_error =
         |m: String| ApiError::invalid(m, None).with_status(StatusCode::INTERNAL_SERVER_ERROR);
@@ -281,7 +313,13 @@ async fn generate(
             }
             while let Some(event) = rx.recv().await {
                 let data = match event {
-                    Event::Text(t) => chunk.text(&t, None),
+                    Event::Text { text, tokens } => {
+                        let mut data = chunk.text(&text, None);
+                        if !tokens.is_empty() {
+                            data["layerskip"] = json!({ "tokens": tokens });
+                        }
+                        data
+                    }
                     Event::Done { finish, stats } => chunk.last(finish, &stats, strategy),
                     Event::Failed(m) => json!({"error": {"message": m, "type": "server_error"}}),
                     Event::Started | Event::Rejected(_) => continue,
@@ -302,7 +340,7 @@ async fn generate(
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text { text: t, .. } => text.push_str(&t),
             Event::Done { finish, stats } => {
                 return Ok(
                     Json(chunk.whole(&text, finish, &stats, prepared.strategy)).into_response()

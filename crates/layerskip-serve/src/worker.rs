@@ -15,9 +15,10 @@ use std::time::Instant;
 
 use layerskip_infer::{
     Batch, GenerateOptions, Generation, GenerationStats, Generator, InferError, StopReason,
-    StreamEvent, TextStream,
+    Strategy, StreamEvent, TextStream,
 };
 use layerskip_model::{LayerSkipBackend, LlamaModel, Tokenizer};
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
@@ -34,6 +35,27 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
     /// When the request was queued.
     pub queued: Instant,
+    /// Whether its text events say how each token was made ([`TokenSource`]).
+    pub provenance: bool,
+}
+
+/// How one generated token was made, for clients that ask (`layerskip.provenance`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenSource {
+    /// The token's text, decoded alone.
+    pub text: String,
+    /// `"draft"`: drafted at `exit_layer` and accepted by the verifier; `"correction"`: the
+    /// verifier's token where it rejected a draft (`rejected` holds the rejected drafts'
+    /// text); `"bonus"`: the verifier's token after it accepted every draft; `"ar"`: the full
+    /// model's own (autoregressive decoding, and the prompt's first token under
+    /// self-speculation); `"early-exit"`: the exit's own (early exit at `exit_layer`).
+    pub source: &'static str,
+    /// The exit layer of a draft or an early exit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_layer: Option<usize>,
+    /// A correction's rejected drafts, as text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
 }
 
 /// Why a finished generation ended, in OpenAI's terms.
@@ -63,8 +85,15 @@ pub enum Event {
     Started,
     /// The request is invalid for this model (exit layer out of range, prompt too long, ...).
     Rejected(InferError),
-    /// Text the accepted tokens added.
-    Text(String),
+    /// Text the accepted tokens added (held back where a character is split between tokens
+    /// or a stop string may begin), and how those tokens were made when the job asked
+    /// (`provenance`; empty otherwise).
+    Text {
+        /// The text released.
+        text: String,
+        /// The step's tokens, as they were generated.
+        tokens: Vec<TokenSource>,
+    },
     /// The generation ended.
     Done {
         /// Why.
@@ -170,9 +199,14 @@ pub fn spawn<B: LayerSkipBackend>(
 /// A running job's streaming state.
 struct Streaming<'t> {
     job: Job,
+    tokenizer: &'t Tokenizer,
     text: TextStream<'t>,
     /// The client has gone.
     gone: bool,
+    /// The current self-speculative step: its exit and accepted drafts, and the text of the
+    /// drafts the verifier rejected.
+    step: Option<(usize, usize)>,
+    rejected: Option<String>,
 }
 
 impl<'t> Streaming<'t> {
@@ -180,25 +214,82 @@ impl<'t> Streaming<'t> {
         let text = TextStream::new(tokenizer, job.stops.clone());
         Self {
             job,
+            tokenizer,
             text,
             gone: false,
+            step: None,
+            rejected: None,
         }
     }
 
     /// Streams a generation event; `false` when the generation should end (its client has
     /// gone, or a stop string ended the text).
     fn on_event(&mut self, event: StreamEvent<'_>) -> bool {
-        let StreamEvent::Accepted(tokens) = event else {
-            return true;
+        let tokens = match event {
+            StreamEvent::Accepted(tokens) => tokens,
+            StreamEvent::Drafted {
+                exit_layer,
+                accepted,
+            } => {
+                self.step = Some((exit_layer, accepted));
+                return true;
+            }
+            StreamEvent::Rejected(drafts) if self.job.provenance => {
+                self.rejected = Some(self.tokenizer.decode(drafts).unwrap_or_default());
+                return true;
+            }
+            _ => return true,
         };
-        let delta = self.text.push(tokens);
+        let sources = self.sources(tokens);
+        let text = self.text.push(tokens);
         if self.job.events.is_closed()
-            || (!delta.is_empty() && self.job.events.send(Event::Text(delta)).is_err())
+            || ((!text.is_empty() || !sources.is_empty())
+                && self
+                    .job
+                    .events
+                    .send(Event::Text {
+                        text,
+                        tokens: sources,
+                    })
+                    .is_err())
         {
             self.gone = true;
             return false;
         }
         !self.text.stopped()
+    }
+
+    /// How `tokens` were made (nothing unless the job asked): after a self-speculative step's
+    /// `Drafted`, its accepted drafts and the verifier's token; else the model's own.
+    fn sources(&mut self, tokens: &[u32]) -> Vec<TokenSource> {
+        let step = self.step.take();
+        let rejected = self.rejected.take();
+        if !self.job.provenance {
+            return Vec::new();
+        }
+        let own = match self.job.options.strategy {
+            Strategy::EarlyExit { exit_layer } => ("early-exit", Some(exit_layer)),
+            _ => ("ar", None),
+        };
+        let mut rejected = rejected;
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let (source, exit_layer, rejected) = match step {
+                    Some((e, accepted)) if i < accepted => ("draft", Some(e), None),
+                    Some(_) if rejected.is_some() => ("correction", None, rejected.take()),
+                    Some(_) => ("bonus", None, None),
+                    None => (own.0, own.1, None),
+                };
+                TokenSource {
+                    text: self.tokenizer.decode(&[t]).unwrap_or_default(),
+                    source,
+                    exit_layer,
+                    rejected,
+                }
+            })
+            .collect()
     }
 
     /// Reports how the generation ended (an error as its message).
@@ -209,7 +300,10 @@ impl<'t> Streaming<'t> {
             Ok(generation) => {
                 let rest = self.text.finish();
                 if !rest.is_empty() {
-                    let _ = events.send(Event::Text(rest));
+                    let _ = events.send(Event::Text {
+                        text: rest,
+                        tokens: Vec::new(),
+                    });
                 }
                 let finish = match generation.stop {
                     StopReason::StopToken | StopReason::Callback => Finish::Stop,

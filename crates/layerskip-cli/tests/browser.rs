@@ -1,0 +1,263 @@
+//! The web page of `layerskip serve`, in a real browser: headless Chromium, driven over the
+//! Chrome DevTools Protocol, loads the page from a real server on loopback, runs a greedy
+//! comparison (autoregressive, then self-speculation) and a request the server refuses, and the
+//! test reads the rendered DOM.
+//!
+//! Needs Chromium (`bash scripts/install_chromium.sh`; `LAYERSKIP_CHROMIUM` names another
+//! binary), so it is `#[ignore]`d in `cargo test --workspace`; `.ci/run` installs Chromium and
+//! runs it with `cargo test -p layerskip-cli --test browser -- --ignored`.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tungstenite::{Message, WebSocket};
+
+// Helpers shared with the other test files, not all used here.
+#[allow(dead_code)]
+mod common;
+use common::layerskip;
+#[allow(dead_code)]
+#[path = "common/server.rs"]
+mod server;
+use server::Server;
+
+/// Headless Chromium with the DevTools Protocol on a free port, killed on drop.
+struct Browser {
+    child: Child,
+    profile: PathBuf,
+    socket: WebSocket<TcpStream>,
+    next_id: u64,
+}
+
+impl Browser {
+    fn start() -> Self {
+        let binary = std::env::var("LAYERSKIP_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+        let profile =
+            std::env::temp_dir().join(format!("layerskip-chromium-{}", std::process::id()));
+        let mut child = Command::new(&binary)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--window-size=1200,1400",
+                "--remote-debugging-port=0",
+                &format!("--user-data-dir={}", profile.display()),
+                "about:blank",
+            ])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary} ({e}): bash scripts/install_chromium.sh")
+            });
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let browser_ws = loop {
+            let line = lines
+                .next()
+                .expect("Chromium printed its DevTools address")
+                .unwrap();
+            if let Some(i) = line.find("ws://") {
+                break line[i..].trim().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        // The page target's own socket, from the DevTools HTTP endpoint.
+        let host = browser_ws
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let targets: Value = ureq::get(&format!("http://{host}/json/list"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        let page_ws = targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .expect("a page target")["webSocketDebuggerUrl"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let stream = TcpStream::connect(&host).unwrap();
+        let (socket, _) = tungstenite::client(page_ws.as_str(), stream).unwrap();
+        Self {
+            child,
+            profile,
+            socket,
+            next_id: 1,
+        }
+    }
+
+    /// Sends a DevTools command and returns its result (events in between are skipped).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let message = json!({"id": id, "method": method, "params": params}).to_string();
+        self.socket.send(Message::text(message)).unwrap();
+        loop {
+            let Message::Text(text) = self.socket.read().unwrap() else {
+                continue;
+            };
+            let reply: Value = serde_json::from_str(text.as_str()).unwrap();
+            if reply["id"] == id {
+                assert!(reply.get("error").is_none(), "{method}: {reply}");
+                return reply["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page (`null` while the page is loading).
+    fn eval(&mut self, expression: &str) -> Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "returnByValue": true}),
+        );
+        result["result"]["value"].clone()
+    }
+
+    /// Loads `url` and waits until the page says it finished `what` (`generate` or `compare`).
+    fn run(&mut self, url: &str, what: &str) {
+        self.call("Page.navigate", json!({ "url": url }));
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while self.eval("document.body ? document.body.dataset.done || '' : ''") != what {
+            assert!(Instant::now() < deadline, "the page did not finish {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// `layerskip infer --json`'s greedy text.
+fn infer_text(prompt: &str, extra: &[&str]) -> String {
+    let model = common::shipped_model();
+    let mut args = vec![
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = layerskip(&args);
+    assert_eq!(code, 0, "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    json["text"].as_str().unwrap().to_string()
+}
+
+/// The rendered tokens of the output element `selector`: `[text, source, rejected]` each.
+const SPANS: &str = "(sel) => [...document.querySelectorAll(sel + ' .tok')]\
+    .map((s) => [s.textContent, s.dataset.source, s.dataset.rejected ?? null])";
+
+fn spans(browser: &mut Browser, selector: &str) -> Vec<(String, String, Option<String>)> {
+    let value = browser.eval(&format!("({SPANS})('{selector}')"));
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s[0].as_str().unwrap().to_string(),
+                s[1].as_str().unwrap().to_string(),
+                s[2].as_str().map(String::from),
+            )
+        })
+        .collect()
+}
+
+fn text(spans: &[(String, String, Option<String>)]) -> String {
+    spans.iter().map(|s| s.0.as_str()).collect()
+}
+
+#[test]
+#[ignore = "needs Chromium: bash scripts/install_chromium.sh; .ci/run runs it with --ignored"]
+fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregressive() {
+    let server = Server::start(&common::shipped_model(), &[]);
+    let mut browser = Browser::start();
+    let prompt = "def fibonacci(n):";
+    let greedy = infer_text(prompt, &["--max-new-tokens", "40"]);
+    assert!(!greedy.is_empty());
+    let query = format!(
+        "/?prompt={}&strategy=self-spec&exit=3&drafts=3&max_tokens=40&temperature=0&run=compare",
+        "def%20fibonacci(n)%3A"
+    );
+    browser.run(&server.url(&query), "compare");
+    assert_eq!(
+        browser.eval("document.getElementById('error').hidden"),
+        true
+    );
+
+    // Both texts equal `layerskip infer`'s; the page says they are identical.
+    let ar = spans(&mut browser, "#compare-ar");
+    let ss = spans(&mut browser, "#compare-strategy");
+    assert_eq!(text(&ar), greedy);
+    assert_eq!(text(&ss), greedy);
+    let verdict = browser.eval("document.getElementById('compare-verdict').dataset.same");
+    assert_eq!(verdict, "true");
+    let verdict_text = browser.eval("document.getElementById('compare-verdict').textContent");
+    assert!(
+        verdict_text
+            .as_str()
+            .unwrap()
+            .starts_with("identical texts"),
+        "{verdict_text}"
+    );
+
+    // Every token carries its source: autoregressive decoding's are the full model's; the
+    // self-speculative ones are accepted drafts, corrections (with the rejected draft) and
+    // bonus tokens, after the prompt's own token.
+    assert!(ar.iter().all(|s| s.1 == "ar"), "{ar:?}");
+    assert_eq!(ss[0].1, "ar", "{ss:?}");
+    let count = |source: &str| ss.iter().filter(|s| s.1 == source).count();
+    assert!(count("draft") > 0, "{ss:?}");
+    assert!(count("correction") + count("bonus") > 0, "{ss:?}");
+    for (_, source, rejected) in &ss {
+        assert_eq!(source == "correction", rejected.is_some(), "{ss:?}");
+    }
+    // The statistics panel shows the server's figures.
+    let acceptance = browser.eval("document.getElementById('stat-acceptance').textContent");
+    assert!(acceptance.as_str().unwrap().ends_with('%'), "{acceptance}");
+    let bars = browser.eval("document.querySelectorAll('#histogram div').length");
+    assert_eq!(bars, 4, "one bar per accepted count 0..=3");
+
+    let shot = browser.call("Page.captureScreenshot", json!({"format": "png"}));
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-page.png");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    std::fs::write(&out, png).unwrap();
+    eprintln!("screenshot: {}", out.display());
+
+    // A request the server refuses: its message in the page, not a blank.
+    browser.run(
+        &server.url("/?prompt=x&strategy=self-spec&exit=99&drafts=3&run=generate"),
+        "generate",
+    );
+    assert_eq!(
+        browser.eval("document.getElementById('error').hidden"),
+        false
+    );
+    let error = browser.eval("document.getElementById('error').textContent");
+    let error = error.as_str().unwrap();
+    assert!(
+        error.contains("exit layer 99 is out of range") && error.contains("HTTP 400"),
+        "{error}"
+    );
+}
