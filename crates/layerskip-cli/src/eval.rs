@@ -13,7 +13,7 @@ use layerskip_train::{Blocks, TrainConfig};
 use serde::Serialize;
 
 use crate::backend::BackendTask;
-use crate::infer::{WeightArgs, load_for_decoding};
+use crate::infer::{WeightArgs, load_prepared};
 use crate::plot::{Series, line_plot};
 use crate::progress::Progress;
 
@@ -117,7 +117,7 @@ impl BackendTask for EvalArgs {
         }
         let mut reports = Vec::new();
         for dir in &self.model {
-            let (model, tokenizer) = load_for_decoding::<B>(dir, &device, self.weights.quantize)?;
+            let (model, tokenizer) = load_prepared::<B>(dir, &device, self.weights.quantize)?;
             let positions = model.config().max_position_embeddings;
             if seq_len > positions {
                 bail!(

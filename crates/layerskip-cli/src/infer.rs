@@ -186,18 +186,39 @@ pub struct WeightArgs {
 }
 
 /// Loads a checkpoint directory for decoding: the model, its weights prepared for the decode
-/// path (quantized if asked) before the first token, and its tokenizer, checked to fit the
-/// model's vocabulary.
+/// path (quantized if asked) before the first token, the loaded copies the prepared state
+/// replaces freed as each layer is read ([`LlamaModel::from_pretrained_for_decoding`]: on the
+/// CPU each weight is held once, packed), and its tokenizer, checked to fit the model's vocabulary.
 pub fn load_for_decoding<B: LayerSkipBackend>(
     dir: &Path,
     device: &B::Device,
     quantize: Option<Quantization>,
 ) -> Result<(LlamaModel<B>, Tokenizer)> {
+    let model = LlamaModel::<B>::from_pretrained_for_decoding(dir, device, quantize)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tokenizer = Tokenizer::from_file(dir)?;
+    tokenizer.check_fits(model.config().vocab_size, dir)?;
+    Ok((model, tokenizer))
+}
+
+/// [`load_for_decoding`] keeping the loaded weights beside the prepared ones: what evaluation
+/// needs, whose long passes take Burn's matmul over the full-precision weights.
+pub fn load_prepared<B: LayerSkipBackend>(
+    dir: &Path,
+    device: &B::Device,
+    quantize: Option<Quantization>,
+) -> Result<(LlamaModel<B>, Tokenizer)> {
+    let (model, tokenizer) = load::<B>(dir, device)?;
+    model.prepare_for_decoding(quantize)?;
+    Ok((model, tokenizer))
+}
+
+/// The model and its tokenizer, checked to fit the model's vocabulary.
+fn load<B: LayerSkipBackend>(dir: &Path, device: &B::Device) -> Result<(LlamaModel<B>, Tokenizer)> {
     let model = LlamaModel::<B>::from_pretrained(dir, device)
         .with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer = Tokenizer::from_file(dir)?;
     tokenizer.check_fits(model.config().vocab_size, dir)?;
-    model.prepare_for_decoding(quantize)?;
     Ok((model, tokenizer))
 }
 

@@ -6,7 +6,6 @@ use std::ops::Range;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::IndexingUpdateOp;
-use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
 use crate::cache::{KvCache, LayerKvCache};
@@ -35,6 +34,9 @@ pub struct LlamaModel<B: Backend> {
     /// The backend's state for the LM head (or the tied embedding read as one).
     #[module(skip)]
     head_packed: Packed,
+    /// The products' weights live only in the backend's state ([`LlamaModel::into_decoding_only`]).
+    #[module(skip)]
+    decoding_only: bool,
 }
 
 /// Which sequences of a batch skip which layers (layer dropout as a mechanism; the policy that
@@ -111,7 +113,18 @@ impl<B: Backend> LlamaModel<B> {
             config,
             rope,
             head_packed: Default::default(),
+            decoding_only: false,
         }
+    }
+
+    /// The backend's state for the head, made while loading.
+    pub(crate) fn set_head_packed(&mut self, packed: Packed) {
+        self.head_packed = packed;
+    }
+
+    /// Whether the model is for decoding only ([`LlamaModel::into_decoding_only`]).
+    pub fn is_decoding_only(&self) -> bool {
+        self.decoding_only
     }
 
     /// The token embedding `[vocab, hidden]` (read as the LM head too when tied).
@@ -142,22 +155,6 @@ impl<B: Backend> LlamaModel<B> {
     /// Number of decoder layers `L`.
     pub fn num_layers(&self) -> usize {
         self.config.num_layers
-    }
-
-    /// Token ids to the residual stream `x_0`.
-    ///
-    /// # Shapes
-    /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
-    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.embed_tokens.val(), tokens)
-    }
-
-    /// Token ids (as a slice) to `x_0` for a batch of one.
-    pub fn embed_ids(&self, ids: &[u32]) -> Tensor<B, 3> {
-        let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        let device = self.embed_tokens.device();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &device);
-        self.embed(tokens)
     }
 
     /// The rotary tables for positions `start..start + len`, in the weights' dtype.
@@ -203,6 +200,10 @@ impl<B: Backend> LlamaModel<B> {
     /// precision: forward and backward run in `dtype`, and the gradients arrive at the original
     /// (f32 master) parameters in their dtype.
     pub fn cast(&self, dtype: FloatDType) -> Self {
+        assert!(
+            !self.decoding_only,
+            "a decoding-only model cannot be cast: its weights live in the backend's packed state"
+        );
         struct Cast(FloatDType);
         impl<B: Backend> ModuleMapper<B> for Cast {
             fn map_float<const D: usize>(
@@ -218,6 +219,28 @@ impl<B: Backend> LlamaModel<B> {
 }
 
 impl<B: LayerSkipBackend> LlamaModel<B> {
+    /// Token ids to the residual stream `x_0`.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        // A tied embedding is also the head, whose backend state may be its only copy.
+        let packed = if self.lm_head.is_none() {
+            &self.head_packed
+        } else {
+            &Packed::default()
+        };
+        B::embed_rows(self.embed_tokens.val(), packed, tokens)
+    }
+
+    /// Token ids (as a slice) to `x_0` for a batch of one.
+    pub fn embed_ids(&self, ids: &[u32]) -> Tensor<B, 3> {
+        let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        let device = self.embed_tokens.device();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &device);
+        self.embed(tokens)
+    }
+
     /// The shared exit head, final RMSNorm then LM head, applied to any layer's output.
     ///
     /// # Shapes
@@ -283,6 +306,64 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
                 &self.head_packed,
             ),
         }
+    }
+
+    /// The model for decoding only: prepares the weights (as
+    /// [`LlamaModel::prepare_for_decoding`] with `quantize`, in a state of its own), then frees the loaded copy of every weight whose prepared state the
+    /// backend computes all its products from ([`LayerSkipBackend::release`]; on the CPU the
+    /// packed, possibly quantized, copy), keeping a stand-in of its shape. What decoding
+    /// computes does not change; a model of f32 weights holds them once instead of twice.
+    /// A tied embedding is released too where the backend reads its rows from the head's state
+    /// ([`LayerSkipBackend::embed_rows`]). Saving, casting and training such a model are
+    /// refused; other clones of the model keep their weights and their own prepared state.
+    pub fn into_decoding_only(mut self, quantize: Option<Quantization>) -> Result<Self> {
+        if self.decoding_only {
+            return Ok(self);
+        }
+        for layer in &mut self.layers {
+            layer.release_for_decoding(quantize)?;
+        }
+        self.release_head_for_decoding(quantize, true)?;
+        Ok(self)
+    }
+
+    /// The head's part of [`LlamaModel::into_decoding_only`], once every layer's is done: the
+    /// head prepared, an untied head's loaded copy released, the model marked.
+    /// `detach`: give the head a state of its own first (not when the loader just made it).
+    pub(crate) fn release_head_for_decoding(
+        &mut self,
+        quantize: Option<Quantization>,
+        detach: bool,
+    ) -> Result<()> {
+        if detach {
+            self.head_packed = self.head_packed.detached();
+        }
+        match &mut self.lm_head {
+            Some(head) => {
+                B::prepare(
+                    weight(head),
+                    WeightLayout::InOut,
+                    quantize,
+                    &self.head_packed,
+                )?;
+                release_weight(head, &self.head_packed);
+            }
+            None => {
+                let embed = self.embed_tokens.val();
+                B::prepare(
+                    embed.clone(),
+                    WeightLayout::OutIn,
+                    quantize,
+                    &self.head_packed,
+                )?;
+                // Token lookup reads the rows from the head's state from now on.
+                if let Some(stand_in) = B::release(embed, &self.head_packed) {
+                    self.embed_tokens = self.embed_tokens.clone().map(|_| stand_in);
+                }
+            }
+        }
+        self.decoding_only = true;
+        Ok(())
     }
 
     /// The training loss of one exit: the cross-entropy of the shared exit head's logits on
@@ -459,6 +540,11 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
         exit_layers: &[usize],
         skip: Option<&SkipMask>,
     ) -> Result<TrainHidden<B>> {
+        if self.decoding_only {
+            return Err(ModelError::Unsupported(
+                "a decoding-only model cannot be trained: load the checkpoint again".into(),
+            ));
+        }
         let [batch, seq] = tokens.dims();
         if let Some(&bad) = exit_layers.iter().find(|&&l| l >= self.num_layers()) {
             return Err(ModelError::LayerRange {
@@ -530,6 +616,42 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
                 end: range.end,
                 num_layers: self.num_layers(),
             });
+        }
+        Ok(())
+    }
+}
+
+/// Replaces `linear`'s weight by the backend's stand-in where its prepared state computes every
+/// product ([`LayerSkipBackend::release`]), freeing the loaded copy.
+pub(crate) fn release_weight<B: LayerSkipBackend>(linear: &mut Linear<B>, packed: &Packed) {
+    if let Some(stand_in) = B::release(weight(linear), packed) {
+        linear.weight = linear.weight.clone().map(|_| stand_in);
+    }
+}
+
+impl<B: LayerSkipBackend> DecoderLayer<B> {
+    /// Prepares the layer's seven weights for decoding (quantized if asked) and releases their
+    /// loaded copies ([`release_weight`]).
+    pub(crate) fn release_for_decoding(&mut self, quantize: Option<Quantization>) -> Result<()> {
+        for packed in self.self_attn.packed.iter_mut().chain(&mut self.mlp.packed) {
+            *packed = packed.detached();
+        }
+        let attn = &mut self.self_attn;
+        let projections = [
+            &mut attn.q_proj,
+            &mut attn.k_proj,
+            &mut attn.v_proj,
+            &mut attn.o_proj,
+        ];
+        for (linear, packed) in projections.into_iter().zip(&attn.packed) {
+            B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
+            release_weight(linear, packed);
+        }
+        let mlp = &mut self.mlp;
+        let projections = [&mut mlp.gate_proj, &mut mlp.up_proj, &mut mlp.down_proj];
+        for (linear, packed) in projections.into_iter().zip(&mlp.packed) {
+            B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
+            release_weight(linear, packed);
         }
         Ok(())
     }

@@ -104,6 +104,25 @@ impl ModuleMapper<B> for ToFormat {
     }
 }
 
+/// A model initialised from `seed`. Parameters draw their values when first read, from the
+/// backend's global generator: they are all read here, in module order, while tests running
+/// at the same time wait their turn.
+fn seeded(seed: u64, config: &LlamaConfig) -> LlamaModel<B> {
+    struct Touch;
+    impl ModuleMapper<B> for Touch {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            p.map(|t| t)
+        }
+    }
+    static SEEDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = SEEDING.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Default::default();
+    B::seed(&device, seed);
+    LlamaModel::<B>::init(config, &device)
+        .unwrap()
+        .map(&mut Touch)
+}
+
 fn decode(model: &LlamaModel<B>, ids: &[i64]) -> Vec<Vec<f32>> {
     let device = Default::default();
     let mut cache = KvCache::new(model.config(), 1, 32, &device);
@@ -131,11 +150,7 @@ fn decode(model: &LlamaModel<B>, ids: &[i64]) -> Vec<Vec<f32>> {
 /// each value exactly and sum in the f32 order), and differ from the unquantized model's.
 #[test]
 fn quantized_decoding_computes_with_the_formats_values_bit_for_bit() {
-    let device = Default::default();
-    let init = || {
-        B::seed(&device, 11);
-        LlamaModel::<B>::init(&config(), &device).unwrap()
-    };
+    let init = || seeded(11, &config());
     let ids = [3, 9, 27, 14, 5, 61, 2, 40];
     let plain = decode(&init(), &ids);
     for (format, bound) in [
@@ -169,4 +184,154 @@ fn quantization_names_parse() {
     let err = "q3_k".parse::<Quantization>().unwrap_err().to_string();
     assert!(err.contains("expected q8_0, q4_0 or q4_1"), "{err}");
     assert_eq!("q4_1".parse::<Quantization>().unwrap(), Quantization::Q4_1);
+}
+
+/// The embedding `[70, 64]` of a tied model replaced by the values the tied head holds in a
+/// block format (blocks of 32 along each token's row, as the head `[64, 70]` reads it).
+struct TiedEmbeddingToFormat(Quantization);
+impl ModuleMapper<B> for TiedEmbeddingToFormat {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let format = self.0;
+        param.map(|t| {
+            if t.dims()[..] != [70, 64] {
+                return t;
+            }
+            let values = t.into_data().to_vec::<f32>().unwrap();
+            let head: Vec<f32> = (0..64 * 70)
+                .map(|e| values[(e % 70) * 64 + e / 70])
+                .collect();
+            let head = format_values(format, &head, 64, 70);
+            let rows: Vec<f32> = (0..70 * 64).map(|e| head[(e % 64) * 70 + e / 64]).collect();
+            Tensor::from_data(TensorData::new(rows, [70, 64]), &Default::default())
+        })
+    }
+}
+
+/// A decoding-only model (each weight's loaded copy freed once packed) decodes as the model
+/// that keeps both: bit for bit in f32 and in every format, untied and tied. A tied model's
+/// token lookup then reads the head's packed copy: in f32 the embedding's own values, in a
+/// block format the values the head holds (what the f32 model holding the format's values, one
+/// matrix for both, computes; as llama.cpp's lookup of a quantized token embedding).
+#[test]
+fn a_decoding_only_model_decodes_as_the_model_holding_both_copies() {
+    let ids = [3, 9, 27, 14, 5, 61, 2, 40];
+    for tied in [false, true] {
+        let config = LlamaConfig {
+            tie_word_embeddings: tied,
+            ..config()
+        };
+        let init = || seeded(12, &config);
+        let plain = init();
+        let expected = decode(&plain, &ids);
+        let released = init().into_decoding_only(None).unwrap();
+        assert!(released.is_decoding_only());
+        assert_eq!(decode(&released, &ids), expected, "f32, tied {tied}");
+        // Token lookup from the packed head: the embedding's rows exactly.
+        let rows = |m: &LlamaModel<B>| m.embed_ids(&[0, 69, 7]).into_data().to_vec::<f32>();
+        assert_eq!(rows(&released).unwrap(), rows(&plain).unwrap());
+        for format in [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1] {
+            let quantized = init().into_decoding_only(Some(format)).unwrap();
+            let mut reference = init().map(&mut ToFormat(format));
+            if tied {
+                reference = reference.map(&mut TiedEmbeddingToFormat(format));
+            }
+            assert_eq!(
+                decode(&quantized, &ids),
+                decode(&reference, &ids),
+                "{format}, tied {tied}"
+            );
+        }
+    }
+}
+
+/// What a decoding-only model cannot do is refused: saving (its weights are not there to
+/// write), training; casting panics.
+#[test]
+fn a_decoding_only_model_refuses_to_be_saved_or_trained() {
+    let device = Default::default();
+    let model = seeded(14, &config()).into_decoding_only(None).unwrap();
+    let dir = std::env::temp_dir().join(format!("layerskip-decoding-only-{}", std::process::id()));
+    let err = model
+        .save_pretrained(&dir, layerskip_model::SaveDtype::F32)
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be saved"), "{err}");
+    assert!(!dir.join("model.safetensors").exists());
+    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &device);
+    let err = model.forward_train_hidden(tokens, &[0], None).unwrap_err();
+    assert!(err.to_string().contains("cannot be trained"), "{err}");
+    let cast = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.cast(burn::tensor::FloatDType::BF16)
+    }));
+    assert!(cast.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pass longer than the decode kernels' usual rows (a 600-token prompt: Burn's matmul over
+/// the loaded weights otherwise) computes from the packed copy when it is the only one: the
+/// same logits as the model that keeps both, to f32 rounding.
+#[test]
+fn a_decoding_only_model_runs_prompts_of_any_length() {
+    let device = Default::default();
+    let config = LlamaConfig {
+        tie_word_embeddings: true,
+        max_position_embeddings: 640,
+        ..config()
+    };
+    let init = || seeded(13, &config);
+    let ids: Vec<i64> = (0..600).map(|i| (i * 7 + 3) % 70).collect();
+    let logits = |model: &LlamaModel<B>| {
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, 600]), &device);
+        model
+            .forward(tokens, 0, None)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let plain = logits(&init());
+    let released = logits(&init().into_decoding_only(None).unwrap());
+    assert_eq!(plain.len(), released.len());
+    let gap = plain
+        .iter()
+        .zip(&released)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(gap < 1e-4, "{gap}");
+    assert!(released.iter().all(|v| v.is_finite()));
+}
+
+/// Loading for decoding only (each part packed and released as it is read) gives the model
+/// that loading whole and then releasing gives, tied and untied, in f32 and in a block format.
+#[test]
+fn loading_for_decoding_only_equals_releasing_after_loading() {
+    let device = Default::default();
+    let ids = [3, 9, 27, 14, 5, 61, 2, 40];
+    for tied in [false, true] {
+        let config = LlamaConfig {
+            tie_word_embeddings: tied,
+            ..config()
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "layerskip-load-decoding-{}-{tied}",
+            std::process::id()
+        ));
+        seeded(15, &config)
+            .save_pretrained(&dir, layerskip_model::SaveDtype::F32)
+            .unwrap();
+        for format in [None, Some(Quantization::Q8_0)] {
+            let loaded =
+                LlamaModel::<B>::from_pretrained_for_decoding(&dir, &device, format).unwrap();
+            assert!(loaded.is_decoding_only());
+            let released = LlamaModel::<B>::from_pretrained(&dir, &device)
+                .unwrap()
+                .into_decoding_only(format)
+                .unwrap();
+            assert_eq!(
+                decode(&loaded, &ids),
+                decode(&released, &ids),
+                "{format:?}, tied {tied}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -16,6 +16,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::layer::{Attention, DecoderLayer, Mlp};
 use crate::model::LlamaModel;
+use crate::ops::{LayerSkipBackend, Packed, Quantization, WeightLayout};
 
 mod files;
 
@@ -135,19 +136,10 @@ impl SafetensorsFiles {
             });
         }
         let bytes = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        let convert: fn(&[u8]) -> f32 = match view.dtype() {
+            Dtype::F32 => |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            Dtype::F16 => |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            Dtype::BF16 => |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
             other => {
                 return Err(ModelError::UnsupportedDtype {
                     path: path.clone(),
@@ -156,6 +148,14 @@ impl SafetensorsFiles {
                 });
             }
         };
+        let width = view.dtype().bitsize() / 8;
+        // Converted a few megabytes at a time, each part's file pages dropped once read, so
+        // that a tensor is not held twice (its file pages and its values) while it loads.
+        let mut values = Vec::with_capacity(bytes.len() / width);
+        for part in bytes.chunks(RELEASE_BYTES) {
+            values.extend(part.chunks_exact(width).map(convert));
+            release(mmap, part);
+        }
         release(mmap, bytes);
         // A NaN or infinite weight makes every output it touches meaningless; some paths (a
         // softmax's max, say) can hide it, so it is refused here, by name.
@@ -220,17 +220,74 @@ impl SafetensorsFiles {
     }
 }
 
+/// The config and the opened safetensors files of a checkpoint directory.
+fn open_checkpoint(dir: &Path) -> Result<(LlamaConfig, SafetensorsFiles)> {
+    if !dir.is_dir() {
+        return Err(ModelError::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+        ));
+    }
+    let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+    let files = SafetensorsFiles::open(dir)?;
+    Ok((config, files))
+}
+
+impl<B: LayerSkipBackend> LlamaModel<B> {
+    /// [`LlamaModel::from_pretrained`] then [`LlamaModel::into_decoding_only`], layer by layer:
+    /// each layer's weights are prepared (quantized if asked) and their loaded copies released
+    /// as soon as the layer is read, so the loaded model and the prepared one are never held
+    /// together (the peak memory is about the prepared model's).
+    pub fn from_pretrained_for_decoding(
+        dir: &Path,
+        device: &B::Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
+        /// Each part prepared and released as it is read; a tied embedding first of all (its
+        /// loaded copy and its packed one are then the only large tensors held).
+        struct Decoding(Option<Quantization>);
+        impl<B: LayerSkipBackend> OnLoad<B> for Decoding {
+            fn layer(&mut self, layer: &mut DecoderLayer<B>) -> Result<()> {
+                layer.release_for_decoding(self.0)
+            }
+            fn tied_embedding(&mut self, embed: &mut Param<Tensor<B, 2>>) -> Result<Packed> {
+                let packed = Packed::default();
+                B::prepare(embed.val(), WeightLayout::OutIn, self.0, &packed)?;
+                if let Some(stand_in) = B::release(embed.val(), &packed) {
+                    *embed = embed.clone().map(|_| stand_in);
+                }
+                Ok(packed)
+            }
+        }
+        let (config, files) = open_checkpoint(dir)?;
+        let mut model = Self::load(&config, &files, device, &mut Decoding(quantize))?;
+        model.release_head_for_decoding(quantize, false)?;
+        Ok(model)
+    }
+}
+
+/// What a loader does with each part of the model as soon as it is read (nothing, by default).
+trait OnLoad<B: Backend> {
+    fn layer(&mut self, layer: &mut DecoderLayer<B>) -> Result<()> {
+        let _ = layer;
+        Ok(())
+    }
+
+    /// A tied embedding (the head too): the backend state of the head read from it.
+    fn tied_embedding(&mut self, embed: &mut Param<Tensor<B, 2>>) -> Result<Packed> {
+        let _ = embed;
+        Ok(Packed::default())
+    }
+}
+
+/// Loading as it is.
+struct Plain;
+impl<B: Backend> OnLoad<B> for Plain {}
+
 impl<B: Backend> LlamaModel<B> {
     /// Loads a Hugging Face Llama checkpoint directory (`config.json` + safetensors).
     pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(ModelError::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
-            ));
-        }
-        let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
-        let files = SafetensorsFiles::open(dir)?;
+        let (config, files) = open_checkpoint(dir)?;
         Self::from_safetensors(&config, &files, device)
     }
 
@@ -239,6 +296,16 @@ impl<B: Backend> LlamaModel<B> {
         config: &LlamaConfig,
         files: &SafetensorsFiles,
         device: &B::Device,
+    ) -> Result<Self> {
+        Self::load(config, files, device, &mut Plain)
+    }
+
+    /// [`LlamaModel::from_safetensors`], handing each part to `on` as soon as it is read.
+    fn load(
+        config: &LlamaConfig,
+        files: &SafetensorsFiles,
+        device: &B::Device,
+        on: &mut dyn OnLoad<B>,
     ) -> Result<Self> {
         if let Some(last) = files.last_layer()
             && last >= config.num_layers
@@ -253,9 +320,19 @@ impl<B: Backend> LlamaModel<B> {
             ));
         }
         let (h, v) = (config.hidden_size, config.vocab_size);
-        let embed = files.tensor("model.embed_tokens.weight", [v, h], device)?;
+        let mut embed =
+            Param::from_tensor(files.tensor("model.embed_tokens.weight", [v, h], device)?);
+        let head_packed = if config.tie_word_embeddings {
+            on.tied_embedding(&mut embed)?
+        } else {
+            Packed::default()
+        };
         let layers = (0..config.num_layers)
-            .map(|l| load_layer(files, config, l, device))
+            .map(|l| {
+                let mut layer = load_layer(files, config, l, device)?;
+                on.layer(&mut layer)?;
+                Ok(layer)
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = files.rms_norm("model.norm.weight", config, device)?;
         let lm_head = if config.tie_word_embeddings {
@@ -263,19 +340,22 @@ impl<B: Backend> LlamaModel<B> {
         } else {
             Some(files.linear("lm_head.weight", h, v, device)?)
         };
-        Ok(Self::from_parts(
-            Param::from_tensor(embed),
-            layers,
-            norm,
-            lm_head,
-            config.clone(),
-        ))
+        let mut model = Self::from_parts(embed, layers, norm, lm_head, config.clone());
+        model.set_head_packed(head_packed);
+        Ok(model)
     }
 
     /// Writes `config.json` and `model.safetensors` in the Hugging Face layout (loadable by
     /// `transformers`' `LlamaForCausalLM.from_pretrained`). Each file is written to a temporary
     /// name and renamed, so a crash never leaves a half-written checkpoint.
     pub fn save_pretrained(&self, dir: &Path, dtype: SaveDtype) -> Result<()> {
+        if self.is_decoding_only() {
+            return Err(ModelError::Unsupported(
+                "a decoding-only model holds its weights packed for the kernels and cannot be \
+                 saved: load the checkpoint again"
+                    .into(),
+            ));
+        }
         if dir.exists() && !dir.is_dir() {
             return Err(ModelError::parse(dir, "exists and is not a directory"));
         }
@@ -310,6 +390,9 @@ impl<B: Backend> LlamaModel<B> {
 /// from it until the model is built (a 540 MB f32 SmolLM2 file doubled the peak memory of
 /// loading it). The mapping is a read-only view of the file, so a later read of the same bytes
 /// faults them in again from the file, unchanged. A hint: errors are ignored.
+/// Bytes of a tensor converted between releases of its file pages (a multiple of the page).
+const RELEASE_BYTES: usize = 4 << 20;
+
 fn release(mmap: &Mmap, bytes: &[u8]) {
     #[cfg(unix)]
     {

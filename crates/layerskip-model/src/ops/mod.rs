@@ -49,6 +49,18 @@ pub struct Packed {
     pub(crate) bf16_products: bool,
 }
 
+impl Packed {
+    /// A state of its own with the same settings and nothing prepared: a module that frees
+    /// its loaded weights ([`LayerSkipBackend::release`]) must not share its state with clones
+    /// that keep theirs (a clone's product would repack the shared state from its weight).
+    pub(crate) fn detached(&self) -> Packed {
+        Packed {
+            bf16_products: self.bf16_products,
+            ..Default::default()
+        }
+    }
+}
+
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         #[cfg(feature = "flex")]
@@ -115,12 +127,37 @@ pub trait LayerSkipBackend: Backend {
         }
     }
 
+    /// After [`prepare`](Self::prepare), a stand-in for `weight` that holds none of its values,
+    /// where the backend's state for it computes every product with it, of any row count (on
+    /// Flex, the packed copy): the module keeps the stand-in and the loaded weight's memory is
+    /// freed ([`LlamaModel::into_decoding_only`](crate::LlamaModel::into_decoding_only)).
+    /// `None` (the default, and where `weight` is not the prepared one): the weight stays.
+    fn release(weight: Tensor<Self, 2>, packed: &Packed) -> Option<Tensor<Self, 2>> {
+        let _ = (weight, packed);
+        None
+    }
+
     /// The most rows of a product that compute from the state [`prepare`](Self::prepare) made
     /// (on Flex, the packed and possibly quantized copy); longer products compute with the
     /// loaded weights through Burn's ops, so a quantized model is only itself up to this many
     /// positions per pass. `None` (the default): no such limit.
     fn prepared_rows_limit() -> Option<usize> {
         None
+    }
+
+    /// The rows of an embedding `weight` `[vocab, hidden]` for `tokens`, where `packed` is the
+    /// state of the tied head read from it (after [`release`](Self::release), the embedding's
+    /// only copy: rows are read from it, in its format).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
+    fn embed_rows(
+        weight: Tensor<Self, 2>,
+        packed: &Packed,
+        tokens: Tensor<Self, 2, Int>,
+    ) -> Tensor<Self, 3> {
+        let _ = packed;
+        burn::tensor::module::embedding(weight, tokens)
     }
 
     /// RMSNorm of the last dimension.

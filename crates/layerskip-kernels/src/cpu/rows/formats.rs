@@ -264,6 +264,26 @@ impl Panels {
     pub(super) fn count(&self) -> usize {
         self.n.div_ceil(NR)
     }
+
+    /// Output `c`'s `k` weights, as the products read them (a quantized format's values
+    /// rebuilt by its definition): an embedding's row `c` when the panels hold it as a tied
+    /// head.
+    pub fn column(&self, c: usize, out: &mut [f32]) {
+        assert!(
+            c < self.n && out.len() >= self.k,
+            "column {c} of {}",
+            self.n
+        );
+        let (p, j) = (c / NR, c % NR);
+        for (i, o) in out[..self.k].iter_mut().enumerate() {
+            *o = self.weight(p, i, j);
+        }
+    }
+
+    /// Input features `k` and outputs `n`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
 }
 
 /// The quantized blocks of `w` (`[k, n]`, or `[n, k]` when `out_in`): every panel's `k / QK`

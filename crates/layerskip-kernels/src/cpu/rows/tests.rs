@@ -313,3 +313,43 @@ fn kernels_compute_the_product() {
         }
     }
 }
+
+/// `column(c)` is output `c`'s weights as every product reads them: the product of the `k`
+/// one-hot rows (`fma(1, w, 0) = w`), in each format; for f32 and bfloat16-valued panels of
+/// an embedding `[n, k]` packed as a tied head, exactly its row `c`.
+#[test]
+fn a_column_is_what_the_products_read() {
+    let (k, n) = (64, 37);
+    let embedding = values(n * k, 11);
+    let bf16_valued: Vec<f32> = embedding
+        .iter()
+        .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
+        .collect();
+    let one_hot: Vec<f32> = (0..k * k)
+        .map(|e| if e / k == e % k { 1.0 } else { 0.0 })
+        .collect();
+    let formats = [
+        (Panels::from_out_in(&embedding, k, n), Some(&embedding)),
+        (Panels::from_out_in(&bf16_valued, k, n), Some(&bf16_valued)),
+        (
+            Panels::quantized(&embedding, k, n, true, Quantization::Q8_0).unwrap(),
+            None,
+        ),
+        (
+            Panels::quantized(&embedding, k, n, true, Quantization::Q4_1).unwrap(),
+            None,
+        ),
+    ];
+    for (panels, exact) in &formats {
+        let products = run(&one_hot, panels, k, n);
+        for c in 0..n {
+            let mut column = vec![f32::NAN; k];
+            panels.column(c, &mut column);
+            let read: Vec<f32> = (0..k).map(|i| products[i * n + c]).collect();
+            assert_eq!(column, read, "column {c}");
+            if let Some(w) = exact {
+                assert_eq!(column, w[c * k..(c + 1) * k], "row {c}");
+            }
+        }
+    }
+}

@@ -61,10 +61,26 @@ impl PackedSlot {
         self.0.lock().map(|s| s.entry.is_some()).unwrap_or(false)
     }
 
-    /// The packed copy of `w` (contiguous; f32, or half precision widened exactly), packing
-    /// it now if it is not the one held. `quantize` (sticky: later calls without one keep it)
-    /// packs in that format where the weight's shape allows (whole blocks of 32 input
-    /// features; other weights stay plain).
+    /// Whether `w` is a released weight's stand-in (its packed copy the only one).
+    fn is_sole(&self, w: &FlexTensor) -> bool {
+        self.sole_entry(w).is_some()
+    }
+
+    /// The entry of which `w` is the released weight's stand-in, if it is one.
+    fn sole_entry(&self, w: &FlexTensor) -> Option<Arc<Entry>> {
+        let slot = self.0.lock().ok()?;
+        slot.entry
+            .as_ref()
+            .filter(|e| e.sole && e.packs(w))
+            .cloned()
+    }
+
+    /// The packed copy of `w` (f32, or half precision widened exactly), packing it now if it is
+    /// not the one held. `quantize` (sticky: later calls without one keep it) packs in that
+    /// format where the weight's shape allows (whole blocks of 32 input features; other weights
+    /// stay plain). A weight that is not contiguous is made so only to be packed: the held
+    /// entry is recognised first (a released weight's stand-in, [`PackedSlot::release`], is
+    /// never materialised).
     fn of(
         &self,
         w: FlexTensor,
@@ -81,10 +97,15 @@ impl PackedSlot {
         let held = slot
             .entry
             .as_ref()
-            .filter(|e| e.packs(&w) && e.quantized == wanted);
+            .filter(|e| e.packs(&w) && (e.quantized == wanted || e.sole));
         if let Some(entry) = held {
             return entry.clone();
         }
+        let w = if w.is_contiguous() {
+            w
+        } else {
+            w.to_contiguous()
+        };
         let widened;
         let ws: &[f32] = match w.dtype() {
             DType::F32 => &values::<f32>(&w)[..k * n],
@@ -103,10 +124,30 @@ impl PackedSlot {
         let entry = Arc::new(Entry {
             source: w,
             quantized: wanted,
-            panels,
+            panels: Arc::new(panels),
+            sole: false,
         });
         slot.entry = Some(entry.clone());
         entry
+    }
+
+    /// Makes the packed copy of `w` the only one: the entry answers for `stand_in` (a tensor of
+    /// `w`'s shape that the module keeps instead of `w`, holding no values of its own) and
+    /// every product with it computes from the panels, so `w`'s storage can be freed. `false`
+    /// (nothing changed) if `w` is not the packed weight.
+    fn release(&self, w: &FlexTensor, stand_in: FlexTensor) -> bool {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = slot.entry.as_ref().filter(|e| e.packs(w)) else {
+            return false;
+        };
+        let entry = Arc::new(Entry {
+            source: stand_in,
+            quantized: entry.quantized,
+            panels: entry.panels.clone(),
+            sole: true,
+        });
+        slot.entry = Some(entry);
+        true
     }
 }
 
@@ -114,12 +155,16 @@ impl PackedSlot {
 pub(crate) struct Entry {
     /// A handle on the source: while it is held the storage is neither freed nor written in
     /// place (Flex writes in place only into storage it holds alone), so a weight replaced by
-    /// loading or training is packed again on its next use, never read stale.
+    /// loading or training is packed again on its next use, never read stale. After
+    /// [`PackedSlot::release`], the stand-in the module holds instead.
     source: FlexTensor,
     /// The format asked for when packing (the panels may be plain where the shape did not
     /// allow it; asking again does not repack).
     quantized: Option<Quantization>,
-    panels: Panels,
+    panels: Arc<Panels>,
+    /// The panels are the weight's only copy (released): every product, of any row count,
+    /// computes from them.
+    sole: bool,
 }
 
 impl Entry {
@@ -203,9 +248,9 @@ fn half_from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> FlexTensor 
     FlexTensor::from_data(data)
 }
 
-/// The row kernel's `x · W` (the first `cols` outputs) for at most [`MAX_ROWS`] rows in f32,
-/// or in bf16/f16 (widened to f32, computed in f32, rounded back: the weights' values and f32
-/// accumulation); `None` otherwise.
+/// The row kernel's `x · W` (the first `cols` outputs) for at most [`MAX_ROWS`] rows in f32
+/// (any number when the packed copy is the weight's only one), or in bf16/f16 (widened to f32,
+/// computed in f32, rounded back: the weights' values and f32 accumulation); `None` otherwise.
 fn try_rows(
     x: &Tensor<Flex, 3>,
     w: &Tensor<Flex, 2>,
@@ -216,13 +261,18 @@ fn try_rows(
     let [b, s, k] = x.dims();
     let [w0, w1] = w.dims();
     let dtype = x.dtype();
-    // Half-precision products of any length take the row kernels: Flex's own half-precision
-    // matmul is several times slower than widening to f32.
-    if (b * s > MAX_ROWS && dtype == DType::F32) || w.dtype() != dtype || !is_row_dtype(dtype) {
+    if w.dtype() != dtype || !is_row_dtype(dtype) {
         return None;
     }
     let n = if layout == Layout::InOut { w1 } else { w0 };
-    let entry = packed.flex.of(raw(w.clone()), layout, k, n, None);
+    let source = w.clone().into_primitive().tensor();
+    // Half-precision products of any length take the row kernels: Flex's own half-precision
+    // matmul is several times slower than widening to f32. Longer f32 products take Burn's
+    // matmul, unless the packed copy is the only one.
+    if b * s > MAX_ROWS && dtype == DType::F32 && !packed.flex.is_sole(&source) {
+        return None;
+    }
+    let entry = packed.flex.of(source, layout, k, n, None);
     let x = raw(x.clone());
     let rows = b * s;
     if dtype == DType::F32 {
@@ -281,8 +331,47 @@ impl LayerSkipBackend for Flex {
             Layout::InOut => (a, b),
             Layout::OutIn => (b, a),
         };
-        packed.flex.of(raw(weight), layout, k, n, quantize);
+        packed
+            .flex
+            .of(weight.into_primitive().tensor(), layout, k, n, quantize);
         Ok(())
+    }
+
+    fn release(weight: Tensor<Self, 2>, packed: &Packed) -> Option<Tensor<Self, 2>> {
+        // One value broadcast to the weight's shape (stride 0): the dims products read, no
+        // storage.
+        let stand_in = Tensor::<Self, 2>::zeros([1, 1], &weight.device())
+            .cast(weight.dtype())
+            .expand(weight.dims());
+        let raw_stand_in = stand_in.clone().into_primitive().tensor();
+        packed
+            .flex
+            .release(&weight.into_primitive().tensor(), raw_stand_in)
+            .then_some(stand_in)
+    }
+
+    fn embed_rows(
+        weight: Tensor<Self, 2>,
+        packed: &Packed,
+        tokens: Tensor<Self, 2, Int>,
+    ) -> Tensor<Self, 3> {
+        let Some(entry) = packed
+            .flex
+            .sole_entry(&weight.clone().into_primitive().tensor())
+        else {
+            return burn::tensor::module::embedding(weight, tokens);
+        };
+        // The embedding's only copy is the tied head's panels: row `t` is output `t`.
+        let [b, s] = tokens.dims();
+        let (hidden, vocab) = entry.panels.dims();
+        let ids = tokens.into_data().convert::<i64>();
+        let mut out = vec![0.0f32; b * s * hidden];
+        for (row, id) in out.chunks_mut(hidden).zip(ids.iter::<i64>()) {
+            let id = usize::try_from(id).ok().filter(|&t| t < vocab);
+            let id = id.unwrap_or_else(|| panic!("token id out of the vocabulary of {vocab}"));
+            entry.panels.column(id, row);
+        }
+        wrap(from_f32_vec(out, vec![b, s, hidden], weight.dtype()))
     }
 
     fn rms_norm(norm: &RmsNorm<Self>, x: Tensor<Self, 3>) -> Tensor<Self, 3> {
