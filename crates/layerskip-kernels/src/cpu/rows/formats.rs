@@ -274,9 +274,26 @@ impl Panels {
             "column {c} of {}",
             self.n
         );
-        let (p, j) = (c / NR, c % NR);
-        for (i, o) in out[..self.k].iter_mut().enumerate() {
-            *o = self.weight(p, i, j);
+        let (p, j, k) = (c / NR, c % NR, self.k);
+        let out = &mut out[..k];
+        // Lines: feature `i` of panel `p` is line `start + i * g` (see `unit`).
+        let (start, g) = tile_start(p, self.count(), k, self.tile);
+        match &self.lines {
+            Lines::F32(lines) => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = lines[start + i * g].0[j];
+                }
+            }
+            Lines::Bf16(lines) => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = f32::from_bits(u32::from(lines[start + i * g].0[j]) << 16);
+                }
+            }
+            Lines::Q8(_) | Lines::Q4(..) => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.weight(p, i, j);
+                }
+            }
         }
     }
 
