@@ -20,11 +20,10 @@ use tungstenite::{Message, WebSocket};
 // Helpers shared with the other test files, not all used here.
 #[allow(dead_code)]
 mod common;
-use common::layerskip;
 #[allow(dead_code)]
 #[path = "common/server.rs"]
 mod server;
-use server::Server;
+use server::{Server, infer_text};
 
 /// Headless Chromium with the DevTools Protocol on a free port, killed on drop.
 struct Browser {
@@ -144,24 +143,6 @@ impl Drop for Browser {
     }
 }
 
-/// `layerskip infer --json`'s greedy text.
-fn infer_text(prompt: &str, extra: &[&str]) -> String {
-    let model = common::shipped_model();
-    let mut args = vec![
-        "infer",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let (code, out, err) = layerskip(&args);
-    assert_eq!(code, 0, "{err}");
-    let json: Value = serde_json::from_str(&out).unwrap();
-    json["text"].as_str().unwrap().to_string()
-}
-
 /// The rendered tokens of the output element `selector`: `[text, source, rejected]` each.
 const SPANS: &str = "(sel) => [...document.querySelectorAll(sel + ' .tok')]\
     .map((s) => [s.textContent, s.dataset.source, s.dataset.rejected ?? null])";
@@ -192,7 +173,11 @@ fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregre
     let server = Server::start(&common::shipped_model(), &[]);
     let mut browser = Browser::start();
     let prompt = "def fibonacci(n):";
-    let greedy = infer_text(prompt, &["--max-new-tokens", "40"]);
+    let greedy = infer_text(
+        &common::shipped_model(),
+        prompt,
+        &["--max-new-tokens", "40"],
+    );
     assert!(!greedy.is_empty());
     let query = format!(
         "/?prompt={}&strategy=self-spec&exit=3&drafts=3&max_tokens=40&temperature=0&run=compare",

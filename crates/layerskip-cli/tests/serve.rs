@@ -3,17 +3,16 @@
 //! `layerskip infer` prints for the same prompt and options.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 mod common;
-use common::layerskip;
 #[path = "common/server.rs"]
 mod server;
-use server::{Server, response};
+use server::{Server, infer_text, response};
 
 const TEMPLATE: &str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
 
@@ -50,23 +49,6 @@ fn streamed_text(events: &[String]) -> (String, Value) {
         })
         .collect();
     (text, chunks.last().unwrap().clone())
-}
-
-/// `layerskip infer --json`'s text for the same prompt and options.
-fn infer_text(model: &Path, prompt: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        "infer",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let (code, out, err) = layerskip(&args);
-    assert_eq!(code, 0, "{err}");
-    let json: Value = serde_json::from_str(&out).unwrap();
-    json["text"].as_str().unwrap().to_string()
 }
 
 const PROMPT: &str = "def add(a, b):";

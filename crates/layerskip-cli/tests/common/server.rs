@@ -96,3 +96,20 @@ pub fn response(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// `layerskip infer --json`'s text for the same prompt and options.
+pub fn infer_text(model: &Path, prompt: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = crate::common::layerskip(&args);
+    assert_eq!(code, 0, "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    json["text"].as_str().unwrap().to_string()
+}
