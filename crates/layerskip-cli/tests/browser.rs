@@ -222,6 +222,15 @@ fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregre
     let bars = browser.eval("document.querySelectorAll('#histogram div').length");
     assert_eq!(bars, 4, "one bar per accepted count 0..=3");
 
+    // On a phone-width screen nothing runs past the right edge (the columns stack).
+    browser.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true}),
+    );
+    let width = browser.eval("document.documentElement.scrollWidth");
+    assert!(width.as_u64().unwrap() <= 390, "{width}");
+    browser.call("Emulation.clearDeviceMetricsOverride", json!({}));
+
     let shot = browser.call("Page.captureScreenshot", json!({"format": "png"}));
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-page.png");
     let png = base64::engine::general_purpose::STANDARD
