@@ -9,7 +9,9 @@ at its last complete line, and
   of small models; see `has_loop`).
 
 Runs `layerskip bench --strategy ar` once over the prompts and reads its JSON (the texts and token
-ids of the completions). Prints the figures, three completions, and writes them as JSON.
+ids of the completions). Prints the figures, three completions, and writes them as JSON. The
+prompts end before their trailing newline (as `bench` gives them: a byte-level BPE merges the
+newline with the body's indentation, which the model then writes itself).
 
     python3 scripts/humaneval_quality.py --layerskip target/release/layerskip --model models/default \
         [--num-samples 164] [--max-new-tokens 96] [--device cpu] [--json out.json]
@@ -111,7 +113,9 @@ def main():
             sys.exit(f"error: {' '.join(cmd)} failed:\n{run.stderr}")
         bench = json.load(open(out))
     outputs = bench["outputs"][0][1]
-    prompts = {k: p["prompt"] for k, p in humaneval_problems(args.data).items()}
+    # `bench` cuts each prompt before its trailing newline (see layerskip-eval's load_humaneval):
+    # the completion starts with the newline and the body's indentation.
+    prompts = {k: p["prompt"].rstrip() for k, p in humaneval_problems(args.data).items()}
     rows = []
     for o in outputs:
         prompt = prompts[o["id"]]

