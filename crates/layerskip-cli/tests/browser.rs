@@ -124,14 +124,35 @@ impl Browser {
         result["result"]["value"].clone()
     }
 
-    /// Loads `url` and waits until the page says it finished `what` (`generate` or `compare`).
-    fn run(&mut self, url: &str, what: &str) {
+    /// Loads `url` and waits until the page has read the model's description.
+    fn open(&mut self, url: &str) {
         self.call("Page.navigate", json!({ "url": url }));
+        self.wait_for(
+            "document.getElementById('exit') && document.getElementById('exit').max !== ''",
+        );
+    }
+
+    /// Waits (up to 3 minutes) until `condition` is true in the page.
+    fn wait_for(&mut self, condition: &str) {
         let deadline = Instant::now() + Duration::from_secs(180);
-        while self.eval("document.body ? document.body.dataset.done || '' : ''") != what {
-            assert!(Instant::now() < deadline, "the page did not finish {what}");
+        while self.eval(&format!("!!({condition})")) != true {
+            assert!(Instant::now() < deadline, "the page never met {condition}");
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Sets a form field as typing would (and tells the page it changed).
+    fn fill(&mut self, id: &str, value: &str) {
+        let value = serde_json::to_string(value).unwrap();
+        self.eval(&format!(
+            "(() => {{ const e = document.getElementById('{id}'); e.value = {value}; \
+             e.dispatchEvent(new Event('input', {{bubbles: true}})); }})()"
+        ));
+    }
+
+    /// Waits until the page says it finished `what` (`generate` or `compare`).
+    fn finished(&mut self, what: &str) {
+        self.wait_for(&format!("document.body.dataset.done === '{what}'"));
     }
 }
 
@@ -179,11 +200,16 @@ fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregre
         &["--max-new-tokens", "40"],
     );
     assert!(!greedy.is_empty());
-    let query = format!(
-        "/?prompt={}&strategy=self-spec&exit=3&drafts=3&max_tokens=40&temperature=0&run=compare",
-        "def%20fibonacci(n)%3A"
-    );
-    browser.run(&server.url(&query), "compare");
+    // As a user would: the form filled in, then the Compare button.
+    browser.open(&server.url("/"));
+    browser.fill("prompt", prompt);
+    browser.fill("strategy", "self-spec");
+    browser.fill("exit", "3");
+    browser.fill("drafts", "3");
+    browser.fill("max-tokens", "40");
+    browser.fill("temperature", "0");
+    browser.eval("document.getElementById('compare').click()");
+    browser.finished("compare");
     assert_eq!(
         browser.eval("document.getElementById('error').hidden"),
         true
@@ -239,11 +265,17 @@ fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregre
     std::fs::write(&out, png).unwrap();
     eprintln!("screenshot: {}", out.display());
 
-    // A request the server refuses: its message in the page, not a blank.
-    browser.run(
-        &server.url("/?prompt=x&strategy=self-spec&exit=99&drafts=3&run=generate"),
-        "generate",
-    );
+    // A request the server refuses, sent with the Enter key from the prompt box (a link fills
+    // the form): its message in the page, not a blank.
+    browser.open(&server.url("/?prompt=x&strategy=self-spec&exit=99&drafts=3"));
+    browser.eval("document.getElementById('prompt').focus()");
+    for kind in ["keyDown", "keyUp"] {
+        browser.call(
+            "Input.dispatchKeyEvent",
+            json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}),
+        );
+    }
+    browser.finished("generate");
     assert_eq!(
         browser.eval("document.getElementById('error').hidden"),
         false
