@@ -225,12 +225,8 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
     /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         // A tied embedding is also the head, whose backend state may be its only copy.
-        let packed = if self.lm_head.is_none() {
-            &self.head_packed
-        } else {
-            &Packed::default()
-        };
-        B::embed_rows(self.embed_tokens.val(), packed, tokens)
+        let head = self.lm_head.is_none().then_some(&self.head_packed);
+        B::embed_rows(self.embed_tokens.val(), head, tokens)
     }
 
     /// Token ids (as a slice) to `x_0` for a batch of one.
@@ -281,17 +277,13 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
     /// quantized kernels refuse it.
     pub fn prepare_for_decoding(&self, quantize: Option<Quantization>) -> Result<()> {
         for layer in &self.layers {
-            let attn = &layer.self_attn;
-            let projections = [&attn.q_proj, &attn.k_proj, &attn.v_proj, &attn.o_proj];
-            for (linear, packed) in projections.into_iter().zip(&attn.packed) {
-                B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
-            }
-            let mlp = &layer.mlp;
-            let projections = [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj];
-            for (linear, packed) in projections.into_iter().zip(&mlp.packed) {
-                B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
-            }
+            layer.prepare(quantize)?;
         }
+        self.prepare_head(quantize)
+    }
+
+    /// Prepares the head: an untied head's weight, or the tied embedding read as the head.
+    fn prepare_head(&self, quantize: Option<Quantization>) -> Result<()> {
         match &self.lm_head {
             Some(head) => B::prepare(
                 weight(head),
@@ -338,29 +330,12 @@ impl<B: LayerSkipBackend> LlamaModel<B> {
         if detach {
             self.head_packed = self.head_packed.detached();
         }
-        match &mut self.lm_head {
-            Some(head) => {
-                B::prepare(
-                    weight(head),
-                    WeightLayout::InOut,
-                    quantize,
-                    &self.head_packed,
-                )?;
-                release_weight(head, &self.head_packed);
-            }
-            None => {
-                let embed = self.embed_tokens.val();
-                B::prepare(
-                    embed.clone(),
-                    WeightLayout::OutIn,
-                    quantize,
-                    &self.head_packed,
-                )?;
-                // Token lookup reads the rows from the head's state from now on.
-                if let Some(stand_in) = B::release(embed, &self.head_packed) {
-                    self.embed_tokens = self.embed_tokens.clone().map(|_| stand_in);
-                }
-            }
+        self.prepare_head(quantize)?;
+        if let Some(head) = &mut self.lm_head {
+            release_weight(head, &self.head_packed);
+        } else if let Some(stand_in) = B::release(self.embed_tokens.val(), &self.head_packed) {
+            // Token lookup reads the rows from the head's state from now on.
+            self.embed_tokens = self.embed_tokens.clone().map(|_| stand_in);
         }
         self.decoding_only = true;
         Ok(())
@@ -636,23 +611,42 @@ impl<B: LayerSkipBackend> DecoderLayer<B> {
         for packed in self.self_attn.packed.iter_mut().chain(&mut self.mlp.packed) {
             *packed = packed.detached();
         }
-        let attn = &mut self.self_attn;
-        let projections = [
-            &mut attn.q_proj,
-            &mut attn.k_proj,
-            &mut attn.v_proj,
-            &mut attn.o_proj,
-        ];
-        for (linear, packed) in projections.into_iter().zip(&attn.packed) {
-            B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
-            release_weight(linear, packed);
-        }
-        let mlp = &mut self.mlp;
-        let projections = [&mut mlp.gate_proj, &mut mlp.up_proj, &mut mlp.down_proj];
-        for (linear, packed) in projections.into_iter().zip(&mlp.packed) {
-            B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
+        self.prepare(quantize)?;
+        for (linear, packed) in self.linears_mut() {
             release_weight(linear, packed);
         }
         Ok(())
+    }
+
+    /// Prepares the layer's seven weights for decoding (quantized if asked).
+    fn prepare(&self, quantize: Option<Quantization>) -> Result<()> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let linears = [
+            (&a.q_proj, &a.packed[0]),
+            (&a.k_proj, &a.packed[1]),
+            (&a.v_proj, &a.packed[2]),
+            (&a.o_proj, &a.packed[3]),
+            (&m.gate_proj, &m.packed[0]),
+            (&m.up_proj, &m.packed[1]),
+            (&m.down_proj, &m.packed[2]),
+        ];
+        for (linear, packed) in linears {
+            B::prepare(weight(linear), WeightLayout::InOut, quantize, packed)?;
+        }
+        Ok(())
+    }
+
+    /// The layer's seven weights, each with its backend state.
+    fn linears_mut(&mut self) -> [(&mut Linear<B>, &Packed); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            (&mut a.q_proj, &a.packed[0]),
+            (&mut a.k_proj, &a.packed[1]),
+            (&mut a.v_proj, &a.packed[2]),
+            (&mut a.o_proj, &a.packed[3]),
+            (&mut m.gate_proj, &m.packed[0]),
+            (&mut m.up_proj, &m.packed[1]),
+            (&mut m.down_proj, &m.packed[2]),
+        ]
     }
 }

@@ -263,7 +263,7 @@ impl<'t> Streaming<'t> {
     /// `Drafted`, its accepted drafts and the verifier's token; else the model's own.
     fn sources(&mut self, tokens: &[u32]) -> Vec<TokenSource> {
         let step = self.step.take();
-        let rejected = self.rejected.take();
+        let mut rejected = self.rejected.take();
         if !self.job.provenance {
             return Vec::new();
         }
@@ -271,7 +271,6 @@ impl<'t> Streaming<'t> {
             Strategy::EarlyExit { exit_layer } => ("early-exit", Some(exit_layer)),
             _ => ("ar", None),
         };
-        let mut rejected = rejected;
         tokens
             .iter()
             .enumerate()

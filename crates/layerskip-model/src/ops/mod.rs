@@ -55,8 +55,9 @@ impl Packed {
     /// that keep theirs (a clone's product would repack the shared state from its weight).
     pub(crate) fn detached(&self) -> Packed {
         Packed {
+            #[cfg(feature = "flex")]
+            flex: Default::default(),
             bf16_products: self.bf16_products,
-            ..Default::default()
         }
     }
 }
@@ -145,18 +146,18 @@ pub trait LayerSkipBackend: Backend {
         None
     }
 
-    /// The rows of an embedding `weight` `[vocab, hidden]` for `tokens`, where `packed` is the
-    /// state of the tied head read from it (after [`release`](Self::release), the embedding's
-    /// only copy: rows are read from it, in its format).
+    /// The rows of an embedding `weight` `[vocab, hidden]` for `tokens`; `head` is the state of
+    /// the tied head read from it, if it is tied (after [`release`](Self::release), the
+    /// embedding's only copy: rows are read from it, in its format).
     ///
     /// # Shapes
     /// - `tokens`: `[batch, seq]` -> `[batch, seq, hidden]`
     fn embed_rows(
         weight: Tensor<Self, 2>,
-        packed: &Packed,
+        head: Option<&Packed>,
         tokens: Tensor<Self, 2, Int>,
     ) -> Tensor<Self, 3> {
-        let _ = packed;
+        let _ = head;
         burn::tensor::module::embedding(weight, tokens)
     }
 

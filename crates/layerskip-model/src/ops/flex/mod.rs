@@ -352,13 +352,11 @@ impl LayerSkipBackend for Flex {
 
     fn embed_rows(
         weight: Tensor<Self, 2>,
-        packed: &Packed,
+        head: Option<&Packed>,
         tokens: Tensor<Self, 2, Int>,
     ) -> Tensor<Self, 3> {
-        let Some(entry) = packed
-            .flex
-            .sole_entry(&weight.clone().into_primitive().tensor())
-        else {
+        let source = || weight.clone().into_primitive().tensor();
+        let Some(entry) = head.and_then(|h| h.flex.sole_entry(&source())) else {
             return burn::tensor::module::embedding(weight, tokens);
         };
         // The embedding's only copy is the tied head's panels: row `t` is output `t`.
