@@ -55,15 +55,21 @@ impl<P: Protocol> SyncService<P> {
                 continue;
             }
 
-            let mut connection = P::Client::connect(addr.clone(), "sync")
-                .await
-                .expect("Couldn't connect to peer for sync");
+            // (layerskip patch: a peer that is gone panicked here; the sync now waits without
+            // it, and the node's collective call, which runs against a timeout, reports it.)
+            let Some(mut connection) = P::Client::connect(addr.clone(), "sync").await else {
+                log::warn!("cannot connect to peer {id:?} for sync");
+                continue;
+            };
             let msg = SyncRequest(node_state.node_id);
             let sync_bytes = rmp_serde::to_vec(&msg).unwrap();
-            connection
+            if connection
                 .send(Message::new(sync_bytes.into()))
                 .await
-                .expect("Peer closed connection unexpectedly");
+                .is_err()
+            {
+                log::warn!("peer {id:?} closed its sync connection");
+            }
         }
         loop {
             // Registered before the check, so a request arriving in between still wakes us.
