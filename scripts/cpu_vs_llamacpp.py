@@ -352,6 +352,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", default="",
+                    help="comma-separated substrings: run only the engines whose label has one")
     ap.add_argument("--model", choices=["smollm2", "default"], default="smollm2",
                     help="SmolLM2-135M from its GGUF, or the shipped LayerSkip model")
     ap.add_argument("--exit-layer", type=int, default=2, help="default model: E of self-speculation")
@@ -418,6 +420,9 @@ def main():
             "llama.cpp Q8_0": lambda t: llama(ggufs["Q8_0"], t, prompts),
         }
         model = "the shipped LayerSkip model (models/default, bf16 weights) and its F32/BF16 GGUFs"
+    if args.only:
+        wanted = [w for w in args.only.split(",") if w]
+        engines = {e: f for e, f in engines.items() if any(w in e for w in wanted)}
     threads = [int(t) for t in args.threads.split(",")]
     pairs = [(e, t) for e in engines for t in threads]
     samples = {p: [] for p in pairs}

@@ -7,6 +7,11 @@ use layerskip_kernels::cpu::rows::{Panels, Quantization, x_panels};
 use std::time::Instant;
 
 fn main() {
+    let threads = std::env::var("LAYERSKIP_THREADS").ok();
+    layerskip_kernels::cpu::configure(layerskip_kernels::cpu::CpuOptions {
+        threads: threads.map(|t| t.parse().expect("LAYERSKIP_THREADS: a number")),
+        ..Default::default()
+    });
     let format = std::env::args().nth(1).unwrap_or_else(|| "bf16".into());
     let rows: usize = std::env::args()
         .nth(2)
@@ -51,8 +56,7 @@ fn main() {
             let q: Quantization = q.parse().expect("format");
             let bytes = match q {
                 Quantization::Q8_0 => 36.0 / 32.0,
-                Quantization::Q4_0 => 20.0 / 32.0,
-                Quantization::Q4_1 => 24.0 / 32.0,
+                Quantization::Q4_0 | Quantization::Q4_1 => 20.0 / 32.0,
             };
             (
                 shapes

@@ -6,8 +6,6 @@ use super::{MR, NR, Panels, Span};
 
 /// How a kernel reads one feature's 16 weights of a panel as two f32 vectors.
 trait Load {
-    /// Features per unit of the layout (a line: 1; a block: [`super::QK`]).
-    const FEATURES: usize;
     /// Bytes per unit.
     const UNIT: usize;
     /// Feature `i` of the panel whose first unit is at `panel`, each unit `stride` bytes
@@ -22,7 +20,6 @@ trait Load {
 /// [`super::Line`]: 16 f32.
 struct F32;
 impl Load for F32 {
-    const FEATURES: usize = 1;
     const UNIT: usize = 64;
     #[inline(always)]
     unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
@@ -37,7 +34,6 @@ impl Load for F32 {
 /// [`super::HalfLine`]: 16 bfloat16, widened exactly (shifted into the upper half).
 struct Bf16;
 impl Load for Bf16 {
-    const FEATURES: usize = 1;
     const UNIT: usize = 32;
     #[inline(always)]
     unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
@@ -49,55 +45,6 @@ impl Load for Bf16 {
             [
                 widen(_mm_load_si128(line)),
                 widen(_mm_load_si128(line.add(1))),
-            ]
-        }
-    }
-}
-
-/// [`super::Q4Block`]s: 16 nibbles, `fma(q, d, m)` per column.
-struct Q4;
-impl Load for Q4 {
-    const FEATURES: usize = super::QK;
-    const UNIT: usize = std::mem::size_of::<super::Q4Block>();
-    #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
-        // SAFETY: as promised by the caller.
-        unsafe {
-            let block = panel.add(i / super::QK * stride);
-            let (d, m) = (block as *const f32, block.add(64) as *const f32);
-            let bytes = _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
-            let nibbles = if i.is_multiple_of(2) {
-                _mm_and_si128(bytes, _mm_set1_epi8(0x0f))
-            } else {
-                _mm_and_si128(_mm_srli_epi16::<4>(bytes), _mm_set1_epi8(0x0f))
-            };
-            let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles));
-            let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(nibbles)));
-            [
-                _mm256_fmadd_ps(lo, _mm256_load_ps(d), _mm256_load_ps(m)),
-                _mm256_fmadd_ps(hi, _mm256_load_ps(d.add(8)), _mm256_load_ps(m.add(8))),
-            ]
-        }
-    }
-}
-
-/// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
-struct Q8;
-impl Load for Q8 {
-    const FEATURES: usize = super::QK;
-    const UNIT: usize = std::mem::size_of::<super::Q8Block>();
-    #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
-        // SAFETY: as promised by the caller.
-        unsafe {
-            let block = panel.add(i / super::QK * stride);
-            let scale = block as *const f32;
-            let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
-            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(q)));
-            [
-                _mm256_mul_ps(lo, _mm256_load_ps(scale)),
-                _mm256_mul_ps(hi, _mm256_load_ps(scale.add(8))),
             ]
         }
     }
@@ -146,7 +93,7 @@ unsafe fn run<W: Load>(
     let (k, groups) = (shape.k, rows.div_ceil(MR));
     // SAFETY: every offset stays within the shapes promised by the caller.
     unsafe {
-        let layout = (W::FEATURES, W::UNIT);
+        let layout = (1, W::UNIT);
         let mut p = p0;
         while p < p1 {
             let (start, step, kt) = super::span(p, p1, shape, layout);
@@ -217,7 +164,7 @@ unsafe fn block<W: Load, const G: usize, const P: usize>(
     unsafe {
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; G];
         for i in 0..k {
-            super::prefetch(a, i, P, (next, stride), (W::FEATURES, W::UNIT));
+            super::prefetch(a, i, P, (next, stride), W::UNIT);
             let w: [[__m256; 2]; P] = std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
             for (g, accg) in acc.iter_mut().enumerate() {
                 let xv = _mm256_broadcast_ss(&*x.add(g * k + i));

@@ -10,8 +10,6 @@ const MR: usize = 8;
 
 /// How a kernel reads one feature's 16 weights of a panel as one f32 vector.
 trait Load {
-    /// Features per unit of the layout (a line: 1; a block: [`super::QK`]).
-    const FEATURES: usize;
     /// Bytes per unit.
     const UNIT: usize;
     /// Feature `i` of the panel whose first unit is at `panel`, each unit `stride` bytes
@@ -21,27 +19,10 @@ trait Load {
     /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
     /// AVX-512F.
     unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512;
-
-    /// Features `i` and `i + 1` (`i` even, inside one unit): for blocks, one read of their
-    /// bytes and scales.
-    ///
-    /// # Safety
-    /// As [`Load::load`], for features `i` and `i + 1`.
-    #[inline(always)]
-    unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
-        // SAFETY: as promised by the caller.
-        unsafe {
-            [
-                Self::load(panel, i, stride),
-                Self::load(panel, i + 1, stride),
-            ]
-        }
-    }
 }
 
 struct F32;
 impl Load for F32 {
-    const FEATURES: usize = 1;
     const UNIT: usize = 64;
     #[inline(always)]
     unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
@@ -53,7 +34,6 @@ impl Load for F32 {
 /// bfloat16 widened exactly: zero-extended to 32 bits, shifted into the upper half.
 struct Bf16;
 impl Load for Bf16 {
-    const FEATURES: usize = 1;
     const UNIT: usize = 32;
     #[inline(always)]
     unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
@@ -61,81 +41,6 @@ impl Load for Bf16 {
         unsafe {
             let h = _mm256_load_si256(panel.add(i * stride) as *const __m256i);
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-        }
-    }
-}
-
-/// [`super::Q4Block`]s: 16 nibbles, `fma(q, d, m)` per column.
-struct Q4;
-impl Load for Q4 {
-    const FEATURES: usize = super::QK;
-    const UNIT: usize = std::mem::size_of::<super::Q4Block>();
-    #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
-        // SAFETY: as promised by the caller.
-        unsafe {
-            let block = panel.add(i / super::QK * stride);
-            let bytes = _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
-            let q = _mm512_cvtepu8_epi32(bytes);
-            let q = if i.is_multiple_of(2) {
-                _mm512_and_si512(q, _mm512_set1_epi32(0x0f))
-            } else {
-                _mm512_srli_epi32::<4>(q)
-            };
-            let d = _mm512_load_ps(block as *const f32);
-            let m = _mm512_load_ps(block.add(64) as *const f32);
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
-        // SAFETY: as promised by the caller (`i` even: its byte holds both nibbles).
-        unsafe {
-            let block = panel.add(i / super::QK * stride);
-            let bytes = _mm_load_si128(block.add(128 + i % super::QK / 2 * 16) as *const __m128i);
-            let q = _mm512_cvtepu8_epi32(bytes);
-            let lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0f));
-            let hi = _mm512_srli_epi32::<4>(q);
-            let d = _mm512_load_ps(block as *const f32);
-            let m = _mm512_load_ps(block.add(64) as *const f32);
-            [
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
-            ]
-        }
-    }
-}
-
-/// [`super::Q8Block`]s: 16 signed bytes times their columns' scales (exact in f32).
-struct Q8;
-impl Load for Q8 {
-    const FEATURES: usize = super::QK;
-    const UNIT: usize = std::mem::size_of::<super::Q8Block>();
-    #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
-        // SAFETY: as promised by the caller.
-        unsafe {
-            let block = panel.add(i / super::QK * stride);
-            let q = _mm_load_si128(block.add(64 + i % super::QK * 16) as *const __m128i);
-            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-            _mm512_mul_ps(q, _mm512_load_ps(block as *const f32))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn pair(panel: *const u8, i: usize, stride: usize) -> [__m512; 2] {
-        // SAFETY: as promised by the caller (features `i`, `i + 1`: 32 bytes in a row).
-        unsafe {
-            let block = panel.add(i / super::QK * stride);
-            let q = _mm256_load_si256(block.add(64 + i % super::QK * 16) as *const __m256i);
-            let scale = _mm512_load_ps(block as *const f32);
-            let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q));
-            let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q));
-            [
-                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), scale),
-                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), scale),
-            ]
         }
     }
 }
@@ -185,7 +90,7 @@ unsafe fn run<W: Load>(
     let groups = rows.div_ceil(mr);
     // SAFETY: every offset stays within the shapes promised by the caller.
     unsafe {
-        let layout = (W::FEATURES, W::UNIT);
+        let layout = (1, W::UNIT);
         let mut p = p0;
         while p < p1 {
             let (start, step, span) = super::span(p, p1, shape, layout);
@@ -266,26 +171,7 @@ unsafe fn block<W: Load, const G: usize, const P: usize>(
         let mut acc = [[_mm512_setzero_ps(); P]; G];
         let mut i = 0;
         while i < k {
-            super::prefetch(a, i, P, (next, stride), (W::FEATURES, W::UNIT));
-            if W::FEATURES > 1 && G <= 2 {
-                // Blocks (`k` a multiple of 32) two features at a time: one read of each
-                // pair's bytes and scales (more rows would spill the registers). The tile
-                // stream moves up to 144 bytes a pair: a second hint a line further.
-                let ahead = i * stride / W::FEATURES + super::PREFETCH_BLOCKS + 64;
-                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(ahead) as *const i8);
-                let w: [[__m512; 2]; P] =
-                    std::array::from_fn(|j| W::pair(a.add(j * next), i, stride));
-                for (g, accg) in acc.iter_mut().enumerate() {
-                    let x0 = _mm512_set1_ps(*x.add(g * k + i));
-                    let x1 = _mm512_set1_ps(*x.add(g * k + i + 1));
-                    for (accj, wj) in accg.iter_mut().zip(&w) {
-                        *accj = _mm512_fmadd_ps(x0, wj[0], *accj);
-                        *accj = _mm512_fmadd_ps(x1, wj[1], *accj);
-                    }
-                }
-                i += 2;
-                continue;
-            }
+            super::prefetch(a, i, P, (next, stride), W::UNIT);
             let w: [__m512; P] = std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
             for (g, accg) in acc.iter_mut().enumerate() {
                 let xv = _mm512_set1_ps(*x.add(g * k + i));

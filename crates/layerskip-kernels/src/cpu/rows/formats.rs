@@ -19,27 +19,31 @@ pub const QK: usize = 32;
 
 /// One panel's weights for [`QK`] consecutive features in ggml's Q8_0 format, kept quantized:
 /// per output column a scale `d` (an f16 value, held as f32) and 32 signed bytes `q`, the
-/// weight being `d * q`, which f32 holds exactly (an 11-bit by 8-bit product). 576 bytes for
-/// 512 weights, against 1024 in bfloat16.
+/// weight being `d * q`, which f32 holds exactly (an 11-bit by 8-bit product). The bytes go in
+/// groups of four features, `q[h][j]` holding features `4h..4h + 4` of column `j`: one 32-bit
+/// lane per column, as an integer dot-product instruction (`vpdpbusd`) reads them. 576 bytes
+/// for 512 weights, against 1024 in bfloat16.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub struct Q8Block {
-    scale: [f32; NR],
-    q: [[i8; NR]; QK],
+    pub(super) scale: [f32; NR],
+    pub(super) q: [[[i8; 4]; NR]; QK / 4],
 }
 
 /// One panel's weights for [`QK`] consecutive features in a 4-bit format (ggml's Q4_0 or
-/// Q4_1), kept quantized: per output column a scale `d` and an offset `m` (f16 values, held as
-/// f32) and 32 nibbles `q`, the weight being `fma(q, d, m)` (`q * d` is exact, so this is the
-/// value ggml's dequantisation computes; Q4_0 is the case `m = -8 d`). Byte `q[t][j]` holds
-/// feature `2t`'s nibble for column `j` in its low half and feature `2t + 1`'s in its high half.
-/// 384 bytes for 512 weights.
+/// Q4_1), kept quantized: per output column a scale `d` and an offset `m` (f16 values, kept in
+/// f16 as in ggml's blocks) and 32 nibbles `q`, the weight being `fma(q, d, m)` (`q * d` is exact, so this is the
+/// value ggml's dequantisation computes; Q4_0 is the case `m = -8 d`). Byte `q[h][j][t]`
+/// holds feature `4h + t`'s nibble for column `j` in its low half and feature `16 + 4h + t`'s in
+/// its high half: one 64-byte read, masked or shifted, gives two groups of four features in a
+/// 32-bit lane per column (as [`Q8Block`]). 320 bytes for 512 weights (Q4_0 holds its `m` too:
+/// one layout for both formats).
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub struct Q4Block {
-    scale: [f32; NR],
-    min: [f32; NR],
-    q: [[u8; NR]; QK / 2],
+    pub(super) scale: [u16; NR],
+    pub(super) min: [u16; NR],
+    pub(super) q: [[[u8; 4]; NR]; QK / 8],
 }
 
 /// The lines of a [`Panels`].
@@ -55,7 +59,8 @@ pub(super) enum Lines {
 }
 
 /// A quantized format the panels can hold weights in (`--quantize`): ggml's block formats,
-/// quantized by ggml's reference quantizers, dequantised in registers and summed in f32. Weights
+/// quantized by ggml's reference quantizers; products with them quantize the activations to 8
+/// bits per block and sum each block in integers ([`super::int8`]), as llama.cpp does. Weights
 /// dequantised from a Q8_0 or Q4_0 file (formats llama.cpp writes with those reference
 /// quantizers) quantize back to the file's blocks; Q4_1 files are written by an
 /// error-minimising search, so re-quantizing one does not reproduce its blocks.
@@ -104,9 +109,10 @@ impl std::str::FromStr for Quantization {
 /// `p`'s tile; blocks of [`QK`] features likewise, block `b` at `start(p) + b * g`).
 pub struct Panels {
     pub(super) lines: Lines,
-    /// Panels per tile: [`TILE`] for quantized blocks, and for bfloat16 lines read by the
-    /// AVX-512 kernel (which reads a tile's four panels at once); 1 otherwise (f32 lines, and
-    /// bfloat16 for the AVX2 kernel, which reads one or two panels at a time).
+    /// Panels per tile: [`TILE`] for quantized blocks, for bfloat16 lines read by the AVX-512
+    /// kernel (which reads a tile's four panels at once), and for f32 lines read by it on one
+    /// thread; 1 otherwise (f32 lines on several threads, and lines for the AVX2 kernel, which
+    /// reads one or two panels at a time).
     pub(super) tile: usize,
     pub(super) k: usize,
     pub(super) n: usize,
@@ -138,7 +144,9 @@ impl Panels {
             });
             (Lines::Bf16(lines), tile)
         } else {
-            let tile = tile.unwrap_or(1);
+            // One core draws more from one stream than from four; two draw more from four.
+            let one_core = Kernel::chosen() == Kernel::Avx512 && Pool::global().threads() == 1;
+            let tile = tile.unwrap_or(if one_core { TILE } else { 1 });
             let lines = tiled(count, k, tile, Line([0.0; NR]), |p, i| Line(line(p, i)));
             (Lines::F32(lines), tile)
         };
@@ -171,7 +179,7 @@ impl Panels {
             Quantization::Q8_0 => {
                 let empty = Q8Block {
                     scale: [0.0; NR],
-                    q: [[0; NR]; QK],
+                    q: [[[0; 4]; NR]; QK / 4],
                 };
                 Lines::Q8(quantized_blocks(
                     w,
@@ -182,16 +190,16 @@ impl Panels {
                         let (scale, q) = quantize_q8_0(column);
                         block.scale[j] = scale;
                         for (i, v) in q.into_iter().enumerate() {
-                            block.q[i][j] = v;
+                            block.q[i / 4][j][i % 4] = v;
                         }
                     },
                 ))
             }
             Quantization::Q4_0 | Quantization::Q4_1 => {
                 let empty = Q4Block {
-                    scale: [0.0; NR],
-                    min: [0.0; NR],
-                    q: [[0; NR]; QK / 2],
+                    scale: [0; NR],
+                    min: [0; NR],
+                    q: [[[0; 4]; NR]; QK / 8],
                 };
                 let set = |block: &mut Q4Block, j: usize, column: &[f32; QK]| {
                     let (scale, min, q) = if format == Quantization::Q4_0 {
@@ -200,10 +208,11 @@ impl Panels {
                     } else {
                         quantize_q4_1(column)
                     };
-                    block.scale[j] = scale;
-                    block.min[j] = min;
-                    for t in 0..QK / 2 {
-                        block.q[t][j] = q[2 * t] | q[2 * t + 1] << 4;
+                    // Both are f16 values already: exact in f16.
+                    block.scale[j] = half::f16::from_f32(scale).to_bits();
+                    block.min[j] = half::f16::from_f32(min).to_bits();
+                    for f in 0..QK / 2 {
+                        block.q[f / 4][j][f % 4] = q[f] | q[f + QK / 2] << 4;
                     }
                 };
                 Lines::Q4(quantized_blocks(w, (k, n), out_in, empty, set), format)
@@ -244,20 +253,45 @@ impl Panels {
         match &self.lines {
             Lines::F32(lines) => lines[self.unit(p, i, k)].0[j],
             Lines::Bf16(lines) => f32::from_bits(u32::from(lines[self.unit(p, i, k)].0[j]) << 16),
-            Lines::Q8(blocks) => {
-                let block = &blocks[self.unit(p, i / QK, k / QK)];
-                block.scale[j] * f32::from(block.q[i % QK][j])
-            }
-            Lines::Q4(blocks, _) => {
-                let block = &blocks[self.unit(p, i / QK, k / QK)];
-                let byte = block.q[i % QK / 2][j];
-                let q = if i.is_multiple_of(2) {
-                    byte & 0x0f
+            Lines::Q8(_) | Lines::Q4(..) => {
+                let (d, m) = self.block_scales(p, i / QK, j);
+                let q = self.integer_weight(p, i, j) as f32;
+                if self.quantization() == Some(Quantization::Q8_0) {
+                    d * q
                 } else {
-                    byte >> 4
-                };
-                f32::from(q).mul_add(block.scale[j], block.min[j])
+                    q.mul_add(d, m)
+                }
             }
+        }
+    }
+
+    /// The integer `q` of feature `i`'s weight for output `p * NR + j` in quantized panels:
+    /// Q8_0's signed byte, a 4-bit format's nibble (0 in other formats).
+    pub(super) fn integer_weight(&self, p: usize, i: usize, j: usize) -> i32 {
+        let per = self.k / QK;
+        let f = i % QK;
+        match &self.lines {
+            Lines::Q8(blocks) => i32::from(blocks[self.unit(p, i / QK, per)].q[f / 4][j][f % 4]),
+            Lines::Q4(blocks, _) => {
+                let byte = blocks[self.unit(p, i / QK, per)].q[f % 16 / 4][j][f % 4];
+                i32::from(if f < QK / 2 { byte & 0x0f } else { byte >> 4 })
+            }
+            _ => 0,
+        }
+    }
+
+    /// Block `b`'s scale `d` and offset `m` for output `p * NR + j` in quantized panels (Q8_0:
+    /// `m` = 0).
+    pub(super) fn block_scales(&self, p: usize, b: usize, j: usize) -> (f32, f32) {
+        let per = self.k / QK;
+        match &self.lines {
+            Lines::Q8(blocks) => (blocks[self.unit(p, b, per)].scale[j], 0.0),
+            Lines::Q4(blocks, _) => {
+                let block = &blocks[self.unit(p, b, per)];
+                let f32_of = |bits: u16| half::f16::from_bits(bits).to_f32();
+                (f32_of(block.scale[j]), f32_of(block.min[j]))
+            }
+            _ => (0.0, 0.0),
         }
     }
 

@@ -19,8 +19,9 @@ pub const NR: usize = 16;
 /// (or block `b`'s blocks) of the `TILE` panels of a tile lie side by side, so the four panels
 /// a one-row pass reads at once are one stream, which the hardware prefetcher follows further
 /// than four streams that restart every few kilobytes (what bounds one core's decoding of a
-/// bf16 model). f32 lines (a whole cache line per feature and panel) stay one panel to a tile,
-/// where four streams drew more than one on two cores. Figures: docs/results/cpu-tiles-2026-11-28.md.
+/// bf16 model). f32 lines (a whole cache line per feature and panel) are tiled only when the
+/// kernels run on one thread: four streams drew more than one on two cores, one more than four
+/// on one core. Figures: docs/results/cpu-tiles-2026-11-28.md, docs/results/cpu-int8-2026-12-07.md.
 pub const TILE: usize = 4;
 
 /// What a kernel needs of a [`Panels`] besides its units: `k` features, `count` panels in
@@ -86,20 +87,40 @@ fn parallel_work() -> usize {
 mod formats;
 pub use formats::*;
 
+pub mod int8;
+
 /// A kernel over the panels `p0..p1`: `(x, w, out, rows, cols, p0, p1)`.
 type PanelRange = unsafe fn(&[f32], &Panels, *mut f32, usize, usize, usize, usize);
 
 /// `out[r, c] = x[r, :] · w[:, c]` for the first `cols` outputs, `x` `[rows, k]`, `out`
 /// `[rows, cols]`; the widest kernel this CPU runs ([`Kernel::chosen`]), large products split
-/// over the threads of the [`Pool`].
+/// over the threads of the [`Pool`]. Quantized panels take `x` quantized to 8 bits per block
+/// ([`int8`]).
 pub fn x_panels(x: &[f32], w: &Panels, out: &mut [f32], rows: usize, cols: usize) {
     assert!(cols <= w.n && x.len() >= rows * w.k && out.len() >= rows * cols);
-    let kernel = Kernel::chosen().function();
-    let count = cols.div_ceil(NR);
+    let chosen = Kernel::chosen();
     let o = Out(out.as_mut_ptr());
-    // SAFETY: the shapes are asserted above, `kernel` runs on this CPU (checked above for
-    // the SIMD one), and the parts write disjoint panels.
-    let run = |p0: usize, p1: usize| unsafe { kernel(x, w, o.ptr(), rows, cols, p0, p1) };
+    if w.quantization().is_some() {
+        let a = int8::Activations::quantize(x, rows, w.k);
+        let kernel = chosen.int8_function();
+        // SAFETY: as below.
+        split(w, rows, cols, &|p0, p1| unsafe {
+            kernel(&a, w, o.ptr(), rows, cols, p0, p1)
+        });
+    } else {
+        let kernel = chosen.function();
+        // SAFETY: the shapes are asserted above, `kernel` runs on this CPU (checked above for
+        // the SIMD one), and the parts write disjoint panels.
+        split(w, rows, cols, &|p0, p1| unsafe {
+            kernel(x, w, o.ptr(), rows, cols, p0, p1)
+        });
+    }
+}
+
+/// `run(p0, p1)` over the panels of the first `cols` outputs, split over the threads of the
+/// [`Pool`] when the product is large.
+fn split(w: &Panels, rows: usize, cols: usize, run: &(dyn Fn(usize, usize) + Sync)) {
+    let count = cols.div_ceil(NR);
     let pool = Pool::global();
     let parts = pool.threads().min(count);
     if parts > 1 && rows * w.k * cols >= parallel_work() {
@@ -123,37 +144,26 @@ fn share_start(t: usize, parts: usize, count: usize, tile: usize) -> usize {
     }
 }
 
-/// Bytes ahead of the line in use that a kernel asks the cache to fetch, in a panel of
+/// Bytes ahead of the line in use that a kernel asks the cache to fetch in a panel of
 /// untiled lines (32 f32 lines: the hardware prefetcher alone falls behind when several rows
-/// share each line) and in a tile of quantized blocks.
+/// share each line).
 const PREFETCH_LINES: usize = 2048;
-const PREFETCH_BLOCKS: usize = 4096;
 
 /// The hints a SIMD kernel gives before it reads feature `i` of `panels` panels from `a`
-/// (`next` bytes apart, units `stride` bytes apart, `features` per unit of `unit` bytes).
-/// Untiled panels stream side by side, a hint ahead in each; a tile of quantized blocks is
-/// one stream that its unpacking reads too slowly for the hardware prefetcher to run ahead; a
-/// tile of bfloat16 lines gets none (the hardware prefetcher keeps up, and hints slowed it).
+/// (`next` bytes apart, lines `stride` bytes apart, `unit` bytes each). Untiled panels stream
+/// side by side, a hint ahead in each; a tile of bfloat16 lines gets none (the hardware
+/// prefetcher keeps up, and hints slowed it).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch(
-    a: *const u8,
-    i: usize,
-    panels: usize,
-    (next, stride): (usize, usize),
-    (features, unit): (usize, usize),
-) {
+fn prefetch(a: *const u8, i: usize, panels: usize, (next, stride): (usize, usize), unit: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    // SAFETY: hints only: past the end of the units they read nothing.
+    // SAFETY: hints only: past the end of the lines they read nothing.
     unsafe {
         if stride == unit {
             for j in 0..panels {
                 let ahead = a.wrapping_add(j * next + i * stride + PREFETCH_LINES);
                 _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             }
-        } else if features > 1 {
-            let ahead = a.wrapping_add(i * stride / features + PREFETCH_BLOCKS);
-            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
         }
     }
 }
@@ -163,7 +173,7 @@ fn prefetch(
 pub enum Kernel {
     /// Scalar code ([`portable`]).
     Portable,
-    /// AVX2 and FMA: a panel's line is two 8-lane vectors.
+    /// AVX2, FMA (and F16C, for 4-bit blocks' scales): a panel's line is two 8-lane vectors.
     Avx2,
     /// AVX-512F: a panel's line is one 16-lane vector, twice the registers for accumulators.
     Avx512,
@@ -195,7 +205,7 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
+            if has!("avx2") && has!("fma") && has!("f16c") {
                 kernels.push(Kernel::Avx2);
                 if has!("avx512f") {
                     kernels.push(Kernel::Avx512);
@@ -203,6 +213,27 @@ impl Kernel {
             }
         }
         kernels
+    }
+
+    /// The integer kernel for quantized panels: AVX-512 needs BW and VNNI besides, and falls
+    /// back to the AVX2 one without them (the same bits either way).
+    fn int8_function(self) -> int8::BlockRange {
+        match self {
+            Kernel::Portable => int8::portable,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => int8::avx2::panels,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx512bw") && has!("avx512vnni") {
+                    int8::avx512::panels
+                } else {
+                    int8::avx2::panels
+                }
+            }
+            #[allow(unreachable_patterns)]
+            _ => int8::portable,
+        }
     }
 
     fn function(self) -> PanelRange {
@@ -235,14 +266,21 @@ pub fn x_panels_with(
         "{kernel:?} does not run here"
     );
     assert!(cols <= w.n && x.len() >= rows * w.k && out.len() >= rows * cols);
+    let count = cols.div_ceil(NR);
     // SAFETY: the shapes are asserted above and the CPU runs `kernel`.
     unsafe {
-        (kernel.function())(x, w, out.as_mut_ptr(), rows, cols, 0, cols.div_ceil(NR));
+        if w.quantization().is_some() {
+            let a = int8::Activations::quantize(x, rows, w.k);
+            (kernel.int8_function())(&a, w, out.as_mut_ptr(), rows, cols, 0, count);
+        } else {
+            (kernel.function())(x, w, out.as_mut_ptr(), rows, cols, 0, count);
+        }
     }
 }
 
 /// The body of each SIMD module's `panels`: that module's `run` with its loader for the
-/// panels' format (`F32`, `Bf16`, `Q8`, `Q4`), the lines passed as bytes.
+/// panels' format (`F32`, `Bf16`; quantized panels take the [`int8`] kernels), the lines
+/// passed as bytes.
 #[cfg(target_arch = "x86_64")]
 macro_rules! run_by_format {
     ($x:expr, $w:expr, $out:expr, $rows:expr, $cols:expr, $p0:expr, $p1:expr) => {{
@@ -258,11 +296,8 @@ macro_rules! run_by_format {
             super::Lines::Bf16(l) => {
                 run::<Bf16>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
             }
-            super::Lines::Q8(l) => {
-                run::<Q8>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
-            }
-            super::Lines::Q4(l, _) => {
-                run::<Q4>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
+            super::Lines::Q8(_) | super::Lines::Q4(..) => {
+                unreachable!("quantized panels go through the int8 kernels")
             }
         }
     }};

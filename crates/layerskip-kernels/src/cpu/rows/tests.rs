@@ -61,7 +61,8 @@ fn thread_shares_cover_the_panels_in_whole_tiles() {
 /// Every kernel over any range of panels (as a thread's share of a product: starting or
 /// ending inside a tile) reproduces the scalar chains, for every layout: f32 and bfloat16
 /// lines one panel to a tile or [`TILE`] (whichever the chosen kernel packs for), and
-/// quantized blocks; tiles whole and partial (19 panels: four tiles and three panels).
+/// quantized blocks (the integer kernels against [`int8::portable`]); tiles whole and partial
+/// (19 panels: four tiles and three panels).
 #[test]
 fn every_layout_and_range_of_panels_matches_the_scalar_order() {
     let (k, n): (usize, usize) = (64, 300);
@@ -76,19 +77,34 @@ fn every_layout_and_range_of_panels_matches_the_scalar_order() {
         layouts.push(Panels::build(k, n, false, Some(tile), |i, c| w[i * n + c]));
         layouts.push(Panels::build(k, n, true, Some(tile), |i, c| w16[i * n + c]));
     }
-    for format in [Quantization::Q8_0, Quantization::Q4_0] {
+    for format in [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1] {
         layouts.push(Panels::quantized(&w, k, n, false, format).unwrap());
     }
     for panels in &layouts {
         let reference = dequantized(panels);
-        for rows in [1, 2, 3, 7] {
+        for rows in [1, 2, 3, 5, 7, 9] {
             let x = values(rows * k, 40 + rows as u64);
-            let want = portable::x_w(&x, &reference, rows, k, n);
+            let a = int8::Activations::quantize(&x, rows, k);
+            let want = if panels.quantization().is_some() {
+                let mut out = vec![f32::NAN; rows * n];
+                // SAFETY: the shapes fit.
+                unsafe { int8::portable(&a, panels, out.as_mut_ptr(), rows, n, 0, count) };
+                out
+            } else {
+                portable::x_w(&x, &reference, rows, k, n)
+            };
             for kernel in Kernel::available() {
                 for (p0, p1) in [(0, count), (1, 3), (2, 7), (3, 4), (5, count), (17, 19)] {
                     let mut out = vec![f32::NAN; rows * n];
+                    let o = out.as_mut_ptr();
                     // SAFETY: the shapes fit and the kernel runs on this CPU.
-                    unsafe { (kernel.function())(&x, panels, out.as_mut_ptr(), rows, n, p0, p1) };
+                    unsafe {
+                        if panels.quantization().is_some() {
+                            (kernel.int8_function())(&a, panels, o, rows, n, p0, p1)
+                        } else {
+                            (kernel.function())(&x, panels, o, rows, n, p0, p1)
+                        }
+                    };
                     for r in 0..rows {
                         let cols = p0 * NR..(p1 * NR).min(n);
                         assert_eq!(
@@ -194,11 +210,12 @@ fn q4_quantizes_as_ggml() {
     assert_eq!((q[1], q[2], q[4], q[31]), (0, 1, 2, 15));
 }
 
-/// 4-bit panels: every kernel computes the f32 chains over `fma(q, d, m)` bit for bit, and
-/// re-quantizing the dequantized weights gives them back (a Q4 file converted to f32 and
-/// packed computes with the file's numbers).
+/// 4-bit panels hold ggml's values (`fma(q, d, m)`, within a step of the weights), from
+/// either layout, and re-quantizing the dequantized weights gives them back (a Q4 file
+/// converted to f32 and packed computes with the file's numbers); their products are the
+/// integer formula's ([`quantized_product_in_f64`]).
 #[test]
-fn q4_panels_compute_the_dequantized_product_bit_for_bit() {
+fn q4_panels_hold_the_formats_values() {
     for format in [Quantization::Q4_0, Quantization::Q4_1] {
         for (k, n) in [(64, 48), (256, 300), (96, 5)] {
             let w = values(k * n, 13);
@@ -212,21 +229,75 @@ fn q4_panels_compute_the_dequantized_product_bit_for_bit() {
                 // nibble clamps), weights below 0.5 here, plus the f16 roundings.
                 assert!((a - b).abs() <= 0.07, "{format:?} {a} vs {b}");
             }
+            // Column 3's first block by ggml's quantizer directly, against the panels' nibbles.
+            let column: [f32; QK] = std::array::from_fn(|i| w[i * n + 3]);
+            let (d, m, nibbles) = match format {
+                Quantization::Q4_0 => {
+                    let (d, q) = quantize_q4_0(&column);
+                    (d, -8.0 * d, q)
+                }
+                _ => quantize_q4_1(&column),
+            };
+            for (i, &nibble) in nibbles.iter().enumerate() {
+                assert_eq!(
+                    deq[i * n + 3],
+                    f32::from(nibble).mul_add(d, m),
+                    "{format:?} {i}"
+                );
+            }
             let again = Panels::quantized(&deq, k, n, false, format).unwrap();
             assert_eq!(dequantized(&again), deq, "{format:?} re-quantized");
             for rows in [1, 2, 3, 7, 9] {
                 let x = values(rows * k, 30 + rows as u64);
-                let want = portable::x_w(&x, &deq, rows, k, n);
-                assert_eq!(
-                    run(&x, &q, rows, n),
-                    want,
-                    "{format:?} k {k} n {n} rows {rows}"
-                );
-                for kernel in Kernel::available() {
-                    let got = with(kernel, &x, &q_t, rows, n);
-                    assert_eq!(got, want, "{format:?} {kernel:?} {k} {n}");
+                quantized_product_in_f64(&x, &q, rows, &deq);
+                quantized_product_in_f64(&x, &q_t, rows, &deq);
+            }
+        }
+    }
+}
+
+/// What every kernel computes with quantized panels `w` (the dispatched, threaded one and
+/// each kernel this CPU runs, all the same bits as [`int8::portable`]), against the same sums
+/// in f64: `x` quantized per block ([`int8::quantize_activations`]) times the format's values
+/// `deq` (`[k, n]`), within f32's rounding of the block terms; and within the activations'
+/// rounding (half a step per feature) of `x · deq` itself.
+fn quantized_product_in_f64(x: &[f32], w: &Panels, rows: usize, deq: &[f32]) {
+    let (k, n) = w.dims();
+    let got = run(x, w, rows, n);
+    let count = n.div_ceil(NR);
+    let a = int8::Activations::quantize(x, rows, k);
+    let mut reference = vec![f32::NAN; rows * n];
+    // SAFETY: the shapes fit.
+    unsafe { int8::portable(&a, w, reference.as_mut_ptr(), rows, n, 0, count) };
+    assert_eq!(got, reference, "dispatched {k} {n} rows {rows}");
+    for kernel in Kernel::available() {
+        assert_eq!(
+            with(kernel, x, w, rows, n),
+            reference,
+            "{kernel:?} {k} {n} rows {rows}"
+        );
+    }
+    for r in 0..rows {
+        let blocks: Vec<(f32, [i8; QK])> = (0..k / QK)
+            .map(|b| int8::quantize_activations(x[r * k + b * QK..][..QK].try_into().unwrap()))
+            .collect();
+        for c in 0..n {
+            let (mut exact, mut plain, mut step) = (0.0f64, 0.0f64, 0.0f64);
+            for (b, (s, q)) in blocks.iter().enumerate() {
+                for (t, &qi) in q.iter().enumerate() {
+                    let i = b * QK + t;
+                    let wi = f64::from(deq[i * n + c]);
+                    exact += f64::from(*s) * f64::from(qi) * wi;
+                    plain += f64::from(x[r * k + i]) * wi;
+                    step += f64::from(*s) * 0.5 * wi.abs();
                 }
             }
+            let out = f64::from(got[r * n + c]);
+            assert!((out - exact).abs() < 1e-5, "{r} {c}: {out} vs {exact}");
+            assert!(
+                (out - plain).abs() <= step + 1e-5,
+                "{r} {c}: {out} vs {plain}"
+            );
         }
     }
 }
@@ -240,12 +311,13 @@ fn dequantized(w: &Panels) -> Vec<f32> {
         .collect()
 }
 
-/// Q8_0 panels: every kernel computes the f32 chains over the dequantized weights bit for
-/// bit (the scale times a byte is exact in f32), from either layout; quantizing the
-/// dequantized weights again gives the same panels (a Q8_0 file converted to f32 and packed
-/// computes with the file's numbers); widths that are not whole blocks are refused.
+/// Q8_0 panels hold ggml's values (`d * q`, within half a step of the weights), from either
+/// layout; quantizing the dequantized weights again gives the same panels (a Q8_0 file
+/// converted to f32 and packed computes with the file's numbers); their products are the
+/// integer formula's ([`quantized_product_in_f64`]); widths that are not whole blocks are
+/// refused.
 #[test]
-fn q8_0_panels_compute_the_dequantized_product_bit_for_bit() {
+fn q8_0_panels_hold_the_formats_values() {
     for (k, n) in [(64, 48), (256, 300), (96, 5)] {
         let w = values(k * n, 11);
         let q = Panels::quantized(&w, k, n, false, Quantization::Q8_0).unwrap();
@@ -259,18 +331,48 @@ fn q8_0_panels_compute_the_dequantized_product_bit_for_bit() {
             let bound = 0.5 * 0.5 / 127.0 + 0.5 / 2048.0;
             assert!((a - b).abs() <= bound, "{a} vs {b}");
         }
+        let column: [f32; QK] = std::array::from_fn(|i| w[i * n + 2]);
+        let (d, bytes) = quantize_q8_0(&column);
+        for (i, &byte) in bytes.iter().enumerate() {
+            assert_eq!(deq[i * n + 2], d * f32::from(byte), "{i}");
+        }
         let again = Panels::quantized(&deq, k, n, false, Quantization::Q8_0).unwrap();
         assert_eq!(dequantized(&again), deq, "re-quantized");
         for rows in [1, 2, 3, 7, 9] {
             let x = values(rows * k, 20 + rows as u64);
-            let want = portable::x_w(&x, &deq, rows, k, n);
-            assert_eq!(run(&x, &q, rows, n), want, "k {k} n {n} rows {rows}");
-            for kernel in Kernel::available() {
-                assert_eq!(with(kernel, &x, &q_t, rows, n), want, "{kernel:?} {k} {n}");
-            }
+            quantized_product_in_f64(&x, &q, rows, &deq);
+            quantized_product_in_f64(&x, &q_t, rows, &deq);
         }
     }
     assert!(Panels::quantized(&values(40 * 16, 1), 40, 16, false, Quantization::Q8_0).is_none());
+}
+
+/// Activations as ggml's Q8_0 quantizes them, by hand, the scale kept in f32: a block 0,
+/// 0.1, ..., 3.1 has scale 3.1 / 127, 0.1 maps to round(4.0968) = 4, 1.0 to round(40.968) =
+/// 41, the largest to 127; a tie rounds to even (an amax of 127 makes the scale 1: 2.5 -> 2,
+/// 3.5 -> 4, -0.5 -> 0); an all-zero block has scale 0.
+#[test]
+fn activations_quantize_as_ggml() {
+    let block: [f32; QK] = std::array::from_fn(|i| i as f32 * 0.1);
+    let (d, q) = int8::quantize_activations(&block);
+    assert_eq!(d, block[31] / 127.0);
+    assert_eq!((q[0], q[1], q[10], q[31]), (0, 4, 41, 127));
+    let mut ties = [0.0f32; QK];
+    ties[..4].copy_from_slice(&[127.0, 2.5, 3.5, -0.5]);
+    let (d, q) = int8::quantize_activations(&ties);
+    assert_eq!((d, q[0], q[1], q[2], q[3]), (1.0, 127, 2, 4, 0));
+    assert_eq!(int8::quantize_activations(&[0.0; QK]), (0.0, [0; QK]));
+    let a = int8::Activations::quantize(&block.map(|v| -v), 1, QK);
+    assert_eq!((a.q[31], a.sum[0]), (-127, -q_sum(&block)));
+}
+
+/// The sum of a block's bytes as [`int8::quantize_activations`] makes them.
+fn q_sum(block: &[f32; QK]) -> i32 {
+    int8::quantize_activations(block)
+        .1
+        .iter()
+        .map(|&v| i32::from(v))
+        .sum()
 }
 
 /// A row's result does not depend on the rows beside it: row `r` of a many-row call
@@ -278,12 +380,16 @@ fn q8_0_panels_compute_the_dequantized_product_bit_for_bit() {
 #[test]
 fn a_row_is_computed_the_same_whatever_the_batch() {
     let (k, n) = (768, 256);
-    let w = Panels::from_in_out(&values(k * n, 7), k, n);
-    for rows in [2, 5, 7, 12] {
+    let values_w = values(k * n, 7);
+    let mut layouts = vec![Panels::from_in_out(&values_w, k, n)];
+    for format in [Quantization::Q8_0, Quantization::Q4_0, Quantization::Q4_1] {
+        layouts.push(Panels::quantized(&values_w, k, n, false, format).unwrap());
+    }
+    for (w, rows) in layouts.iter().flat_map(|w| [2, 5, 7, 12].map(|r| (w, r))) {
         let x = values(rows * k, 8);
-        let all = run(&x, &w, rows, n);
+        let all = run(&x, w, rows, n);
         for r in 0..rows {
-            let one = run(&x[r * k..(r + 1) * k], &w, 1, n);
+            let one = run(&x[r * k..(r + 1) * k], w, 1, n);
             assert_eq!(&all[r * n..(r + 1) * n], &one[..], "{rows} rows, row {r}");
         }
     }
@@ -315,8 +421,10 @@ fn kernels_compute_the_product() {
 }
 
 /// `column(c)` is output `c`'s weights as every product reads them: the product of the `k`
-/// one-hot rows (`fma(1, w, 0) = w`), in each format; for f32 and bfloat16-valued panels of
-/// an embedding `[n, k]` packed as a tied head, exactly its row `c`.
+/// one-hot rows (`fma(1, w, 0) = w`) for f32 and bfloat16-valued panels of an embedding
+/// `[n, k]` packed as a tied head, exactly its row `c`; for quantized panels, the values of
+/// ggml's quantizer run on row `c`, which the one-hot rows' products (quantized to 127 with
+/// scale 1/127) give back to within a rounding.
 #[test]
 fn a_column_is_what_the_products_read() {
     let (k, n) = (64, 37);
@@ -328,27 +436,40 @@ fn a_column_is_what_the_products_read() {
     let one_hot: Vec<f32> = (0..k * k)
         .map(|e| if e / k == e % k { 1.0 } else { 0.0 })
         .collect();
-    let formats = [
-        (Panels::from_out_in(&embedding, k, n), Some(&embedding)),
-        (Panels::from_out_in(&bf16_valued, k, n), Some(&bf16_valued)),
-        (
-            Panels::quantized(&embedding, k, n, true, Quantization::Q8_0).unwrap(),
-            None,
-        ),
-        (
-            Panels::quantized(&embedding, k, n, true, Quantization::Q4_1).unwrap(),
-            None,
-        ),
+    let plain = [
+        (Panels::from_out_in(&embedding, k, n), &embedding),
+        (Panels::from_out_in(&bf16_valued, k, n), &bf16_valued),
     ];
-    for (panels, exact) in &formats {
+    for (panels, w) in &plain {
         let products = run(&one_hot, panels, k, n);
         for c in 0..n {
             let mut column = vec![f32::NAN; k];
             panels.column(c, &mut column);
             let read: Vec<f32> = (0..k).map(|i| products[i * n + c]).collect();
             assert_eq!(column, read, "column {c}");
-            if let Some(w) = exact {
-                assert_eq!(column, w[c * k..(c + 1) * k], "row {c}");
+            assert_eq!(column, w[c * k..(c + 1) * k], "row {c}");
+        }
+    }
+    for format in [Quantization::Q8_0, Quantization::Q4_1] {
+        let panels = Panels::quantized(&embedding, k, n, true, format).unwrap();
+        let products = run(&one_hot, &panels, k, n);
+        for c in 0..n {
+            let mut column = vec![f32::NAN; k];
+            panels.column(c, &mut column);
+            for b in 0..k / QK {
+                let row: [f32; QK] = embedding[c * k + b * QK..][..QK].try_into().unwrap();
+                let want: Vec<f32> = if format == Quantization::Q8_0 {
+                    let (d, q) = quantize_q8_0(&row);
+                    q.iter().map(|&v| d * f32::from(v)).collect()
+                } else {
+                    let (d, m, q) = quantize_q4_1(&row);
+                    q.iter().map(|&v| f32::from(v).mul_add(d, m)).collect()
+                };
+                assert_eq!(column[b * QK..(b + 1) * QK], want[..], "{format} {c} {b}");
+            }
+            for (i, v) in column.iter().enumerate() {
+                let read = products[i * n + c];
+                assert!((read - v).abs() <= 1e-6, "{format} {c} {i}: {read} vs {v}");
             }
         }
     }
