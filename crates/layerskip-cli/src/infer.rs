@@ -179,8 +179,9 @@ pub fn strategy_from(
 #[derive(Args, Debug, Clone, Copy)]
 pub struct WeightArgs {
     /// Keep the weights quantized for decoding (CPU): q8_0, q4_0 or q4_1 (ggml's block formats
-    /// by its reference quantizers, summed in f32; a checkpoint converted from a Q8_0 or Q4_0
-    /// GGUF gets the file's own numbers back). Default: the checkpoint's precision.
+    /// by its reference quantizers; as llama.cpp, activations are quantized to 8 bits per block
+    /// of 32 and blocks summed in integers; a checkpoint converted from a Q8_0 or Q4_0 GGUF gets
+    /// the file's own numbers back). Default: the checkpoint's precision.
     #[arg(long)]
     pub quantize: Option<Quantization>,
 }

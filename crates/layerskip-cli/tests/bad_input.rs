@@ -437,17 +437,20 @@ fn train_from_a_model_refuses_a_preset_of_another_shape() {
 fn a_config_or_tokenizer_that_does_not_describe_the_weights_is_refused() {
     // config.json with fewer layers than the weights hold.
     let dir = copy_of_default_model("layers");
-    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        config.replace("\"num_hidden_layers\": 8", "\"num_hidden_layers\": 6"),
-    )
-    .unwrap();
+    let layers = common::shipped_config("num_hidden_layers");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = serde_json::json!(layers - 2);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let (code, _, err) = layerskip(&["infer", "--model", s(&dir), "--prompt", "x"]);
     assert_error(
         code,
         &err,
-        "holds decoder layer 7 but config.json says num_hidden_layers = 6",
+        &format!(
+            "holds decoder layer {} but config.json says num_hidden_layers = {}",
+            layers - 1,
+            layers - 2
+        ),
     );
 
     // A tokenizer with more tokens than the model has embeddings.
@@ -456,7 +459,9 @@ fn a_config_or_tokenizer_that_does_not_describe_the_weights_is_refused() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
             .unwrap();
     let added = tokenizer["added_tokens"].as_array_mut().unwrap();
-    for id in 4096..4100 {
+    // The shipped tokenizer has as many tokens as the model has embeddings.
+    let vocab = common::shipped_config("vocab_size");
+    for id in vocab..vocab + 4 {
         added.push(
             serde_json::json!({"id": id, "content": format!("<extra_{id}>"),
             "single_word": false, "lstrip": false, "rstrip": false, "normalized": false,
@@ -468,7 +473,10 @@ fn a_config_or_tokenizer_that_does_not_describe_the_weights_is_refused() {
     assert_error(
         code,
         &err,
-        "the tokenizer has 4100 tokens but the model's vocab_size is 4096",
+        &format!(
+            "the tokenizer has {} tokens but the model's vocab_size is {vocab}",
+            vocab + 4
+        ),
     );
 }
 
@@ -516,6 +524,7 @@ fn quantization_is_refused_where_it_would_not_apply() {
 fn eval_refuses_empty_blocks_and_blocks_longer_than_the_context() {
     let data = python_file();
     let model = default_model();
+    let context = common::shipped_config("max_position_embeddings");
     let (code, _, err) = layerskip(&[
         "eval",
         "--model",
@@ -533,9 +542,9 @@ fn eval_refuses_empty_blocks_and_blocks_longer_than_the_context() {
         "--data",
         &data,
         "--seq-len",
-        "2048",
+        &(2 * context).to_string(),
     ]);
-    assert_error(code, &err, "max_position_embeddings = 1024");
+    assert_error(code, &err, &format!("max_position_embeddings = {context}"));
 }
 
 #[test]

@@ -120,7 +120,7 @@ fn strategies_agree_and_bad_exit_layers_are_rejected() {
     }
 }
 
-/// The model shipped in `models/default` (8 layers, trained by this project with LayerSkip).
+/// The model shipped in `models/default` (trained by this project with LayerSkip).
 fn default_model() -> String {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
     assert!(
@@ -367,10 +367,14 @@ fn eval_reports_every_exit_and_a_resaved_checkpoint_scores_the_same() {
 #[test]
 fn bench_and_eval_input_errors_are_one_line() {
     let model = default_model();
+    let layers = common::shipped_config("num_hidden_layers").to_string();
+    let out_of_range = format!("exit layer {layers} is out of range");
+    // Four tokens short of the context: with the prompt, past it.
+    let too_many = (common::shipped_config("max_position_embeddings") - 4).to_string();
     let cases: [(&[&str], &str); 5] = [
         (
-            &["bench", "--model", &model, "--exit-layer", "8"],
-            "exit layer 8 is out of range",
+            &["bench", "--model", &model, "--exit-layer", &layers],
+            &out_of_range,
         ),
         (
             &["bench", "--model", &model, "--dataset", "jsonl"],
@@ -386,7 +390,7 @@ fn bench_and_eval_input_errors_are_one_line() {
                 "--model",
                 &model,
                 "--max-new-tokens",
-                "1020",
+                &too_many,
                 "--exit-layer",
                 "2",
             ],

@@ -8,6 +8,17 @@ pub fn shipped_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default")
 }
 
+/// A number from the shipped model's `config.json` (`num_hidden_layers`, `vocab_size`,
+/// `max_position_embeddings`): tests derive what they expect of it from its config.
+#[allow(dead_code)] // not every test file reads the config
+pub fn shipped_config(key: &str) -> usize {
+    let text = std::fs::read_to_string(shipped_model().join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in config.json")) as usize
+}
+
 /// Copies the shipped model's files into `dir` (created), for a test to change.
 pub fn copy_shipped_model(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
