@@ -14,7 +14,7 @@ trait Load {
     /// # Safety
     /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
     /// AVX2.
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2];
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, odd: bool) -> [__m256; 2];
 }
 
 /// [`super::Line`]: 16 f32.
@@ -22,7 +22,7 @@ struct F32;
 impl Load for F32 {
     const UNIT: usize = 64;
     #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, _odd: bool) -> [__m256; 2] {
         // SAFETY: as promised by the caller.
         unsafe {
             let line = panel.add(i * stride) as *const f32;
@@ -36,7 +36,7 @@ struct Bf16;
 impl Load for Bf16 {
     const UNIT: usize = 32;
     #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> [__m256; 2] {
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, _odd: bool) -> [__m256; 2] {
         // SAFETY: as promised by the caller.
         unsafe {
             let line = panel.add(i * stride) as *const __m128i;
@@ -45,6 +45,32 @@ impl Load for Bf16 {
             [
                 widen(_mm_load_si128(line)),
                 widen(_mm_load_si128(line.add(1))),
+            ]
+        }
+    }
+}
+
+/// [`super::HalfPair`]s of tiled panels: the even panel's column `c` in the low half of 32-bit
+/// word `c`, the odd panel's in its high half; a shift or a mask widens one panel's line.
+struct Bf16Pairs;
+impl Load for Bf16Pairs {
+    const UNIT: usize = 32;
+    #[inline(always)]
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, odd: bool) -> [__m256; 2] {
+        // SAFETY: as promised by the caller (an odd panel's line is the second half of its
+        // pair's 64 bytes).
+        unsafe {
+            let pair = panel.sub(usize::from(odd) * 32).add(i * stride) as *const __m256i;
+            let widen = |v| {
+                _mm256_castsi256_ps(if odd {
+                    _mm256_and_si256(v, _mm256_set1_epi32(-65536))
+                } else {
+                    _mm256_slli_epi32::<16>(v)
+                })
+            };
+            [
+                widen(_mm256_load_si256(pair)),
+                widen(_mm256_load_si256(pair.add(1))),
             ]
         }
     }
@@ -165,7 +191,8 @@ unsafe fn block<W: Load, const G: usize, const P: usize>(
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; G];
         for i in 0..k {
             super::prefetch(a, i, P, (next, stride), W::UNIT);
-            let w: [[__m256; 2]; P] = std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
+            let w: [[__m256; 2]; P] =
+                std::array::from_fn(|j| W::load(a.add(j * next), i, stride, (p + j) % 2 == 1));
             for (g, accg) in acc.iter_mut().enumerate() {
                 let xv = _mm256_broadcast_ss(&*x.add(g * k + i));
                 for (accj, wj) in accg.iter_mut().zip(&w) {

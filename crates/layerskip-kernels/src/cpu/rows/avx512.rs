@@ -18,14 +18,29 @@ trait Load {
     /// # Safety
     /// `panel` is an aligned panel of this kind with more than `i` features; the CPU has
     /// AVX-512F.
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512;
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, odd: bool) -> __m512;
+
+    /// Feature `i` of the even panel at `panel` and of the next one, `next` bytes further.
+    ///
+    /// # Safety
+    /// As [`Load::load`], for both panels.
+    #[inline(always)]
+    unsafe fn pair(panel: *const u8, next: usize, i: usize, stride: usize) -> [__m512; 2] {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            [
+                Self::load(panel, i, stride, false),
+                Self::load(panel.add(next), i, stride, true),
+            ]
+        }
+    }
 }
 
 struct F32;
 impl Load for F32 {
     const UNIT: usize = 64;
     #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, _odd: bool) -> __m512 {
         // SAFETY: as promised by the caller.
         unsafe { _mm512_load_ps(panel.add(i * stride) as *const f32) }
     }
@@ -36,11 +51,44 @@ struct Bf16;
 impl Load for Bf16 {
     const UNIT: usize = 32;
     #[inline(always)]
-    unsafe fn load(panel: *const u8, i: usize, stride: usize) -> __m512 {
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, _odd: bool) -> __m512 {
         // SAFETY: as promised by the caller.
         unsafe {
             let h = _mm256_load_si256(panel.add(i * stride) as *const __m256i);
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+/// [`super::HalfPair`]s of tiled panels: the even panel's column `c` in the low half of 32-bit
+/// word `c`, the odd panel's in its high half; one read widens into both, a shift and a mask.
+struct Bf16Pairs;
+impl Load for Bf16Pairs {
+    const UNIT: usize = 32;
+    #[inline(always)]
+    unsafe fn load(panel: *const u8, i: usize, stride: usize, odd: bool) -> __m512 {
+        // SAFETY: as promised by the caller (an odd panel's line is the second half of its
+        // pair's 64 bytes, which are aligned).
+        unsafe {
+            let pair = panel.sub(usize::from(odd) * 32).add(i * stride);
+            let v = _mm512_load_si512(pair as *const __m512i);
+            _mm512_castsi512_ps(if odd {
+                _mm512_and_si512(v, _mm512_set1_epi32(-65536))
+            } else {
+                _mm512_slli_epi32::<16>(v)
+            })
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pair(panel: *const u8, _next: usize, i: usize, stride: usize) -> [__m512; 2] {
+        // SAFETY: as promised by the caller.
+        unsafe {
+            let v = _mm512_load_si512(panel.add(i * stride) as *const __m512i);
+            [
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))),
+            ]
         }
     }
 }
@@ -172,7 +220,15 @@ unsafe fn block<W: Load, const G: usize, const P: usize>(
         let mut i = 0;
         while i < k {
             super::prefetch(a, i, P, (next, stride), W::UNIT);
-            let w: [__m512; P] = std::array::from_fn(|j| W::load(a.add(j * next), i, stride));
+            let w: [__m512; P] = if P >= 2 && p.is_multiple_of(2) {
+                let mut w = [_mm512_setzero_ps(); P];
+                for j in (0..P).step_by(2) {
+                    [w[j], w[j + 1]] = W::pair(a.add(j * next), next, i, stride);
+                }
+                w
+            } else {
+                std::array::from_fn(|j| W::load(a.add(j * next), i, stride, (p + j) % 2 == 1))
+            };
             for (g, accg) in acc.iter_mut().enumerate() {
                 let xv = _mm512_set1_ps(*x.add(g * k + i));
                 for (accj, wj) in accg.iter_mut().zip(&w) {

@@ -14,6 +14,37 @@ pub struct Line(pub [f32; NR]);
 #[derive(Clone, Copy)]
 pub struct HalfLine(pub [u16; NR]);
 
+/// Two [`HalfLine`]s on one cache line: how [`Lines::Bf16`] holds them. In tiled panels the
+/// pair is feature `i` of panels `2m` and `2m + 1` of a tile, interleaved column by column:
+/// 32-bit word `c` holds the even panel's column `c` in its low half and the odd panel's in its
+/// high half, so that one 64-byte read widens into both panels' lines with one shift and one
+/// mask.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct HalfPair(pub [u16; 2 * NR]);
+
+impl HalfPair {
+    /// The pair of `a` (the even panel's line) and `b`, interleaved or `plain`.
+    fn new(a: &HalfLine, b: &HalfLine, plain: bool) -> Self {
+        HalfPair(std::array::from_fn(|e| {
+            if plain {
+                if e < NR { a.0[e] } else { b.0[e - NR] }
+            } else {
+                [a, b][e % 2].0[e / 2]
+            }
+        }))
+    }
+
+    /// Column `j` of line `half` (0: the first, or the even panel's) of the pair.
+    fn get(&self, half: usize, j: usize, plain: bool) -> u16 {
+        if plain {
+            self.0[half * NR + j]
+        } else {
+            self.0[2 * j + half]
+        }
+    }
+}
+
 /// Features per block of the 8-bit format ([`Q8Block`]), as in ggml's Q8_0.
 pub const QK: usize = 32;
 
@@ -50,8 +81,10 @@ pub struct Q4Block {
 pub(super) enum Lines {
     F32(Vec<Line>),
     /// Every weight is a bfloat16 value (a checkpoint stored in bf16, computed in f32): the
-    /// same numbers in half the bytes, so the kernels' products do not change.
-    Bf16(Vec<HalfLine>),
+    /// same numbers in half the bytes, so the kernels' products do not change. Line `e` is
+    /// half `e % 2` of pair `e / 2`; tiled panels come in pairs (a tile of an odd count of
+    /// panels gets a zero panel), their lines interleaved ([`HalfPair`]).
+    Bf16(Vec<HalfPair>),
     /// Quantized to 8 bits: block `p * k / QK + b` holds panel `p`'s features `b * QK..`.
     Q8(Vec<Q8Block>),
     /// Quantized to 4 bits, blocks as [`Lines::Q8`].
@@ -139,10 +172,24 @@ impl Panels {
         let (lines, tile) = if bf16 {
             let tiled_here = Kernel::chosen() == Kernel::Avx512;
             let tile = tile.unwrap_or(if tiled_here { TILE } else { 1 });
-            let lines = tiled(count, k, tile, HalfLine([0; NR]), |p, i| {
-                HalfLine(line(p, i).map(|v| (v.to_bits() >> 16) as u16))
-            });
-            (Lines::Bf16(lines), tile)
+            let half =
+                |p: usize, i: usize| HalfLine(line(p, i).map(|v| (v.to_bits() >> 16) as u16));
+            let pairs = if tile > 1 {
+                // Pairs of panels laid out as panels in tiles of `tile / 2`: the same places
+                // as the tiled lines, with no second copy of the matrix while it is packed.
+                let empty = HalfPair([0; 2 * NR]);
+                tiled(count.div_ceil(2), k, tile / 2, empty, |pp, i| {
+                    HalfPair::new(&half(2 * pp, i), &half(2 * pp + 1, i), false)
+                })
+            } else {
+                let lines = tiled(count, k, tile, HalfLine([0; NR]), half);
+                let zero = HalfLine([0; NR]);
+                lines
+                    .chunks(2)
+                    .map(|two| HalfPair::new(&two[0], two.get(1).unwrap_or(&zero), true))
+                    .collect()
+            };
+            (Lines::Bf16(pairs), tile)
         } else {
             // One core draws more from one stream than from four; two draw more from four.
             let one_core = Kernel::chosen() == Kernel::Avx512 && Pool::global().threads() == 1;
@@ -252,7 +299,7 @@ impl Panels {
         let k = self.k;
         match &self.lines {
             Lines::F32(lines) => lines[self.unit(p, i, k)].0[j],
-            Lines::Bf16(lines) => f32::from_bits(u32::from(lines[self.unit(p, i, k)].0[j]) << 16),
+            Lines::Bf16(_) => self.half_line(self.unit(p, i, k), j),
             Lines::Q8(_) | Lines::Q4(..) => {
                 let (d, m) = self.block_scales(p, i / QK, j);
                 let q = self.integer_weight(p, i, j) as f32;
@@ -295,8 +342,23 @@ impl Panels {
         }
     }
 
+    /// Column `j` of bfloat16 line `e`, widened.
+    fn half_line(&self, e: usize, j: usize) -> f32 {
+        let Lines::Bf16(pairs) = &self.lines else {
+            unreachable!("bfloat16 lines")
+        };
+        f32::from_bits(u32::from(pairs[e / 2].get(e % 2, j, self.tile == 1)) << 16)
+    }
+
+    /// Panels in the layout: those of the `n` outputs, and a zero panel that pairs the last
+    /// one in tiled bfloat16 lines.
     pub(super) fn count(&self) -> usize {
-        self.n.div_ceil(NR)
+        let count = self.n.div_ceil(NR);
+        if self.is_bf16() && self.tile > 1 {
+            count.next_multiple_of(2)
+        } else {
+            count
+        }
     }
 
     /// Output `c`'s `k` weights, as the products read them (a quantized format's values
@@ -318,9 +380,9 @@ impl Panels {
                     *o = lines[start + i * g].0[j];
                 }
             }
-            Lines::Bf16(lines) => {
+            Lines::Bf16(_) => {
                 for (i, o) in out.iter_mut().enumerate() {
-                    *o = f32::from_bits(u32::from(lines[start + i * g].0[j]) << 16);
+                    *o = self.half_line(start + i * g, j);
                 }
             }
             Lines::Q8(_) | Lines::Q4(..) => {

@@ -293,6 +293,9 @@ macro_rules! run_by_format {
             super::Lines::F32(l) => {
                 run::<F32>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
             }
+            super::Lines::Bf16(l) if $w.tile > 1 => {
+                run::<Bf16Pairs>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
+            }
             super::Lines::Bf16(l) => {
                 run::<Bf16>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)
             }
