@@ -16,7 +16,7 @@ mod serve;
 mod sweep;
 mod train;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use backend::DeviceSpec;
 use clap::{Parser, Subcommand, ValueEnum};
 use layerskip_model::Quantization;
@@ -123,6 +123,15 @@ enum Command {
         /// the new model's).
         #[arg(long)]
         overwrite: bool,
+        /// With `--checkpoint`: renumber the vocabulary by how often each token occurs in the
+        /// files under these paths (most frequent first; the tokenizer's special tokens keep
+        /// their ids), so that `--draft-vocab N` drafts over the N most frequent tokens. The
+        /// model computes the same text.
+        #[arg(long, num_args = 1.., requires = "checkpoint")]
+        sort_vocab: Vec<PathBuf>,
+        /// File extensions read under `--sort-vocab` directories.
+        #[arg(long, value_delimiter = ',', default_value = "py")]
+        sort_vocab_ext: Vec<String>,
     },
 }
 
@@ -211,6 +220,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
             overwrite,
+            sort_vocab,
+            sort_vocab_ext,
             ..
         } => write_model_dir(&out, overwrite, |stage| {
             backend::dispatch(
@@ -221,6 +232,7 @@ fn run(cli: Cli) -> Result<()> {
                     out: stage.to_path_buf(),
                     shown: out.clone(),
                     dtype: dtype.into(),
+                    sort_vocab: (!sort_vocab.is_empty()).then_some((sort_vocab, sort_vocab_ext)),
                 },
             )
         }),
@@ -279,7 +291,7 @@ fn write_model_dir<T>(
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect(),
         Err(_) if out.exists() && !out.is_dir() => {
-            anyhow::bail!("{}: exists and is not a directory", out.display())
+            bail!("{}: exists and is not a directory", out.display())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).with_context(|| format!("reading --out {}", out.display())),
@@ -288,7 +300,7 @@ fn write_model_dir<T>(
         held.sort();
         let shown = held.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
         let more = if held.len() > 5 { ", ..." } else { "" };
-        anyhow::bail!(
+        bail!(
             "--out {} already holds files ({shown}{more}); writing a model there would mix two \
              models' files: choose a new or empty directory, or pass --overwrite to replace it \
              as a whole",
@@ -348,15 +360,29 @@ struct Resave {
     /// The directory they will be in when complete (for the message).
     shown: PathBuf,
     dtype: SaveDtype,
+    /// Data (paths, extensions) to renumber the vocabulary by ([`vocab_order`]).
+    sort_vocab: Option<(Vec<PathBuf>, Vec<String>)>,
 }
 
 impl backend::BackendTask for Resave {
     fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<()> {
-        let model = layerskip_model::LlamaModel::<B>::from_pretrained(&self.dir, &device)
+        let mut model = layerskip_model::LlamaModel::<B>::from_pretrained(&self.dir, &device)
             .with_context(|| format!("loading {}", self.dir.display()))?;
+        let mut files = layerskip_model::checkpoint::read_tokenizer_files(&self.dir)?;
+        if let Some((paths, extensions)) = &self.sort_vocab {
+            let Some((_, tokenizer)) = files.iter_mut().find(|(n, _)| *n == "tokenizer.json")
+            else {
+                bail!("{} has no tokenizer.json to renumber", self.dir.display());
+            };
+            let vocab = model.config().vocab_size;
+            let (old_ids, renumbered, report) = vocab_order(tokenizer, vocab, paths, extensions)?;
+            model = model.reorder_vocab(&old_ids)?;
+            *tokenizer = renumbered;
+            println!("{report}");
+        }
         model.save_pretrained(&self.out, self.dtype)?;
         let mut copied = Vec::new();
-        for (name, bytes) in layerskip_model::checkpoint::read_tokenizer_files(&self.dir)? {
+        for (name, bytes) in files {
             layerskip_model::checkpoint::write_atomic(&self.out.join(name), &bytes)?;
             copied.push(name);
         }
@@ -369,4 +395,81 @@ impl backend::BackendTask for Resave {
         );
         Ok(())
     }
+}
+
+/// The vocabulary renumbered by frequency in the files under `paths`: for each new id the old
+/// one (the tokenizer's added tokens keep theirs; ids the tokenizer never produces go last),
+/// `tokenizer_json` with its vocabulary renumbered, and a line saying what was counted.
+fn vocab_order(
+    tokenizer_json: &[u8],
+    vocab: usize,
+    paths: &[PathBuf],
+    extensions: &[String],
+) -> Result<(Vec<usize>, Vec<u8>, String)> {
+    let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+        .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+    let docs = layerskip_train::data::read_documents(paths, extensions)?;
+    if docs.is_empty() {
+        bail!("no documents under the --sort-vocab paths to count tokens in");
+    }
+    let mut counts = vec![0u64; vocab];
+    let mut total = 0u64;
+    for chunk in docs.chunks(256) {
+        let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
+        let encodings = tokenizer
+            .encode_batch(texts, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        for id in encodings.iter().flat_map(|e| e.get_ids()) {
+            let id = *id as usize;
+            if id >= vocab {
+                bail!("the tokenizer produced id {id}, past the model's vocab_size {vocab}");
+            }
+            counts[id] += 1;
+            total += 1;
+        }
+    }
+    let fixed: std::collections::BTreeSet<usize> = tokenizer
+        .get_added_tokens_decoder()
+        .keys()
+        .map(|&id| id as usize)
+        .filter(|&id| id < vocab)
+        .collect();
+    let mut movable: Vec<usize> = (0..vocab).filter(|id| !fixed.contains(id)).collect();
+    movable.sort_by_key(|&id| (std::cmp::Reverse(counts[id]), id));
+    let mut movable = movable.into_iter();
+    let old_ids: Vec<usize> = (0..vocab)
+        .map(|new| {
+            if fixed.contains(&new) {
+                new
+            } else {
+                movable.next().expect("as many movable ids as places")
+            }
+        })
+        .collect();
+    let mut new_of = vec![0usize; vocab];
+    for (new, &old) in old_ids.iter().enumerate() {
+        new_of[old] = new;
+    }
+    let mut json: serde_json::Value = serde_json::from_slice(tokenizer_json)?;
+    let Some(map) = json["model"]["vocab"].as_object_mut() else {
+        bail!("tokenizer.json has no model.vocab map to renumber");
+    };
+    for id in map.values_mut() {
+        let old = id.as_u64().context("a vocab id that is not a number")? as usize;
+        if old < vocab && !fixed.contains(&old) {
+            *id = serde_json::json!(new_of[old]);
+        }
+    }
+    let covered = |n: usize| -> f64 {
+        let inside: u64 = old_ids[..n.min(vocab)].iter().map(|&id| counts[id]).sum();
+        100.0 * inside as f64 / total.max(1) as f64
+    };
+    let report = format!(
+        "vocabulary renumbered by frequency over {} documents ({total} tokens): ids 0..1024 / 0..2048 / 0..4096 now cover {:.1}% / {:.1}% / {:.1}% of them",
+        docs.len(),
+        covered(1024),
+        covered(2048),
+        covered(4096)
+    );
+    Ok((old_ids, serde_json::to_vec(&json)?, report))
 }

@@ -216,6 +216,41 @@ impl<B: Backend> LlamaModel<B> {
         }
         self.clone().map(&mut Cast(dtype))
     }
+
+    /// The same model with its vocabulary renumbered: token `t` of the result is token
+    /// `old_ids[t]` of this one (the embedding's rows and an untied head's columns gathered), so
+    /// that it computes the same logits in the new order. Putting the most frequent tokens
+    /// first makes a draft vocabulary (the ids `0..n`) hold them. Refused unless `old_ids` is a
+    /// permutation of the vocabulary, and for a decoding-only model (its weights are not here).
+    pub fn reorder_vocab(mut self, old_ids: &[usize]) -> Result<Self> {
+        let vocab = self.config.vocab_size;
+        let mut seen = vec![false; vocab];
+        let permutation = old_ids.len() == vocab
+            && old_ids
+                .iter()
+                .all(|&id| id < vocab && !std::mem::replace(&mut seen[id], true));
+        if !permutation {
+            return Err(ModelError::InvalidConfig(format!(
+                "a vocabulary order must list each of the {vocab} token ids once ({} given)",
+                old_ids.len()
+            )));
+        }
+        if self.decoding_only {
+            return Err(ModelError::Unsupported(
+                "a decoding-only model cannot be reordered: its weights are not loaded".into(),
+            ));
+        }
+        let device = self.embed_tokens.device();
+        let ids: Vec<i64> = old_ids.iter().map(|&id| id as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [vocab]), &device);
+        self.embed_tokens = self.embed_tokens.map(|w| w.select(0, ids.clone()));
+        if let Some(head) = &mut self.lm_head {
+            head.weight = head.weight.clone().map(|w| w.select(1, ids));
+        }
+        // A prepared head holds the old order.
+        self.head_packed = Packed::default();
+        Ok(self)
+    }
 }
 
 impl<B: LayerSkipBackend> LlamaModel<B> {

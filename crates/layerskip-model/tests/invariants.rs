@@ -425,3 +425,35 @@ fn exit_head_prefix_is_the_first_columns_of_the_full_head() {
         }
     }
 }
+
+/// A renumbered vocabulary computes the same logits in the new order: token `t` of the
+/// reordered model is token `order[t]` of the original, with a tied or an untied head; an order
+/// that does not list every token once is refused.
+#[test]
+fn a_reordered_vocabulary_permutes_the_logits() {
+    // 7 is prime to 50: a permutation.
+    let order: Vec<usize> = (0..50).map(|t| (t * 7 + 3) % 50).collect();
+    let mut new_of = [0usize; 50];
+    for (t, &old) in order.iter().enumerate() {
+        new_of[old] = t;
+    }
+    for tied in [false, true] {
+        let m = model(tied);
+        // Reading every parameter before cloning: both copies hold the same values.
+        let want = m.forward(tokens(&IDS, 1), 0, None).unwrap();
+        let want = want.into_data().to_vec::<f32>().unwrap();
+        let reordered = m.clone().reorder_vocab(&order).unwrap();
+        let ids: Vec<i64> = IDS.iter().map(|&i| new_of[i as usize] as i64).collect();
+        let got = reordered.forward(tokens(&ids, 1), 0, None).unwrap();
+        let got = got.into_data().to_vec::<f32>().unwrap();
+        for p in 0..IDS.len() {
+            for (t, &old) in order.iter().enumerate() {
+                assert_eq!(got[p * 50 + t], want[p * 50 + old], "tied {tied} {p} {t}");
+            }
+        }
+        for bad in [vec![0; 50], (0..49).collect::<Vec<_>>(), (1..51).collect()] {
+            let err = m.clone().reorder_vocab(&bad).unwrap_err().to_string();
+            assert!(err.contains("each of the 50 token ids once"), "{err}");
+        }
+    }
+}
