@@ -7,9 +7,11 @@
 #
 #   bash scripts/train_v2_cpu.sh            # starts or resumes in the background, returns
 #   RUN=/path WHICH=baseline bash scripts/train_v2_cpu.sh   # the baseline, same corpus/tokenizer
+#   STEPS=6000 bash scripts/train_v2_cpu.sh   # resume and extend the run to 6000 steps (its
+#                                              # schedules are fractions of the run: they stretch)
 #
 # Environment: RUN (run directory, outside the repository; default /work/runs/v2), WHICH (ls or
-# baseline), BIN (default target/release/layerskip), CORPUS_MAX_MB (300), DIST_MAX_MB (20).
+# baseline), BIN (default target/release/layerskip), CORPUS_MAX_MB (300), DIST_MAX_MB (20), STEPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-/work/runs/v2}
@@ -33,7 +35,7 @@ if [ ! -f "$RUN/tok/tokenizer.json" ]; then
 fi
 # A resumed run takes its config (the corpus paths included) from its checkpoint.
 if ls -d "$RUN/$WHICH"/checkpoint-* >/dev/null 2>&1; then
-    args=(--resume)
+    args=(--resume ${STEPS:+--steps "$STEPS"})
 else
     args=(--config "$PRESET" --data "$RUN/corpus" --tokenizer "$RUN/tok")
 fi
