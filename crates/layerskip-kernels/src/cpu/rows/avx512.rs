@@ -135,34 +135,15 @@ unsafe fn run<W: Load>(
     // three or more rows, up to eight rows (16 accumulators).
     let (k, tiled) = (shape.k, shape.tile > 1);
     let mr = if tiled { 6 } else { MR };
-    let groups = rows.div_ceil(mr);
-    // SAFETY: every offset stays within the shapes promised by the caller.
-    unsafe {
-        let layout = (1, W::UNIT);
-        let mut p = p0;
-        while p < p1 {
-            let (start, step, span) = super::span(p, p1, shape, layout);
-            let mut r = 0;
-            for g in 0..groups {
-                let size = rows / groups + usize::from(g < rows % groups);
-                let (xr, or) = (x.as_ptr().add(r * k), out.add(r * cols));
-                let mut q = 0;
-                while q < step {
-                    let wide = if !tiled && size > 2 { 2 } else { 4 };
-                    let take = match (step - q).min(wide) {
-                        4 => 4,
-                        2 | 3 => 2,
-                        _ => 1,
-                    };
-                    let a = lines.add(start * W::UNIT + q * span.next);
-                    group::<W>(size, take, xr, a, or, span, cols, p + q);
-                    q += take;
-                }
-                r += size;
-            }
-            p += step;
+    let wide = |size: usize| if !tiled && size > 2 { 2 } else { 4 };
+    super::passes(shape, (1, W::UNIT), (rows, mr), (p0, p1), wide, |pass| {
+        // SAFETY: every offset stays within the shapes promised by the caller.
+        unsafe {
+            let (xr, or) = (x.as_ptr().add(pass.r * k), out.add(pass.r * cols));
+            let a = lines.add(pass.offset);
+            group::<W>(pass.size, pass.take, xr, a, or, pass.span, cols, pass.p);
         }
-    }
+    });
 }
 
 /// `block::<W, size, panels>`.

@@ -69,6 +69,61 @@ fn span(
     )
 }
 
+/// One pass of a kernel: rows `r..r + size` against the `take` panels from `p`, the first of
+/// which starts `offset` bytes into the units, laid out as `span` says.
+#[derive(Clone, Copy)]
+struct Pass {
+    r: usize,
+    size: usize,
+    p: usize,
+    take: usize,
+    offset: usize,
+    span: Span,
+}
+
+/// The passes over the panels `p0..p1` of units `layout` (features, bytes): tile by tile (or
+/// run of untiled panels, [`span`]), the `rows` in groups of at most `mr` (as even as
+/// possible), each group over the tile's panels four, two or one at a time, at most
+/// `wide(size)`, every group using a tile before the next tile (from the cache after the first).
+fn passes(
+    shape: Shape,
+    layout: (usize, usize),
+    (rows, mr): (usize, usize),
+    (p0, p1): (usize, usize),
+    wide: impl Fn(usize) -> usize,
+    mut pass: impl FnMut(Pass),
+) {
+    let groups = rows.div_ceil(mr);
+    let mut p = p0;
+    while p < p1 {
+        let (start, step, span) = span(p, p1, shape, layout);
+        let mut r = 0;
+        for g in 0..groups {
+            let size = rows / groups + usize::from(g < rows % groups);
+            let mut q = 0;
+            while q < step {
+                let take = match (step - q).min(wide(size)) {
+                    4 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+                let offset = start * layout.1 + q * span.next;
+                pass(Pass {
+                    r,
+                    size,
+                    p: p + q,
+                    take,
+                    offset,
+                    span,
+                });
+                q += take;
+            }
+            r += size;
+        }
+        p += step;
+    }
+}
+
 /// Most rows whose accumulators stay in registers together (6 rows x 2 vectors + 2 weight
 /// vectors + 1 broadcast = 15 of the 16 AVX2 registers).
 const MR: usize = 6;

@@ -4,14 +4,14 @@
 
 use std::arch::x86_64::*;
 
-use super::super::{Lines, NR, Panels, QK, Shape, Span, span};
+use super::super::{Lines, NR, Panels, QK, Shape, Span, passes};
 use super::Activations;
 
 /// Rows whose sums share a pass over a panel's blocks.
 const MR: usize = 4;
 
 /// The panels `p0..p1` of `x · w` for quantized `w`, one panel at a time, rows in groups of at
-/// most [`MR`].
+/// most [`MR`] ([`passes`]).
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; as [`super::portable`].
@@ -36,23 +36,23 @@ pub unsafe fn panels(
         _ => unreachable!("integer products need quantized panels"),
     };
     let k = shape.k;
-    let groups = rows.div_ceil(MR);
-    // SAFETY: every offset stays within the shapes promised by the caller.
-    unsafe {
-        for p in p0..p1 {
-            let (start, _, span) = span(p, p + 1, shape, (QK, unit));
-            let a: *const u8 = blocks;
-            let a = a.add(start * unit);
-            let mut r = 0;
-            for g in 0..groups {
-                let size = rows / groups + usize::from(g < rows % groups);
-                let or = out.add(r * cols);
-                let (xq, xs, xsum) = (
+    let blocks: *const u8 = blocks;
+    passes(
+        shape,
+        (QK, unit),
+        (rows, MR),
+        (p0, p1),
+        |_| 1,
+        |pass| {
+            let (r, size, p, span) = (pass.r, pass.size, pass.p, pass.span);
+            // SAFETY: every offset stays within the shapes promised by the caller.
+            unsafe {
+                let (a, or) = (blocks.add(pass.offset), out.add(r * cols));
+                let rows_at = (
                     x.q.as_ptr().add(r * k),
                     x.scale.as_ptr().add(r * k / QK),
                     x.sum.as_ptr().add(r * k / QK),
                 );
-                let rows_at = (xq, xs, xsum);
                 match (q8, size) {
                     (true, 1) => panel::<true, 1>(rows_at, a, or, span, cols, p),
                     (true, 2) => panel::<true, 2>(rows_at, a, or, span, cols, p),
@@ -63,10 +63,9 @@ pub unsafe fn panels(
                     (false, 3) => panel::<false, 3>(rows_at, a, or, span, cols, p),
                     (false, _) => panel::<false, MR>(rows_at, a, or, span, cols, p),
                 }
-                r += size;
             }
-        }
-    }
+        },
+    );
 }
 
 /// `G` rows against panel `p` (its blocks from `a`, each `stride` bytes after the one before).

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::{Lines, NR, Panels, QK, Shape, Span, span};
+use super::super::{Lines, NR, Panels, QK, Shape, Span, passes};
 use super::Activations;
 
 /// How the kernel reads a block of one panel: its groups of four features as unsigned bytes
@@ -127,42 +127,25 @@ unsafe fn run<F: Format>(
 ) {
     const MR: usize = 8;
     let k = shape.k;
-    let groups = rows.div_ceil(MR);
-    // SAFETY: every offset stays within the shapes promised by the caller.
-    unsafe {
-        let mut p = p0;
-        while p < p1 {
-            let (start, step, span) = span(p, p1, shape, (QK, F::UNIT));
-            let mut r = 0;
-            for g in 0..groups {
-                let size = rows / groups + usize::from(g < rows % groups);
-                let rows_at = Rows {
-                    q: x.q.as_ptr().add(r * k),
-                    scale: x.scale.as_ptr().add(r * k / QK),
-                    sum: x.sum.as_ptr().add(r * k / QK),
-                };
-                let or = out.add(r * cols);
-                let mut q = 0;
-                while q < step {
-                    let wide = match size {
-                        1 | 2 => 4,
-                        3 | 4 => 2,
-                        _ => 1,
-                    };
-                    let take = match (step - q).min(wide) {
-                        4 => 4,
-                        2 | 3 => 2,
-                        _ => 1,
-                    };
-                    let a = blocks.add(start * F::UNIT + q * span.next);
-                    group::<F>(size, take, rows_at, a, or, span, cols, p + q);
-                    q += take;
-                }
-                r += size;
-            }
-            p += step;
+    let wide = |size: usize| match size {
+        1 | 2 => 4,
+        3 | 4 => 2,
+        _ => 1,
+    };
+    passes(shape, (QK, F::UNIT), (rows, MR), (p0, p1), wide, |pass| {
+        // SAFETY: every offset stays within the shapes promised by the caller.
+        unsafe {
+            let rows_at = Rows {
+                q: x.q.as_ptr().add(pass.r * k),
+                scale: x.scale.as_ptr().add(pass.r * k / QK),
+                sum: x.sum.as_ptr().add(pass.r * k / QK),
+            };
+            let (a, or) = (blocks.add(pass.offset), out.add(pass.r * cols));
+            group::<F>(
+                pass.size, pass.take, rows_at, a, or, pass.span, cols, pass.p,
+            );
         }
-    }
+    });
 }
 
 /// A group's rows of [`Activations`]: bytes `[G, k]`, block scales and sums `[G, k / QK]`.
