@@ -342,6 +342,15 @@ impl Panels {
         }
     }
 
+    /// What a kernel needs of the layout: features, panels, panels per tile.
+    pub(super) fn shape(&self) -> Shape {
+        Shape {
+            k: self.k,
+            count: self.count(),
+            tile: self.tile,
+        }
+    }
+
     /// Column `j` of bfloat16 line `e`, widened.
     fn half_line(&self, e: usize, j: usize) -> f32 {
         let Lines::Bf16(pairs) = &self.lines else {

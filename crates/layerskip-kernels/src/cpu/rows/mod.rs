@@ -339,11 +339,7 @@ pub fn x_panels_with(
 #[cfg(target_arch = "x86_64")]
 macro_rules! run_by_format {
     ($x:expr, $w:expr, $out:expr, $rows:expr, $cols:expr, $p0:expr, $p1:expr) => {{
-        let shape = super::Shape {
-            k: $w.k,
-            count: $w.count(),
-            tile: $w.tile,
-        };
+        let shape = $w.shape();
         match &$w.lines {
             super::Lines::F32(l) => {
                 run::<F32>($x, l.as_ptr().cast(), shape, $out, $rows, $cols, $p0, $p1)

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::{Lines, NR, Panels, QK, Shape, Span, passes};
+use super::super::{Lines, NR, Panels, QK, Span, passes};
 use super::Activations;
 
 /// Rows whose sums share a pass over a panel's blocks.
@@ -25,11 +25,7 @@ pub unsafe fn panels(
     p0: usize,
     p1: usize,
 ) {
-    let shape = Shape {
-        k: w.k,
-        count: w.count(),
-        tile: w.tile,
-    };
+    let shape = w.shape();
     let (q8, unit, blocks) = match &w.lines {
         Lines::Q8(l) => (true, size_of::<super::super::Q8Block>(), l.as_ptr().cast()),
         Lines::Q4(l, _) => (false, size_of::<super::super::Q4Block>(), l.as_ptr().cast()),

@@ -96,11 +96,7 @@ pub unsafe fn panels(
     p0: usize,
     p1: usize,
 ) {
-    let shape = Shape {
-        k: w.k,
-        count: w.count(),
-        tile: w.tile,
-    };
+    let shape = w.shape();
     // SAFETY: as promised by the caller.
     unsafe {
         match &w.lines {
