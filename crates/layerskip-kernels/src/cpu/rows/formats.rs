@@ -14,7 +14,7 @@ pub struct Line(pub [f32; NR]);
 #[derive(Clone, Copy)]
 pub struct HalfLine(pub [u16; NR]);
 
-/// Two [`HalfLine`]s on one cache line: how [`Lines::Bf16`] holds them. In tiled panels the
+/// Two [`HalfLine`]s on one cache line: how panels of bfloat16 lines hold them. In tiled panels the
 /// pair is feature `i` of panels `2m` and `2m + 1` of a tile, interleaved column by column:
 /// 32-bit word `c` holds the even panel's column `c` in its low half and the odd panel's in its
 /// high half, so that one 64-byte read widens into both panels' lines with one shift and one
