@@ -177,9 +177,17 @@ impl CostModel {
 
     /// The predicted time of a step of `d` drafts from exit `e` (in the units observed).
     pub fn predict(&self, e: usize, d: usize) -> f64 {
+        self.predictor()(e, d)
+    }
+
+    /// [`CostModel::predict`] for many steps: the model fitted once (a choice compares every
+    /// exit and draft count; a fit is a small linear solve, refitted when a term drops out).
+    pub fn predictor(&self) -> impl Fn(usize, usize) -> f64 + '_ {
         let theta = self.coefficients();
-        let x = self.features(e, d);
-        (0..FEATURES).map(|i| theta[i] * x[i]).sum()
+        move |e, d| {
+            let x = self.features(e, d);
+            (0..FEATURES).map(|i| theta[i] * x[i]).sum()
+        }
     }
 }
 
@@ -246,11 +254,12 @@ impl ExitEstimates {
     /// up to the maximum (`d = 0`: an autoregressive step, `E` then unused). Ties go to the
     /// shallower exit and fewer drafts. With [`CostModel::new`]'s prior this is DEL's choice.
     pub fn choose(&self, cost: &CostModel) -> (usize, usize) {
+        let predict = cost.predictor();
         let mut best = (1, 0);
-        let mut best_rate = 1.0 / cost.predict(1, 0);
+        let mut best_rate = 1.0 / predict(1, 0);
         for e in 1..self.layers {
             for d in 1..=self.max_speculations {
-                let rate = expected_tokens(self.alpha[e], d) / cost.predict(e, d);
+                let rate = expected_tokens(self.alpha[e], d) / predict(e, d);
                 if rate > best_rate * (1.0 + 1e-9) {
                     best = (e, d);
                     best_rate = rate;
@@ -270,7 +279,8 @@ impl ExitEstimates {
             return (e, d);
         }
         if d == 0 {
-            let rate = |e: usize| expected_tokens(self.alpha[e], 1) / cost.predict(e, 1);
+            let predict = cost.predictor();
+            let rate = |e: usize| expected_tokens(self.alpha[e], 1) / predict(e, 1);
             let e = (1..self.layers)
                 .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
                 .unwrap_or(1);
