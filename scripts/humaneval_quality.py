@@ -1,12 +1,24 @@
 #!/usr/bin/env python3
-"""Plausibility of a model's code (issue 19): greedy completions of the HumanEval prompts, each cut
-at its last complete line, and
+"""Plausibility of a model's code (issue 19): greedy completions of the HumanEval prompts, and
 
-- parses: the share of prompts whose prompt + cut completion parses with Python's `ast` (a
-  completion with no complete line counts as not parsing: it wrote nothing a reader can use);
+- parses: the share of prompts whose prompt + completion parses with Python's `ast`;
 - no loop: the share whose completion holds no loop, a piece of up to 24 tokens repeated back to
   back 3 or more times over at least 12 tokens (the "self._name, self._name, self._name" failure
-  of small models; see `has_loop`).
+  of small models; see `has_loop`),
+
+each measured twice:
+
+- the function (the main figures): the completion as HumanEval's own evaluation takes it, cut at
+  the first of the Codex paper's stop sequences (`STOP`: what follows the function body, a new
+  `def`, `class`, `if`, `print` or comment at the top level), then at its last complete line;
+  loops counted over its words and symbols (the unit the self-test checks on the canonical
+  solutions);
+- raw: the whole completion cut at its last complete line, loops over its tokens. A model that
+  finishes the function and starts another within the token budget fails this one when the
+  budget ends inside the new function (SmolLM2-135M-Instruct: 56.1% raw, most failures of that
+  kind).
+
+A completion with no complete line counts as not parsing: it wrote nothing a reader can use.
 
 Runs `layerskip bench --strategy ar` once over the prompts and reads its JSON (the texts and token
 ids of the completions). Prints the figures, three completions, and writes them as JSON. The
@@ -21,9 +33,26 @@ import ast
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+
+
+# HumanEval's stop sequences (Chen et al. 2021, "Evaluating Large Language Models Trained on Code").
+STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+
+
+def function_part(text):
+    """The completion up to the first stop sequence, its newline kept (the body's last line is
+    complete); all of it if there is none."""
+    cut = min((i + 1 for i in (text.find(s) for s in STOP) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def words(text):
+    """Words, single symbols and newlines: the unit loops are counted in over text."""
+    return re.findall(r"\w+|[^\w\s]|\n", text)
 
 
 def cut_at_last_line(text):
@@ -66,21 +95,25 @@ def self_test(data):
     """The measures against references they must agree with: HumanEval's canonical solutions
     all parse after their prompts and hold no loop (over words and symbols); a completion cut
     inside a line parses only up to that line; loops of every period are found."""
-    import re
-
-    words = lambda s: re.findall(r"\w+|[^\w\s]|\n", s)
     problems = list(humaneval_problems(data).values())
     assert len(problems) == 164, len(problems)
     for p in problems:
         assert parses(p["prompt"] + p["canonical_solution"]), p["task_id"]
         assert not has_loop(words(p["canonical_solution"])), p["task_id"]
+        assert function_part(p["canonical_solution"]) == p["canonical_solution"], p["task_id"]
     assert cut_at_last_line("    return x\n    if y") == "    return x\n"
     assert cut_at_last_line("    return x") == ""
+    body = "\n    return x\n"
+    for stop in STOP:
+        assert function_part(body + stop[1:] + " rest\n") == body
+        assert function_part(body + stop[1:]) == body
+    assert function_part(body + "    if y:\n") == body + "    if y:\n"  # indented: the body's
+    assert words("a(b, 12)\n") == ["a", "(", "b", ",", "12", ")", "\n"]
     assert not parses("def f(:\n")
     assert has_loop([1, 2, 3, 4] * 3) and not has_loop([1, 2, 3, 4] * 2 + [5, 6, 7, 8])
     assert has_loop([7] * 12) and not has_loop([7] * 11)
     assert has_loop([9, 9] + list(range(20)) * 3) and not has_loop(list(range(30)) * 2)
-    print("self-test passed: 164 canonical solutions parse and hold no loop")
+    print("self-test passed: 164 canonical solutions parse, hold no loop, and are whole functions")
 
 
 def main():
@@ -119,27 +152,37 @@ def main():
     rows = []
     for o in outputs:
         prompt = prompts[o["id"]]
+        function = cut_at_last_line(function_part(o["text"]))
         cut = cut_at_last_line(o["text"])
         rows.append({
             "id": o["id"],
             "completion": o["text"],
+            "function": function,
+            "parses": bool(function.strip()) and parses(prompt + function),
+            "loop": has_loop(words(function)),
             "cut": cut,
-            "parses": bool(cut.strip()) and parses(prompt + cut),
-            "loop": has_loop(o["tokens"]),
+            "raw_parses": bool(cut.strip()) and parses(prompt + cut),
+            "raw_loop": has_loop(o["tokens"]),
         })
     n = len(rows)
+    share = lambda key, value=True: sum(r[key] == value for r in rows) / n
     summary = {
         "model": args.model,
         "samples": n,
         "max_new_tokens": args.max_new_tokens,
-        "parses": sum(r["parses"] for r in rows) / n,
-        "no_loop": sum(not r["loop"] for r in rows) / n,
-        "no_complete_line": sum(not r["cut"].strip() for r in rows) / n,
+        "parses": share("parses"),
+        "no_loop": share("loop", False),
+        "no_complete_line": sum(not r["function"].strip() for r in rows) / n,
+        "raw_parses": share("raw_parses"),
+        "raw_no_loop": share("raw_loop", False),
     }
-    print(f"{args.model}: {n} HumanEval prompts, greedy {args.max_new_tokens} tokens: "
-          f"{100 * summary['parses']:.1f}% parse (prompt + completion cut at its last line), "
-          f"{100 * summary['no_loop']:.1f}% without a loop, "
-          f"{100 * summary['no_complete_line']:.1f}% without a complete line")
+    print(f"{args.model}: {n} HumanEval prompts, greedy {args.max_new_tokens} tokens:\n"
+          f"  the function (cut at HumanEval's stop sequences, then at its last line): "
+          f"{100 * summary['parses']:.1f}% parse, {100 * summary['no_loop']:.1f}% without a loop, "
+          f"{100 * summary['no_complete_line']:.1f}% without a complete line\n"
+          f"  raw (the whole completion cut at its last line): "
+          f"{100 * summary['raw_parses']:.1f}% parse, "
+          f"{100 * summary['raw_no_loop']:.1f}% without a loop")
     for r in rows[:3]:
         print(f"--- {r['id']} (parses: {r['parses']}, loop: {r['loop']})\n{r['completion']}")
     if args.json:

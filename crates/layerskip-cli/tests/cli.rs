@@ -728,7 +728,7 @@ fn a_recorded_recommendation_is_the_default_strategy() {
 }
 
 /// `scripts/humaneval_quality.py` (issue 19's plausibility measures): its measures agree with
-/// HumanEval's canonical solutions (all parse, none loops), and it reads the completions of
+/// HumanEval's canonical solutions (all parse, none loops, none is cut by the stop sequences), and it reads the completions of
 /// this binary's `bench --json` (a change of that format fails here, not in a GPU session).
 #[test]
 fn the_humaneval_quality_script_reads_bench_completions() {
@@ -768,11 +768,15 @@ fn the_humaneval_quality_script_reads_bench_completions() {
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["HumanEval/0", "HumanEval/1", "HumanEval/2"]);
     for r in rows {
-        let (text, cut) = (
+        let (text, cut, function) = (
             r["completion"].as_str().unwrap(),
             r["cut"].as_str().unwrap(),
+            r["function"].as_str().unwrap(),
         );
         assert!(!text.is_empty() && text.starts_with(cut), "{r}");
         assert!(cut.is_empty() || cut.ends_with('\n'), "{r}");
+        // The function (cut at HumanEval's stop sequences first) is no longer than the raw cut.
+        assert!(cut.starts_with(function), "{r}");
+        assert!(function.is_empty() || function.ends_with('\n'), "{r}");
     }
 }
