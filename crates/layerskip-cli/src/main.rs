@@ -110,8 +110,10 @@ enum Command {
         #[arg(long)]
         gguf: Option<PathBuf>,
         /// A Hugging Face checkpoint directory to re-save (weights, config, tokenizer files).
-        #[arg(long)]
-        checkpoint: Option<PathBuf>,
+        /// Several (`--checkpoint A B C`, e.g. a run's last checkpoints): their weights are
+        /// averaged, element by element (same configuration and tokenizer files required).
+        #[arg(long, num_args = 1..)]
+        checkpoint: Vec<PathBuf>,
         /// Output directory (config.json, model.safetensors, tokenizer.json): a new or empty
         /// directory; it appears when the model is complete.
         #[arg(long)]
@@ -216,19 +218,19 @@ fn run(cli: Cli) -> Result<()> {
             backend::dispatch(device.device, device.precision, args)
         }
         Command::Convert {
-            checkpoint: Some(dir),
+            checkpoint: dirs,
             out,
             dtype,
             overwrite,
             sort_vocab,
             sort_vocab_ext,
             ..
-        } => write_model_dir(&out, overwrite, |stage| {
+        } if !dirs.is_empty() => write_model_dir(&out, overwrite, |stage| {
             backend::dispatch(
                 DeviceSpec::Cpu,
                 Precision::F32,
                 Resave {
-                    dir,
+                    dirs,
                     out: stage.to_path_buf(),
                     shown: out.clone(),
                     dtype: dtype.into(),
@@ -354,7 +356,8 @@ fn write_model_dir<T>(
 
 /// Re-saves a checkpoint directory in another dtype, with its tokenizer files.
 struct Resave {
-    dir: PathBuf,
+    /// One checkpoint, or several whose weights are averaged.
+    dirs: Vec<PathBuf>,
     /// Where the files are written.
     out: PathBuf,
     /// The directory they will be in when complete (for the message).
@@ -366,13 +369,34 @@ struct Resave {
 
 impl backend::BackendTask for Resave {
     fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<()> {
-        let mut model = layerskip_model::LlamaModel::<B>::from_pretrained(&self.dir, &device)
-            .with_context(|| format!("loading {}", self.dir.display()))?;
-        let mut files = layerskip_model::checkpoint::read_tokenizer_files(&self.dir)?;
+        let mut models = Vec::with_capacity(self.dirs.len());
+        let mut files = Vec::new();
+        for (i, dir) in self.dirs.iter().enumerate() {
+            models.push(
+                layerskip_model::LlamaModel::<B>::from_pretrained(dir, &device)
+                    .with_context(|| format!("loading {}", dir.display()))?,
+            );
+            let these = layerskip_model::checkpoint::read_tokenizer_files(dir)?;
+            if i == 0 {
+                files = these;
+            } else if these != files {
+                bail!(
+                    "{} and {} have different tokenizer files: only checkpoints of one model \
+                     can be averaged",
+                    self.dirs[0].display(),
+                    dir.display()
+                );
+            }
+        }
+        let averaged = models.len();
+        let mut model = layerskip_model::LlamaModel::average(models).with_context(|| {
+            format!("averaging {averaged} checkpoints (they must be of one model)")
+        })?;
+        let dir = &self.dirs[0];
         if let Some((paths, extensions)) = &self.sort_vocab {
             let Some((_, tokenizer)) = files.iter_mut().find(|(n, _)| *n == "tokenizer.json")
             else {
-                bail!("{} has no tokenizer.json to renumber", self.dir.display());
+                bail!("{} has no tokenizer.json to renumber", dir.display());
             };
             let vocab = model.config().vocab_size;
             let (old_ids, renumbered, report) = vocab_order(tokenizer, vocab, paths, extensions)?;
@@ -386,8 +410,13 @@ impl backend::BackendTask for Resave {
             layerskip_model::checkpoint::write_atomic(&self.out.join(name), &bytes)?;
             copied.push(name);
         }
+        let source = if averaged > 1 {
+            format!("; the mean of {averaged} checkpoints' weights")
+        } else {
+            String::new()
+        };
         println!(
-            "wrote {} ({} layers, {:?} weights; copied {})",
+            "wrote {} ({} layers, {:?} weights{source}; copied {})",
             self.shown.display(),
             model.num_layers(),
             self.dtype,

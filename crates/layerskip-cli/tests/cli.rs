@@ -374,7 +374,7 @@ fn a_vocabulary_sorted_by_frequency_writes_the_same_text() {
 }
 
 #[test]
-fn eval_reports_every_exit_and_a_resaved_checkpoint_scores_the_same() {
+fn eval_reports_every_exit_and_a_resaved_or_averaged_checkpoint_scores_the_same() {
     let model = default_model();
     let dir = tmp("eval");
     // bf16 -> f32 is exact, so the f32 copy must score identically.
@@ -387,6 +387,18 @@ fn eval_reports_every_exit_and_a_resaved_checkpoint_scores_the_same() {
         f32_dir.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
+    // The average of a checkpoint and its copy is the checkpoint: (w + w) / 2 = w exactly.
+    let avg_dir = dir.join("average");
+    let (code, out, err) = layerskip(&[
+        "convert",
+        "--checkpoint",
+        &model,
+        f32_dir.to_str().unwrap(),
+        "--out",
+        avg_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("the mean of 2 checkpoints"), "{out}");
     let text = dir.join("text.py");
     std::fs::write(&text, include_str!("../../../scripts/make_reference.py")).unwrap();
     let json = dir.join("eval.json");
@@ -397,6 +409,8 @@ fn eval_reports_every_exit_and_a_resaved_checkpoint_scores_the_same() {
         &model,
         "--model",
         f32_dir.to_str().unwrap(),
+        "--model",
+        avg_dir.to_str().unwrap(),
         "--data",
         text.to_str().unwrap(),
         "--seq-len",
@@ -414,6 +428,7 @@ fn eval_reports_every_exit_and_a_resaved_checkpoint_scores_the_same() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let (a, b) = (&v[0]["report"], &v[1]["report"]);
     assert_eq!(a, b);
+    assert_eq!(a, &v[2]["report"]);
     let exits = a["exits"].as_array().unwrap();
     let layers = common::shipped_config("num_hidden_layers");
     assert_eq!(exits.len(), layers);
@@ -433,7 +448,21 @@ fn bench_and_eval_input_errors_are_one_line() {
     let out_of_range = format!("exit layer {layers} is out of range");
     // Four tokens short of the context: with the prompt, past it.
     let too_many = (common::shipped_config("max_position_embeddings") - 4).to_string();
-    let cases: [(&[&str], &str); 5] = [
+    let other =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny/gqa_untied");
+    let average_out = tmp("average-refused").join("out");
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "convert",
+                "--checkpoint",
+                &model,
+                other.to_str().unwrap(),
+                "--out",
+                average_out.to_str().unwrap(),
+            ],
+            "only checkpoints of one model",
+        ),
         (
             &["bench", "--model", &model, "--exit-layer", &layers],
             &out_of_range,
@@ -728,8 +757,8 @@ fn a_recorded_recommendation_is_the_default_strategy() {
 }
 
 /// `scripts/humaneval_quality.py` (issue 19's plausibility measures): its measures agree with
-/// HumanEval's canonical solutions (all parse, none loops, none is cut by the stop sequences), and it reads the completions of
-/// this binary's `bench --json` (a change of that format fails here, not in a GPU session).
+/// HumanEval's canonical solutions (all parse, none loops, none is cut by the stop sequences),
+/// and it reads the completions of this binary's `bench --json` (a change of that format fails here, not in a GPU session).
 #[test]
 fn the_humaneval_quality_script_reads_bench_completions() {
     let script =

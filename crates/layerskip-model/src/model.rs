@@ -217,6 +217,80 @@ impl<B: Backend> LlamaModel<B> {
         self.clone().map(&mut Cast(dtype))
     }
 
+    /// The element-wise mean of the weights of `models` (checkpoint averaging: the last few
+    /// checkpoints of a run, averaged, usually predict better than the last alone, most of all
+    /// while the learning rate is still high). Every model must have the same configuration;
+    /// the result is as loaded (nothing prepared for decoding). Refused for no models, for
+    /// differing configurations, and for a decoding-only model (its weights are not here).
+    pub fn average(models: Vec<Self>) -> Result<Self> {
+        use burn::module::ModuleVisitor;
+        let Some(first) = models.first() else {
+            return Err(ModelError::InvalidConfig("no models to average".into()));
+        };
+        if let Some(i) = models.iter().position(|m| m.config != first.config) {
+            return Err(ModelError::InvalidConfig(format!(
+                "models to average must have the same configuration: model {} differs from the first",
+                i + 1
+            )));
+        }
+        if models.iter().any(|m| m.decoding_only) {
+            return Err(ModelError::Unsupported(
+                "a decoding-only model cannot be averaged: its weights are not loaded".into(),
+            ));
+        }
+        /// Every float parameter of a model, flattened, in the module's order.
+        struct Collect<B: Backend>(Vec<Tensor<B, 1>>);
+        impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                self.0.push(param.val().flatten(0, D - 1));
+            }
+        }
+        /// Each parameter replaced by (itself + the sum of the others) / n, in the same order.
+        struct Mean<B: Backend> {
+            others: std::vec::IntoIter<Tensor<B, 1>>,
+            n: f32,
+        }
+        impl<B: Backend> ModuleMapper<B> for Mean<B> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let sum = self.others.next().expect("the same architecture");
+                let n = self.n;
+                param.map(|t| {
+                    let shape = t.shape();
+                    (t + sum.reshape(shape)) / n
+                })
+            }
+        }
+        let n = models.len() as f32;
+        let mut models = models.into_iter();
+        let first = models.next().expect("checked above");
+        let mut sum: Option<Vec<Tensor<B, 1>>> = None;
+        for m in models {
+            let mut collect = Collect(Vec::new());
+            m.visit(&mut collect);
+            sum = Some(match sum {
+                None => collect.0,
+                Some(s) => s.into_iter().zip(collect.0).map(|(a, b)| a + b).collect(),
+            });
+        }
+        let Some(sum) = sum else {
+            return Ok(first);
+        };
+        let mut mean = first.map(&mut Mean {
+            others: sum.into_iter(),
+            n,
+        });
+        // Any backend state prepared from the first model's weights no longer holds.
+        mean.head_packed = Packed::default();
+        for layer in &mut mean.layers {
+            layer.self_attn.packed = Default::default();
+            layer.mlp.packed = Default::default();
+        }
+        Ok(mean)
+    }
+
     /// The same model with its vocabulary renumbered: token `t` of the result is token
     /// `old_ids[t]` of this one (the embedding's rows and an untied head's columns gathered), so
     /// that it computes the same logits in the new order. Putting the most frequent tokens

@@ -457,3 +457,71 @@ fn a_reordered_vocabulary_permutes_the_logits() {
         }
     }
 }
+
+/// The tensors of a saved model's safetensors, as f32 values by name.
+fn saved_tensors(m: &LlamaModel<B>, dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    m.save_pretrained(dir, SaveDtype::F32).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+/// Checkpoint averaging: every saved tensor of the average of three models is the mean of
+/// theirs, computed here element by element from their saved files; one model averages to
+/// itself; differing configurations and no models are errors.
+#[test]
+fn an_average_of_models_holds_the_mean_of_their_weights() {
+    let dir = std::env::temp_dir().join(format!("layerskip-average-{}", std::process::id()));
+    let device = Default::default();
+    for tied in [true, false] {
+        let models: Vec<LlamaModel<B>> = (0..3)
+            .map(|seed| {
+                B::seed(&device, 100 + seed);
+                LlamaModel::init(&config(tied), &device).unwrap()
+            })
+            .collect();
+        let saved: Vec<_> = models.iter().map(|m| saved_tensors(m, &dir)).collect();
+        let mean = LlamaModel::average(models).unwrap();
+        let got = saved_tensors(&mean, &dir);
+        assert_eq!(got.len(), saved[0].len());
+        for (t, (name, values)) in got.iter().enumerate() {
+            assert_eq!(name, &saved[0][t].0);
+            for (i, &v) in values.iter().enumerate() {
+                let (a, b, c) = (saved[0][t].1[i], saved[1][t].1[i], saved[2][t].1[i]);
+                let want = (a + b + c) / 3.0;
+                // Rounding in another order of the sum: relative to the terms, not the mean.
+                assert!(
+                    (v - want).abs() <= 1e-6 * (a.abs() + b.abs() + c.abs()),
+                    "tied {tied} {name}[{i}]: {v} vs {want}"
+                );
+            }
+        }
+        let one = model(tied);
+        let want = one.forward(tokens(&IDS, 1), 0, None).unwrap();
+        let same = LlamaModel::average(vec![one]).unwrap();
+        let got = same.forward(tokens(&IDS, 1), 0, None).unwrap();
+        assert_eq!(max_diff(got, want), 0.0);
+    }
+    let err = LlamaModel::average(vec![model(true), model(false)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("same configuration: model 2"), "{err}");
+    let err = LlamaModel::<B>::average(Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no models"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
