@@ -593,8 +593,19 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
         "-1",
     ]);
     assert_error(code, &err, "draft confidence -1 is out of range");
-    // --exit-layer means nothing to autoregressive decoding.
-    let (code, _, err) = layerskip(&["infer", "--model", m, "--prompt", "x", "--exit-layer", "2"]);
+    // --exit-layer means nothing to autoregressive decoding (named: a model's recorded
+    // strategy, its layerskip.json, is the default).
+    let (code, _, err) = layerskip(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--strategy",
+        "ar",
+        "--exit-layer",
+        "2",
+    ]);
     assert_error(
         code,
         &err,
@@ -648,7 +659,7 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
         assert_eq!(code, 0, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
-    let ar = json(&[]);
+    let ar = json(&["--strategy", "ar"]);
     assert!(ar["acceptance_rate"].is_null(), "{ar}");
     assert_eq!(ar["stop"], "MaxNewTokens");
     let ss = json(&["--strategy", "self-spec", "--exit-layer", "4"]);
