@@ -149,7 +149,8 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--tokenizer", default=str(ROOT / "models/default/tokenizer.json"))
+    p.add_argument("--tokenizer", help="tokenizer.json for our runs (default: one trained on the "
+                   "first preset's data by `layerskip tokenizer`, once, before the timed runs)")
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -158,6 +159,13 @@ def main():
         preset = tomllib.loads(Path(preset_path).read_text())
         print(pytorch_run(preset, precision, args.steps, args.warmup, int(threads)))
         return
+    tok_dir = tempfile.TemporaryDirectory()
+    if not args.tokenizer and "layerskip" in args.trainers:
+        # Its vocabulary must fit the presets' model.vocab_size; training it inside each timed
+        # run would add minutes to the first step.
+        subprocess.run([args.layerskip, "tokenizer", "--config", str(ROOT / args.presets[0]),
+                        "--out", tok_dir.name], check=True, stdout=subprocess.DEVNULL)
+        args.tokenizer = str(Path(tok_dir.name) / "tokenizer.json")
     runs = [(pr, tr, pc) for pr in args.presets for pc in args.precisions for tr in args.trainers]
     results = {}
     for r in range(args.rounds):
