@@ -5,7 +5,7 @@
 //!
 //! `smollm2-shaped/verify_4_rows_30_layers` is the same model's pass over 4 new rows (verifying
 //! 3 drafts). The `default-model` group loads the model shipped in `models/default` and times one pass
-//! through all 8 layers plus the exit head over 1, 2, 3, 4, 5 and 8 new rows at a context of 128: the
+//! through all its layers plus the exit head over 1, 2, 3, 4, 5 and 8 new rows at a context of 128: the
 //! cost of verifying `d + 1` rows against one-token decoding, which decides whether
 //! self-speculation can pay.
 //!
