@@ -70,18 +70,18 @@ pub struct LlamaConfig {
 }
 
 impl Default for LlamaConfig {
-    /// The shape of `models/default`: 8 layers of width 256 (MLP 768), 8 heads over 4 kv heads
-    /// of 32, a 4096-token vocabulary with a tied head, context 1024, rope theta 10000.
+    /// The shape of `models/default`: 16 layers of width 256 (MLP 768), 8 heads over 4 kv heads
+    /// of 32, an 8192-token vocabulary with a tied head, context 2048, rope theta 10000.
     fn default() -> Self {
         Self {
-            vocab_size: 4096,
+            vocab_size: 8192,
             hidden_size: 256,
             intermediate_size: 768,
-            num_layers: 8,
+            num_layers: 16,
             num_heads: 8,
             num_kv_heads: 4,
             head_dim: 32,
-            max_position_embeddings: 1024,
+            max_position_embeddings: 2048,
             rms_norm_eps: 1e-5,
             rope: RopeConfig {
                 theta: 10_000.0,
