@@ -10,7 +10,7 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use criterion::{Criterion, criterion_group, criterion_main};
-use layerskip_model::{LlamaConfig, LlamaModel};
+use layerskip_model::LlamaModel;
 use layerskip_train::{Blocks, TrainConfig, Trainer};
 
 type B = Autodiff<Flex>;
@@ -24,12 +24,15 @@ fn trainer(p_max: f64, mixed_precision: &str) -> Trainer<B> {
     let config: TrainConfig = toml::from_str(&text).unwrap();
     // The from-scratch preset's shape (the first default model's), so that figures stay
     // comparable from round to round.
-    let llama = LlamaConfig {
-        vocab_size: 4096,
-        num_layers: 8,
-        max_position_embeddings: 1024,
-        ..LlamaConfig::default()
-    };
+    let preset = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/pretrain_from_scratch.toml"
+    );
+    let shape = TrainConfig::from_file(std::path::Path::new(preset))
+        .unwrap()
+        .model
+        .unwrap();
+    let llama = shape.llama_config(shape.vocab_size, vec![0]);
     let device = Default::default();
     B::seed(&device, 0);
     let model = LlamaModel::init(&llama, &device).unwrap();

@@ -159,8 +159,9 @@ def main():
         preset = tomllib.loads(Path(preset_path).read_text())
         print(pytorch_run(preset, precision, args.steps, args.warmup, int(threads)))
         return
-    tok_dir = tempfile.TemporaryDirectory()
+    tok_dir = None  # removed when main returns
     if not args.tokenizer and "layerskip" in args.trainers:
+        tok_dir = tempfile.TemporaryDirectory()
         # Its vocabulary must fit the presets' model.vocab_size; training it inside each timed
         # run would add minutes to the first step.
         subprocess.run([args.layerskip, "tokenizer", "--config", str(ROOT / args.presets[0]),

@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use layerskip_model::LayerSkipBackend;
 use layerskip_model::checkpoint::{read_tokenizer_files, write_atomic};
-use layerskip_model::{LlamaConfig, LlamaModel, RopeConfig, Tokenizer};
+use layerskip_model::{LlamaConfig, LlamaModel, Tokenizer};
 use layerskip_train::data::{Document, read_corpus, split};
 use layerskip_train::tokenizer::{END_OF_TEXT, train_bpe};
 use layerskip_train::{
@@ -481,24 +481,7 @@ fn scratch_model<B: LayerSkipBackend>(
             s.num_heads
         );
     }
-    let llama = LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: s.hidden_size,
-        intermediate_size: s.intermediate_size,
-        num_layers: s.num_layers,
-        num_heads: s.num_heads,
-        num_kv_heads: s.num_kv_heads,
-        head_dim: s.hidden_size / s.num_heads,
-        max_position_embeddings: s.max_position_embeddings,
-        rms_norm_eps: 1e-5,
-        rope: RopeConfig {
-            theta: s.rope_theta,
-            llama3_scaling: None,
-        },
-        tie_word_embeddings: s.tie_word_embeddings,
-        bos_token_id: None,
-        eos_token_ids: vec![eos],
-    };
+    let llama = s.llama_config(vocab, vec![eos]);
     B::seed(device, config.seed);
     Ok(LlamaModel::init(&llama, device)?)
 }

@@ -34,6 +34,34 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
+    /// The Llama configuration of a model of this shape over a `vocab_size`-token tokenizer whose
+    /// sequences end with `eos_token_ids`: head width `hidden_size / num_heads` (the caller checks
+    /// that it divides), RMSNorm epsilon 1e-5, no bos token.
+    pub fn llama_config(
+        &self,
+        vocab_size: usize,
+        eos_token_ids: Vec<u32>,
+    ) -> layerskip_model::LlamaConfig {
+        layerskip_model::LlamaConfig {
+            vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_layers,
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.hidden_size / self.num_heads,
+            max_position_embeddings: self.max_position_embeddings,
+            rms_norm_eps: 1e-5,
+            rope: layerskip_model::RopeConfig {
+                theta: self.rope_theta,
+                llama3_scaling: None,
+            },
+            tie_word_embeddings: self.tie_word_embeddings,
+            bos_token_id: None,
+            eos_token_ids,
+        }
+    }
+
     /// How a checkpoint's configuration differs from this shape, one `field: shape vs
     /// checkpoint` entry per difference (empty when the checkpoint has this shape).
     pub fn differences(&self, checkpoint: &layerskip_model::LlamaConfig) -> Vec<String> {
