@@ -36,11 +36,17 @@ print(sys.argv[2], s.get("host_reads", "na"), s["new_tokens"])
 PY
 }
 printf '%-22s %14s %14s\n' strategy launches/token reads/token
-for strategy in "ar" "self-spec --exit-layer 3 --speculations 4"; do
-    read -r l1 r1 t1 <<<"$(count 8 --strategy $strategy)"
-    read -r l2 r2 t2 <<<"$(count 40 --strategy $strategy)"
+# "recorded": no strategy flag, so the model's recorded point (its layerskip.json) where it has one.
+for label in ar "self-spec E3 d4" recorded; do
+    case $label in
+        ar) flags=(--strategy ar) ;;
+        recorded) flags=() ;;
+        *) flags=(--strategy self-spec --exit-layer 3 --speculations 4) ;;
+    esac
+    read -r l1 r1 t1 <<<"$(count 8 "${flags[@]}")"
+    read -r l2 r2 t2 <<<"$(count 40 "${flags[@]}")"
     reads="n/a"
     if [ "$r1" != na ]; then reads=$(python3 -c "print(f'{($r2-$r1)/($t2-$t1):.2f}')"); fi
-    printf '%-22s %14s %14s\n' "${strategy%% *}" \
+    printf '%-22s %14s %14s\n' "$label" \
         "$(python3 -c "print(f'{($l2-$l1)/($t2-$t1):.1f}')")" "$reads"
 done

@@ -69,10 +69,10 @@ step ttft_cached 120 "${infer[@]}" --no-warm-up
 step ttft_warmed 120 "${infer[@]}"
 step correctness_f32 180 "$BIN" correctness --device "$DEV" --model $M --num-samples 3 \
     --max-new-tokens 64 --exit-layers 1,2,4,6 --speculations 1,3,6
-step sweep_f32 240 "$BIN" sweep --device "$DEV" --model $M "${DATA[@]}" --exit-layers 1,2,3,4 \
+step sweep_f32 240 "$BIN" sweep --device "$DEV" --model $M "${DATA[@]}" --exit-layers 3,4,5,6,8 \
     --speculations 2,3,4,6 --out "$W/sweep"
 step kernels_off 240 env LAYERSKIP_CUBE_KERNELS=0 "$BIN" bench --device "$DEV" --model $M "${DATA[@]}" \
-    --strategy self-spec --exit-layer 3 --speculations 4 --json "$W/kernels_off.json"
+    --strategy self-spec --exit-layer 5 --speculations 3 --json "$W/kernels_off.json"
 HE=datasets/humaneval/HumanEval.jsonl.gz
 step hf_default 180 env HF_PROMPTS=5 HF_CONFIGS=2 python3 $G/hf_ref.py $M cuda f32 $HE
 CKPT=${CKPT_DIR:-$W/ckpt}
@@ -87,7 +87,7 @@ step hf_smollm2 180 env HF_PROMPTS=3 HF_CONFIGS=1 python3 $G/hf_ref.py "$S" cuda
 step hf_smollm2_bf16 180 env HF_PROMPTS=3 HF_CONFIGS=1 python3 $G/hf_ref.py "$S" cuda bf16 $HE
 step hf_llama1b 240 env HF_PROMPTS=3 HF_CONFIGS=1 python3 $G/hf_ref.py "$L" cuda bf16 $HE
 step default_bf16 180 "$BIN" bench --device "$DEV" --dtype bf16 --model $M "${DATA[@]}" \
-    --strategy self-spec --exit-layer 3 --speculations 4 --json "$W/default_bf16.json"
+    --strategy self-spec --exit-layer 5 --speculations 3 --json "$W/default_bf16.json"
 step correctness_bf16 120 "$BIN" correctness --device "$DEV" --dtype bf16 --model $M --num-samples 3 \
     --max-new-tokens 64 --exit-layers 1,2,4,6 --speculations 1,3,6
 stdlib=$(python3 -c "import sysconfig;print(sysconfig.get_paths()['stdlib'])")

@@ -596,3 +596,168 @@ fn head_products_match_f64_and_do_not_depend_on_the_other_rows() {
         }
     }
 }
+
+/// The q/k/v products with the keys and values stored in the cache in the same launch: the
+/// queries, the cache positions `at..at + seq` of every sequence and the untouched rest equal,
+/// bit for bit, what the unfused launches write (the products, then [`launch_store_kv`]), and
+/// match f64; for one row (a decode step) and for two sequences of three (verification rows);
+/// heads of 32 and of 64 features. Widths whose cubes would split a head are refused with
+/// nothing written.
+#[test]
+fn the_products_store_keys_and_values_as_the_separate_cache_write_does() {
+    let gpu = Gpu::new();
+    let k = 96;
+    let x: Vec<f32> = values(6 * k, 40).iter().map(|v| v * 3.0).collect();
+    let gamma = values(k, 41);
+    let gb = gpu.upload(&gamma, &[k]);
+    let (capacity, at) = (10, 4);
+    for (heads, kv_heads, dim) in [(4, 2, 32), (4, 2, 64)] {
+        let widths = [heads * dim, kv_heads * dim, kv_heads * dim];
+        let ws: Vec<Vec<f32>> = (0..3)
+            .map(|i| values(k * widths[i], 42 + i as u64))
+            .collect();
+        let wb: [Buf; 3] = [0, 1, 2].map(|i| gpu.upload(&ws[i], &[k, widths[i]]));
+        for (batch, seq) in [(1, 1), (2, 3)] {
+            let rows = batch * seq;
+            let what = format!("head_dim {dim} batch {batch} seq {seq}");
+            let (cos, sin) = (values(seq * dim, 45), values(seq * dim, 46));
+            let (cb, sb) = (gpu.upload(&cos, &[seq, dim]), gpu.upload(&sin, &[seq, dim]));
+            let cache = [batch, kv_heads, capacity, dim];
+            // Caches that already hold values: the launch must leave the other positions alone.
+            let held = values(batch * kv_heads * capacity * dim, 47);
+            let xb = gpu.upload(&x[..rows * k], &[rows, k]);
+
+            // Fused: one launch.
+            let (kc, vc) = (gpu.upload(&held, &cache), gpu.upload(&held, &cache));
+            let qb = gpu.zeros(&[rows, widths[0]]);
+            let tensors = FusedRows {
+                x: gpu.arg(&xb),
+                gamma: gpu.arg(&gb),
+                residual: gpu.arg(&xb),
+                weights: [gpu.arg(&wb[0]), gpu.arg(&wb[1]), gpu.arg(&wb[2])],
+                outputs: [gpu.arg(&qb), gpu.arg(&qb), gpu.arg(&qb)],
+            };
+            let to = StoreAt {
+                key_cache: gpu.arg(&kc),
+                value_cache: gpu.arg(&vc),
+                capacity,
+                at,
+            };
+            let rope = [gpu.arg(&cb), gpu.arg(&sb)];
+            let shape = [batch, seq, k];
+            let eps = Some(1e-5);
+            assert!(
+                launch_fused_qkv_store(
+                    &gpu.client,
+                    tensors,
+                    rope,
+                    to,
+                    shape,
+                    dim,
+                    widths,
+                    eps,
+                    F32
+                ),
+                "{what}: launched"
+            );
+            let (q, keys, vals) = (gpu.read(&qb), gpu.read(&kc), gpu.read(&vc));
+
+            // Unfused: the products, then the cache write.
+            let outs = widths.map(|n| gpu.zeros(&[rows, n]));
+            let tensors = FusedRows {
+                x: gpu.arg(&xb),
+                gamma: gpu.arg(&gb),
+                residual: gpu.arg(&xb),
+                weights: [gpu.arg(&wb[0]), gpu.arg(&wb[1]), gpu.arg(&wb[2])],
+                outputs: [gpu.arg(&outs[0]), gpu.arg(&outs[1]), gpu.arg(&outs[2])],
+            };
+            let plain = Epilogue::Plain;
+            launch_fused_rows(&gpu.client, tensors, [rows, k], widths, eps, plain, F32);
+            let (kc2, vc2) = (gpu.upload(&held, &cache), gpu.upload(&held, &cache));
+            let to = StoreAt {
+                key_cache: gpu.arg(&kc2),
+                value_cache: gpu.arg(&vc2),
+                capacity,
+                at,
+            };
+            let (ka, va) = (gpu.arg(&outs[1]), gpu.arg(&outs[2]));
+            let (ca, sa) = (gpu.arg(&cb), gpu.arg(&sb));
+            let kv_shape = [batch, seq, kv_heads, dim];
+            launch_store_kv(&gpu.client, ka, va, ca, sa, to, kv_shape, F32);
+            assert_eq!(q, gpu.read(&outs[0]), "{what}: queries");
+            assert_eq!(keys, gpu.read(&kc2), "{what}: key cache");
+            assert_eq!(vals, gpu.read(&vc2), "{what}: value cache");
+
+            // Against f64: the products, the keys rotated, each at its sequence's positions.
+            let a = rms_reference(&x, &gamma, rows, k);
+            assert_close(
+                &q,
+                &product_reference(&a, &ws[0], rows, k, widths[0]),
+                1e-4,
+                &what,
+            );
+            let key_rows = product_reference(&a, &ws[1], rows, k, widths[1]);
+            let value_rows = product_reference(&a, &ws[2], rows, k, widths[2]);
+            for b in 0..batch {
+                let key_f32: Vec<f32> = key_rows[b * seq * widths[1]..][..seq * widths[1]]
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                let rotated = rope_reference(&key_f32, &cos, &sin, [seq, kv_heads, dim]);
+                for g in 0..kv_heads {
+                    for p in 0..capacity {
+                        for j in 0..dim {
+                            let o = ((b * kv_heads + g) * capacity + p) * dim + j;
+                            if !(at..at + seq).contains(&p) {
+                                assert_eq!((keys[o], vals[o]), (held[o], held[o]), "{what}: kept");
+                                continue;
+                            }
+                            let s = ((p - at) * kv_heads + g) * dim + j;
+                            let v = value_rows[b * seq * widths[2] + s];
+                            assert_close(&[keys[o]], &[rotated[s]], 1e-4, &what);
+                            assert_close(&[vals[o]], &[v], 1e-4, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // Vectors of one column (odd widths): a cube's 32 columns cannot hold a head of 64.
+    let widths = [249, 64, 64];
+    let odd = [0, 1, 2].map(|i| gpu.zeros(&[k, widths[i]]));
+    let xb = gpu.upload(&x[..k], &[1, k]);
+    let (kc, vc, qb) = (
+        gpu.zeros(&[1, 1, 4, 64]),
+        gpu.zeros(&[1, 1, 4, 64]),
+        gpu.zeros(&[1, 249]),
+    );
+    let tensors = FusedRows {
+        x: gpu.arg(&xb),
+        gamma: gpu.arg(&gb),
+        residual: gpu.arg(&xb),
+        weights: [gpu.arg(&odd[0]), gpu.arg(&odd[1]), gpu.arg(&odd[2])],
+        outputs: [gpu.arg(&qb), gpu.arg(&qb), gpu.arg(&qb)],
+    };
+    let (cb, sb) = (gpu.zeros(&[1, 64]), gpu.zeros(&[1, 64]));
+    let to = StoreAt {
+        key_cache: gpu.arg(&kc),
+        value_cache: gpu.arg(&vc),
+        capacity: 4,
+        at: 0,
+    };
+    let rope = [gpu.arg(&cb), gpu.arg(&sb)];
+    assert!(!stores_whole_heads(&gpu.client, widths, F32, 64));
+    let launched = launch_fused_qkv_store(
+        &gpu.client,
+        tensors,
+        rope,
+        to,
+        [1, 1, k],
+        64,
+        widths,
+        None,
+        F32,
+    );
+    assert!(!launched, "a head split across cubes is refused");
+}

@@ -112,6 +112,19 @@ impl<B: LayerSkipBackend> LayerKvCache<B> {
         tables: &RopeTables<B>,
     ) -> Result<()> {
         let added = keys.dims()[1];
+        self.store_with(added, |buffers, at| {
+            ((), B::store_kv(buffers, at, keys, values, tables))
+        })
+    }
+
+    /// Stores `added` new positions after the ones held by `write`, which takes the buffers and
+    /// the first new position and returns them written (and a value of its own, returned); an
+    /// error past the capacity, before `write` runs.
+    pub(crate) fn store_with<T>(
+        &mut self,
+        added: usize,
+        write: impl FnOnce([Tensor<B, 4>; 2], usize) -> (T, [Tensor<B, 4>; 2]),
+    ) -> Result<T> {
         check_room(self.len, added, self.capacity)?;
         if self.len + added > self.allocated() {
             self.grow(self.len + added);
@@ -120,9 +133,10 @@ impl<B: LayerSkipBackend> LayerKvCache<B> {
             .buffers
             .take()
             .expect("buffers are back after every store");
-        self.buffers = Some(B::store_kv(buffers, self.len, keys, values, tables));
+        let (out, buffers) = write(buffers, self.len);
+        self.buffers = Some(buffers);
         self.len += added;
-        Ok(())
+        Ok(out)
     }
 }
 

@@ -92,14 +92,23 @@ impl<B: LayerSkipBackend> Attention<B> {
         rope: &RopeTables<B>,
         cache: Option<&mut LayerKvCache<B>>,
     ) -> Result<Tensor<B, 3>> {
-        let [q, k, v] = self.heads(norm, x.clone());
         let groups = self.num_heads / self.num_kv_heads;
         let out = match cache {
             Some(cache) => {
-                cache.store(k, v, rope)?;
+                let [b, s, _] = x.dims();
+                let [pq, pk, pv, _] = &self.packed;
+                let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
+                let inputs = (weights, [pq, pk, pv]);
+                let q = cache.store_with(s, |buffers, at| {
+                    B::attention_inputs_stored(x.clone(), norm, inputs, (buffers, at, rope))
+                })?;
+                let q = q.reshape([b, s, self.num_heads, self.head_dim]);
                 B::attend_cached(q, rope, cache.buffers(), cache.len(), groups)
             }
-            None => B::self_attention(B::rope(q, rope), B::rope(k, rope), v),
+            None => {
+                let [q, k, v] = self.heads(norm, x.clone());
+                B::self_attention(B::rope(q, rope), B::rope(k, rope), v)
+            }
         };
         Ok(self.output(out, x))
     }

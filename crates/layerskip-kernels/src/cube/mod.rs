@@ -10,7 +10,10 @@ mod rows;
 
 pub use attend::{ATTEND_MAX_HEAD_DIM, AttendArgs, launch_attend};
 pub use elementwise::{StoreAt, launch_rms_norm, launch_rope, launch_silu_mul, launch_store_kv};
-pub use rows::{Epilogue, FusedRows, ROWS_PER_PASS, launch_fused_out_in, launch_fused_rows};
+pub use rows::{
+    Epilogue, FusedRows, ROWS_PER_PASS, launch_fused_out_in, launch_fused_qkv_store,
+    launch_fused_rows, stores_whole_heads,
+};
 
 use cubecl::prelude::*;
 

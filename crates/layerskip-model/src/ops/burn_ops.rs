@@ -150,6 +150,24 @@ pub fn attention_inputs<B: LayerSkipBackend>(
     })
 }
 
+/// See [`LayerSkipBackend::attention_inputs_stored`]: the backend's
+/// [`attention_inputs`](LayerSkipBackend::attention_inputs), then its
+/// [`store_kv`](LayerSkipBackend::store_kv).
+#[allow(clippy::type_complexity)]
+pub fn attention_inputs_stored<B: LayerSkipBackend>(
+    x: Tensor<B, 3>,
+    norm: &RmsNorm<B>,
+    (weights, packed): ([Tensor<B, 2>; 3], [&Packed; 3]),
+    (caches, at, tables): ([Tensor<B, 4>; 2], usize, &RopeTables<B>),
+) -> (Tensor<B, 3>, [Tensor<B, 4>; 2]) {
+    let [b, s, _] = x.dims();
+    let [_, kv_heads, _, head_dim] = caches[0].dims();
+    let [q, k, v] = B::attention_inputs(x, norm, weights, packed);
+    let heads = |t: Tensor<B, 3>| t.reshape([b, s, kv_heads, head_dim]);
+    let caches = B::store_kv(caches, at, heads(k), heads(v), tables);
+    (q, caches)
+}
+
 /// See [`LayerSkipBackend::swiglu`]: the backend's norm, products and SwiGLU product.
 pub fn swiglu<B: LayerSkipBackend>(
     x: Tensor<B, 3>,

@@ -189,6 +189,18 @@ fn fused<R: CubeRuntime>(
     outs.into_iter().take(outputs).collect()
 }
 
+/// A cache buffer to write in place: the cache holds its buffers alone unless it was cloned
+/// (then a copy).
+fn owned<
+    R: CubeRuntime,
+    B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
+>(
+    t: Tensor<B, 4>,
+) -> CubeTensor<R> {
+    let t = raw(t);
+    if t.can_mut() { t } else { t.copy() }
+}
+
 /// The one output of a single-output launch.
 fn single<R: CubeRuntime>(outputs: Vec<CubeTensor<R>>) -> CubeTensor<R> {
     outputs.into_iter().next().expect("one output")
@@ -304,12 +316,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
         }
         let dims = keys.dims();
         let capacity = key_cache.dims()[2];
-        // Written in place: the cache holds its buffers alone unless it was cloned.
-        let own = |t: Tensor<Self, 4>| {
-            let t = raw(t);
-            if t.can_mut() { t } else { t.copy() }
-        };
-        let (kc, vc) = (own(key_cache), own(value_cache));
+        let (kc, vc) = (owned(key_cache), owned(value_cache));
         let (k, v) = (raw(keys), raw(values));
         let (cos, sin) = (raw(tables.cos.clone()), raw(tables.sin.clone()));
         let (client, dtype) = (k.client.clone(), k.dtype.into());
@@ -384,6 +391,66 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerSkipB
         );
         let mut out = out.into_iter().map(wrap);
         std::array::from_fn(|_| out.next().expect("three outputs"))
+    }
+
+    fn attention_inputs_stored(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        (weights, packed): ([Tensor<Self, 2>; 3], [&Packed; 3]),
+        (caches, at, tables): ([Tensor<Self, 4>; 2], usize, &RopeTables<Self>),
+    ) -> (Tensor<Self, 3>, [Tensor<Self, 4>; 2]) {
+        let [b, s, hidden] = x.dims();
+        let [_, _, capacity, head_dim] = caches[0].dims();
+        let mut dtypes = vec![x.dtype(), norm.gamma.dtype(), tables.cos.dtype()];
+        dtypes.extend(caches.iter().map(Tensor::dtype));
+        dtypes.extend(weights.iter().map(Tensor::dtype));
+        dtypes.push(tables.sin.dtype());
+        // `[in, out]` weights whose key heads each fall within one cube's columns.
+        let x_raw = raw(x.clone());
+        let (client, dtype) = (x_raw.client.clone(), x_raw.dtype.into());
+        let w = Weights::of(weights.clone()).filter(|w| {
+            !w.out_in
+                && fusable(x.dims(), &dtypes)
+                && kernels::stores_whole_heads(&client, w.widths(), dtype, head_dim)
+        });
+        let Some(w) = w else {
+            let store = (caches, at, tables);
+            return burn_ops::attention_inputs_stored(x, norm, (weights, packed), store);
+        };
+        let [key_cache, value_cache] = caches;
+        let (kc, vc) = (owned(key_cache), owned(value_cache));
+        let widths = w.widths();
+        let q = empty(&x_raw, vec![b, s, widths[0]]);
+        let (gamma, eps) = norm_of(norm);
+        let arg = |t: &CubeTensor<R>| t.clone().into_tensor_arg();
+        let tensors = FusedRows {
+            x: arg(&x_raw),
+            gamma: arg(&gamma),
+            residual: arg(&x_raw),
+            weights: [arg(&w.tensors[0]), arg(&w.tensors[1]), arg(&w.tensors[2])],
+            outputs: [arg(&q), arg(&q), arg(&q)],
+        };
+        let to = kernels::StoreAt {
+            key_cache: arg(&kc),
+            value_cache: arg(&vc),
+            capacity,
+            at,
+        };
+        let rope = [tables.cos.clone(), tables.sin.clone()].map(|t| raw(t).into_tensor_arg());
+        let shape = [b, s, hidden];
+        let launched = kernels::launch_fused_qkv_store(
+            &client,
+            tensors,
+            rope,
+            to,
+            shape,
+            head_dim,
+            widths,
+            Some(eps),
+            dtype,
+        );
+        debug_assert!(launched, "whole heads were checked");
+        (wrap(q), [wrap(kc), wrap(vc)])
     }
 
     fn product_add(

@@ -311,6 +311,24 @@ pub trait LayerSkipBackend: Backend {
         burn_ops::attention_inputs(x, norm, weights, packed)
     }
 
+    /// [`attention_inputs`](Self::attention_inputs) with the keys and values stored: the
+    /// queries returned, the keys and values written into the cache buffers at `at..at + seq` as
+    /// [`store_kv`](Self::store_kv) writes them (one launch on the CubeCL backends).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; weights `[hidden, n_i]`; `tables` cover the `seq` positions
+    /// - `caches`: keys and values `[batch, kv_heads, capacity, head_dim]`, `n_1 = n_2 =
+    ///   kv_heads * head_dim`
+    /// - returns the queries `[batch, seq, n_0]` and the buffers
+    fn attention_inputs_stored(
+        x: Tensor<Self, 3>,
+        norm: &RmsNorm<Self>,
+        (weights, packed): ([Tensor<Self, 2>; 3], [&Packed; 3]),
+        (caches, at, tables): ([Tensor<Self, 4>; 2], usize, &RopeTables<Self>),
+    ) -> (Tensor<Self, 3>, [Tensor<Self, 4>; 2]) {
+        burn_ops::attention_inputs_stored(x, norm, (weights, packed), (caches, at, tables))
+    }
+
     /// `residual + x · W`: an output projection and the residual connection around it.
     ///
     /// # Shapes

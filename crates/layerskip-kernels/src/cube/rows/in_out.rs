@@ -4,7 +4,8 @@
 
 use cubecl::prelude::*;
 
-use super::{Epilogue, FusedRows, Pass, ROWS_PER_PASS, TILE, input, norm_factors, pass_at};
+use super::{Epilogue, FusedRows, Pass, ROWS_PER_PASS, TILE, input, norm_factors, pass_at, twin};
+use crate::cube::StoreAt;
 
 /// Four rows' partial sums of a vector of columns.
 #[derive(CubeType, Clone, Copy)]
@@ -151,12 +152,41 @@ fn reduce<N: Size>(
     sum
 }
 
+/// The rotary embedding of the key in `columns[at]` (feature `j` of its head, position `t` of
+/// the tables `[seq, dim]`), its partner feature `j ± dim/2` in the same head beside it: as
+/// `store_kv` rotates it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn rotated_column<F: Float>(
+    columns: &SharedMemory<f32>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    at: usize,
+    t: usize,
+    j: usize,
+    dim: usize,
+) -> f32 {
+    let half = dim / 2;
+    let mut partner = at + half;
+    if j >= half {
+        partner = at - half;
+    }
+    let mut rot = columns[partner];
+    if j < half {
+        rot = f32::new(0.0) - rot;
+    }
+    columns[at] * f32::cast_from(cos[t * dim + j]) + rot * f32::cast_from(sin[t * dim + j])
+}
+
 /// Products of `x` `[rows, k]` (RMSNorm'd with `gamma` first when `norm`) with up to three
 /// weights `w_i` `[k, n_i]` (Burn's `Linear` layout, `n_i` a multiple of `N`), with an
 /// [`Epilogue`]. Cube `(32, slices)`: x = a vector of `N` columns (consecutive threads read
 /// consecutive vectors), y = the slice of features `≡ y (mod slices)`. Cubes `0..tiles(n0)`
 /// compute `w0`'s columns, the next `w1`'s, then `w2`'s ([`Epilogue::Plain`]); with
-/// [`Epilogue::SwiGlu`] each cube computes the same columns of `w0` and `w1`.
+/// [`Epilogue::SwiGlu`] each cube computes the same columns of `w0` and `w1`. With `store` (a
+/// plain launch of q, k and v), `out1` and `out2` are the key and value caches `[batch,
+/// kv_heads, capacity, head_dim]`: row `r` is position `at + r % seq` of sequence `r / seq`,
+/// keys are rotated with `cos`/`sin` `[seq, head_dim]` (each cube's columns hold whole heads).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn fused_rows<F: Float, N: Size>(
@@ -169,16 +199,23 @@ fn fused_rows<F: Float, N: Size>(
     out0: &mut Tensor<F>,
     out1: &mut Tensor<F>,
     out2: &mut Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
     rows: u32,
     k_dim: u32,
     n0: u32,
     n1: u32,
     n2: u32,
     eps: f32,
+    seq: u32,
+    head_dim: u32,
+    capacity: u32,
+    at: u32,
     #[comptime] slices: usize,
     #[comptime] norm: bool,
     #[comptime] epilogue: Epilogue,
     #[comptime] single: bool,
+    #[comptime] store: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let size = N::value();
@@ -209,6 +246,9 @@ fn fused_rows<F: Float, N: Size>(
     let mut partial = SharedMemory::<f32>::new(comptime!(
         slices * TILE as usize * usize::max(size, ROWS_PER_PASS)
     ));
+    // A row of the cube's columns, for the keys' rotation (their rope partners in one place).
+    let mut columns =
+        SharedMemory::<f32>::new(comptime!(if store { TILE as usize * size } else { 1 }));
     let rows_per_pass = comptime!(if single { 1 } else { ROWS_PER_PASS });
     let mut r0 = 0usize;
     while r0 < m {
@@ -253,7 +293,34 @@ fn fused_rows<F: Float, N: Size>(
                     slices,
                 ));
                 let r = r0 + p;
-                if slice < size && r < m && live {
+                if comptime!(store) {
+                    let at_column = lane * size + slice;
+                    if slice < size {
+                        columns[at_column] = f32::cast_from(sum);
+                    }
+                    sync_cube();
+                    if slice < size && r < m && live {
+                        let c = col * size + slice;
+                        let (s, d) = (seq as usize, head_dim as usize);
+                        let (b, t, j) = (r / s, r % s, c % d);
+                        if segment == 0usize {
+                            out0[r * n + c] = sum;
+                        } else {
+                            let kv_heads = n / d;
+                            let dst =
+                                ((b * kv_heads + c / d) * capacity as usize + at as usize + t) * d
+                                    + j;
+                            if segment == 1usize {
+                                let rotated =
+                                    rotated_column::<F>(&columns, cos, sin, at_column, t, j, d);
+                                out1[dst] = F::cast_from(rotated);
+                            } else {
+                                out2[dst] = sum;
+                            }
+                        }
+                    }
+                    sync_cube();
+                } else if slice < size && r < m && live {
                     let at = r * n + col * size + slice;
                     if comptime!(epilogue == Epilogue::Residual) {
                         out0[at] = sum + residual[at];
@@ -301,6 +368,95 @@ pub fn launch_fused_rows<R: Runtime>(
     epilogue: Epilogue,
     dtype: StorageType,
 ) {
+    // Bound to the input, not read.
+    let rope = [twin(&tensors.x), twin(&tensors.x)];
+    let cache = [rows, 0, 0, 0];
+    launch(
+        client,
+        (tensors, rope, None),
+        [rows, k],
+        widths,
+        eps,
+        epilogue,
+        cache,
+        dtype,
+    );
+}
+
+/// The attention inputs of `rows = batch * seq` rows with the keys and values stored: `x` `[rows,
+/// k]` RMSNorm'd with `gamma` (when `eps` is given) times the q, k and v weights, the queries to
+/// `queries` `[rows, n_q]`, the keys rotated with the tables `[seq, head_dim]` and written with
+/// the values into the cache buffers `[batch, kv_heads, capacity, head_dim]` at `to.at..` (as
+/// [`launch_store_kv`](super::launch_store_kv) writes them). `tensors.outputs` other than the
+/// first are not used. False, launching nothing, where a cube's columns would not hold whole
+/// heads (see [`stores_whole_heads`]).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_fused_qkv_store<R: Runtime>(
+    client: &ComputeClient<R>,
+    tensors: FusedRows<R>,
+    [cos, sin]: [TensorArg<R>; 2],
+    to: StoreAt<R>,
+    [batch, seq, k]: [usize; 3],
+    head_dim: usize,
+    widths: [usize; 3],
+    eps: Option<f32>,
+    dtype: StorageType,
+) -> bool {
+    if !stores_whole_heads(client, widths, dtype, head_dim) {
+        return false;
+    }
+    let cache = [seq, head_dim, to.capacity, to.at];
+    let tensors = FusedRows {
+        outputs: {
+            let [queries, _, _] = tensors.outputs;
+            [queries, to.key_cache, to.value_cache]
+        },
+        ..tensors
+    };
+    let shape = [batch * seq, k];
+    let rope = [cos, sin];
+    launch(
+        client,
+        (tensors, rope, Some(())),
+        shape,
+        widths,
+        eps,
+        Epilogue::Plain,
+        cache,
+        dtype,
+    );
+    true
+}
+
+/// Whether [`launch_fused_qkv_store`] takes these widths (q, k, v) and heads: each cube's
+/// columns hold whole heads of the keys, so a key's rope partner is computed beside it.
+pub fn stores_whole_heads<R: Runtime>(
+    client: &ComputeClient<R>,
+    widths: [usize; 3],
+    dtype: StorageType,
+    head_dim: usize,
+) -> bool {
+    let columns = TILE as usize * vector_size(client, widths, dtype);
+    head_dim > 0
+        && head_dim.is_multiple_of(2)
+        && columns.is_multiple_of(head_dim)
+        && widths[1] == widths[2]
+        && widths[1].is_multiple_of(head_dim)
+}
+
+/// One [`fused_rows`] launch; `store` when the second and third outputs are the cache buffers,
+/// `cache` = `[seq, head_dim, capacity, at]` then.
+#[allow(clippy::too_many_arguments)]
+fn launch<R: Runtime>(
+    client: &ComputeClient<R>,
+    (tensors, [cos, sin], store): (FusedRows<R>, [TensorArg<R>; 2], Option<()>),
+    [rows, k]: [usize; 2],
+    widths: [usize; 3],
+    eps: Option<f32>,
+    epilogue: Epilogue,
+    [seq, head_dim, capacity, at]: [usize; 4],
+    dtype: StorageType,
+) {
     let size = vector_size(client, widths, dtype);
     let tile = TILE as usize * size;
     let tiles = match epilogue {
@@ -329,16 +485,23 @@ pub fn launch_fused_rows<R: Runtime>(
         o0,
         o1,
         o2,
+        cos,
+        sin,
         rows as u32,
         k as u32,
         widths[0] as u32,
         widths[1] as u32,
         widths[2] as u32,
         eps.unwrap_or(0.0),
+        seq as u32,
+        head_dim as u32,
+        capacity as u32,
+        at as u32,
         slices,
         eps.is_some(),
         epilogue,
         rows == 1,
+        store.is_some(),
         dtype,
     );
 }

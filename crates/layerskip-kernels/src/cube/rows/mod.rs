@@ -1,7 +1,9 @@
 //! Products of a few rows with weight matrices: decoding (one row) and self-speculative
 //! verification (`d + 1` rows), with what surrounds them in a decoder layer fused in, so that a
-//! layer is six launches: RMSNorm of the input computed on the fly, up to three weights in one
-//! launch (q, k and v), and an epilogue that adds the residual or forms SwiGLU's product.
+//! layer is five launches: RMSNorm of the input computed on the fly, up to three weights in one
+//! launch (q, k and v, the keys rotated and written with the values into the KV cache by the
+//! same launch: [`launch_fused_qkv_store`]), and an epilogue that adds the residual or forms
+//! SwiGLU's product.
 //!
 //! Each output is a sum over the input features split into a fixed number of interleaved slices
 //! (chosen from the weights' shapes alone), each slice summed in order, the slices added in
@@ -16,7 +18,7 @@ use cubecl::prelude::*;
 mod in_out;
 mod out_in;
 
-pub use in_out::launch_fused_rows;
+pub use in_out::{launch_fused_qkv_store, launch_fused_rows, stores_whole_heads};
 pub use out_in::launch_fused_out_in;
 
 /// Rows computed per pass over the weights.
@@ -272,4 +274,22 @@ pub struct FusedRows<R: Runtime> {
     /// Outputs `[rows, n_i]` (only the first for [`Epilogue::Residual`] and
     /// [`Epilogue::SwiGlu`]).
     pub outputs: [TensorArg<R>; 3],
+}
+
+/// A second argument for the same tensor (a binding is shared, not copied).
+pub(super) fn twin<R: Runtime>(arg: &TensorArg<R>) -> TensorArg<R> {
+    match arg {
+        TensorArg::Handle { handle } => TensorArg::Handle {
+            handle: handle.clone(),
+        },
+        TensorArg::Alias {
+            input_pos,
+            strides,
+            shape,
+        } => TensorArg::Alias {
+            input_pos: *input_pos,
+            strides: strides.clone(),
+            shape: shape.clone(),
+        },
+    }
 }
