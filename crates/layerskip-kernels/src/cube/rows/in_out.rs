@@ -357,7 +357,7 @@ fn vector_size<R: Runtime>(
         .unwrap_or(1)
 }
 
-/// Runs [`fused_rows`]: `rows` rows of `k` features; `widths` the weights' output widths (0 for
+/// Runs `fused_rows`: `rows` rows of `k` features; `widths` the weights' output widths (0 for
 /// absent ones); `eps` the RMSNorm epsilon when the input is to be normalised.
 pub fn launch_fused_rows<R: Runtime>(
     client: &ComputeClient<R>,
@@ -387,7 +387,7 @@ pub fn launch_fused_rows<R: Runtime>(
 /// k]` RMSNorm'd with `gamma` (when `eps` is given) times the q, k and v weights, the queries to
 /// `queries` `[rows, n_q]`, the keys rotated with the tables `[seq, head_dim]` and written with
 /// the values into the cache buffers `[batch, kv_heads, capacity, head_dim]` at `to.at..` (as
-/// [`launch_store_kv`](super::launch_store_kv) writes them). `tensors.outputs` other than the
+/// [`launch_store_kv`](crate::cube::launch_store_kv) writes them). `tensors.outputs` other than the
 /// first are not used. False, launching nothing, where a cube's columns would not hold whole
 /// heads (see [`stores_whole_heads`]).
 #[allow(clippy::too_many_arguments)]

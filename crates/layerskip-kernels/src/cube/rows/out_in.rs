@@ -168,7 +168,7 @@ fn fused_out_in<F: Float>(
     }
 }
 
-/// Runs [`fused_out_in`]: `rows` rows of `k` features; `widths` the outputs per weight (the
+/// Runs `fused_out_in`: `rows` rows of `k` features; `widths` the outputs per weight (the
 /// weights' rows; fewer than a weight has reads its first rows only, as a vocabulary prefix of a
 /// tied head does; 0 for absent weights); `eps` the RMSNorm epsilon when the input is to be
 /// normalised.
