@@ -433,6 +433,59 @@ fn concurrent_requests_decoded_in_one_batch_each_get_their_single_client_text() 
     );
 }
 
+/// Greedy self-speculative requests: one alone runs self-speculation; several at once on one
+/// engine are decoded in its batch as autoregressive decoding (the response says so), and every
+/// one gets the text it gets alone, which is `layerskip infer`'s self-speculative text.
+#[test]
+fn greedy_self_speculative_requests_batch_when_others_wait_with_the_same_text() {
+    let model = chat_model("ss-batch");
+    let server = Server::start(&model, &["--engines", "1", "--batch", "8"]);
+    let spec = json!({"strategy": "self-spec", "exit_layer": 3, "speculations": 3});
+    let body = json!({"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "layerskip": spec});
+    let (status, alone) = server.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{alone}");
+    assert_eq!(alone["layerskip"]["strategy"], "self-spec", "{alone}");
+    assert!(
+        alone["layerskip"]["drafted"].as_u64().unwrap() > 0,
+        "{alone}"
+    );
+    assert!(
+        alone["layerskip"]["requested_strategy"].is_null(),
+        "{alone}"
+    );
+    let text = alone["choices"][0]["text"].as_str().unwrap().to_string();
+    let flags = [
+        "--max-new-tokens",
+        "32",
+        "--strategy",
+        "self-spec",
+        "--exit-layer",
+        "3",
+        "--speculations",
+        "3",
+    ];
+    assert_eq!(text, infer_text(&model, PROMPT, &flags));
+
+    let responses: Vec<Value> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| server.post("/v1/completions", &body).1))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for r in &responses {
+        assert_eq!(r["choices"][0]["text"], text, "{r}");
+    }
+    let batched: Vec<&Value> = responses
+        .iter()
+        .filter(|r| r["layerskip"]["requested_strategy"] == "self-spec")
+        .collect();
+    assert!(!batched.is_empty(), "none batched: {responses:?}");
+    for r in batched {
+        assert_eq!(r["layerskip"]["strategy"], "ar", "{r}");
+        assert_eq!(r["layerskip"]["drafted"], 0, "{r}");
+    }
+}
+
 /// The official `openai` Python package against the server: completions, chat and streaming.
 /// It runs where `python3` can import `openai` (`LAYERSKIP_OPENAI_PYTHON` names another
 /// interpreter, e.g. a virtualenv's; CI installs one).

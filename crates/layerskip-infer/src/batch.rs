@@ -76,6 +76,29 @@ impl<'m, B: LayerSkipBackend> Batch<'m, B> {
         options.strategy == Strategy::Autoregressive
     }
 
+    /// Options that batch and give the tokens these give: these themselves where they batch;
+    /// for greedy self-speculation (static or adaptive) without history penalties,
+    /// autoregressive decoding with the same limits, which decodes exactly its tokens (drafts
+    /// only change the speed); `None` for early exit (its own model), sampled self-speculation
+    /// (another random stream) and penalised self-speculation. A server can batch such a request
+    /// when it would otherwise wait.
+    pub fn exact_batched(options: &GenerateOptions) -> Option<GenerateOptions> {
+        let exact = match options.strategy {
+            Strategy::Autoregressive => true,
+            Strategy::SelfSpeculative { .. } | Strategy::Adaptive { .. } => {
+                let s = &options.sampling;
+                s.is_greedy() && s.repetition_penalty == 1.0 && s.no_repeat_ngram == 0
+            }
+            Strategy::EarlyExit { .. } => false,
+        };
+        exact.then(|| GenerateOptions {
+            strategy: Strategy::Autoregressive,
+            draft_vocab: None,
+            draft_confidence: None,
+            ..options.clone()
+        })
+    }
+
     /// The error [`Batch::admit`] would return for this prompt and options, without generating.
     pub fn validate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
         validate_request(self.model, self.capacity, prompt, options)?;

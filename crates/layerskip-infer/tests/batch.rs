@@ -189,3 +189,60 @@ fn requests_a_batch_cannot_take_are_refused() {
     ));
     assert!(Batch::new(&model, 16, 0).is_err());
 }
+
+/// Greedy self-speculative requests (static, adaptive, with a confidence threshold) batched as
+/// their autoregressive twins ([`Batch::exact_batched`]) get the tokens self-speculation gives
+/// them alone, on the shipped model; early exit, sampled and penalised self-speculation have no
+/// twin.
+#[test]
+fn greedy_self_speculation_batched_as_autoregressive_gives_its_own_tokens() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let model = LlamaModel::<B>::from_pretrained(&dir, &Default::default()).unwrap();
+    let ss = |exit_layer, speculations| Strategy::SelfSpeculative {
+        exit_layer,
+        speculations,
+    };
+    let specs = [
+        (vec![5u32, 9, 1, 33, 7], options(ss(5, 3), 40)),
+        (vec![3u32], options(ss(2, 6), 33)),
+        (
+            vec![2u32, 4, 6],
+            options(
+                Strategy::Adaptive {
+                    max_speculations: 4,
+                },
+                28,
+            ),
+        ),
+        (
+            vec![11u32, 2, 30],
+            options(ss(4, 4), 25).with_draft_confidence(Some(0.3)),
+        ),
+    ];
+    let requests: Vec<(Vec<u32>, GenerateOptions, usize)> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (prompt, options))| {
+            let twin = Batch::<B>::exact_batched(options).expect("greedy self-speculation");
+            assert_eq!(twin.strategy, Strategy::Autoregressive);
+            assert_eq!(twin.max_new_tokens, options.max_new_tokens);
+            (prompt.clone(), twin, i)
+        })
+        .collect();
+    for ((prompt, options), (got, _)) in specs.iter().zip(batched(&model, &requests)) {
+        let want = alone(&model, prompt, options);
+        assert_eq!(got.tokens, want.tokens, "{options:?}");
+        assert!(want.stats.drafted > 0, "self-speculation drafted");
+    }
+
+    let sampled =
+        options(ss(5, 3), 8).with_sampling(SamplingConfig::default().with_temperature(0.8));
+    let penalised =
+        options(ss(5, 3), 8).with_sampling(SamplingConfig::default().with_repetition_penalty(1.2));
+    let early = options(Strategy::EarlyExit { exit_layer: 5 }, 8);
+    for o in [sampled, penalised, early] {
+        assert_eq!(Batch::<B>::exact_batched(&o), None, "{o:?}");
+    }
+    let ar = options(Strategy::Autoregressive, 8);
+    assert_eq!(Batch::<B>::exact_batched(&ar), Some(ar));
+}

@@ -238,9 +238,14 @@ impl Usage {
     }
 }
 
-/// The `layerskip` response field: the strategy and what self-speculation accepted.
-pub fn layerskip_report(strategy: Strategy, stats: &GenerationStats) -> Value {
-    json!({
+/// The `layerskip` response field: the strategy that ran and what self-speculation accepted,
+/// from `(requested, ran)`; `requested_strategy` where the two differ (a greedy self-speculative
+/// request decoded in the batch as autoregressive decoding, which gives the same tokens).
+pub fn layerskip_report(
+    (requested, strategy): (Strategy, Strategy),
+    stats: &GenerationStats,
+) -> Value {
+    let mut report = json!({
         "strategy": strategy.name(),
         "exit_layer": strategy.exit_layer(),
         "speculations": strategy.speculations(),
@@ -254,5 +259,9 @@ pub fn layerskip_report(strategy: Strategy, stats: &GenerationStats) -> Value {
         "tokens_per_second": stats.tokens_per_second(),
         "time_to_first_token_ms": stats.time_to_first_token_ms,
         "time_per_token_ms": stats.time_per_token_ms(),
-    })
+    });
+    if requested != strategy {
+        report["requested_strategy"] = json!(requested.name());
+    }
+    report
 }

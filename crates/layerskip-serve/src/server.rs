@@ -320,7 +320,11 @@ async fn generate(
                         }
                         data
                     }
-                    Event::Done { finish, stats } => chunk.last(finish, &stats, strategy),
+                    Event::Done {
+                        finish,
+                        stats,
+                        strategy: ran,
+                    } => chunk.last(finish, &stats, (strategy, ran)),
                     Event::Failed(m) => json!({"error": {"message": m, "type": "server_error"}}),
                     Event::Started | Event::Rejected(_) => continue,
                 };
@@ -341,10 +345,13 @@ async fn generate(
     while let Some(event) = rx.recv().await {
         match event {
             Event::Text { text: t, .. } => text.push_str(&t),
-            Event::Done { finish, stats } => {
-                return Ok(
-                    Json(chunk.whole(&text, finish, &stats, prepared.strategy)).into_response()
-                );
+            Event::Done {
+                finish,
+                stats,
+                strategy: ran,
+            } => {
+                let strategies = (prepared.strategy, ran);
+                return Ok(Json(chunk.whole(&text, finish, &stats, strategies)).into_response());
             }
             Event::Failed(m) => {
                 return Err(
@@ -403,13 +410,18 @@ impl Chunk {
     }
 
     /// The last streamed chunk: the finish reason, usage and LayerSkip's statistics.
-    fn last(&self, finish: Finish, stats: &GenerationStats, strategy: Strategy) -> Value {
+    fn last(
+        &self,
+        finish: Finish,
+        stats: &GenerationStats,
+        strategies: (Strategy, Strategy),
+    ) -> Value {
         let mut v = match self.kind {
             Kind::Completion => self.text("", Some(finish)),
             Kind::Chat => self.delta(json!({}), Some(finish)),
         };
         v["usage"] = json!(Usage::of(stats));
-        v["layerskip"] = layerskip_report(strategy, stats);
+        v["layerskip"] = layerskip_report(strategies, stats);
         v
     }
 
@@ -419,7 +431,7 @@ impl Chunk {
         text: &str,
         finish: Finish,
         stats: &GenerationStats,
-        strategy: Strategy,
+        strategies: (Strategy, Strategy),
     ) -> Value {
         let choice = match self.kind {
             Kind::Completion => json!({"index": 0, "text": text, "logprobs": null,
@@ -429,7 +441,7 @@ impl Chunk {
         };
         let mut v = self.envelope(choice, false);
         v["usage"] = json!(Usage::of(stats));
-        v["layerskip"] = layerskip_report(strategy, stats);
+        v["layerskip"] = layerskip_report(strategies, stats);
         v
     }
 }

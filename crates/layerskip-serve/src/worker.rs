@@ -1,9 +1,12 @@
 //! The engine threads: each owns a view of the model (weights shared, not copied) and its own KV
 //! caches, and they take queued jobs in arrival order (one FIFO queue). With a batch size above
 //! one, an engine decodes up to that many autoregressive jobs together, one pass through the
-//! model per step for all of them ([`Batch`]); jobs join and leave between steps. A job that
-//! does not batch (self-speculation, early exit) waits until the engine's batch has drained and
-//! then runs alone, so jobs start in arrival order. Each job streams its text back over a
+//! model per step for all of them ([`Batch`]); jobs join and leave between steps. A greedy
+//! self-speculative job runs alone when the engine has nothing else to do, else joins the batch
+//! as autoregressive decoding, which gives exactly its tokens ([`Batch::exact_batched`]), so it
+//! does not wait. A job that does not batch (early exit, sampled self-speculation, or one that
+//! asked for its tokens' provenance) waits until the engine's batch has drained and then runs
+//! alone, so jobs start in arrival order. Each job streams its text back over a
 //! channel; a job whose client has gone (the receiver dropped) is skipped if still queued and
 //! cancelled at its next token if running, so a disconnect frees its place at once.
 
@@ -100,6 +103,9 @@ pub enum Event {
         finish: Finish,
         /// Its statistics.
         stats: GenerationStats,
+        /// The strategy it ran: autoregressive for a greedy self-speculative job that was
+        /// batched.
+        strategy: Strategy,
     },
     /// The engine failed while generating.
     Failed(String),
@@ -312,6 +318,7 @@ impl<'t> Streaming<'t> {
                 let _ = events.send(Event::Done {
                     finish,
                     stats: generation.stats,
+                    strategy: self.job.options.strategy,
                 });
             }
             Err(e) => {
@@ -376,16 +383,31 @@ impl<'m, B: LayerSkipBackend> Engine<'m, B> {
         let mut running: HashMap<usize, Streaming<'_>> = HashMap::new();
         // A job that does not batch, waiting for the batch to drain.
         let mut held: Option<Job> = None;
+        // A job taken from the queue to see whether another waits, not yet placed.
+        let mut next: Option<Job> = None;
         loop {
             while held.is_none() && !batch.is_full() {
-                let Some(job) = next_job(queue, batch.is_empty()) else {
-                    if batch.is_empty() {
-                        return;
+                let job = match next.take() {
+                    Some(job) => job,
+                    None => {
+                        let Some(job) = next_job(queue, batch.is_empty()) else {
+                            if batch.is_empty() {
+                                return;
+                            }
+                            break;
+                        };
+                        metrics.dequeued();
+                        job
                     }
-                    break;
                 };
-                metrics.dequeued();
-                if !Batch::<B>::batches(&job.options) {
+                // A request invalid as asked is refused as asked, before any batching.
+                if let Err(e) = self.generator.validate(&job.prompt, &job.options) {
+                    start(&job, Err(e), metrics);
+                    continue;
+                }
+                let idle = batch.is_empty();
+                let (job, joins) = batched::<B>(job, idle, queue, &mut next, metrics);
+                if !joins {
                     held = Some(job);
                     break;
                 }
@@ -424,6 +446,40 @@ impl<'m, B: LayerSkipBackend> Engine<'m, B> {
             finish_batched(batch, &mut running, metrics);
         }
     }
+}
+
+/// `job` as it is to run, and whether it joins the batch (else it runs alone): a job that
+/// batches joins as it is; a greedy self-speculative one (that did not ask for provenance) joins
+/// as its autoregressive twin, unless the engine is `idle` (its batch empty) and no other job
+/// waits, which is seen by taking the next queued job, if any, into `next`.
+fn batched<B: LayerSkipBackend>(
+    mut job: Job,
+    idle: bool,
+    queue: &Queue,
+    next: &mut Option<Job>,
+    metrics: &Metrics,
+) -> (Job, bool) {
+    if Batch::<B>::batches(&job.options) {
+        return (job, true);
+    }
+    let twin = match job.provenance {
+        true => None,
+        false => Batch::<B>::exact_batched(&job.options),
+    };
+    let Some(twin) = twin else {
+        return (job, false);
+    };
+    if idle && next.is_none() {
+        *next = next_job(queue, false);
+        if next.is_some() {
+            metrics.dequeued();
+        }
+    }
+    if idle && next.is_none() {
+        return (job, false);
+    }
+    job.options = twin;
+    (job, true)
 }
 
 /// Reports the batch's finished jobs.
