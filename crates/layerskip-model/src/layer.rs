@@ -96,9 +96,7 @@ impl<B: LayerSkipBackend> Attention<B> {
         let out = match cache {
             Some(cache) => {
                 let [b, s, _] = x.dims();
-                let [pq, pk, pv, _] = &self.packed;
-                let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
-                let inputs = (weights, [pq, pk, pv]);
+                let inputs = self.qkv();
                 let q = cache.store_with(s, |buffers, at| {
                     B::attention_inputs_stored(x.clone(), norm, inputs, (buffers, at, rope))
                 })?;
@@ -117,15 +115,21 @@ impl<B: LayerSkipBackend> Attention<B> {
     /// (q with `num_heads`, k and v with `num_kv_heads`): one launch of the fused products.
     fn heads(&self, norm: &RmsNorm<B>, x: Tensor<B, 3>) -> [Tensor<B, 4>; 3] {
         let [b, s, _] = x.dims();
-        let [pq, pk, pv, _] = &self.packed;
-        let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
-        let [q, k, v] = B::attention_inputs(x, norm, weights, [pq, pk, pv]);
+        let (weights, packed) = self.qkv();
+        let [q, k, v] = B::attention_inputs(x, norm, weights, packed);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
         [
             heads(q, self.num_heads),
             heads(k, self.num_kv_heads),
             heads(v, self.num_kv_heads),
         ]
+    }
+
+    /// The q, k and v weights and the backend's state for them.
+    fn qkv(&self) -> ([Tensor<B, 2>; 3], [&Packed; 3]) {
+        let [pq, pk, pv, _] = &self.packed;
+        let weights = [&self.q_proj, &self.k_proj, &self.v_proj].map(weight);
+        (weights, [pq, pk, pv])
     }
 
     /// The output projection of the attention `out` with the residual `x` added.

@@ -156,7 +156,6 @@ fn reduce<N: Size>(
 /// the tables `[seq, dim]`), its partner feature `j ± dim/2` in the same head beside it: as
 /// `store_kv` rotates it.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn rotated_column<F: Float>(
     columns: &SharedMemory<f32>,
     cos: &Tensor<F>,
@@ -373,7 +372,7 @@ pub fn launch_fused_rows<R: Runtime>(
     let cache = [rows, 0, 0, 0];
     launch(
         client,
-        (tensors, rope, None),
+        (tensors, rope, false),
         [rows, k],
         widths,
         eps,
@@ -417,7 +416,7 @@ pub fn launch_fused_qkv_store<R: Runtime>(
     let rope = [cos, sin];
     launch(
         client,
-        (tensors, rope, Some(())),
+        (tensors, rope, true),
         shape,
         widths,
         eps,
@@ -449,7 +448,7 @@ pub fn stores_whole_heads<R: Runtime>(
 #[allow(clippy::too_many_arguments)]
 fn launch<R: Runtime>(
     client: &ComputeClient<R>,
-    (tensors, [cos, sin], store): (FusedRows<R>, [TensorArg<R>; 2], Option<()>),
+    (tensors, [cos, sin], store): (FusedRows<R>, [TensorArg<R>; 2], bool),
     [rows, k]: [usize; 2],
     widths: [usize; 3],
     eps: Option<f32>,
@@ -501,7 +500,7 @@ fn launch<R: Runtime>(
         eps.is_some(),
         epilogue,
         rows == 1,
-        store.is_some(),
+        store,
         dtype,
     );
 }
