@@ -642,8 +642,10 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
     let (code, _, err) = layerskip(&["infer", "--model", s(&yarn), "--prompt", "x"]);
     assert_error(code, &err, "rope_type \"yarn\" is not supported");
 
-    // Autoregressive decoding has no acceptance (null); a stop string is the stop reason.
-    let json = |extra: &[&str]| {
+    // Autoregressive decoding has no acceptance (null); the stop reason says whether the model
+    // ended (the shipped model ends this function with EOS after 17 tokens), the budget ran
+    // out, or a stop string came.
+    let json_with = |max_new_tokens: &str, extra: &[&str]| {
         let mut args = vec![
             "infer",
             "--model",
@@ -651,7 +653,7 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
             "--prompt",
             "def f(x):",
             "--max-new-tokens",
-            "24",
+            max_new_tokens,
             "--json",
         ];
         args.extend_from_slice(extra);
@@ -659,9 +661,15 @@ fn messages_name_the_problem_and_reports_say_what_happened() {
         assert_eq!(code, 0, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
+    let json = |extra: &[&str]| json_with("24", extra);
     let ar = json(&["--strategy", "ar"]);
     assert!(ar["acceptance_rate"].is_null(), "{ar}");
-    assert_eq!(ar["stop"], "MaxNewTokens");
+    assert_eq!(ar["stop"], "StopToken", "{ar}");
+    let ended = ar["stats"]["new_tokens"].as_u64().unwrap();
+    assert!(ended < 24, "{ar}");
+    let cut = json_with("4", &["--strategy", "ar"]);
+    assert_eq!(cut["stop"], "MaxNewTokens", "{cut}");
+    assert_eq!(cut["stats"]["new_tokens"], 4, "{cut}");
     let ss = json(&["--strategy", "self-spec", "--exit-layer", "4"]);
     assert!(ss["acceptance_rate"].as_f64().is_some(), "{ss}");
     // Adaptive self-speculation: the same text, and which exits it drafted from.
