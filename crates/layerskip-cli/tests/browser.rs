@@ -193,7 +193,8 @@ fn text(spans: &[(String, String, Option<String>)]) -> String {
 fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregressive() {
     let server = Server::start(&common::shipped_model(), &[]);
     let mut browser = Browser::start();
-    let prompt = "def fibonacci(n):";
+    // The page's own example prompt (the shipped model was fine-tuned on signature + docstring).
+    let prompt = "def read_lines(path):\n    \"\"\"Return the lines of the file at path, without their newlines.\"\"\"";
     let greedy = infer_text(
         &common::shipped_model(),
         prompt,
@@ -202,6 +203,10 @@ fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregre
     assert!(!greedy.is_empty());
     // As a user would: the form filled in, then the Compare button.
     browser.open(&server.url("/"));
+    assert_eq!(
+        browser.eval("document.getElementById('prompt').value"),
+        prompt
+    );
     browser.fill("prompt", prompt);
     browser.fill("strategy", "self-spec");
     browser.fill("exit", "3");
