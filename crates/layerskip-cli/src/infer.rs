@@ -87,6 +87,12 @@ pub struct InferArgs {
     /// Show drafted-then-rejected tokens (dim red on a terminal, ⟦…⟧ otherwise).
     #[arg(long)]
     pub show_drafts: bool,
+    /// Token healing: take the prompt's last token back and start the output with a token that
+    /// begins with its text, so that a prompt ending where the tokenizer would merge on (a
+    /// trailing newline before an indented line, a trailing space) continues as the model saw
+    /// such text in training. The printed text is the continuation of the prompt as given.
+    #[arg(long)]
+    pub heal: bool,
     /// Print one JSON object with the text and the statistics instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -400,10 +406,20 @@ fn run_one<B: LayerSkipBackend>(
         Some(t) => t.render_user(prompt)?,
         None => prompt.to_string(),
     };
-    let ids = tokenizer.encode(&text)?;
+    let mut ids = tokenizer.encode(&text)?;
+    let mut stream = TextStream::new(tokenizer, args.stop.clone());
+    let mut options = options.clone();
+    if args.heal
+        && let Some(healing) = tokenizer.healing(&ids)
+    {
+        stream = TextStream::healed(tokenizer, args.stop.clone(), &healing.text);
+        options = options.with_first_token_among(Some(healing.allowed));
+        ids = healing.prompt;
+    }
+    let options = &options;
     let mut printer = Printer {
         tokenizer,
-        stream: TextStream::new(tokenizer, args.stop.clone()),
+        stream,
         colour: std::io::stdout().is_terminal(),
         show_drafts: args.show_drafts,
         quiet: args.json,
@@ -422,10 +438,9 @@ fn run_one<B: LayerSkipBackend>(
             serde_json::to_string_pretty(&json_report(
                 &generation,
                 &stop,
-                tokenizer,
-                &args.stop,
+                printer.stream.emitted(),
                 options
-            )?)?
+            ))?
         );
     } else {
         println!();
@@ -453,19 +468,16 @@ fn run_one<B: LayerSkipBackend>(
     Ok(())
 }
 
+/// The generation as JSON; `text` is what was printed (the stream's text: cut before a stop
+/// string, without a healed prompt token's text).
 fn json_report(
     g: &Generation,
     stop: &str,
-    tokenizer: &Tokenizer,
-    stops: &[String],
+    text: &str,
     options: &GenerateOptions,
-) -> Result<serde_json::Value> {
-    let mut text = tokenizer.decode(&g.tokens)?;
-    if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-        text.truncate(cut);
-    }
+) -> serde_json::Value {
     let s = &g.stats;
-    Ok(serde_json::json!({
+    serde_json::json!({
         "text": text,
         "tokens": g.tokens,
         "stop": stop,
@@ -476,5 +488,5 @@ fn json_report(
         "mean_accepted_length": s.mean_accepted_length(),
         "tokens_per_second": s.tokens_per_second(),
         "time_per_token_ms": s.time_per_token_ms(),
-    }))
+    })
 }

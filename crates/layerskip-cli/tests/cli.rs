@@ -809,3 +809,49 @@ fn the_humaneval_quality_script_reads_bench_completions() {
         assert!(function.is_empty() || function.ends_with('\n'), "{r}");
     }
 }
+
+/// `--heal` on a prompt that ends with a newline: the shipped model, given the newline as its
+/// own token, ends at once (EOS); healed, it writes the body it writes after the prompt without
+/// the newline (whose first token is "\n" merged with the indentation), minus that newline:
+/// streamed and `--json` alike, self-speculative and autoregressive alike.
+#[test]
+fn healing_continues_a_prompt_that_ends_with_a_newline() {
+    let model = common::shipped_model();
+    let m = model.to_str().unwrap();
+    let cut = "def read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"";
+    let prompt = format!("{cut}\n");
+    let json = |prompt: &str, extra: &[&str]| {
+        let mut args = vec!["infer", "--model", m, "--prompt", prompt];
+        args.extend(["--max-new-tokens", "48", "--json"]);
+        args.extend_from_slice(extra);
+        let (code, out, err) = layerskip(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let unhealed = json(&prompt, &[]);
+    assert_eq!(unhealed["text"], "", "{unhealed}");
+    assert_eq!(unhealed["stop"], "StopToken", "{unhealed}");
+    let reference = json(cut, &[]);
+    let body = reference["text"].as_str().unwrap();
+    let body = body
+        .strip_prefix('\n')
+        .unwrap_or_else(|| panic!("{body:?}"));
+    assert!(body.starts_with("    "), "{body:?}");
+    for strategy in [&[][..], &["--strategy", "ar"]] {
+        let healed = json(&prompt, &[&["--heal"], strategy].concat());
+        assert_eq!(healed["text"], body, "{strategy:?}");
+        assert_eq!(healed["tokens"], reference["tokens"], "{strategy:?}");
+    }
+    let (code, streamed, err) = layerskip(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        "48",
+        "--heal",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(streamed.trim_end_matches('\n'), body.trim_end_matches('\n'));
+}

@@ -648,3 +648,46 @@ fn streamed_chunks_say_how_each_token_was_made_when_asked() {
         assert!(chunk.get("layerskip").is_none(), "{chunk}");
     }
 }
+
+/// `layerskip.heal`: a prompt that ends with a newline gets the body `infer --heal` prints
+/// (the shipped model answers it unhealed with EOS at once), whole or streamed, and the
+/// streamed tokens' provenance texts put together are that body too (the first token's
+/// healed newline taken off).
+#[test]
+fn healed_requests_continue_the_prompt_as_infer_heal_does() {
+    let model = common::shipped_model();
+    let server = Server::start(&model, &[]);
+    let prompt = "def read_lines(path):\n    \"\"\"Return the lines of the file at path.\"\"\"\n";
+    let healed = infer_text(&model, prompt, &["--max-new-tokens", "32", "--heal"]);
+    assert!(healed.starts_with("    "), "{healed:?}");
+    let body = |heal: bool| {
+        json!({"prompt": prompt, "max_tokens": 32, "temperature": 0,
+            "layerskip": {"heal": heal, "provenance": true}})
+    };
+    let (status, r) = server.post("/v1/completions", &body(false));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], "", "{r}");
+    let (status, r) = server.post("/v1/completions", &body(true));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], healed, "{r}");
+    let events = server.stream("/v1/completions", &body(true));
+    let (text, _) = streamed_text(&events);
+    assert_eq!(text, healed);
+    let joined: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .flat_map(|c| {
+            c["layerskip"]["tokens"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|t| t["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(joined, healed);
+    let (status, r) = server.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "layerskip": {"heal": "yes"}}),
+    );
+    assert_eq!(status, 400, "{r}");
+}

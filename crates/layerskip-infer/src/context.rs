@@ -95,6 +95,14 @@ impl Run {
         self.options.greedy_on_device()
     }
 
+    /// Whether the next token is chosen by a greedy argmax on the device: as
+    /// [`Run::greedy_on_device`], but for a first token restricted to some ids, which is chosen on
+    /// the host ([`Run::choose_next`]).
+    pub(crate) fn next_on_device(&self) -> bool {
+        self.greedy_on_device()
+            && !(self.tokens.len() == self.prompt_len && self.options.first_token_among.is_some())
+    }
+
     /// New tokens still allowed.
     pub(crate) fn budget(&self) -> usize {
         self.options.max_new_tokens - (self.tokens.len() - self.prompt_len)
@@ -113,7 +121,22 @@ impl Run {
     }
 
     /// Chooses the token after all of `tokens` from a logit row (see [`Run::choose`]).
-    pub(crate) fn choose_next(&mut self, row: Vec<f32>) -> u32 {
+    pub(crate) fn choose_next(&mut self, mut row: Vec<f32>) -> u32 {
+        if self.tokens.len() == self.prompt_len
+            && let Some(ids) = &self.options.first_token_among
+        {
+            // Every other id out; the allowed ones (checked against the vocabulary before the
+            // generation) keep their logits.
+            let mut allowed = vec![false; row.len()];
+            for &id in ids {
+                allowed[id as usize] = true;
+            }
+            for (logit, allowed) in row.iter_mut().zip(allowed) {
+                if !allowed {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
         let history = std::mem::take(&mut self.tokens);
         let (token, _) = self.choose(row, &history);
         self.tokens = history;
@@ -297,7 +320,7 @@ impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
         last: Tensor<B, 3>,
         check: bool,
     ) -> Result<u32> {
-        if run.greedy_on_device() {
+        if run.next_on_device() {
             let logits = self.model.exit_head(last);
             let ids = if check {
                 Self::device_argmax_checked(logits)
@@ -450,7 +473,6 @@ impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
         new.push(next);
         self.emit(run, &new, on_event);
     }
-
     /// Appends accepted tokens, applying the stop conditions, and streams them.
     pub(crate) fn emit(
         &mut self,

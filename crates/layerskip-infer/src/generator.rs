@@ -176,6 +176,16 @@ pub(crate) fn validate_request<B: LayerSkipBackend>(
         });
     }
     let vocab = model.config().vocab_size;
+    if let Some(ids) = &options.first_token_among {
+        if ids.is_empty() {
+            return bad("the first token's allowed ids are empty".into());
+        }
+        if let Some(t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return bad(format!(
+                "first-token id {t} is outside the vocabulary of {vocab} tokens"
+            ));
+        }
+    }
     if let Some(n) = options.draft_vocab
         && (n == 0 || n > vocab)
     {

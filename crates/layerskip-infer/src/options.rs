@@ -118,6 +118,12 @@ pub struct GenerateOptions {
     /// distribution either way (Hugging Face's `assistant_confidence_threshold`).
     #[serde(default)]
     pub draft_confidence: Option<f32>,
+    /// The ids the first new token is chosen among (`None`: any). Token healing
+    /// ([`Tokenizer::healing`](layerskip_model::Tokenizer::healing)) sets it to the tokens that
+    /// begin with the text of the prompt token it took back. Every strategy applies it the same
+    /// way, so greedy self-speculation still gives autoregressive decoding's tokens.
+    #[serde(default)]
+    pub first_token_among: Option<Vec<u32>>,
 }
 
 impl GenerateOptions {
@@ -131,6 +137,7 @@ impl GenerateOptions {
             stop_tokens: Vec::new(),
             draft_vocab: None,
             draft_confidence: None,
+            first_token_among: None,
         }
     }
 
@@ -167,6 +174,14 @@ impl GenerateOptions {
     pub fn with_draft_confidence(self, draft_confidence: Option<f32>) -> Self {
         Self {
             draft_confidence,
+            ..self
+        }
+    }
+
+    /// Choose the first new token among `ids` ([`GenerateOptions::first_token_among`]).
+    pub fn with_first_token_among(self, ids: Option<Vec<u32>>) -> Self {
+        Self {
+            first_token_among: ids,
             ..self
         }
     }

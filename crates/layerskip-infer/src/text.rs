@@ -34,6 +34,9 @@ pub struct TextStream<'t> {
     emitted: usize,
     stops: Vec<String>,
     stopped: bool,
+    /// Bytes at the start of the text that the prompt already shows (token healing): never
+    /// handed out, never searched for stop strings.
+    shown: usize,
     /// The text of every token pushed: `text[..confirmed]` final, the rest the newest tokens'
     /// text, which may still end in a partial character (U+FFFD).
     text: String,
@@ -51,7 +54,19 @@ impl<'t> TextStream<'t> {
             emitted: 0,
             stops,
             stopped: false,
+            shown: 0,
             text: String::new(),
+        }
+    }
+
+    /// A stream for a generation whose text begins with `healed`, the text of the prompt token
+    /// that token healing took back ([`Tokenizer::healing`]): the stream hands out what follows
+    /// it, the continuation of the prompt as the user wrote it.
+    pub fn healed(tokenizer: &'t Tokenizer, stops: Vec<String>, healed: &str) -> Self {
+        Self {
+            shown: healed.len(),
+            emitted: healed.len(),
+            ..Self::new(tokenizer, stops)
         }
     }
 
@@ -65,9 +80,12 @@ impl<'t> TextStream<'t> {
         let searched = self.confirmed;
         self.tokens.extend_from_slice(tokens);
         self.decode_new();
-        // A stop string that appears now ends in the new text.
+        // A stop string that appears now ends in the new text (after what the prompt shows).
         let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let mut from = searched.saturating_sub(longest);
+        let mut from = searched
+            .saturating_sub(longest)
+            .max(self.shown)
+            .min(self.text.len());
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }
@@ -148,7 +166,7 @@ impl<'t> TextStream<'t> {
 
     /// The text handed out so far.
     pub fn emitted(&self) -> &str {
-        &self.text[..self.emitted]
+        self.text.get(self.shown..self.emitted).unwrap_or_default()
     }
 }
 
@@ -212,6 +230,42 @@ mod tests {
                 out.push_str(&stream.finish());
                 assert!(stream.stopped(), "{stop:?}");
                 assert_eq!(out, want, "{stop:?} batch {batch}");
+            }
+        }
+    }
+
+    /// Token healing: the prompt's trailing newline taken back, the model's first token begins
+    /// with it ("\n    " here). The stream hands out the text after that newline, in every
+    /// batching, and a stop string is looked for only there: "\n" ends the text at the
+    /// generation's own first newline, not at the prompt's.
+    #[test]
+    fn a_healed_stream_hands_out_what_follows_the_prompt() {
+        let tokenizer = tokenizer();
+        let prompt = "def parse(argv):\n";
+        let body = "    return [a.strip() for a in argv]\n    # done\n";
+        let ids = tokenizer.encode(&format!("{prompt}{body}")).unwrap();
+        let healing = tokenizer
+            .healing(&tokenizer.encode(prompt).unwrap())
+            .unwrap();
+        assert_eq!(healing.text, "\n");
+        let generated = &ids[healing.prompt.len()..];
+        assert!(healing.allowed.contains(&generated[0]), "{generated:?}");
+        for batch in 1..=3 {
+            for (stops, want) in [
+                (vec![], body),
+                (
+                    vec!["\n".to_string()],
+                    "    return [a.strip() for a in argv]",
+                ),
+            ] {
+                let mut stream = TextStream::healed(&tokenizer, stops.clone(), &healing.text);
+                let mut out = String::new();
+                for chunk in generated.chunks(batch) {
+                    out.push_str(&stream.push(chunk));
+                }
+                out.push_str(&stream.finish());
+                assert_eq!(out, want, "{stops:?} batch {batch}");
+                assert_eq!(stream.emitted(), want);
             }
         }
     }

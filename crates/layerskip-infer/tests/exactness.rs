@@ -240,6 +240,86 @@ fn greedy_self_speculation_with_a_draft_confidence_equals_autoregressive() {
     );
 }
 
+/// A first token restricted to some ids (token healing) is the full model's best among them
+/// (by the model's own forward pass over the prompt, ranked here); after it, decoding goes on
+/// from it. Every strategy applies it alike, so greedy self-speculation (static and adaptive)
+/// and early exit at E = L give autoregressive decoding's tokens; sampling draws only among
+/// the ids. Bad restrictions are refused.
+#[test]
+fn a_restricted_first_token_is_the_best_allowed_and_every_strategy_agrees() {
+    let model = random_model(1, &config(6, 40, 2, false));
+    let prompt = [5u32, 9, 1, 33, 7, 2, 18];
+    let vocab = 40;
+    let logits = model.exit_head(
+        model
+            .forward_layers(model.embed_ids(&prompt), 0..6, 0, None)
+            .unwrap(),
+    );
+    let all = logits.into_data().to_vec::<f32>().unwrap();
+    let last = &all[all.len() - vocab..];
+    let mut ranked: Vec<u32> = (0..vocab as u32).collect();
+    ranked.sort_by(|&a, &b| last[b as usize].total_cmp(&last[a as usize]));
+    // Allowed: the 4th, 7th and 30th best (the best is out).
+    let allowed = vec![ranked[29], ranked[3], ranked[6]];
+    let restricted = |strategy| options(strategy, 20).with_first_token_among(Some(allowed.clone()));
+    let ar = run(&model, &prompt, &restricted(Strategy::Autoregressive));
+    assert_eq!(ar.tokens[0], ranked[3]);
+    // The rest is ordinary decoding after the prompt and that token.
+    let mut after = prompt.to_vec();
+    after.push(ranked[3]);
+    let rest = run(&model, &after, &options(Strategy::Autoregressive, 19));
+    assert_eq!(ar.tokens[1..], rest.tokens[..]);
+    for strategy in [
+        Strategy::SelfSpeculative {
+            exit_layer: 2,
+            speculations: 3,
+        },
+        Strategy::SelfSpeculative {
+            exit_layer: 4,
+            speculations: 6,
+        },
+        Strategy::Adaptive {
+            max_speculations: 4,
+        },
+        Strategy::EarlyExit { exit_layer: 6 },
+    ] {
+        let g = run(&model, &prompt, &restricted(strategy));
+        assert_eq!(g.tokens, ar.tokens, "{strategy:?}");
+    }
+    // Sampled at a high temperature: every first token is one of the allowed.
+    for seed in 0..40 {
+        let sampling = SamplingConfig::default()
+            .with_temperature(2.0)
+            .with_seed(seed);
+        let g = run(
+            &model,
+            &prompt,
+            &restricted(Strategy::SelfSpeculative {
+                exit_layer: 2,
+                speculations: 3,
+            })
+            .with_sampling(sampling),
+        );
+        assert!(
+            allowed.contains(&g.tokens[0]),
+            "seed {seed}: {}",
+            g.tokens[0]
+        );
+    }
+    let mut generator = Generator::new(&model, 96).unwrap();
+    for (ids, message) in [
+        (vec![], "empty"),
+        (vec![3, 40], "first-token id 40 is outside the vocabulary"),
+    ] {
+        let o = options(Strategy::Autoregressive, 4).with_first_token_among(Some(ids));
+        let err = generator.generate(&prompt, &o, |_| true).unwrap_err();
+        assert!(
+            matches!(&err, InferError::InvalidArgument(m) if m.contains(message)),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn stop_token_inside_a_draft_ends_generation_at_the_same_place() {
     let model = random_model(3, &config(6, 40, 2, false));

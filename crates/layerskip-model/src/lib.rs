@@ -60,4 +60,4 @@ pub use layer::{Attention, DecoderLayer, Mlp};
 pub use model::{LlamaModel, SkipMask, TrainHidden, TrainOutput};
 pub use ops::{LayerSkipBackend, Quantization};
 pub use rope::{Rope, RopeTables};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{Healing, Tokenizer};

@@ -102,6 +102,11 @@ pub struct LayerSkipOptions {
     /// "exit_layer"?, "rejected"?}` (see [`crate::worker::TokenSource`]).
     #[serde(default)]
     pub provenance: bool,
+    /// Token healing ([`layerskip_model::Tokenizer::healing`]): the prompt's last token is taken
+    /// back and the first generated token begins with its text; the response is the
+    /// continuation of the prompt as sent.
+    #[serde(default)]
+    pub heal: bool,
 }
 
 /// What completions and chat completions share.

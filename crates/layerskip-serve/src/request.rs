@@ -44,6 +44,8 @@ pub(crate) struct Prepared {
     pub(crate) id: String,
     /// Whether streamed chunks carry each token's provenance.
     pub(crate) provenance: bool,
+    /// The text of the prompt token that token healing took back (empty: none).
+    pub(crate) healed: String,
 }
 
 fn strategy_of(state: &AppState, common: &Common) -> Result<Strategy, ApiError> {
@@ -112,10 +114,18 @@ pub(crate) fn prepare(
     let (temperature, top_p) = sampling_ranges(common)?;
     let stops = stop_strings(common)?;
     let strategy = strategy_of(state, common)?;
-    let prompt = state
+    let mut prompt = state
         .tokenizer
         .encode(text)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+    let layerskip = common.layerskip.clone().unwrap_or_default();
+    let healing = layerskip
+        .heal
+        .then(|| state.tokenizer.healing(&prompt))
+        .flatten();
+    if let Some(healing) = &healing {
+        prompt.clone_from(&healing.prompt);
+    }
     let max_tokens = max_tokens(common, prompt.len(), state.engine.capacity, kind)?;
     let number = state.next_id.fetch_add(1, Ordering::Relaxed);
     let defaults = SamplingConfig::default();
@@ -129,13 +139,13 @@ pub(crate) fn prepare(
                 .unwrap_or(defaults.repetition_penalty),
         )
         .with_seed(common.seed.unwrap_or(number));
-    let layerskip = common.layerskip.clone().unwrap_or_default();
     let options = GenerateOptions::new(strategy)
         .with_max_new_tokens(max_tokens)
         .with_sampling(sampling)
         .with_stop_tokens(state.stop_tokens.clone())
         .with_draft_vocab(layerskip.draft_vocab)
-        .with_draft_confidence(layerskip.draft_confidence);
+        .with_draft_confidence(layerskip.draft_confidence)
+        .with_first_token_among(healing.as_ref().map(|h| h.allowed.clone()));
     let prefix = match kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
@@ -148,6 +158,7 @@ pub(crate) fn prepare(
         stream: common.stream,
         id: format!("{prefix}-{number}"),
         provenance: layerskip.provenance,
+        healed: healing.map(|h| h.text).unwrap_or_default(),
     })
 }
 

@@ -209,6 +209,7 @@ async fn start(state: &AppState, p: &Prepared) -> Result<mpsc::UnboundedReceiver
         events: tx,
         queued: Instant::now(),
         provenance: p.provenance,
+        healed: p.healed.clone(),
     };
     let server_error =
         |m: String| ApiError::invalid(m, None).with_status(StatusCode::INTERNAL_SERVER_ERROR);

@@ -40,6 +40,10 @@ pub struct Job {
     pub queued: Instant,
     /// Whether its text events say how each token was made ([`TokenSource`]).
     pub provenance: bool,
+    /// The text of the prompt token that token healing took back (empty: none); the generated
+    /// text begins with it and the job streams what follows
+    /// ([`TextStream::healed`](layerskip_infer::TextStream::healed)).
+    pub healed: String,
 }
 
 /// How one generated token was made, for clients that ask (`layerskip.provenance`).
@@ -213,11 +217,14 @@ struct Streaming<'t> {
     /// drafts the verifier rejected.
     step: Option<(usize, usize)>,
     rejected: Option<String>,
+    /// The healed text still to take off the first token's provenance text.
+    healed: Option<String>,
 }
 
 impl<'t> Streaming<'t> {
     fn new(job: Job, tokenizer: &'t Tokenizer) -> Self {
-        let text = TextStream::new(tokenizer, job.stops.clone());
+        let text = TextStream::healed(tokenizer, job.stops.clone(), &job.healed);
+        let healed = Some(job.healed.clone()).filter(|h| !h.is_empty());
         Self {
             job,
             tokenizer,
@@ -225,6 +232,7 @@ impl<'t> Streaming<'t> {
             gone: false,
             step: None,
             rejected: None,
+            healed,
         }
     }
 
@@ -270,6 +278,7 @@ impl<'t> Streaming<'t> {
     fn sources(&mut self, tokens: &[u32]) -> Vec<TokenSource> {
         let step = self.step.take();
         let mut rejected = self.rejected.take();
+        let mut healed = self.healed.take();
         if !self.job.provenance {
             return Vec::new();
         }
@@ -287,8 +296,17 @@ impl<'t> Streaming<'t> {
                     Some(_) => ("bonus", None, None),
                     None => (own.0, own.1, None),
                 };
+                let mut text = self.tokenizer.decode(&[t]).unwrap_or_default();
+                if let Some(healed) = healed.take() {
+                    // The first token begins with the prompt's healed text, which the client
+                    // has: its provenance shows the rest, as the text does.
+                    text = text
+                        .strip_prefix(healed.as_str())
+                        .unwrap_or(&text)
+                        .to_string();
+                }
                 TokenSource {
-                    text: self.tokenizer.decode(&[t]).unwrap_or_default(),
+                    text,
                     source,
                     exit_layer,
                     rejected,

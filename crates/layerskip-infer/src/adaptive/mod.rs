@@ -143,7 +143,7 @@ fn prefill_calibrating<B: LayerSkipBackend>(
         let matches = shadow.iter().zip(last).filter(|(a, b)| a == b).count();
         estimates.calibrate(e, matches, rows);
     }
-    let first = if run.greedy_on_device() {
+    let first = if run.next_on_device() {
         last[rows - 1]
     } else {
         let row = ctx.logit_rows(h.slice([0..1, n - 1..n]))?.remove(0);
