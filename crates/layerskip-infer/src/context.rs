@@ -452,14 +452,6 @@ impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
         let keep = run.tokens.len() + accepted;
         self.cache.truncate(keep);
         self.exits.truncate(keep);
-        let stats = &mut self.stats;
-        stats.steps += 1;
-        stats.drafted += drafts.len();
-        stats.accepted += accepted;
-        if stats.accepted_histogram.len() <= speculations {
-            stats.accepted_histogram.resize(speculations + 1, 0);
-        }
-        stats.accepted_histogram[accepted] += 1;
         if accepted < drafts.len() {
             on_event(StreamEvent::Rejected(&drafts[accepted..]));
         }
@@ -471,15 +463,29 @@ impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
         }
         let mut new = drafts[..accepted].to_vec();
         new.push(next);
-        self.emit(run, &new, on_event);
+        let kept = self.emit(run, &new, on_event);
+        // The statistics count the drafts that became output: a stop token among the accepted
+        // drafts ends the generation there, and the drafts after it (and the verifier's token)
+        // are not generated.
+        let generated = accepted.min(kept);
+        let stats = &mut self.stats;
+        stats.steps += 1;
+        stats.drafted += drafts.len();
+        stats.accepted += generated;
+        if stats.accepted_histogram.len() <= speculations {
+            stats.accepted_histogram.resize(speculations + 1, 0);
+        }
+        stats.accepted_histogram[generated] += 1;
     }
-    /// Appends accepted tokens, applying the stop conditions, and streams them.
+
+    /// Appends accepted tokens, applying the stop conditions, and streams them; returns how many
+    /// were kept (those up to a stop condition).
     pub(crate) fn emit(
         &mut self,
         run: &mut Run,
         new: &[u32],
         on_event: &mut impl FnMut(StreamEvent<'_>) -> bool,
-    ) {
+    ) -> usize {
         if run.tokens.len() == run.prompt_len {
             self.stats.time_to_first_token_ms = run.start.elapsed().as_secs_f64() * 1e3;
         }
@@ -501,6 +507,7 @@ impl<'m, B: LayerSkipBackend> DecodeContext<'m, B> {
         if !on_event(StreamEvent::Accepted(&new[..kept])) && run.stop.is_none() {
             run.stop = Some(StopReason::Callback);
         }
+        kept
     }
 }
 

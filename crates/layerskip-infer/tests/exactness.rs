@@ -320,30 +320,66 @@ fn a_restricted_first_token_is_the_best_allowed_and_every_strategy_agrees() {
     }
 }
 
+/// A stop token ends every strategy's generation where autoregressive decoding's first emits
+/// it, also when it is a draft that the verifier accepted with more drafts after it; the
+/// statistics count what was generated (the drafts after the stop token, though accepted, are
+/// not).
 #[test]
 fn stop_token_inside_a_draft_ends_generation_at_the_same_place() {
-    let model = random_model(3, &config(6, 40, 2, false));
-    let prompt = [4u32, 8, 15];
-    let ar = run(&model, &prompt, &options(Strategy::Autoregressive, 40));
-    // Stop at the token the full model emits 9th (its first occurrence ends the generation).
-    let stop = ar.tokens[8];
-    let first = ar.tokens.iter().position(|&t| t == stop).unwrap();
-    for strategy in [
-        Strategy::Autoregressive,
-        Strategy::SelfSpeculative {
-            exit_layer: 2,
-            speculations: 6,
-        },
-        Strategy::SelfSpeculative {
-            exit_layer: 4,
-            speculations: 12,
-        },
-    ] {
-        let mut o = options(strategy, 40);
-        o.stop_tokens = vec![stop];
-        let g = run(&model, &prompt, &o);
-        assert_eq!(g.tokens, ar.tokens[..=first], "{strategy:?}");
-        assert_eq!(g.stop, StopReason::StopToken);
+    for seed in [0, 3] {
+        let model = random_model(seed, &config(6, 40, 2, false));
+        let prompt = [4u32, 8, 15];
+        let ar = run(&model, &prompt, &options(Strategy::Autoregressive, 40));
+        // Stop at the token the full model emits 2nd, 3rd, 4th or 9th (its first occurrence
+        // ends the generation).
+        for k in [1, 2, 3, 8] {
+            let stop = ar.tokens[k];
+            let first = ar.tokens.iter().position(|&t| t == stop).unwrap();
+            for strategy in [
+                Strategy::Autoregressive,
+                Strategy::SelfSpeculative {
+                    exit_layer: 2,
+                    speculations: 6,
+                },
+                Strategy::SelfSpeculative {
+                    exit_layer: 4,
+                    speculations: 4,
+                },
+                Strategy::SelfSpeculative {
+                    exit_layer: 4,
+                    speculations: 12,
+                },
+                Strategy::SelfSpeculative {
+                    exit_layer: 5,
+                    speculations: 8,
+                },
+            ] {
+                let mut o = options(strategy, 40);
+                o.stop_tokens = vec![stop];
+                let g = run(&model, &prompt, &o);
+                let case = format!("seed {seed} stop #{k} {strategy:?}");
+                assert_eq!(g.tokens, ar.tokens[..=first], "{case}");
+                assert_eq!(g.stop, StopReason::StopToken, "{case}");
+                // The first token, the accepted drafts and one verifier token per step, but for
+                // a last step that stopped inside its drafts.
+                let s = &g.stats;
+                let made = 1 + s.accepted + s.steps;
+                assert!(
+                    made == g.tokens.len() || made == g.tokens.len() + 1,
+                    "{case}: {} tokens, {} accepted in {} steps",
+                    g.tokens.len(),
+                    s.accepted,
+                    s.steps
+                );
+                let histogram: usize = s
+                    .accepted_histogram
+                    .iter()
+                    .enumerate()
+                    .map(|(k, n)| k * n)
+                    .sum();
+                assert_eq!(histogram, s.accepted, "{case}");
+            }
+        }
     }
 }
 
