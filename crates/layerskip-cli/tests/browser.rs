@@ -291,4 +291,35 @@ fn the_page_shows_self_speculation_token_by_token_and_compares_it_with_autoregre
         error.contains("exit layer 99 is out of range") && error.contains("HTTP 400"),
         "{error}"
     );
+
+    // "Heal the prompt's end" (from a link): a prompt that ends with a newline gets the body
+    // `infer --heal` prints, after the prompt's echo (the shipped model answers it unhealed
+    // with EOS at once).
+    let ended = format!("{prompt}\n");
+    let healed = infer_text(
+        &common::shipped_model(),
+        &ended,
+        &["--max-new-tokens", "40", "--heal"],
+    );
+    assert!(healed.starts_with("    "), "{healed:?}");
+    // Every byte but letters and digits percent-encoded, as URLSearchParams reads it.
+    let encoded: String = ended
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    browser.open(&server.url(&format!(
+        "/?prompt={encoded}&max_tokens=40&heal=1&run=generate"
+    )));
+    browser.finished("generate");
+    assert_eq!(
+        browser.eval("document.getElementById('heal').checked"),
+        true
+    );
+    let output = spans(&mut browser, "#output");
+    assert_eq!(text(&output), healed);
+    let echo = browser.eval("document.querySelector('#output .prompt-echo').textContent");
+    assert_eq!(echo, ended.as_str());
 }
