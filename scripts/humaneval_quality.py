@@ -27,6 +27,10 @@ newline with the body's indentation, which the model then writes itself).
 
     python3 scripts/humaneval_quality.py --layerskip target/release/layerskip --model models/default \
         [--num-samples 164] [--max-new-tokens 96] [--device cpu] [--json out.json]
+
+`--as-given` gives each prompt whole, trailing newline included, to `layerskip infer --strategy ar`
+(one process per prompt), and `--as-given --heal` to `infer --heal` (token healing): what a user
+who pastes a HumanEval prompt gets, with and without healing.
 """
 import argparse
 import ast
@@ -129,12 +133,19 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="write the figures and every completion here")
+    ap.add_argument("--as-given", action="store_true",
+                    help="prompts with their trailing newline, through `infer` one at a time")
+    ap.add_argument("--heal", action="store_true", help="with --as-given: `infer --heal`")
     args = ap.parse_args()
     if args.self_test:
         return self_test(args.data)
     if not (args.layerskip and args.model):
         ap.error("--layerskip and --model are required")
 
+    if args.heal and not args.as_given:
+        ap.error("--heal needs --as-given")
+    if args.as_given:
+        return report(args, infer_each(args), whole=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         cmd = [args.layerskip, "bench", "--model", args.model, "--dataset", "humaneval",
@@ -145,10 +156,36 @@ def main():
         if run.returncode != 0:
             sys.exit(f"error: {' '.join(cmd)} failed:\n{run.stderr}")
         bench = json.load(open(out))
-    outputs = bench["outputs"][0][1]
+    return report(args, bench["outputs"][0][1], whole=False)
+
+
+def infer_each(args):
+    """`layerskip infer --json` on each prompt as HumanEval gives it (outputs shaped as bench's)."""
+    problems = list(humaneval_problems(args.data).values())[: args.num_samples]
+    outputs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in problems:
+            path = os.path.join(tmp, "prompt.txt")
+            with open(path, "w") as f:
+                f.write(p["prompt"])
+            cmd = [args.layerskip, "infer", "--model", args.model, "--prompt-file", path,
+                   "--max-new-tokens", str(args.max_new_tokens), "--strategy", "ar", "--json",
+                   "--no-warm-up", "--device", args.device] + (["--heal"] if args.heal else [])
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"error: {' '.join(cmd)} failed:\n{run.stderr}")
+            out = json.loads(run.stdout)
+            outputs.append({"id": p["task_id"], "text": out["text"], "tokens": out["tokens"]})
+    return outputs
+
+
+def report(args, outputs, whole):
+    """The figures over `outputs` (completions of the prompts, whole or cut before their
+    trailing newline), printed and written as JSON."""
     # `bench` cuts each prompt before its trailing newline (see layerskip-eval's load_humaneval):
     # the completion starts with the newline and the body's indentation.
-    prompts = {k: p["prompt"].rstrip() for k, p in humaneval_problems(args.data).items()}
+    prompts = {k: p["prompt"] if whole else p["prompt"].rstrip()
+               for k, p in humaneval_problems(args.data).items()}
     rows = []
     for o in outputs:
         prompt = prompts[o["id"]]
@@ -168,6 +205,8 @@ def main():
     share = lambda key, value=True: sum(r[key] == value for r in rows) / n
     summary = {
         "model": args.model,
+        "prompts": ("as given, healed" if args.heal else "as given") if whole
+        else "cut before the trailing newline",
         "samples": n,
         "max_new_tokens": args.max_new_tokens,
         "parses": share("parses"),
@@ -176,7 +215,8 @@ def main():
         "raw_parses": share("raw_parses"),
         "raw_no_loop": share("raw_loop", False),
     }
-    print(f"{args.model}: {n} HumanEval prompts, greedy {args.max_new_tokens} tokens:\n"
+    print(f"{args.model}: {n} HumanEval prompts ({summary['prompts']}), greedy "
+          f"{args.max_new_tokens} tokens:\n"
           f"  the function (cut at HumanEval's stop sequences, then at its last line): "
           f"{100 * summary['parses']:.1f}% parse, {100 * summary['no_loop']:.1f}% without a loop, "
           f"{100 * summary['no_complete_line']:.1f}% without a complete line\n"
