@@ -409,12 +409,20 @@ fn run_one<B: LayerSkipBackend>(
     let mut ids = tokenizer.encode(&text)?;
     let mut stream = TextStream::new(tokenizer, args.stop.clone());
     let mut options = options.clone();
-    if args.heal
-        && let Some(healing) = tokenizer.healing(&ids)
-    {
-        stream = TextStream::healed(tokenizer, args.stop.clone(), &healing.text);
-        options = options.with_first_token_among(Some(healing.allowed));
-        ids = healing.prompt;
+    if let Some(healing) = tokenizer.healing(&ids) {
+        if args.heal {
+            stream = TextStream::healed(tokenizer, args.stop.clone(), &healing.text);
+            options = options.with_first_token_among(Some(healing.allowed));
+            ids = healing.prompt;
+        } else if healing.text.trim().is_empty() {
+            // A trailing newline or space: a token a byte-level BPE merges with what follows,
+            // so the model rarely saw it alone there (the shipped model answers with EOS).
+            eprintln!(
+                "note: the prompt ends with {:?} as a token of its own, which the tokenizer \
+                 merges with the text after it in training; --heal lets the model write it merged",
+                healing.text
+            );
+        }
     }
     let options = &options;
     let mut printer = Printer {

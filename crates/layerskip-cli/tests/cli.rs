@@ -854,4 +854,13 @@ fn healing_continues_a_prompt_that_ends_with_a_newline() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(streamed.trim_end_matches('\n'), body.trim_end_matches('\n'));
+    assert!(!err.contains("--heal"), "{err}");
+    // Unhealed, infer says what --heal is for; a prompt ending inside a line gets no note.
+    let note = |prompt: &str| {
+        let (code, _, err) = layerskip(&["infer", "--model", m, "--prompt", prompt]);
+        assert_eq!(code, 0, "{err}");
+        err.contains("note: the prompt ends with \"\\n\"") && err.contains("--heal")
+    };
+    assert!(note(&prompt));
+    assert!(!note(cut));
 }
