@@ -51,6 +51,17 @@ fn requests() -> Vec<(Vec<u32>, GenerateOptions, usize)> {
         (vec![11, 2, 30], sampled(8, 1.2, 20), 3),
         (vec![1, 1, 1, 1], options(Strategy::Autoregressive, 12), 6),
         (vec![17, 23], options(Strategy::Autoregressive, 1), 6),
+        // Token healing's restriction of the first token, greedy and sampled.
+        (
+            vec![9, 4, 22, 13],
+            options(Strategy::Autoregressive, 10).with_first_token_among(Some(vec![2, 7, 19, 31])),
+            2,
+        ),
+        (
+            vec![6, 6, 3],
+            sampled(9, 1.0, 8).with_first_token_among(Some(vec![0, 5, 38])),
+            2,
+        ),
     ]
 }
 
@@ -109,6 +120,9 @@ fn check(model: &LlamaModel<B>) {
         assert_eq!(streamed, want.tokens);
         assert_eq!(got.stats.new_tokens, want.tokens.len());
         assert_eq!(got.stats.prompt_tokens, prompt.len());
+        if let Some(ids) = &options.first_token_among {
+            assert!(ids.contains(&got.tokens[0]), "{:?}", got.tokens);
+        }
     }
 }
 
