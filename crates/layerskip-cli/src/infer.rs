@@ -409,18 +409,22 @@ fn run_one<B: LayerSkipBackend>(
     let mut ids = tokenizer.encode(&text)?;
     let mut stream = TextStream::new(tokenizer, args.stop.clone());
     let mut options = options.clone();
-    if let Some(healing) = tokenizer.healing(&ids) {
-        if args.heal {
+    let mut healed = None;
+    if args.heal {
+        if let Some(healing) = tokenizer.healing(&ids) {
             stream = TextStream::healed(tokenizer, args.stop.clone(), &healing.text);
             options = options.with_first_token_among(Some(healing.allowed));
             ids = healing.prompt;
-        } else if healing.text.trim().is_empty() {
-            // A trailing newline or space: a token a byte-level BPE merges with what follows,
-            // so the model rarely saw it alone there (the shipped model answers with EOS).
+            healed = Some(healing.text);
+        }
+    } else if let [_, .., last] = ids[..] {
+        // A trailing newline or space: a token a byte-level BPE merges with what follows, so
+        // the model rarely saw it alone there (the shipped model answers with EOS).
+        let text = tokenizer.decode(&[last])?;
+        if !text.is_empty() && text.trim().is_empty() {
             eprintln!(
-                "note: the prompt ends with {:?} as a token of its own, which the tokenizer \
-                 merges with the text after it in training; --heal lets the model write it merged",
-                healing.text
+                "note: the prompt ends with {text:?} as a token of its own, which the tokenizer \
+                 merges with the text after it in training; --heal lets the model write it merged"
             );
         }
     }
@@ -446,7 +450,7 @@ fn run_one<B: LayerSkipBackend>(
             serde_json::to_string_pretty(&json_report(
                 &generation,
                 &stop,
-                printer.stream.emitted(),
+                (printer.stream.emitted(), healed.as_deref()),
                 options
             ))?
         );
@@ -477,16 +481,18 @@ fn run_one<B: LayerSkipBackend>(
 }
 
 /// The generation as JSON; `text` is what was printed (the stream's text: cut before a stop
-/// string, without a healed prompt token's text).
+/// string, without the text of the prompt token that healing took back, `healed`, with which
+/// the first of `tokens` begins).
 fn json_report(
     g: &Generation,
     stop: &str,
-    text: &str,
+    (text, healed): (&str, Option<&str>),
     options: &GenerateOptions,
 ) -> serde_json::Value {
     let s = &g.stats;
     serde_json::json!({
         "text": text,
+        "healed": healed,
         "tokens": g.tokens,
         "stop": stop,
         "strategy": options.strategy,

@@ -830,6 +830,7 @@ fn healing_continues_a_prompt_that_ends_with_a_newline() {
     };
     let unhealed = json(&prompt, &[]);
     assert_eq!(unhealed["text"], "", "{unhealed}");
+    assert!(unhealed["healed"].is_null(), "{unhealed}");
     assert_eq!(unhealed["stop"], "StopToken", "{unhealed}");
     let reference = json(cut, &[]);
     let body = reference["text"].as_str().unwrap();
@@ -840,6 +841,7 @@ fn healing_continues_a_prompt_that_ends_with_a_newline() {
     for strategy in [&[][..], &["--strategy", "ar"]] {
         let healed = json(&prompt, &[&["--heal"], strategy].concat());
         assert_eq!(healed["text"], body, "{strategy:?}");
+        assert_eq!(healed["healed"], "\n", "{strategy:?}");
         assert_eq!(healed["tokens"], reference["tokens"], "{strategy:?}");
     }
     let (code, streamed, err) = layerskip(&[
