@@ -51,6 +51,20 @@ fn streamed_text(events: &[String]) -> (String, Value) {
     (text, chunks.last().unwrap().clone())
 }
 
+/// The `layerskip.tokens` entries of a stream's chunks (`layerskip.provenance`), in order.
+fn provenance(events: &[String]) -> Vec<Value> {
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .flat_map(|c| {
+            c["layerskip"]["tokens"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 const PROMPT: &str = "def add(a, b):";
 
 #[test]
@@ -588,16 +602,7 @@ fn streamed_chunks_say_how_each_token_was_made_when_asked() {
     let events = server.stream("/v1/completions", &body);
     let (text, last) = streamed_text(&events);
     assert_eq!(text, greedy);
-    let tokens: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .flat_map(|c| {
-            c["layerskip"]["tokens"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .collect();
+    let tokens = provenance(&events);
     let joined: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
     assert_eq!(joined, greedy);
     let count = |source: &str| tokens.iter().filter(|t| t["source"] == source).count();
@@ -673,16 +678,9 @@ fn healed_requests_continue_the_prompt_as_infer_heal_does() {
     let events = server.stream("/v1/completions", &body(true));
     let (text, _) = streamed_text(&events);
     assert_eq!(text, healed);
-    let joined: String = events[..events.len() - 1]
+    let joined: String = provenance(&events)
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .flat_map(|c| {
-            c["layerskip"]["tokens"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|t| t["text"].as_str().unwrap().to_string())
+        .map(|t| t["text"].as_str().unwrap())
         .collect();
     assert_eq!(joined, healed);
     let (status, r) = server.post(
