@@ -17,11 +17,8 @@ fn assert_error(code: i32, stderr: &str, needle: &str) {
     );
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("layerskip-bad-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp(name: &str) -> common::Scratch {
+    common::Scratch::new("bad", name)
 }
 
 fn s(p: &Path) -> &str {
@@ -33,7 +30,7 @@ fn default_model() -> PathBuf {
 }
 
 /// A copy of the shipped model's files in a fresh directory, to damage.
-fn copy_of_default_model(name: &str) -> PathBuf {
+fn copy_of_default_model(name: &str) -> common::Scratch {
     let dir = tmp(name);
     common::copy_shipped_model(&dir);
     dir
@@ -211,7 +208,7 @@ fn checkpoints_carry_the_source_tokenizer_files_and_the_chat_template_survives()
 
 /// A copy of the shipped model whose tensor `name` holds `value` (bf16 bits) everywhere, or at
 /// index `at` only.
-fn damaged_model(dir_name: &str, name: &str, value: [u8; 2], at: Option<usize>) -> PathBuf {
+fn damaged_model(dir_name: &str, name: &str, value: [u8; 2], at: Option<usize>) -> common::Scratch {
     use safetensors::SafeTensors;
     let dir = copy_of_default_model(dir_name);
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -379,7 +376,8 @@ fn convert_never_mixes_two_models_in_one_directory() {
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
     // A new directory is written whole, and an empty one is fine.
-    let fresh = tmp("convert-fresh").join("new/model");
+    let fresh_dir = tmp("convert-fresh");
+    let fresh = fresh_dir.join("new/model");
     let (code, _, err) = layerskip(&[
         "convert",
         "--checkpoint",
@@ -801,7 +799,8 @@ fn unwritable_output_and_endless_input_are_errors_not_panics() {
         &err,
         "--prompt-file /dev/zero holds more than 16384 bytes",
     );
-    let missing = tmp("unwritable").join("no/such/dir/out.json");
+    let unwritable = tmp("unwritable");
+    let missing = unwritable.join("no/such/dir/out.json");
     let data = python_file();
     let (code, _, err) = layerskip(&[
         "eval",
@@ -835,7 +834,8 @@ fn unwritable_output_and_endless_input_are_errors_not_panics() {
         s(&missing),
     ]);
     assert_error(code, &err, "checked before the run");
-    let file = tmp("sweep-out").join("a-file");
+    let sweep_out = tmp("sweep-out");
+    let file = sweep_out.join("a-file");
     std::fs::write(&file, "x").unwrap();
     let (code, _, err) = layerskip(&[
         "sweep",

@@ -130,16 +130,15 @@ fn default_model() -> String {
     dir.to_string_lossy().into_owned()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("layerskip-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp(name: &str) -> common::Scratch {
+    common::Scratch::new("cli", name)
 }
 
 #[test]
 fn bench_reports_every_strategy_field_and_self_spec_matches_ar() {
     let model = default_model();
-    let json = tmp("bench").join("bench.json");
+    let dir = tmp("bench");
+    let json = dir.join("bench.json");
     let (code, out, err) = layerskip(&[
         "bench",
         "--model",
@@ -450,7 +449,8 @@ fn bench_and_eval_input_errors_are_one_line() {
     let too_many = (common::shipped_config("max_position_embeddings") - 4).to_string();
     let other =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny/gqa_untied");
-    let average_out = tmp("average-refused").join("out");
+    let refused = tmp("average-refused");
+    let average_out = refused.join("out");
     let cases: [(&[&str], &str); 6] = [
         (
             &[
@@ -775,7 +775,8 @@ fn the_humaneval_quality_script_reads_bench_completions() {
         text
     };
     assert!(run(&["--self-test"]).contains("164 canonical solutions parse"));
-    let json = tmp("humaneval-quality").join("quality.json");
+    let dir = tmp("humaneval-quality");
+    let json = dir.join("quality.json");
     let model = default_model();
     let args = [
         "--layerskip",

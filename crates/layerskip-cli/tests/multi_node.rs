@@ -43,10 +43,8 @@ e_scale = 1.0
 /// A run must end within this (a hang guard, far above the seconds a run takes).
 const HANG: Duration = Duration::from_secs(300);
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("layerskip-mn-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
+fn tmp(name: &str) -> common::Scratch {
+    let dir = common::Scratch::new("mn", name);
     std::fs::write(dir.join("preset.toml"), PRESET).unwrap();
     dir
 }

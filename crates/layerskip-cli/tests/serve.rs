@@ -17,9 +17,8 @@ use server::{Server, infer_text, response};
 const TEMPLATE: &str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
 
 /// The shipped model with a chat template added, in a fresh directory.
-fn chat_model(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("layerskip-serve-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+fn chat_model(tag: &str) -> common::Scratch {
+    let dir = common::Scratch::new("serve", tag);
     common::copy_shipped_model(&dir);
     let config = json!({ "chat_template": TEMPLATE, "eos_token": "<|endoftext|>" });
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();

@@ -19,6 +19,38 @@ pub fn shipped_config(key: &str) -> usize {
         .unwrap_or_else(|| panic!("{key} in config.json")) as usize
 }
 
+/// A fresh directory under the system's temporary directory, removed with everything in it
+/// when dropped (a test's model copies and runs are tens of megabytes; left behind, repeated
+/// test runs filled the disk). Derefs to its path.
+pub struct Scratch(PathBuf);
+
+#[allow(dead_code)] // not every test file makes scratch directories
+impl Scratch {
+    /// `TMP/layerskip-{prefix}-{pid}-{name}`, emptied if an earlier process of the same id left
+    /// it.
+    pub fn new(prefix: &str, name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("layerskip-{prefix}-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Copies the shipped model's files into `dir` (created), for a test to change.
 pub fn copy_shipped_model(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
