@@ -95,6 +95,11 @@ impl Tokenizer {
         if kept.is_empty() {
             return None;
         }
+        // A token that ends inside a character has no text of its own to continue.
+        let text = self
+            .decode(&[last])
+            .ok()
+            .filter(|t| !t.contains('\u{FFFD}'))?;
         let vocab = self.inner.get_vocab(false);
         let piece = self.inner.id_to_token(last)?;
         if vocab.get(&piece) != Some(&last) {
@@ -109,11 +114,6 @@ impl Tokenizer {
             return None;
         }
         allowed.sort_unstable();
-        // A token that ends inside a character has no text of its own to continue.
-        let text = self
-            .decode(&[last])
-            .ok()
-            .filter(|t| !t.contains('\u{FFFD}'))?;
         Some(Healing {
             prompt: kept.to_vec(),
             text,

@@ -114,7 +114,7 @@ pub(crate) fn prepare(
     let (temperature, top_p) = sampling_ranges(common)?;
     let stops = stop_strings(common)?;
     let strategy = strategy_of(state, common)?;
-    let mut prompt = state
+    let prompt = state
         .tokenizer
         .encode(text)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
@@ -123,9 +123,11 @@ pub(crate) fn prepare(
         .heal
         .then(|| state.tokenizer.healing(&prompt))
         .flatten();
-    if let Some(healing) = &healing {
-        prompt.clone_from(&healing.prompt);
-    }
+    // Healed: the prompt without its last token, the first token's ids, that token's text.
+    let (prompt, first_token_among, healed) = match healing {
+        Some(h) => (h.prompt, Some(h.allowed), h.text),
+        None => (prompt, None, String::new()),
+    };
     let max_tokens = max_tokens(common, prompt.len(), state.engine.capacity, kind)?;
     let number = state.next_id.fetch_add(1, Ordering::Relaxed);
     let defaults = SamplingConfig::default();
@@ -145,7 +147,7 @@ pub(crate) fn prepare(
         .with_stop_tokens(state.stop_tokens.clone())
         .with_draft_vocab(layerskip.draft_vocab)
         .with_draft_confidence(layerskip.draft_confidence)
-        .with_first_token_among(healing.as_ref().map(|h| h.allowed.clone()));
+        .with_first_token_among(first_token_among);
     let prefix = match kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
@@ -158,7 +160,7 @@ pub(crate) fn prepare(
         stream: common.stream,
         id: format!("{prefix}-{number}"),
         provenance: layerskip.provenance,
-        healed: healing.map(|h| h.text).unwrap_or_default(),
+        healed,
     })
 }
 
