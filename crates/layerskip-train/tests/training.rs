@@ -454,8 +454,8 @@ fn data_parallel_shards_equal_single_device_training() {
     assert!(err.to_string().contains("not divisible"), "{err}");
 }
 
-/// bf16 mixed precision: the products take bf16 operands (on a CPU with AVX512-BF16; elsewhere
-/// the forward/backward compute copy is bf16), so the losses differ from f32 by bf16 rounding
+/// bf16 mixed precision: the products take bf16 operands (AVX512-BF16's products, or the f32
+/// GEMM on rounded operands on other CPUs), so the losses differ from f32 by bf16 rounding
 /// averaged over the tokens (measured 1e-5 relative, bound 1e-3), the master weights stay f32, and
 /// the updates point the way f32 training's do (cosine similarity of the weight changes over 3
 /// steps: measured 0.9999, bound 0.9).

@@ -315,9 +315,6 @@ mod tests {
             .into_iter()
             .flat_map(|l| [(l, Operands::F32), (l, Operands::Bf16)]);
         for (layout, operands) in cases {
-            if operands == Operands::Bf16 && !super::super::linear::bf16_available() {
-                continue;
-            }
             let s = HeadShape {
                 rows: CHUNK + 37,
                 hidden: 24,

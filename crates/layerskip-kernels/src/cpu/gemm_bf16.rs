@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, Threads};
+use super::gemm::{self, Mat, Threads};
 
 /// Rows of a microkernel tile.
 const MR: usize = 6;
@@ -25,31 +25,42 @@ const KC: usize = 256;
 /// Output rows per task (eight tiles: the left block stays in L1/L2 while the right panels stream).
 const MC: usize = 48;
 
-/// Packing buffers kept for the next products: a training step packs hundreds of operands, and
-/// a fresh allocation of each (zeroed, large ones mapped anew) cost a sixth of a step in malloc
-/// and page faults.
-static BUFFERS: Mutex<Vec<Vec<u32>>> = Mutex::new(Vec::new());
+/// Buffers kept for the next products: a training step packs (or rounds) hundreds of operands,
+/// and a fresh allocation of each (zeroed, large ones mapped anew) cost a sixth of a step in
+/// malloc and page faults.
+struct Buffers<T>(Mutex<Vec<Vec<T>>>);
 
-/// How many buffers [`BUFFERS`] keeps (two threads' left blocks and a few right operands).
+/// How many buffers each pool keeps (two threads' left blocks and a few right operands).
 const KEPT: usize = 8;
 
-/// A zeroed buffer of `len` words, reused where one is kept.
-fn take_buffer(len: usize) -> Vec<u32> {
-    let kept = BUFFERS.lock().map(|mut b| b.pop()).unwrap_or(None);
-    let mut buffer = kept.unwrap_or_default();
-    buffer.clear();
-    buffer.resize(len, 0);
-    buffer
-}
+impl<T: Copy + Default> Buffers<T> {
+    const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
 
-/// Keeps `buffer` for a later [`take_buffer`].
-fn give_buffer(buffer: Vec<u32>) {
-    if let Ok(mut kept) = BUFFERS.lock()
-        && kept.len() < KEPT
-    {
-        kept.push(buffer);
+    /// A buffer of `len` default values (zeros), reused where one is kept.
+    fn take(&self, len: usize) -> Vec<T> {
+        let kept = self.0.lock().map(|mut b| b.pop()).unwrap_or(None);
+        let mut buffer = kept.unwrap_or_default();
+        buffer.clear();
+        buffer.resize(len, T::default());
+        buffer
+    }
+
+    /// Keeps `buffer` for a later [`Buffers::take`].
+    fn give(&self, buffer: Vec<T>) {
+        if let Ok(mut kept) = self.0.lock()
+            && kept.len() < KEPT
+        {
+            kept.push(buffer);
+        }
     }
 }
+
+/// The packed pairs of [`product`].
+static PAIRS: Buffers<u32> = Buffers::new();
+/// The rounded operands of [`product_rounded`].
+static ROUNDED: Buffers<f32> = Buffers::new();
 
 /// Whether this CPU has the bf16 products (AVX512-BF16).
 pub fn available() -> bool {
@@ -81,7 +92,7 @@ pub(crate) struct PackedRhs {
 
 impl Drop for PackedRhs {
     fn drop(&mut self) {
-        give_buffer(std::mem::take(&mut self.pairs));
+        PAIRS.give(std::mem::take(&mut self.pairs));
     }
 }
 
@@ -95,7 +106,7 @@ impl PackedRhs {
         assert!(k > 0 && n > 0 && rhs.reaches(k, n));
         let panels = n.div_ceil(NR);
         // KC is even, so every block but the last holds KC / 2 pairs: ceil(k / 2) in all.
-        let mut pairs = take_buffer(k.div_ceil(2) * panels * NR);
+        let mut pairs = PAIRS.take(k.div_ceil(2) * panels * NR);
         let mut panel_slices = Vec::new();
         let mut rest = pairs.as_mut_slice();
         for k0 in (0..k).step_by(KC) {
@@ -158,7 +169,7 @@ fn block(
 ) {
     let (n, k) = (rhs.n, rhs.k);
     let tiles = rows.div_ceil(MR);
-    let mut packed = take_buffer(tiles * MR * KC / 2);
+    let mut packed = PAIRS.take(tiles * MR * KC / 2);
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let kp = kc.div_ceil(2);
@@ -188,7 +199,7 @@ fn block(
             }
         }
     }
-    give_buffer(packed);
+    PAIRS.give(packed);
 }
 
 /// Packs rows `i0 .. i0 + rows` of `lhs` over inner indices `k0 .. k0 + kc`: per tile of `MR`
@@ -311,6 +322,107 @@ fn pack_rhs_panel(dst: &mut [u32], rhs: Mat, k0: usize, kc: usize, j0: usize, n:
     for row in dst.chunks_mut(NR).take(kp) {
         row[cols..].fill(0);
     }
+}
+
+/// The right operand `[k, n]` of a product with bf16 operands on a CPU without AVX512-BF16:
+/// rounded to bf16 (round to nearest even) once, kept as f32 values in the operand's own layout,
+/// for [`product_rounded`].
+pub(crate) struct RoundedRhs {
+    values: Vec<f32>,
+    /// The operand's strides (row, column).
+    strides: (usize, usize),
+    k: usize,
+    n: usize,
+}
+
+impl Drop for RoundedRhs {
+    fn drop(&mut self) {
+        ROUNDED.give(std::mem::take(&mut self.values));
+    }
+}
+
+impl RoundedRhs {
+    /// Rounds `rhs` `[k, n]`.
+    ///
+    /// # Panics
+    /// If `rhs` does not reach `[k, n]`.
+    pub(crate) fn new(rhs: Mat, k: usize, n: usize) -> Self {
+        assert!(k > 0 && n > 0 && rhs.reaches(k, n));
+        Self {
+            values: rounded(rhs, k, n, Threads::All),
+            strides: (rhs.row, rhs.col),
+            k,
+            n,
+        }
+    }
+}
+
+/// `v` rounded to the nearest bf16 value, ties to even (NaN stays NaN): as
+/// `half::bf16::from_f32(v).to_f32()`, in integer operations the compiler vectorises.
+fn round_bf16(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+    if v.is_nan() {
+        v
+    } else {
+        f32::from_bits(rounded)
+    }
+}
+
+/// The values `mat` `[rows, cols]` spans (from its first element to its last, in its own
+/// layout) rounded to bf16, in a buffer of [`ROUNDED`]; the same strides address them. Reading
+/// the span in order keeps the pass contiguous for transposed operands too.
+fn rounded(mat: Mat, rows: usize, cols: usize, threads: Threads) -> Vec<f32> {
+    let span = (rows - 1) * mat.row + (cols - 1) * mat.col + 1;
+    let mut out = ROUNDED.take(span);
+    let fill = |(o, v): (&mut [f32], &[f32])| {
+        for (o, &v) in o.iter_mut().zip(v) {
+            *o = round_bf16(v);
+        }
+    };
+    const CHUNK: usize = 1 << 14;
+    let values = &mat.values[..span];
+    match threads {
+        Threads::One => out
+            .chunks_mut(CHUNK)
+            .zip(values.chunks(CHUNK))
+            .for_each(fill),
+        Threads::All => out
+            .par_chunks_mut(CHUNK)
+            .zip(values.par_chunks(CHUNK))
+            .for_each(fill),
+    }
+    out
+}
+
+/// [`product`] on a CPU without AVX512-BF16: the same bf16 operands (`lhs` rounded here, `rhs`
+/// when it was made) through the f32 GEMM. A product of two bf16 values is exact in f32, so
+/// the result is the sum of the same products as `vdpbf16ps` forms, accumulated in f32 in
+/// another order; as fast as an f32 product, where casting the model to bf16 instead would run
+/// Burn's generic bf16 operations.
+pub(crate) fn product_rounded(
+    dst: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: &RoundedRhs,
+    m: usize,
+    threads: Threads,
+) {
+    let (n, k) = (rhs.n, rhs.k);
+    assert!(m > 0 && lhs.reaches(m, k));
+    let left = rounded(lhs, m, k, threads);
+    let (row, col) = rhs.strides;
+    gemm::product(
+        dst,
+        ld,
+        accumulate,
+        Mat::new(&left, lhs.row, lhs.col),
+        Mat::new(&rhs.values, row, col),
+        [m, n, k],
+        threads,
+    );
+    ROUNDED.give(left);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -442,14 +554,14 @@ mod tests {
 
     use crate::cpu::test_values as values;
 
-    /// The product of the bf16-rounded operands in f64, against the kernel, for every packing
-    /// route (contiguous, transposed and general strides) and shapes with edges in every
-    /// dimension (m, n, k not multiples of the tile, k odd, more than one inner block).
+    /// The product of the bf16-rounded operands in f64, against the kernel (where the CPU has
+    /// AVX512-BF16) and the f32 GEMM on rounded operands (every CPU), for every packing route
+    /// (contiguous, transposed and general strides) and shapes with edges in every dimension
+    /// (m, n, k not multiples of the tile, k odd, more than one inner block).
     #[test]
     fn matches_the_product_of_rounded_operands() {
         if !available() {
-            eprintln!("skipped: this CPU lacks AVX512-BF16");
-            return;
+            eprintln!("AVX512-BF16 kernel skipped: this CPU lacks it");
         }
         for &[m, n, k] in &[
             [1, 1, 1],
@@ -471,14 +583,24 @@ mod tests {
                 Mat::new(&b, 1, k),
                 Mat::new(&b, 1, 2 * k),
             ];
-            for (li, l) in lhs.iter().enumerate() {
+            let routes = [true, false]
+                .into_iter()
+                .filter(|&native| !native || available());
+            for (native, (li, l)) in
+                routes.flat_map(|r| std::iter::repeat(r).zip(lhs.iter().enumerate()))
+            {
                 for (ri, r) in rhs.iter().enumerate() {
-                    let packed = PackedRhs::new(*r, k, n);
                     let ld = n + 3;
                     let start = values(m * ld, 3);
                     for (accumulate, threads) in [(false, Threads::All), (true, Threads::One)] {
                         let mut dst = start.clone();
-                        product(&mut dst, ld, accumulate, *l, &packed, m, threads);
+                        if native {
+                            let packed = PackedRhs::new(*r, k, n);
+                            product(&mut dst, ld, accumulate, *l, &packed, m, threads);
+                        } else {
+                            let rounded = RoundedRhs::new(*r, k, n);
+                            product_rounded(&mut dst, ld, accumulate, *l, &rounded, m, threads);
+                        }
                         for i in 0..m {
                             for j in 0..n {
                                 let mut want: f64 =
@@ -490,7 +612,7 @@ mod tests {
                                 assert!(
                                     (got - want).abs()
                                         <= 1e-5 * (k as f64).sqrt() + 1e-6 * want.abs(),
-                                    "[{m},{n},{k}] lhs {li} rhs {ri} acc {accumulate} ({i},{j}): {got} vs {want}"
+                                    "[{m},{n},{k}] native {native} lhs {li} rhs {ri} acc {accumulate} ({i},{j}): {got} vs {want}"
                                 );
                             }
                             // Columns past n are not written.
@@ -504,35 +626,57 @@ mod tests {
         }
     }
 
-    /// One thread or all give the same bits.
+    /// The rounding of the f32-GEMM route is `half`'s (round to nearest, ties to even) on every
+    /// kind of value: ties both ways, a carry into the exponent, the largest finite values
+    /// (rounding up to infinity), subnormals, infinities, zeros of both signs and NaNs.
+    #[test]
+    fn rounding_is_halfs() {
+        let mut cases = vec![
+            0.0,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3f80_8000), // a tie, rounded down to even
+            f32::from_bits(0x3f81_8000), // a tie, rounded up to even
+            f32::from_bits(0x3fff_ffff), // carries into the exponent
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::from_bits(0x0000_8001), // subnormal
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001), // a NaN with only low payload bits
+        ];
+        cases.extend(values(4096, 9).iter().map(|v| v * 1e3));
+        for v in cases {
+            let want = half::bf16::from_f32(v).to_f32();
+            let got = round_bf16(v);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{v:e} ({:#x}): {got:e} vs {want:e}",
+                v.to_bits()
+            );
+        }
+    }
+
+    /// One thread or all give the same bits, on both routes.
     #[test]
     fn the_thread_count_does_not_change_the_result() {
-        if !available() {
-            return;
-        }
         let (m, n, k) = (301, 100, 700);
         let (a, b) = (values(m * k, 4), values(k * n, 5));
-        let packed = PackedRhs::new(Mat::new(&b, n, 1), k, n);
-        let mut one = vec![0f32; m * n];
-        let mut all = vec![0f32; m * n];
-        product(
-            &mut one,
-            n,
-            false,
-            Mat::new(&a, k, 1),
-            &packed,
-            m,
-            Threads::One,
-        );
-        product(
-            &mut all,
-            n,
-            false,
-            Mat::new(&a, k, 1),
-            &packed,
-            m,
-            Threads::All,
-        );
-        assert_eq!(one, all);
+        let (lhs, rhs) = (Mat::new(&a, k, 1), Mat::new(&b, n, 1));
+        let both = |run: &dyn Fn(&mut [f32], Threads)| {
+            let mut one = vec![0f32; m * n];
+            let mut all = vec![0f32; m * n];
+            run(&mut one, Threads::One);
+            run(&mut all, Threads::All);
+            assert_eq!(one, all);
+        };
+        if available() {
+            let packed = PackedRhs::new(rhs, k, n);
+            both(&|dst, threads| product(dst, n, false, lhs, &packed, m, threads));
+        }
+        let rounded = RoundedRhs::new(rhs, k, n);
+        both(&|dst, threads| product_rounded(dst, n, false, lhs, &rounded, m, threads));
     }
 }

@@ -5,19 +5,22 @@
 //! not depend on the thread count.
 
 use super::gemm::{self, Mat, Threads};
-use super::gemm_bf16::{self, PackedRhs};
+use super::gemm_bf16::{self, PackedRhs, RoundedRhs};
 
 /// The precision of the products' operands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operands {
     /// f32 operands and accumulation.
     F32,
-    /// Operands rounded to bf16, f32 accumulation (AVX512-BF16; see [`bf16_available`]).
+    /// Operands rounded to bf16, f32 accumulation: AVX512-BF16's products where the CPU has
+    /// them ([`bf16_native`]), else the f32 GEMM on operands rounded first (the same products,
+    /// summed in another order; about the speed of [`Operands::F32`]).
     Bf16,
 }
 
-/// Whether this CPU runs [`Operands::Bf16`] products.
-pub fn bf16_available() -> bool {
+/// Whether this CPU multiplies [`Operands::Bf16`] with AVX512-BF16's instructions (about twice
+/// the f32 products' speed); where not, bf16 operands take the f32 GEMM.
+pub fn bf16_native() -> bool {
     gemm_bf16::available()
 }
 
@@ -35,8 +38,7 @@ pub struct LinearShape {
 /// `y = x · W` into `y` `[rows, outputs]`.
 ///
 /// # Panics
-/// If a slice is shorter than its shape, or `Bf16` operands are asked for where
-/// [`bf16_available`] is false.
+/// If a slice is shorter than its shape.
 pub fn forward(y: &mut [f32], x: &[f32], w: &[f32], shape: LinearShape, operands: Operands) {
     let LinearShape {
         rows,
@@ -72,18 +74,20 @@ pub fn backward(
     Rhs::new(dy, rows, n, operands).multiply(dw, n, false, x.t(), k, Threads::All);
 }
 
-/// The right operand `[k, n]` of products in a given precision: read in place (f32) or packed
-/// once for any number of products (bf16).
+/// The right operand `[k, n]` of products in a given precision: read in place (f32), packed
+/// once for any number of products (bf16 on AVX512-BF16), or rounded once (bf16 elsewhere).
 pub(crate) enum Rhs<'a> {
     F32 { rhs: Mat<'a>, k: usize, n: usize },
     Bf16(PackedRhs),
+    Bf16Rounded(RoundedRhs),
 }
 
 impl<'a> Rhs<'a> {
     pub(crate) fn new(rhs: Mat<'a>, k: usize, n: usize, operands: Operands) -> Self {
         match operands {
             Operands::F32 => Self::F32 { rhs, k, n },
-            Operands::Bf16 => Self::Bf16(PackedRhs::new(rhs, k, n)),
+            Operands::Bf16 if gemm_bf16::available() => Self::Bf16(PackedRhs::new(rhs, k, n)),
+            Operands::Bf16 => Self::Bf16Rounded(RoundedRhs::new(rhs, k, n)),
         }
     }
 
@@ -102,6 +106,9 @@ impl<'a> Rhs<'a> {
                 gemm::product(dst, ld, accumulate, lhs, *rhs, [m, *n, *k], threads)
             }
             Self::Bf16(rhs) => gemm_bf16::product(dst, ld, accumulate, lhs, rhs, m, threads),
+            Self::Bf16Rounded(rhs) => {
+                gemm_bf16::product_rounded(dst, ld, accumulate, lhs, rhs, m, threads)
+            }
         }
     }
 }
@@ -124,9 +131,6 @@ mod tests {
         };
         let (x, w, dy) = (values(rows * k, 1), values(k * n, 2), values(rows * n, 3));
         for operands in [Operands::F32, Operands::Bf16] {
-            if operands == Operands::Bf16 && !bf16_available() {
-                continue;
-            }
             let r = |v: f32| match operands {
                 Operands::F32 => f64::from(v),
                 Operands::Bf16 => f64::from(half::bf16::from_f32(v).to_f32()),

@@ -51,7 +51,7 @@ pub(super) fn head_cross_entropy(
         hidden,
         vocab,
         layout,
-        operands: operands(bf16 && dtype == DType::F32 && linear::bf16_available()),
+        operands: operands(bf16 && dtype == DType::F32),
     };
     let targets: Vec<u32> = targets
         .into_data()
@@ -227,9 +227,6 @@ pub(super) fn linear_forward(
     bf16: bool,
 ) -> Option<Tensor<Flex, 2>> {
     let shape = linear_shape(&x, &w)?;
-    if bf16 && !linear::bf16_available() {
-        return None;
-    }
     let [x, w] = [x, w].map(raw);
     let mut y = vec![0f32; shape.rows * shape.outputs];
     linear::forward(&mut y, values(&x), values(&w), shape, operands(bf16));

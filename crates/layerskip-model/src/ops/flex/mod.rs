@@ -382,8 +382,10 @@ impl LayerSkipBackend for Flex {
         Some(MAX_ROWS)
     }
 
+    /// Every CPU: AVX512-BF16's products where it has them, else the f32 GEMM on the rounded
+    /// operands (see [`cpu::linear::Operands::Bf16`]).
     fn bf16_products() -> bool {
-        cpu::linear::bf16_available()
+        true
     }
 
     fn linear_forward(
