@@ -9,6 +9,9 @@
 //! 6 x 64 microkernel keeps 24 accumulators in registers. Work splits over blocks of output rows
 //! only and the inner dimension is summed in a fixed order, so the result does not depend on
 //! the thread count.
+//!
+//! A CPU without AVX512-BF16 takes [`product_rounded`] instead: the operands rounded the same
+//! way, multiplied by the f32 GEMM (also independent of the thread count).
 
 use std::sync::Mutex;
 
