@@ -2,8 +2,9 @@
 //! model (the shape of `configs/pretrain_from_scratch.toml`) on batches of 8 x 128 tokens, with
 //! layer dropout off and at p_max = 0.5 (uniform over time, exponential over layers). Dropped rows
 //! are not computed, so the step gets cheaper; the tokens/s of both are printed. A third case runs
-//! bf16 mixed precision (bf16 compute copy, f32 master weights) without dropout: on Flex it saves
-//! activation memory, not time.
+//! bf16 mixed precision without dropout: on Flex the products take bf16 operands (AVX512-BF16's
+//! products where the CPU has them, else the f32 GEMM on rounded operands) while every tensor and
+//! the master weights stay f32.
 
 use std::time::Instant;
 
